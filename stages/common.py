@@ -1,0 +1,187 @@
+"""Shared plumbing for every stage: params, atomic writes, parquet shards, progress.
+
+Each stage module reads only its own `params.yaml` section through `load_params`,
+writes its outputs through `atomic_dir` / `write_json` (temporary path, then rename,
+so a crash leaves the old output or the new one, never half of one), and reports long
+loops through `progress`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+import polars as pl
+import pyarrow.parquet as pq
+import yaml
+
+PARAMS_FILE = "params.yaml"
+T = TypeVar("T")
+
+
+class StageError(Exception):
+    """Bad input or bad params: the stage stops with this message and nothing is written."""
+
+
+# ---------------------------------------------------------------- params
+
+
+def load_params(cls: type[T], section: str, path: str | os.PathLike = PARAMS_FILE) -> T:
+    """Build the dataclass `cls` from one top-level section of `params.yaml`.
+
+    Unknown keys are an error (a typo in `dvc exp run -S` must not be ignored);
+    missing keys take the dataclass default; `__post_init__` checks the values.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found (run from the project root)") from None
+    if section not in data:
+        raise StageError(f"{path}: no '{section}' section")
+    return params_from_dict(cls, data[section] or {}, where=f"{path}: {section}")
+
+
+def params_from_dict(cls: type[T], values: dict[str, Any], where: str = "params") -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise StageError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise StageError(f"{where}: {e}") from None
+
+
+def check(cond: bool, msg: str) -> None:
+    """`__post_init__` helper: raise ValueError(msg) unless cond."""
+    if not cond:
+        raise ValueError(msg)
+
+
+# ---------------------------------------------------------------- atomic outputs
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `path`; on success it replaces `path`.
+
+    On an exception the temporary directory is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file next to `path`; rename it over `path` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------- parquet shards
+
+
+def write_shards(df: pl.DataFrame, out_dir: Path, prefix: str = "part", rows_per_shard: int = 50_000) -> list[Path]:
+    """Write `df` as fixed-size shards `{prefix}-00000.parquet`, ... into `out_dir`.
+
+    Same rows in the same order give byte-identical files (zstd, fixed row groups), so
+    an unchanged dataset keeps its DVC hash. An empty frame still writes one shard
+    that carries the schema.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    n = max(1, -(-df.height // rows_per_shard))
+    for i in range(n):
+        part = df.slice(i * rows_per_shard, rows_per_shard)
+        p = out_dir / f"{prefix}-{i:05d}.parquet"
+        with atomic_file(p, "wb") as f:
+            pq.write_table(part.to_arrow(), f, compression="zstd", row_group_size=rows_per_shard)
+        paths.append(p)
+    return paths
+
+
+def read_shards(in_dir: str | os.PathLike, prefix: str = "part") -> pl.DataFrame:
+    files = sorted(Path(in_dir).glob(f"{prefix}-*.parquet"))
+    if not files:
+        raise StageError(f"{in_dir}: no {prefix}-*.parquet shards (did the upstream stage run?)")
+    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+
+
+# ---------------------------------------------------------------- logging and progress
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", every_s: float = 10.0) -> Iterator[T]:
+    """A tqdm bar on a terminal; plain `desc: i/total` lines every `every_s` seconds otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr)
+        return
+    start = last = time.monotonic()
+    i = 0
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            of = f"/{total}" if total is not None else ""
+            log(f"{desc}: {i}{of} ({now - start:.0f}s)")
+    log(f"{desc}: done, {i} in {time.monotonic() - start:.0f}s")
+
+
+def run_main(fn) -> None:
+    """Run a stage's main(); a StageError prints one clean line and exits 1."""
+    try:
+        fn()
+    except StageError as e:
+        log(f"ERROR: {e}")
+        sys.exit(1)
+
+
+def set_threads(n: int = 0) -> None:
+    """Use every core for torch on CPU unless `n` says otherwise."""
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)

@@ -1,0 +1,215 @@
+"""Stage `generate`: Alpaca-style self-instruct. The teacher writes new (instruction, input, output) tasks.
+
+Request i shows the teacher k seed tasks sampled with `Random(f"{seed}:{i}")` (so
+adding requests never changes earlier prompts, and the cache still answers them) in
+Alpaca's numbered `Instruction:/Input:/Output:` format and asks it to continue the
+list. Each item of a response is parsed on its own: one malformed item is recorded with
+its reason and never discards the rest. Rows carry provenance: prompt hash, cache key,
+teacher, sampling params, response id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+
+from stages.common import atomic_dir, check, load_params, log, read_shards, run_main, set_threads, write_json, write_shards
+from stages.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
+
+
+@dataclass
+class GenerateParams:
+    backend: str = "local"
+    """Teacher backend: `local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint)."""
+    model: str = "models/teacher"
+    """Local model dir or hub id for `local`; the model name for `openai`."""
+    base_url: str | None = None
+    """Endpoint for `openai` (e.g. http://localhost:8000/v1 for vLLM); null means api.openai.com. The key comes from OPENAI_API_KEY."""
+    prompt_form: str = "completion"
+    """`completion`: plain-text continuation (best yield for small local models); `chat`: one user message."""
+    prompt_file: str = "seeds/generate_prompt.txt"
+    """Instructions to the teacher, put before the numbered examples."""
+    num_requests: int = 24
+    """Number of teacher requests (each asks for a continuation of the numbered task list)."""
+    num_prompt_instructions: int = 3
+    """Seed tasks shown as in-context examples per request (Alpaca: 3)."""
+    batch_size: int = 8
+    """Requests per local generation batch (or concurrent API calls)."""
+    max_new_tokens: int = 192
+    """Completion budget per request (Alpaca: 3072 with a strong teacher)."""
+    temperature: float = 0.7
+    """Sampling temperature (Alpaca: 1.0 with text-davinci-003)."""
+    top_p: float = 0.9
+    """Nucleus sampling (Alpaca: 1.0)."""
+    seed: int = 42
+    """Seeds the in-context sampling and local decoding."""
+    dtype: str = "float32"
+    """Local backend weights dtype (bfloat16 on a GPU)."""
+    cache_dir: str = "data/teacher_cache"
+    """Content-addressed teacher responses; a persist DVC output no other stage depends on."""
+    out_dir: str = "data/generated"
+    """Output folder: `tasks-*.parquet`, `unparsed-*.parquet`, `stats.json`."""
+    rows_per_shard: int = 50_000
+    """Rows per parquet shard."""
+
+    def __post_init__(self):
+        check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
+        check(self.prompt_form in ("completion", "chat"), f"prompt_form: expected completion or chat, got {self.prompt_form!r}")
+        check(self.num_requests >= 0, "num_requests: must be >= 0")
+        check(1 <= self.num_prompt_instructions <= 19, "num_prompt_instructions: must be in 1..19")
+        check(self.batch_size >= 1 and self.max_new_tokens >= 1, "batch_size and max_new_tokens: must be >= 1")
+        check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature >= 0 and 0 < top_p <= 1 required")
+
+
+# ---------------------------------------------------------------- prompt
+
+
+def encode_prompt(header: str, tasks: list[dict]) -> str:
+    """Alpaca's prompt: header, then `###`-separated numbered examples, ending at the next `N. Instruction:`."""
+    parts = [header.rstrip("\n") + "\n"]
+    for i, t in enumerate(tasks, 1):
+        inst = re.sub(r"\s+", " ", t["instruction"]).strip().rstrip(":")
+        x = t["instances"][0]
+        parts.append(f"###\n{i}. Instruction: {inst}\n{i}. Input:\n{x['input'] or '<noinput>'}\n{i}. Output:\n{x['output']}\n")
+    parts.append(f"###\n{len(tasks) + 1}. Instruction:")
+    return "".join(parts)
+
+
+def sample_examples(seeds: list[dict], k: int, seed: int, request_index: int) -> list[dict]:
+    return random.Random(f"{seed}:{request_index}").sample(seeds, min(k, len(seeds)))
+
+
+# ---------------------------------------------------------------- parsing
+
+_ITEM = re.compile(r"(?:^|\n)[ \t]*(?:#+[ \t]*\n[ \t]*)?\d+[ \t]*\.[ \t]*Instruction[ \t]*:", re.I)
+_INPUT = re.compile(r"\n[ \t]*\d+[ \t]*\.[ \t]*Input[ \t]*:", re.I)
+_OUTPUT = re.compile(r"\n[ \t]*\d+[ \t]*\.[ \t]*Output[ \t]*:", re.I)
+
+
+def parse_response(text: str, first_index: int, finish_reason: str) -> list[dict]:
+    """Split a teacher response into items; each is {instruction, input, output, error}.
+
+    The completion prompt ends with `{first_index}. Instruction:`, so that prefix is put
+    back first when the text does not start with an item. `error` is None for a good
+    item, else one of: missing_input, missing_output, empty_instruction, truncated.
+    """
+    if not _ITEM.match(text):
+        text = f"{first_index}. Instruction:" + text
+    starts = [m.end() for m in _ITEM.finditer(text)]
+    ends = [m.start() for m in _ITEM.finditer(text)][1:] + [len(text)]
+    items = []
+    for n, (a, b) in enumerate(zip(starts, ends)):
+        chunk = re.sub(r"\n[ \t]*#+[ \t]*$", "", text[a:b].rstrip())
+        item = {"instruction": None, "input": None, "output": None, "error": None, "raw": chunk}
+        mi, mo = _INPUT.search(chunk), _OUTPUT.search(chunk)
+        if finish_reason == "length" and n == len(starts) - 1:
+            item["error"] = "truncated"
+        elif mi is None:
+            item["error"] = "missing_input"
+        elif mo is None or mo.start() < mi.end():
+            item["error"] = "missing_output"
+        else:
+            inst = re.sub(r"\s+", " ", chunk[: mi.start()]).strip()
+            inp = chunk[mi.end() : mo.start()].strip()
+            item.update(
+                instruction=inst,
+                input="" if inp.lower().strip("<>") == "noinput" else inp,
+                output=chunk[mo.end() :].strip(),
+                error=None if inst else "empty_instruction",
+            )
+        items.append(item)
+    return items
+
+
+# ---------------------------------------------------------------- stage
+
+
+def build_prompts(seeds: list[dict], header: str, p: GenerateParams) -> tuple[list[str], list[list[str]]]:
+    prompts, shown = [], []
+    for i in range(p.num_requests):
+        ex = sample_examples(seeds, p.num_prompt_instructions, p.seed, i)
+        prompts.append(encode_prompt(header, ex))
+        shown.append([t["id"] for t in ex])
+    return prompts, shown
+
+
+def rows_from_records(records: list[dict], shown: list[list[str]], first_index: int, sampling: Sampling):
+    """Turn cached teacher records into (task rows, unparsed rows), in request order."""
+    tasks, unparsed = [], []
+    for i, rec in enumerate(records):
+        base = {
+            "request_index": i,
+            "prompt_hash": hashlib.sha256(rec["prompt"].encode()).hexdigest()[:16],
+            "cache_key": rec["key"],
+            "response_id": rec["response_id"],
+            "teacher_model": rec["teacher"],
+            "sampling": json.dumps(asdict(sampling), sort_keys=True),
+            "finish_reason": rec["finish_reason"],
+        }
+        for j, item in enumerate(parse_response(rec["text"], first_index, rec["finish_reason"])):
+            if item["error"]:
+                unparsed.append({**base, "item_index": j, "error": item["error"], "raw": item["raw"]})
+            else:
+                tasks.append(
+                    {**base, "item_index": j, "instruction": item["instruction"], "input": item["input"],
+                     "output": item["output"], "in_context_ids": shown[i]}
+                )
+    return tasks, unparsed
+
+
+TASK_SCHEMA = {
+    "request_index": pl.Int64, "item_index": pl.Int64, "instruction": pl.String, "input": pl.String,
+    "output": pl.String, "in_context_ids": pl.List(pl.String), "prompt_hash": pl.String, "cache_key": pl.String,
+    "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String, "finish_reason": pl.String,
+}
+UNPARSED_SCHEMA = {
+    "request_index": pl.Int64, "item_index": pl.Int64, "error": pl.String, "raw": pl.String, "prompt_hash": pl.String,
+    "cache_key": pl.String, "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String,
+    "finish_reason": pl.String,
+}
+
+
+def main() -> None:
+    p = load_params(GenerateParams, "generate")
+    set_threads()
+    seeds = read_shards("data/seeds").to_dicts()
+    header = Path(p.prompt_file).read_text(encoding="utf-8")
+    prompts, shown = build_prompts(seeds, header, p)
+    sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p)
+    cache = ResponseCache(p.cache_dir)
+    kw = {"dtype": p.dtype} if p.backend == "local" else {}
+    backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, **kw)
+    requests = assign_keys(prompts, backend.teacher_id, p.prompt_form, sampling)
+    records, stats = run_requests(requests, backend, cache, sampling, p.batch_size, p.seed)
+    tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)
+    errors: dict[str, int] = {}
+    for u in unparsed:
+        errors[u["error"]] = errors.get(u["error"], 0) + 1
+    with atomic_dir(p.out_dir) as tmp:
+        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
+        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
+    metrics = {
+        "requests": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "teacher_calls": stats.teacher_calls,
+        "items_parsed": len(tasks),
+        "items_unparsed": len(unparsed),
+        "unparsed_by_reason": errors,
+        "finish_reasons": stats.by_finish,
+        "prompt_tokens_called": stats.prompt_tokens,
+        "completion_tokens_called": stats.completion_tokens,
+        "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
+    }
+    write_json("metrics/generate.json", metrics)
+    log(f"generate: {len(tasks)} tasks parsed, {len(unparsed)} unparsed {errors}; "
+        f"{stats.teacher_calls} teacher calls, {stats.cache_hits} cache hits")
+
+
+if __name__ == "__main__":
+    run_main(main)

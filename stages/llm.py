@@ -1,0 +1,99 @@
+"""Local Hugging Face causal LMs: load once, generate in left-padded batches.
+
+Used by the local teacher backend (`stages/teacher.py`) and by `evaluate` for the
+student's answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto"):
+    """Return (model, tokenizer) in eval mode; the tokenizer pads on the left for generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    return model.to(pick_device(device)).eval(), tok
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over a model directory's file names and bytes: the teacher's identity in cache keys."""
+    p = Path(path)
+    if not p.is_dir():
+        return str(path)  # a hub id: its name is all we have
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f.relative_to(p).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: list[str] | None = None,
+) -> list[Completion]:
+    """Complete a batch of plain-text prompts. temperature 0 means greedy decoding."""
+    import torch
+
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop:
+        kw.update(stop_strings=stop, tokenizer=tok)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**enc, **kw)
+    new = out[:, enc["input_ids"].shape[1] :]
+    results = []
+    for i, row in enumerate(new.tolist()):
+        n_prompt = int(enc["attention_mask"][i].sum())
+        ids = [t for t in row if t != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else row
+        hit_eos = tok.eos_token_id in ids
+        if hit_eos:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        else:
+            while ids and ids[-1] == tok.pad_token_id:
+                ids.pop()
+        text = tok.decode(ids, skip_special_tokens=True)
+        reason = "stop" if hit_eos else "length"
+        for s in stop or []:
+            if s in text:
+                text, reason = text[: text.index(s)], "stop"
+        results.append(Completion(text, reason, n_prompt, len(ids) + int(hit_eos)))
+    return results

@@ -1,0 +1,207 @@
+"""Stage `train`: fine-tune the student on the token arrays (LoRA or full), with accelerate.
+
+One optimizer step takes `grad_accum` micro-batches; the loss of the step is the summed
+cross-entropy over every supervised token of those micro-batches divided by their count
+(summed over processes), so gradient accumulation and multi-GPU runs optimise the same
+objective. Loss, learning rate and tokens/s go to dvclive (`metrics/train`). The result
+is saved as a plain Hugging Face model dir (safetensors + tokenizer); a LoRA run saves
+the merged weights, and its adapter in `adapter/`.
+
+Single process: `python -m stages.train`. Many GPUs: `accelerate launch -m stages.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from stages.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.tokendata import TokenSplit, collate, masked_loss_sum
+
+
+@dataclass
+class TrainParams:
+    base_model: str = "models/teacher"
+    """Student to fine-tune: a model dir or hub id (its tokenizer must be the one `tokenize` used)."""
+    method: str = "lora"
+    """`lora` (peft adapters, merged at the end) or `full` fine-tuning."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA path."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Modules that get adapters ("all-linear" style by default)."""
+    max_steps: int = 24
+    """Optimizer steps; 0 means run `epochs` epochs."""
+    epochs: float = 3.0
+    """Epochs when max_steps is 0 (Alpaca: 3)."""
+    batch_size: int = 4
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (Alpaca full fine-tuning: 2e-5; LoRA: 1e-4 to 3e-4)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (Alpaca: 0)."""
+    warmup_ratio: float = 0.03
+    """Share of steps spent warming up linearly (Alpaca: 0.03)."""
+    lr_scheduler: str = "cosine"
+    """`cosine`, `linear` or `constant` after warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: `no`, `bf16` or `fp16` (bf16 on recent GPUs)."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory on long sequences."""
+    seed: int = 0
+    """Seeds the data order, LoRA init and dropout."""
+    out_dir: str = "models/student"
+    """Output: Hugging Face model dir."""
+    log_dir: str = "metrics/train"
+    """dvclive folder (metrics.json and plots/)."""
+
+    def __post_init__(self):
+        check(self.method in ("lora", "full"), f"method: expected lora or full, got {self.method!r}")
+        check(self.max_steps > 0 or self.epochs > 0, "set max_steps > 0 or epochs > 0")
+        check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum: must be >= 1")
+        check(self.learning_rate > 0, "learning_rate: must be > 0")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio: must be in [0, 1)")
+        check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
+        check(self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
+
+
+def lr_at(step: int, total: int, p: TrainParams) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based) of `total`."""
+    warm = math.ceil(p.warmup_ratio * total)
+    if step < warm:
+        return (step + 1) / warm
+    if p.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if p.lr_scheduler == "cosine" else 1 - progress
+
+
+def batches(n: int, batch_size: int, seed: int):
+    """Endless stream of index lists: a fresh seeded permutation each epoch, last partial batch kept."""
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for i in range(0, n, batch_size):
+            yield order[i : i + batch_size].tolist()
+        epoch += 1
+
+
+def build_model(p: TrainParams):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(p.base_model, dtype=torch.float32)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if p.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+                         target_modules=p.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    return model
+
+
+def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
+    import torch
+    from accelerate import Accelerator
+    from dvclive import Live
+    from transformers import AutoTokenizer
+
+    from stages.tokenize import tokenizer_id
+
+    acc = Accelerator(mixed_precision=p.mixed_precision)
+    torch.manual_seed(p.seed)
+    data = TokenSplit(data_dir, "train")
+    if len(data) == 0:
+        raise StageError(f"{data_dir}: no training examples (did filter keep anything?)")
+    tok = AutoTokenizer.from_pretrained(p.base_model)
+    if tokenizer_id(tok) != data.meta["tokenizer_id"]:
+        raise StageError(f"train.base_model {p.base_model!r} has a different tokenizer than tokenize.tokenizer "
+                         f"{data.meta['tokenizer']!r}: set both to the same student")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = build_model(p)
+    params = [x for x in model.parameters() if x.requires_grad]
+    opt = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    per_step = p.batch_size * p.grad_accum * acc.num_processes
+    total = p.max_steps or math.ceil(p.epochs * len(data) / per_step)
+    stream = batches(len(data), p.batch_size, p.seed)
+    log(f"train: {len(data)} examples, {total} steps of {per_step} examples, method={p.method}, "
+        f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
+    live = Live(dir=p.log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
+    start = time.monotonic()
+    seen_tokens = 0
+    last_loss = float("nan")
+    for step in range(total):
+        # each process takes its own micro-batches from the same seeded stream
+        micro = [next(stream) for _ in range(p.grad_accum * acc.num_processes)]
+        mine = micro[acc.process_index :: acc.num_processes]
+        group = [collate([data[i] for i in idx], pad_id) for idx in mine]
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+        n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item())
+        for g in opt.param_groups:
+            g["lr"] = p.learning_rate * lr_at(step, total, p)
+        t0 = time.monotonic()
+        step_loss = 0.0
+        for b in group:
+            b = {k: v.to(acc.device) for k, v in b.items()}
+            with acc.autocast():
+                loss_sum, _ = masked_loss_sum(model, b)
+            # DDP averages gradients over processes; scale so the result is sum / n_global.
+            acc.backward(loss_sum * acc.num_processes / max(1, n_global))
+            step_loss += loss_sum.item()
+        if p.max_grad_norm > 0:
+            acc.clip_grad_norm_(params, p.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        seen_tokens += tokens
+        last_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum").item()) / max(1, n_global)
+        if live:
+            live.log_metric("loss", last_loss)
+            live.log_metric("learning_rate", opt.param_groups[0]["lr"])
+            live.log_metric("tokens_per_s", tokens * acc.num_processes / (time.monotonic() - t0))
+            live.next_step()
+        log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            f"{tokens / (time.monotonic() - t0):.0f} tok/s")
+    seconds = time.monotonic() - start
+    summary = {"steps": total, "final_loss": last_loss, "seconds": round(seconds, 1),
+               "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1)}
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(model)
+        with atomic_dir(p.out_dir) as out:
+            if p.method == "lora":
+                model.save_pretrained(out / "adapter")
+                model = model.merge_and_unload()
+            model.save_pretrained(out, safe_serialization=True)
+            tok.save_pretrained(out)
+            # no timings here: the checkpoint dir should depend only on params and data
+            (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "data": data.meta}, indent=2, sort_keys=True))
+        live.end()
+    return summary
+
+
+def main() -> None:
+    p = load_params(TrainParams, "train")
+    set_threads()
+    summary = train(p)
+    log(f"train: done {summary}")
+
+
+if __name__ == "__main__":
+    run_main(main)
