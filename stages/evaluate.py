@@ -42,8 +42,8 @@ class EvaluateParams:
         check(self.temperature >= 0, "temperature: must be >= 0")
 
 
-def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[float, int]:
-    """Mean cross-entropy per supervised token over a split, and the token count."""
+def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[float | None, int]:
+    """Mean cross-entropy per supervised token over a split (None when it is empty), and the token count."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -54,7 +54,7 @@ def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[floa
             b = {k: v.to(model.device) for k, v in b.items()}
             s, n = masked_loss_sum(model, b)
             total, count = total + s.item(), count + n
-    return (total / count if count else float("nan")), count
+    return (total / count if count else None), count
 
 
 def score(path: str, data: TokenSplit, batch_size: int) -> dict:
@@ -62,7 +62,10 @@ def score(path: str, data: TokenSplit, batch_size: int) -> dict:
 
     model, tok = load_model(path)
     loss, n = validation_loss(model, tok, data, batch_size)
-    return {"val_loss": round(loss, 5), "val_perplexity": round(math.exp(loss), 4) if n else None, "val_tokens": n}
+    if loss is None:
+        log(f"evaluate: the validation split is empty, no loss for {path}")
+        return {"val_loss": None, "val_perplexity": None, "val_tokens": 0}
+    return {"val_loss": round(loss, 5), "val_perplexity": round(math.exp(loss), 4), "val_tokens": n}
 
 
 def answer(path: str, prompts: list[str], p: EvaluateParams) -> list:

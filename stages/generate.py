@@ -35,7 +35,7 @@ class GenerateParams:
     """`completion`: plain-text continuation (best yield for small local models); `chat`: one user message."""
     prompt_file: str = "seeds/generate_prompt.txt"
     """Instructions to the teacher, put before the numbered examples."""
-    num_requests: int = 24
+    num_requests: int = 48
     """Number of teacher requests (each asks for a continuation of the numbered task list)."""
     num_prompt_instructions: int = 3
     """Seed tasks shown as in-context examples per request (Alpaca: 3)."""

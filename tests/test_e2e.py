@@ -1,0 +1,159 @@
+"""End to end: `dvc repro` in a fresh git repo, on the embedded teacher and a tiny random student.
+
+Checks every output, that a second repro runs nothing, that an evaluate param reruns only
+evaluate, that a filter param reruns filter and what follows with zero teacher calls, and
+that bad seeds stop the pipeline before anything downstream runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import ROOT, make_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def ran(out: subprocess.CompletedProcess) -> list[str]:
+    text = out.stdout + out.stderr
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")]
+
+
+def set_params(repo: Path, **changes: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("e2e") / "project"
+    repo.mkdir()
+    for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
+        shutil.copy(ROOT / name, repo / name)
+    for name in ["stages", "seeds"]:
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "ci@example.com")
+    sh(repo, "git", "config", "user.name", "ci")
+    sh(repo, "dvc", "init", "-q")
+    set_params(
+        repo,
+        generate={"num_requests": 8, "batch_size": 8},
+        train={"base_model": "tiny_student", "max_steps": 4, "batch_size": 2},
+        evaluate={"base_model": "tiny_student", "max_prompts": 2, "max_new_tokens": 8},
+    )
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "init")
+    # the student shares the teacher's tokenizer, so build it once the teacher exists
+    sh(repo, "dvc", "repro", "teacher_model")
+    from transformers import AutoTokenizer
+
+    make_tiny_model(repo / "tiny_student", AutoTokenizer.from_pretrained(repo / "models" / "teacher"))
+    return repo
+
+
+def test_first_repro_builds_every_output(repo):
+    out = sh(repo, "dvc", "repro")
+    assert ran(out) == ["seeds", "generate", "filter", "tokenize", "train", "evaluate"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "tokenize", "train", "evaluate"}
+
+    seeds = pl.read_parquet(repo / "data/seeds/part-00000.parquet")
+    assert seeds.height >= 175
+    assert (repo / "models/teacher/model.safetensors").exists() and (repo / "models/teacher/tokenizer.json").exists()
+
+    gen = pl.read_parquet(repo / "data/generated/tasks-00000.parquet")
+    metrics = json.loads((repo / "metrics/generate.json").read_text())
+    assert metrics["teacher_calls"] == 8 and metrics["items_parsed"] == gen.height > 0
+    assert {"prompt_hash", "teacher_model", "sampling", "response_id", "cache_key"} <= set(gen.columns)
+    assert list(gen["request_index"]) == sorted(gen["request_index"])
+    assert list((repo / "data/teacher_cache").glob("responses-*.jsonl"))
+
+    kept = pl.read_parquet(repo / "data/filtered/kept-00000.parquet")
+    rejected = pl.read_parquet(repo / "data/filtered/rejected-00000.parquet")
+    fm = json.loads((repo / "metrics/filter.json").read_text())
+    assert kept.height == fm["kept"] > 0 and rejected.height == fm["rejected"]
+    assert kept.height + rejected.height == gen.height
+    assert sum(fm["rejected_by_reason"].values()) == rejected.height
+
+    meta = json.loads((repo / "data/tokens/meta.json").read_text())
+    index = np.load(repo / "data/tokens/train_index.npy")
+    tokens = np.fromfile(repo / "data/tokens/train_tokens.bin", dtype=meta["dtype"])
+    assert len(tokens) == index[:, 1].sum() > 0
+    tm = json.loads((repo / "metrics/tokenize.json").read_text())
+    assert tm["train"]["examples"] + tm["val"]["examples"] + tm["prompt_too_long"] == kept.height
+
+    assert (repo / "models/student/model.safetensors").exists() and (repo / "models/student/tokenizer.json").exists()
+    train_m = json.loads((repo / "metrics/train/metrics.json").read_text())
+    assert train_m["step"] == 3 and np.isfinite(train_m["loss"])
+
+    em = json.loads((repo / "metrics/eval.json").read_text())
+    assert np.isfinite(em["val_loss"]) and em["val_perplexity"] > 1 and "base_val_loss" in em
+    answers = pl.read_parquet(repo / "data/eval/answers-00000.parquet")
+    assert answers.height == em["answers"] > 0 and {"prompt", "answer", "reference"} <= set(answers.columns)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "repro")
+
+
+def test_second_repro_runs_nothing(repo):
+    out = sh(repo, "dvc", "repro")
+    assert ran(out) == []
+    assert "Data and pipelines are up to date" in out.stdout + out.stderr
+
+
+def test_evaluate_param_reruns_only_evaluate(repo):
+    set_params(repo, evaluate={"max_new_tokens": 6})
+    assert ran(sh(repo, "dvc", "repro")) == ["evaluate"]
+    diff = sh(repo, "dvc", "params", "diff").stdout
+    assert "evaluate.max_new_tokens" in diff
+
+
+def test_filter_param_reruns_downstream_with_no_teacher_calls(repo):
+    cache = repo / "data/teacher_cache"
+    before_files = sorted(p.name for p in cache.iterdir())
+    before_metrics = (repo / "metrics/generate.json").read_text()
+    set_params(repo, filter={"rouge_threshold": 0.5})
+    out = sh(repo, "dvc", "repro")
+    assert ran(out)[0] == "filter" and "generate" not in ran(out)
+    assert sorted(p.name for p in cache.iterdir()) == before_files
+    assert (repo / "metrics/generate.json").read_text() == before_metrics
+    # rerunning generate itself (a changed prompt header comment would do too) hits the cache only
+    sh(repo, "dvc", "repro", "-f", "-s", "generate")
+    assert json.loads((repo / "metrics/generate.json").read_text())["teacher_calls"] == 0
+    assert sorted(p.name for p in cache.iterdir()) == before_files
+
+
+def test_bad_seeds_stop_the_pipeline(repo):
+    seeds = repo / "seeds/seed_tasks.jsonl"
+    good = seeds.read_text()
+    lines = good.count("\n")
+    seeds.write_text(good + '{"id": "x", "name": "x", "instruction": "", "instances": [], "is_classification": false}\n')
+    try:
+        out = sh(repo, "dvc", "repro", check=False)
+        assert out.returncode != 0
+        text = out.stdout + out.stderr
+        assert f"seeds/seed_tasks.jsonl:{lines + 1}: instruction: empty" in text
+        assert ran(out) == ["seeds"]
+    finally:
+        seeds.write_text(good)

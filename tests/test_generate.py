@@ -1,0 +1,146 @@
+"""generate: prompt encoding, per-item parsing, request keys, the response cache."""
+
+from __future__ import annotations
+
+import json
+
+from stages.generate import GenerateParams, build_prompts, encode_prompt, parse_response, rows_from_records
+from stages.llm import Completion
+from stages.teacher import ResponseCache, Sampling, assign_keys, request_key, run_requests
+
+SEEDS = [
+    {"id": f"s{i}", "instruction": f"Task number {i}:  do  thing {i}", "instances": [{"input": "" if i % 2 else f"in {i}", "output": f"out {i}"}]}
+    for i in range(10)
+]
+S = Sampling(64, 0.7, 0.9)
+
+
+def test_encode_prompt_is_alpaca_format():
+    p = encode_prompt("HEADER\n", SEEDS[:2])
+    assert p == (
+        "HEADER\n###\n1. Instruction: Task number 0: do thing 0\n1. Input:\nin 0\n1. Output:\nout 0\n"
+        "###\n2. Instruction: Task number 1: do thing 1\n2. Input:\n<noinput>\n2. Output:\nout 1\n"
+        "###\n3. Instruction:"
+    )
+
+
+def test_prompts_are_reproducible_and_stable_when_adding_requests():
+    a, shown_a = build_prompts(SEEDS, "H", GenerateParams(num_requests=4, num_prompt_instructions=3))
+    b, shown_b = build_prompts(SEEDS, "H", GenerateParams(num_requests=6, num_prompt_instructions=3))
+    assert a == b[:4] and shown_a == shown_b[:4]
+    assert len(set(a)) > 1  # different requests sample different examples
+    c, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=4, seed=7))
+    assert c != a
+
+
+RESPONSE = """ Classify the animal as mammal or bird.
+4. Input:
+sparrow
+4. Output:
+bird
+###
+5. Instruction: Name three primary colours.
+5. Input:
+<noinput>
+5. Output:
+Red, blue and yellow.
+###
+6. Instruction: This item forgot its fields.
+###
+7. Instruction: Translate to French.
+7. Input:
+Good morning
+7. Output:
+Bonjour
+###
+8. Instruction: Cut off in the mid"""
+
+
+def test_parse_keeps_good_items_around_a_malformed_one():
+    items = parse_response(RESPONSE, 4, "length")
+    assert [i["error"] for i in items] == [None, None, "missing_input", None, "truncated"]
+    good = [i for i in items if not i["error"]]
+    assert good[0] == {**good[0], "instruction": "Classify the animal as mammal or bird.", "input": "sparrow", "output": "bird"}
+    assert good[1]["input"] == "" and good[1]["output"] == "Red, blue and yellow."
+    assert good[2]["output"] == "Bonjour"
+
+
+def test_parse_keeps_last_item_when_the_teacher_stopped():
+    text = RESPONSE.rsplit("###", 1)[0]
+    items = parse_response(text, 4, "stop")
+    assert items[-1]["output"] == "Bonjour" and items[-1]["error"] is None
+
+
+def test_parse_missing_output_and_chat_style_numbering():
+    text = "1. Instruction: Add the numbers.\n1. Input:\n2 and 3\n1. Output:\n5\n\n2. Instruction: Only input here.\n2. Input:\nx"
+    items = parse_response(text, 4, "stop")
+    assert items[0]["output"] == "5" and items[0]["input"] == "2 and 3"
+    assert items[1]["error"] == "missing_output"
+
+
+def test_request_keys_depend_on_every_part_and_count_draws():
+    base = request_key("t", "completion", "p", S, 0)
+    assert base != request_key("t2", "completion", "p", S, 0)
+    assert base != request_key("t", "chat", "p", S, 0)
+    assert base != request_key("t", "completion", "p2", S, 0)
+    assert base != request_key("t", "completion", "p", Sampling(64, 0.8, 0.9), 0)
+    reqs = assign_keys(["p", "q", "p"], "t", "completion", S)
+    assert reqs[0].key == base and reqs[2].key == request_key("t", "completion", "p", S, 1)
+    assert len({r.key for r in reqs}) == 3
+
+
+class CountingBackend:
+    """Test double: answers with a fixed two-item response and counts prompts it was sent."""
+
+    name = "fake"
+    teacher_id = "fake:1"
+
+    def __init__(self):
+        self.calls = 0
+
+    def complete(self, prompts, sampling, seed):
+        self.calls += len(prompts)
+        return [Completion(" Do X now.\n4. Input:\n<noinput>\n4. Output:\nDone.\n###", "stop", 10, 5) for _ in prompts]
+
+
+def test_cache_makes_reruns_free_and_survives_restart(tmp_path):
+    prompts = [f"prompt {i}" for i in range(5)]
+    reqs = assign_keys(prompts, "fake:1", "completion", S)
+    backend = CountingBackend()
+    recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "c", flush_every=2), S, 2, 0)
+    assert backend.calls == 5 and stats.teacher_calls == 5 and stats.cache_hits == 0
+    files = sorted((tmp_path / "c").glob("responses-*.jsonl"))
+    assert sum(len(f.read_text().splitlines()) for f in files) == 5
+    # a new process (new cache object) with two more prompts pays only for those two
+    reqs2 = assign_keys(prompts + ["prompt 5", "prompt 6"], "fake:1", "completion", S)
+    recs2, stats2 = run_requests(reqs2, backend, ResponseCache(tmp_path / "c"), S, 2, 0)
+    assert backend.calls == 7 and stats2.cache_hits == 5 and stats2.teacher_calls == 2
+    assert [r["text"] for r in recs2[:5]] == [r["text"] for r in recs]
+    assert all("OPENAI" not in json.dumps(r) for r in recs2)
+
+
+def test_cache_keeps_what_was_bought_before_a_crash(tmp_path):
+    class Crashing(CountingBackend):
+        def complete(self, prompts, sampling, seed):
+            if self.calls >= 4:
+                raise RuntimeError("connection lost")
+            return super().complete(prompts, sampling, seed)
+
+    reqs = assign_keys([f"p{i}" for i in range(8)], "fake:1", "completion", S)
+    try:
+        run_requests(reqs, Crashing(), ResponseCache(tmp_path / "c", flush_every=100), S, 2, 0)
+    except RuntimeError:
+        pass
+    assert len(ResponseCache(tmp_path / "c").entries) == 4
+
+
+def test_rows_carry_provenance(tmp_path):
+    reqs = assign_keys(["p0"], "fake:1", "completion", S)
+    recs, _ = run_requests(reqs, CountingBackend(), ResponseCache(tmp_path), S, 1, 0)
+    tasks, unparsed = rows_from_records(recs, [["s1", "s2", "s3"]], 4, S)
+    assert unparsed == []
+    (t,) = tasks
+    assert t["instruction"] == "Do X now." and t["input"] == "" and t["output"] == "Done."
+    assert t["cache_key"] == reqs[0].key and t["teacher_model"] == "fake" and t["in_context_ids"] == ["s1", "s2", "s3"]
+    assert json.loads(t["sampling"]) == {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": []}
+

@@ -1,0 +1,112 @@
+"""train and evaluate on a tiny random Llama: schedules, loss normalisation, saved checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stages.common import StageError, write_json
+from stages.evaluate import validation_loss
+from stages.tokendata import TokenSplit
+from stages.tokenize import encode_rows, tokenizer_id, write_split
+from stages.train import TrainParams, batches, lr_at, train
+
+ROWS = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", "output": "three words " * (1 + i % 3)}
+        for i in range(6)]
+
+
+def make_data(folder, tok, rows=ROWS):
+    folder.mkdir(parents=True, exist_ok=True)
+    enc = list(encode_rows(rows, tok, "alpaca", 1024))
+    write_split(folder, "train", enc, np.uint16, "alpaca", tok)
+    write_split(folder, "val", enc[:2], np.uint16, "alpaca", tok)
+    write_json(folder / "meta.json", {"dtype": "uint16", "tokenizer_id": tokenizer_id(tok), "tokenizer": "tiny"})
+    return folder
+
+
+def test_lr_schedule():
+    p = TrainParams(warmup_ratio=0.1, learning_rate=1.0)
+    lrs = [lr_at(s, 20, p) for s in range(20)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0  # 2 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.01
+    assert lr_at(10, 20, TrainParams(lr_scheduler="constant", warmup_ratio=0)) == 1.0
+
+
+def test_batches_cover_each_epoch_and_are_seeded():
+    it = batches(5, 2, seed=3)
+    epoch = [next(it) for _ in range(3)]
+    assert sorted(sum(epoch, [])) == [0, 1, 2, 3, 4]
+    it2 = batches(5, 2, seed=3)
+    assert [next(it2) for _ in range(3)] == epoch
+
+
+def test_params_are_checked():
+    with pytest.raises(ValueError):
+        TrainParams(method="qlora")
+    with pytest.raises(ValueError):
+        TrainParams(max_steps=0, epochs=0)
+
+
+def run_train(tmp_path, tiny_model, name, **kw):
+    p = TrainParams(base_model=str(tiny_model), out_dir=str(tmp_path / name), log_dir=str(tmp_path / f"log-{name}"),
+                    warmup_ratio=0.0, **kw)
+    return train(p, str(tmp_path / "tokens")), p
+
+
+def test_full_training_lowers_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    val = TokenSplit(tmp_path / "tokens", "val")
+    before, _ = validation_loss(base, tok, val, 4)
+    summary, p = run_train(tmp_path, tiny_model, "full", method="full", max_steps=30, batch_size=3, learning_rate=3e-3)
+    model = AutoModelForCausalLM.from_pretrained(p.out_dir)
+    after, n = validation_loss(model, tok, val, 4)
+    assert n > 0 and after < before - 0.5, (before, after)
+    assert summary["steps"] == 30 and math.isfinite(summary["final_loss"])
+    logged = json.loads((tmp_path / "log-full" / "metrics.json").read_text())
+    assert logged["step"] == 29 and {"loss", "learning_rate", "tokens_per_s"} <= set(logged)
+    assert (tmp_path / "full" / "model.safetensors").exists() and (tmp_path / "full" / "tokenizer.json").exists()
+
+
+def test_lora_saves_merged_weights_and_adapter(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok)
+    _, p = run_train(tmp_path, tiny_model, "lora", method="lora", max_steps=3, batch_size=2, lora_r=4,
+                     learning_rate=1e-2)
+    merged = AutoModelForCausalLM.from_pretrained(p.out_dir)  # plain model, no peft needed
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    diff = (merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight).abs().max()
+    assert diff > 0
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model):
+    """(micro-batch 4, accumulation 1) and (micro-batch 1, accumulation 4): same loss, same update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok)
+    s1, p1 = run_train(tmp_path, tiny_model, "big", method="full", max_steps=1, batch_size=4, grad_accum=1)
+    s2, p2 = run_train(tmp_path, tiny_model, "acc", method="full", max_steps=1, batch_size=1, grad_accum=4)
+    assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(p1.out_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(p2.out_dir).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model):
+    from tests.conftest import make_tokenizer
+
+    make_data(tmp_path / "tokens", make_tokenizer(["a different corpus entirely, with other merges"]))
+    with pytest.raises(StageError, match="different tokenizer"):
+        run_train(tmp_path, tiny_model, "x", max_steps=1)
