@@ -173,6 +173,12 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", every
 
 def run_main(fn) -> None:
     """Run a stage's main(); a StageError prints one clean line and exits 1."""
+    if not sys.stderr.isatty():  # no bars in logs: our own progress lines say enough
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     try:
         fn()
     except StageError as e:

@@ -158,6 +158,7 @@ def filter_rows(rows: Iterable[dict], seed_instructions: list[str], p: FilterPar
     bl = blacklist_regex(p.blacklist)
     pool = NoveltyPool(seed_instructions)
     lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm)
+    kept_text: dict[int, str] = {}
     for k, row in enumerate(rows):
         out = {**row, "reason": None, "detail": None, "rouge_max": None, "rouge_nearest": None}
         out["reason"] = rule_reason(row, p, bl)
@@ -171,9 +172,10 @@ def filter_rows(rows: Iterable[dict], seed_instructions: list[str], p: FilterPar
             mh.update_batch(list(shingles(row, p.minhash_ngram)))
             dups = lsh.query(mh)
             if dups:
-                out["reason"], out["detail"] = "near_duplicate", f"of generated row {min(dups)}"
+                out["reason"], out["detail"] = "near_duplicate", f"of: {kept_text[min(dups)]}"
             else:
-                lsh.insert(str(k), mh)
+                lsh.insert(k, mh)
+                kept_text[k] = row["instruction"]
                 pool.add(row["instruction"])
         yield out
 

@@ -183,8 +183,7 @@ def main() -> None:
     prompts, shown = build_prompts(seeds, header, p)
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p)
     cache = ResponseCache(p.cache_dir)
-    kw = {"dtype": p.dtype} if p.backend == "local" else {}
-    backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, **kw)
+    backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, p.batch_size, p.dtype)
     requests = assign_keys(prompts, backend.teacher_id, p.prompt_form, sampling)
     records, stats = run_requests(requests, backend, cache, sampling, p.batch_size, p.seed)
     tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)

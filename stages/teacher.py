@@ -167,11 +167,13 @@ class OpenAIBackend:
             return list(pool.map(lambda ip: self._one(ip[1], sampling, seed + ip[0]), enumerate(prompts)))
 
 
-def make_backend(backend: str, model: str, prompt_form: str, base_url: str | None = None, **kw):
+def make_backend(backend: str, model: str, prompt_form: str, base_url: str | None = None, batch_size: int = 8,
+                 dtype: str = "float32"):
+    """`batch_size` is the local generation batch, or the number of concurrent API calls."""
     if backend == "local":
-        return LocalBackend(model, prompt_form, **kw)
+        return LocalBackend(model, prompt_form, dtype)
     if backend == "openai":
-        return OpenAIBackend(model, base_url, prompt_form)
+        return OpenAIBackend(model, base_url, prompt_form, concurrency=batch_size)
     raise StageError(f"unknown teacher backend {backend!r} (local or openai)")
 
 

@@ -1,0 +1,103 @@
+"""Plumbing: dvc.yaml lists every module a stage imports; params are checked; writes are atomic."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from stages.common import StageError, atomic_dir, load_params, read_shards, write_shards
+from tests.conftest import ROOT
+
+
+def stage_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """Every `stages.*` module that `module` imports, transitively (module names like 'stages.llm')."""
+    seen = seen if seen is not None else set()
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("stages.")]
+        for n in names:
+            if n not in seen:
+                seen.add(n)
+                stage_imports(n, seen)
+    return seen
+
+
+def test_dvc_yaml_lists_every_imported_module_of_each_stage():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        module = st["cmd"].split("-m ")[1].split()[0]
+        needed = {f"{m.replace('.', '/')}.py" for m in stage_imports(module) | {module}}
+        missing = needed - set(st["deps"])
+        assert not missing, f"stage {name}: dvc.yaml deps miss {sorted(missing)}"
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        assert st["params"] == [name] and name in params  # each stage reads only its own section
+
+
+@dataclass
+class P:
+    size: int = 3
+    """A number."""
+    name: str = "x"
+
+    def __post_init__(self):
+        if self.size < 0:
+            raise ValueError("size: must be >= 0")
+
+
+def test_params_unknown_key_and_bad_value(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("s:\n  size: 5\n")
+    assert load_params(P, "s", f) == P(size=5)
+    f.write_text("s:\n  sise: 5\n")
+    with pytest.raises(StageError, match=r"unknown key\(s\) \['sise'\]"):
+        load_params(P, "s", f)
+    f.write_text("s:\n  size: -1\n")
+    with pytest.raises(StageError, match="size: must be >= 0"):
+        load_params(P, "s", f)
+    with pytest.raises(StageError, match="no 't' section"):
+        load_params(P, "t", f)
+
+
+def test_every_stage_params_default_matches_params_yaml():
+    """The defaults in the dataclasses and in params.yaml are the same build."""
+    import importlib
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"), ("generate", "GenerateParams"),
+                         ("filter", "FilterParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
+                         ("evaluate", "EvaluateParams")]:
+        klass = getattr(importlib.import_module(f"stages.{section}"), cls)
+        assert load_params(klass, section, ROOT / "params.yaml") == klass(), section
+        assert set(params[section]) == set(klass.__dataclass_fields__), section
+
+
+def test_atomic_dir_keeps_the_old_output_on_a_crash(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as d:
+        (d / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as d:
+            (d / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
+
+
+def test_shards_are_fixed_size_and_byte_identical(tmp_path):
+    df = pl.DataFrame({"i": list(range(25)), "s": [f"row {i}" for i in range(25)]})
+    paths = write_shards(df, tmp_path / "a", "part", rows_per_shard=10)
+    assert [pl.read_parquet(p).height for p in paths] == [10, 10, 5]
+    again = write_shards(df, tmp_path / "b", "part", rows_per_shard=10)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    assert read_shards(tmp_path / "a").equals(df)
+    empty = write_shards(df.clear(), tmp_path / "c", "part")
+    assert len(empty) == 1 and pl.read_parquet(empty[0]).schema == df.schema
