@@ -175,6 +175,7 @@ def run_main(fn) -> None:
     """Run a stage's main(); a StageError prints one clean line and exits 1."""
     if not sys.stderr.isatty():  # no bars in logs: our own progress lines say enough
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. the GGUF de-quantisation bar
         with contextlib.suppress(ImportError):
             from transformers.utils import logging as hf_logging
 

@@ -12,6 +12,7 @@ Single process: `python -m stages.train`. Many GPUs: `accelerate launch -m stage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -157,12 +158,14 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
             g["lr"] = p.learning_rate * lr_at(step, total, p)
         t0 = time.monotonic()
         step_loss = 0.0
-        for b in group:
+        for j, b in enumerate(group):
             b = {k: v.to(acc.device) for k, v in b.items()}
-            with acc.autocast():
+            # gradients are synchronised across processes only on the last micro-batch
+            sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
                 loss_sum, _ = masked_loss_sum(model, b)
-            # DDP averages gradients over processes; scale so the result is sum / n_global.
-            acc.backward(loss_sum * acc.num_processes / max(1, n_global))
+                # DDP averages gradients over processes; scale so the result is sum / n_global.
+                acc.backward(loss_sum * acc.num_processes / max(1, n_global))
             step_loss += loss_sum.item()
         if p.max_grad_norm > 0:
             acc.clip_grad_norm_(params, p.max_grad_norm)
