@@ -68,13 +68,15 @@ def score(path: str, data: TokenSplit, batch_size: int) -> dict:
     return {"val_loss": round(loss, 5), "val_perplexity": round(math.exp(loss), 4), "val_tokens": n}
 
 
-def answer(path: str, prompts: list[str], p: EvaluateParams) -> list:
+def answer(path: str, prompts: list[str], template: str, p: EvaluateParams) -> list:
+    """The model's answers to already-rendered prompts, tokenized the way `tokenize` did."""
     from stages.llm import generate, load_model
 
     model, tok = load_model(path)
     out = []
     for i in progress(range(0, len(prompts), p.batch_size), desc="answers"):
-        out += generate(model, tok, prompts[i : i + p.batch_size], p.max_new_tokens, p.temperature, 1.0, p.seed + i)
+        out += generate(model, tok, prompts[i : i + p.batch_size], p.max_new_tokens, p.temperature, 1.0, p.seed + i,
+                        add_special_tokens=template == "alpaca")
     return out
 
 
@@ -87,7 +89,7 @@ def main() -> None:
         base = score(p.base_model, data, p.batch_size)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     texts = pl.read_parquet("data/tokens/val.parquet").head(p.max_prompts)
-    comps = answer(p.model, texts["prompt"].to_list(), p) if texts.height else []
+    comps = answer(p.model, texts["prompt"].to_list(), data.meta["template"], p) if texts.height else []
     answers = texts.rename({"output": "reference"}).with_columns(
         pl.Series("answer", [c.text for c in comps], dtype=pl.String),
         pl.Series("finish_reason", [c.finish_reason for c in comps], dtype=pl.String),

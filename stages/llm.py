@@ -64,11 +64,16 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop: list[str] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[Completion]:
-    """Complete a batch of plain-text prompts. temperature 0 means greedy decoding."""
+    """Complete a batch of plain-text prompts. temperature 0 means greedy decoding.
+
+    `add_special_tokens`: True for plain prompts (the tokenizer adds BOS where the model
+    uses one), False for text already rendered by a chat template (which has its own).
+    """
     import torch
 
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p)

@@ -121,6 +121,7 @@ class LocalBackend:
             sampling.top_p,
             seed,
             list(sampling.stop) or None,
+            add_special_tokens=self.prompt_form != "chat",
         )
 
 

@@ -25,8 +25,8 @@ def shared(*parts: str) -> Path:
 
 
 def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
-    """A small byte-level BPE tokenizer (exact round trips) with <pad>/<eos>/<bos> and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE tokenizer (exact round trips) that adds <bos>, with <pad>/<eos> and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from stages.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
@@ -39,6 +39,8 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(corpus, trainer)
+    bos = tk.token_to_id("<bos>")
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
                                   eos_token="<eos>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.chat_template = CHAT_TEMPLATE
