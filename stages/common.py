@@ -152,23 +152,52 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", every_s: float = 10.0) -> Iterator[T]:
-    """A tqdm bar on a terminal; plain `desc: i/total` lines every `every_s` seconds otherwise."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+class Progress:
+    """A tqdm bar on a terminal; plain `desc: done/total, rate, extras` lines every `every_s` seconds otherwise."""
 
-        yield from tqdm(items, total=total, desc=desc, file=sys.stderr)
-        return
-    start = last = time.monotonic()
-    i = 0
-    for i, item in enumerate(items, 1):
-        yield item
+    def __init__(self, total: int | None, desc: str, every_s: float = 10.0):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.n, self.extra = 0, {}
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr)
+
+    def update(self, n: int = 1, **extra) -> None:
+        self.n += n
+        self.extra.update(extra)
+        if self.bar is not None:
+            self.bar.update(n)
+            if extra:
+                self.bar.set_postfix(self.extra, refresh=False)
+            return
         now = time.monotonic()
-        if now - last >= every_s:
-            last = now
-            of = f"/{total}" if total is not None else ""
-            log(f"{desc}: {i}{of} ({now - start:.0f}s)")
-    log(f"{desc}: done, {i} in {time.monotonic() - start:.0f}s")
+        if now - self.last >= self.every_s:
+            self.last = now
+            log(f"{self.desc}: {self._line(now)}")
+
+    def _line(self, now: float) -> str:
+        of = f"/{self.total}" if self.total is not None else ""
+        rate = self.n / max(1e-9, now - self.start)
+        extras = "".join(f", {k} {v}" for k, v in self.extra.items())
+        return f"{self.n}{of} in {now - self.start:.0f}s ({rate:.2f}/s{extras})"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            log(f"{self.desc}: done, {self._line(time.monotonic())}")
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", every_s: float = 10.0) -> Iterator[T]:
+    """Iterate with a `Progress` report."""
+    bar = Progress(total, desc, every_s)
+    for item in items:
+        yield item
+        bar.update()
+    bar.close()
 
 
 def run_main(fn) -> None:

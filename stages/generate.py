@@ -14,13 +14,21 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from stages.common import atomic_dir, check, load_params, log, read_shards, run_main, set_threads, write_json, write_shards
+from stages.common import (StageError, atomic_dir, check, load_params, log, read_shards, run_main, set_threads,
+                           write_json, write_shards)
 from stages.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
+
+
+PRICES = {  # USD per million tokens; check your provider's current prices
+    "gpt-4o-mini": {"input_per_million": 0.15, "output_per_million": 0.6},
+    "gpt-4.1-mini": {"input_per_million": 0.4, "output_per_million": 1.6},
+    "gpt-4o": {"input_per_million": 2.5, "output_per_million": 10.0},
+}
 
 
 @dataclass
@@ -40,7 +48,23 @@ class GenerateParams:
     num_prompt_instructions: int = 3
     """Seed tasks shown as in-context examples per request (Alpaca: 3)."""
     batch_size: int = 8
-    """Requests per local generation batch (or concurrent API calls)."""
+    """Requests per local generation batch."""
+    concurrency: int = 16
+    """API backend: requests in flight at once."""
+    requests_per_minute: float = 0
+    """API backend: proactive request rate limit (0: none; the endpoint's 429s are still honoured)."""
+    tokens_per_minute: float = 0
+    """API backend: proactive token rate limit, counting prompt bytes / 4 + max_new_tokens per request (0: none)."""
+    max_attempts: int = 6
+    """API backend: attempts per request (429, 5xx, timeouts, dropped connections, malformed bodies)."""
+    timeout_s: float = 120
+    """API backend: timeout of one HTTP request."""
+    max_failure_rate: float = 0.05
+    """The stage fails when more than this share of requests failed (they are retried by the next run)."""
+    max_cost_usd: float = 0
+    """Hard budget for this run's API calls, checked before each request with a worst-case estimate (0: none)."""
+    prices: dict = field(default_factory=lambda: {m: dict(v) for m, v in PRICES.items()})
+    """USD per million tokens by model: {model: {input_per_million: x, output_per_million: y}}."""
     max_new_tokens: int = 192
     """Completion budget per request (Alpaca: 3072 with a strong teacher)."""
     temperature: float = 0.7
@@ -65,6 +89,11 @@ class GenerateParams:
         check(1 <= self.num_prompt_instructions <= 19, "num_prompt_instructions: must be in 1..19")
         check(self.batch_size >= 1 and self.max_new_tokens >= 1, "batch_size and max_new_tokens: must be >= 1")
         check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature >= 0 and 0 < top_p <= 1 required")
+        check(self.concurrency >= 1 and self.max_attempts >= 1 and self.timeout_s > 0, "concurrency, max_attempts >= 1, timeout_s > 0")
+        check(self.requests_per_minute >= 0 and self.tokens_per_minute >= 0, "rate limits: must be >= 0 (0: none)")
+        check(0 <= self.max_failure_rate <= 1 and self.max_cost_usd >= 0, "0 <= max_failure_rate <= 1, max_cost_usd >= 0")
+        for model, price in self.prices.items():
+            check(set(price) <= {"input_per_million", "output_per_million"}, f"prices.{model}: unknown keys {sorted(price)}")
 
 
 # ---------------------------------------------------------------- prompt
@@ -143,6 +172,8 @@ def rows_from_records(records: list[dict], shown: list[list[str]], first_index: 
     """Turn cached teacher records into (task rows, unparsed rows), in request order."""
     tasks, unparsed = [], []
     for i, rec in enumerate(records):
+        if rec is None:  # failed this run; retried by the next one
+            continue
         base = {
             "request_index": i,
             "prompt_hash": hashlib.sha256(rec["prompt"].encode()).hexdigest()[:16],
@@ -176,38 +207,56 @@ UNPARSED_SCHEMA = {
 
 
 def main() -> None:
+    from stages.openai_client import ApiLimits, Price
+
     p = load_params(GenerateParams, "generate")
     set_threads()
     seeds = read_shards("data/seeds").to_dicts()
     header = Path(p.prompt_file).read_text(encoding="utf-8")
     prompts, shown = build_prompts(seeds, header, p)
-    sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p)
-    cache = ResponseCache(p.cache_dir)
-    backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, p.batch_size, p.dtype)
+    sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
+    price = Price(**p.prices[p.model]) if p.model in p.prices else None
+    if p.backend == "openai" and price is None:
+        log(f"generate: no price for {p.model!r} in generate.prices: cost is reported as 0")
+    limits = ApiLimits(p.concurrency, p.requests_per_minute, p.tokens_per_minute, p.max_attempts,
+                       timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd)
+    backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, p.batch_size, p.dtype, limits, price)
     requests = assign_keys(prompts, backend.teacher_id, p.prompt_form, sampling)
-    records, stats = run_requests(requests, backend, cache, sampling, p.batch_size, p.seed)
+    records, stats = run_requests(requests, backend, ResponseCache(p.cache_dir), sampling, price)
     tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)
     errors: dict[str, int] = {}
     for u in unparsed:
         errors[u["error"]] = errors.get(u["error"], 0) + 1
-    with atomic_dir(p.out_dir) as tmp:
-        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
-        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
     metrics = {
         "requests": stats.requests,
         "cache_hits": stats.cache_hits,
         "teacher_calls": stats.teacher_calls,
+        "failed": stats.failed,
+        "failed_by_reason": stats.failed_by_reason,
         "items_parsed": len(tasks),
         "items_unparsed": len(unparsed),
         "unparsed_by_reason": errors,
         "finish_reasons": stats.by_finish,
+        "empty_responses": sum(1 for r in records if r is not None and not r["text"].strip()),
         "prompt_tokens_called": stats.prompt_tokens,
         "completion_tokens_called": stats.completion_tokens,
         "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
+        "cost_usd_called": round(price.cost(stats.prompt_tokens, stats.completion_tokens), 6) if price else 0.0,
+        "api_retries": stats.api.get("retries", 0),
+        "api_errors": stats.api.get("errors", {}),
     }
     write_json("metrics/generate.json", metrics)
-    log(f"generate: {len(tasks)} tasks parsed, {len(unparsed)} unparsed {errors}; "
-        f"{stats.teacher_calls} teacher calls, {stats.cache_hits} cache hits")
+    if stats.failed_by_reason.get("budget"):
+        raise StageError(f"generate: budget max_cost_usd={p.max_cost_usd} reached; {stats.failed_by_reason['budget']} "
+                         "requests were not sent (raise the budget or lower num_requests; paid responses are cached)")
+    if stats.requests and stats.failed / stats.requests > p.max_failure_rate:
+        raise StageError(f"generate: {stats.failed} of {stats.requests} requests failed {stats.failed_by_reason} "
+                         f"(more than max_failure_rate={p.max_failure_rate}); rerun to retry only those")
+    with atomic_dir(p.out_dir) as tmp:
+        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
+        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
+    log(f"generate: {len(tasks)} tasks parsed, {len(unparsed)} unparsed {errors}; {stats.teacher_calls} teacher "
+        f"calls, {stats.cache_hits} cache hits, {stats.failed} failed")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The teacher: backends (local transformers, OpenAI-compatible) behind one content-addressed cache.
 
-Every request gets a key: sha256 over the teacher's identity (model fingerprint or
-endpoint + model name), the prompt form, the exact prompt, the sampling params and the
-draw number (how many identical requests came before it in this run). A response is
-stored under its key in append-only JSONL files in the cache folder (a `persist: true`
-DVC output), flushed every few responses with a temp-file-and-rename, so a crash keeps
-what was bought and a rerun never pays twice for the same request. API keys come only
-from the environment and never enter a key, a record or a log line.
+Every request gets a key: sha256 over the teacher's identity (local model fingerprint, or
+endpoint URL + model name), the prompt form (so the exact messages), the exact prompt,
+every sampling param including the seed, and the draw number (how many identical
+requests came before it in this run). Each response is appended to this run's
+`responses-*.jsonl` file in the cache folder (a `persist: true` DVC output) and flushed
+as it arrives, so a crash, even `kill -9`, loses at most the requests in flight, and a
+rerun never pays twice for the same request. Requests that ran out of attempts go to
+`failures-*.jsonl` with their reason and are tried again by the next run. API keys come
+only from the environment and never enter a key, a record or a log line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from stages.common import StageError, atomic_file, log, progress
+from typing import Callable
+
+from stages.common import Progress, StageError, log
 from stages.llm import Completion
 
 
@@ -27,12 +31,14 @@ class Sampling:
     temperature: float
     top_p: float
     stop: tuple[str, ...] = ()
+    seed: int = 0
 
 
 @dataclass
 class Request:
     prompt: str
     key: str = ""
+    draw: int = 0
 
 
 def request_key(teacher_id: str, prompt_form: str, prompt: str, sampling: Sampling, draw: int) -> str:
@@ -47,61 +53,82 @@ def assign_keys(prompts: list[str], teacher_id: str, prompt_form: str, sampling:
     for p in prompts:
         draw = seen.get(p, 0)
         seen[p] = draw + 1
-        out.append(Request(p, request_key(teacher_id, prompt_form, p, sampling, draw)))
+        out.append(Request(p, request_key(teacher_id, prompt_form, p, sampling, draw), draw))
     return out
 
 
 class ResponseCache:
-    """Append-only response store: `responses-<time>-<pid>-<n>.jsonl` files, never rewritten."""
+    """Append-only store: one `responses-<time>-<pid>.jsonl` (and `failures-...`) per run, never rewritten."""
 
-    def __init__(self, path: str | os.PathLike, flush_every: int = 8):
+    def __init__(self, path: str | os.PathLike, fsync_every_s: float = 1.0):
         self.dir = Path(path)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.flush_every = flush_every
         self.entries: dict[str, dict] = {}
-        self.pending: list[dict] = []
-        self._files = 0
-        self._run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
-        for f in sorted(self.dir.glob("responses-*.jsonl")):
-            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                try:
-                    rec = json.loads(line)
-                    self.entries[rec["key"]] = rec
-                except (json.JSONDecodeError, KeyError):
-                    log(f"teacher cache: {f}:{lineno}: unreadable entry skipped")
+        self.failures: dict[str, dict] = {}
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        self._files: dict[str, object] = {}
+        self._fsync_every_s, self._synced = fsync_every_s, time.monotonic()
+        for kind, store in (("failures", self.failures), ("responses", self.entries)):
+            for f in sorted(self.dir.glob(f"{kind}-*.jsonl")):
+                for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                    try:
+                        rec = json.loads(line)
+                        store[rec["key"]] = rec
+                    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+                        log(f"teacher cache: {f}:{lineno}: incomplete entry skipped")
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
+    def _append(self, kind: str, rec: dict) -> None:
+        f = self._files.get(kind)
+        if f is None:
+            f = self._files[kind] = open(self.dir / f"{kind}-{self.run}.jsonl", "a", encoding="utf-8")
+        f.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+        f.flush()  # in the OS now: survives the process being killed
+        if time.monotonic() - self._synced > self._fsync_every_s:
+            self.sync()
+
     def put(self, rec: dict) -> None:
         self.entries[rec["key"]] = rec
-        self.pending.append(rec)
-        if len(self.pending) >= self.flush_every:
-            self.flush()
+        self._append("responses", rec)
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        with atomic_file(self.dir / f"responses-{self._run}-{self._files:05d}.jsonl") as f:
-            for rec in self.pending:
-                f.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
-        self._files += 1
-        self.pending = []
+    def fail(self, key: str, reason: str) -> None:
+        rec = {"key": key, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.failures[key] = rec
+        self._append("failures", rec)
+
+    def sync(self) -> None:
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        for f in self._files.values():
+            f.close()
+        self._files = {}
 
 
 # ---------------------------------------------------------------- backends
+
+OnDone = Callable[[Request, "Completion | None", "str | None"], None]
 
 
 class LocalBackend:
     """A transformers model on this machine; prompts are completed in left-padded batches."""
 
-    def __init__(self, model: str, prompt_form: str, dtype: str = "float32", device: str = "auto"):
+    kind = "local"
+
+    def __init__(self, model: str, prompt_form: str, dtype: str = "float32", batch_size: int = 8, device: str = "auto"):
         from stages.llm import fingerprint, load_model
 
         self.model, self.tok = load_model(model, dtype, device)
         self.name = model
         self.teacher_id = f"local:{fingerprint(model)}"
         self.prompt_form = prompt_form
+        self.batch_size = batch_size
 
     def render(self, prompt: str) -> str:
         if self.prompt_form == "chat":
@@ -112,69 +139,51 @@ class LocalBackend:
     def complete(self, prompts: list[str], sampling: Sampling, seed: int) -> list[Completion]:
         from stages.llm import generate
 
-        return generate(
-            self.model,
-            self.tok,
-            [self.render(p) for p in prompts],
-            sampling.max_new_tokens,
-            sampling.temperature,
-            sampling.top_p,
-            seed,
-            list(sampling.stop) or None,
-            add_special_tokens=self.prompt_form != "chat",
-        )
+        return generate(self.model, self.tok, [self.render(p) for p in prompts], sampling.max_new_tokens,
+                        sampling.temperature, sampling.top_p, seed, list(sampling.stop) or None,
+                        add_special_tokens=self.prompt_form != "chat")
+
+    def run_all(self, requests: list[Request], sampling: Sampling, on_done: OnDone) -> dict:
+        for i in range(0, len(requests), self.batch_size):
+            batch = requests[i : i + self.batch_size]
+            for req, comp in zip(batch, self.complete([r.prompt for r in batch], sampling,
+                                                      sampling.seed + int(batch[0].key[:8], 16))):
+                on_done(req, comp, None)
+        return {}
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama).
+    """Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama), through `ApiTeacher`.
 
     `chat` form sends the prompt as one user message to Chat Completions; `completion`
     form sends it to the Completions endpoint. The key is read from OPENAI_API_KEY.
     """
 
-    def __init__(self, model: str, base_url: str | None, prompt_form: str, concurrency: int = 8, max_retries: int = 5):
-        from openai import OpenAI
+    kind = "openai"
+
+    def __init__(self, model: str, base_url: str | None, prompt_form: str, limits=None, price=None):
+        from stages.openai_client import ApiLimits, ApiTeacher
 
         key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if base_url else None)
         if key is None:
             raise StageError("backend openai: set OPENAI_API_KEY in the environment (never in params.yaml)")
-        self.client = OpenAI(api_key=key, base_url=base_url, max_retries=max_retries)
         self.name = model
         self.teacher_id = f"openai:{base_url or 'https://api.openai.com/v1'}:{model}"
         self.prompt_form = prompt_form
-        self.concurrency = concurrency
+        self.api = ApiTeacher(model, base_url, prompt_form, key, limits or ApiLimits(), price)
 
-    def _one(self, prompt: str, s: Sampling, seed: int) -> Completion:
-        common = dict(model=self.name, temperature=s.temperature, top_p=s.top_p, seed=seed, stop=list(s.stop) or None)
-        if self.prompt_form == "chat":
-            r = self.client.chat.completions.create(
-                messages=[{"role": "user", "content": prompt}], max_tokens=s.max_new_tokens, **common
-            )
-            c = r.choices[0]
-            text = c.message.content or ""
-        else:
-            r = self.client.completions.create(prompt=prompt, max_tokens=s.max_new_tokens, **common)
-            c = r.choices[0]
-            text = c.text
-        u = r.usage
-        comp = Completion(text, c.finish_reason or "stop", u.prompt_tokens if u else 0, u.completion_tokens if u else 0)
-        comp.response_id = r.id  # type: ignore[attr-defined]
-        return comp
-
-    def complete(self, prompts: list[str], sampling: Sampling, seed: int) -> list[Completion]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda ip: self._one(ip[1], sampling, seed + ip[0]), enumerate(prompts)))
+    def run_all(self, requests: list[Request], sampling: Sampling, on_done: OnDone) -> dict:
+        stats = self.api.run(requests, sampling, [sampling.seed + r.draw for r in requests], on_done)
+        return asdict(stats)
 
 
 def make_backend(backend: str, model: str, prompt_form: str, base_url: str | None = None, batch_size: int = 8,
-                 dtype: str = "float32"):
-    """`batch_size` is the local generation batch, or the number of concurrent API calls."""
+                 dtype: str = "float32", limits=None, price=None):
+    """`batch_size`: the local generation batch. `limits`/`price`: the API client's (ApiLimits, Price)."""
     if backend == "local":
-        return LocalBackend(model, prompt_form, dtype)
+        return LocalBackend(model, prompt_form, dtype, batch_size)
     if backend == "openai":
-        return OpenAIBackend(model, base_url, prompt_form, concurrency=batch_size)
+        return OpenAIBackend(model, base_url, prompt_form, limits, price)
     raise StageError(f"unknown teacher backend {backend!r} (local or openai)")
 
 
@@ -186,51 +195,59 @@ class CallStats:
     requests: int = 0
     cache_hits: int = 0
     teacher_calls: int = 0
+    failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
     by_finish: dict = field(default_factory=dict)
+    failed_by_reason: dict = field(default_factory=dict)
+    api: dict = field(default_factory=dict)
 
 
-def run_requests(
-    requests: list[Request], backend, cache: ResponseCache, sampling: Sampling, batch_size: int, seed: int
-) -> tuple[list[dict], CallStats]:
-    """Return the cached record of every request (in request order) and the call stats.
+def run_requests(requests: list[Request], backend, cache: ResponseCache, sampling: Sampling,
+                 price=None) -> tuple[list[dict | None], CallStats]:
+    """Return the cached record of every request (None where it failed) and the call stats.
 
-    The teacher is called only for requests whose key is not in the cache yet.
+    The teacher is called only for requests whose key is not in the cache yet; each
+    response is written to the cache the moment it arrives.
     """
     stats = CallStats(requests=len(requests))
     misses = [r for r in requests if cache.get(r.key) is None]
     stats.cache_hits = len(requests) - len(misses)
     log(f"teacher: {len(requests)} requests, {stats.cache_hits} cached, {len(misses)} to call")
+    bar = Progress(len(misses), "teacher")
+    cost = [0.0]
+
+    def on_done(req: Request, comp: Completion | None, failure: str | None) -> None:
+        if comp is None:
+            cache.fail(req.key, failure or "unknown")
+            stats.failed += 1
+            stats.failed_by_reason[failure] = stats.failed_by_reason.get(failure, 0) + 1
+        else:
+            cache.put({
+                "key": req.key, "teacher": backend.name, "teacher_id": backend.teacher_id, "prompt": req.prompt,
+                "sampling": asdict(sampling), "draw": req.draw, "text": comp.text, "finish_reason": comp.finish_reason,
+                "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
+                "response_id": getattr(comp, "response_id", None) or f"local-{req.key[:16]}",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+            stats.teacher_calls += 1
+            stats.prompt_tokens += comp.prompt_tokens
+            stats.completion_tokens += comp.completion_tokens
+            if price is not None:
+                cost[0] += price.cost(comp.prompt_tokens, comp.completion_tokens)
+        bar.update(1, hits=stats.cache_hits, failed=stats.failed, cost=f"${cost[0]:.4f}")
+
     start = time.monotonic()
-    batches = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
     try:
-        for batch in progress(batches, total=len(batches), desc="teacher batches"):
-            batch_seed = seed + int(batch[0].key[:8], 16)
-            for req, comp in zip(batch, backend.complete([r.prompt for r in batch], sampling, batch_seed)):
-                cache.put(
-                    {
-                        "key": req.key,
-                        "teacher": backend.name,
-                        "teacher_id": backend.teacher_id,
-                        "prompt": req.prompt,
-                        "sampling": asdict(sampling),
-                        "text": comp.text,
-                        "finish_reason": comp.finish_reason,
-                        "prompt_tokens": comp.prompt_tokens,
-                        "completion_tokens": comp.completion_tokens,
-                        "response_id": getattr(comp, "response_id", None) or f"local-{req.key[:16]}",
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    }
-                )
-                stats.teacher_calls += 1
-                stats.prompt_tokens += comp.prompt_tokens
-                stats.completion_tokens += comp.completion_tokens
+        if misses:
+            stats.api = backend.run_all(misses, sampling, on_done) or {}
     finally:
-        cache.flush()
+        cache.close()
+        bar.close()
     stats.seconds = time.monotonic() - start
     records = [cache.get(r.key) for r in requests]
     for rec in records:
-        stats.by_finish[rec["finish_reason"]] = stats.by_finish.get(rec["finish_reason"], 0) + 1
+        if rec is not None:
+            stats.by_finish[rec["finish_reason"]] = stats.by_finish.get(rec["finish_reason"], 0) + 1
     return records, stats

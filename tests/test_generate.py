@@ -84,13 +84,14 @@ def test_request_keys_depend_on_every_part_and_count_draws():
     assert base != request_key("t", "chat", "p", S, 0)
     assert base != request_key("t", "completion", "p2", S, 0)
     assert base != request_key("t", "completion", "p", Sampling(64, 0.8, 0.9), 0)
+    assert base != request_key("t", "completion", "p", Sampling(64, 0.7, 0.9, seed=1), 0)
     reqs = assign_keys(["p", "q", "p"], "t", "completion", S)
     assert reqs[0].key == base and reqs[2].key == request_key("t", "completion", "p", S, 1)
     assert len({r.key for r in reqs}) == 3
 
 
 class CountingBackend:
-    """Test double: answers with a fixed two-item response and counts prompts it was sent."""
+    """Test double: answers with a fixed one-item response and counts prompts it was sent."""
 
     name = "fake"
     teacher_id = "fake:1"
@@ -98,22 +99,28 @@ class CountingBackend:
     def __init__(self):
         self.calls = 0
 
-    def complete(self, prompts, sampling, seed):
+    def complete(self, prompts):
         self.calls += len(prompts)
         return [Completion(" Do X now.\n4. Input:\n<noinput>\n4. Output:\nDone.\n###", "stop", 10, 5) for _ in prompts]
+
+    def run_all(self, requests, sampling, on_done):
+        for i in range(0, len(requests), 2):
+            batch = requests[i : i + 2]
+            for r, c in zip(batch, self.complete([r.prompt for r in batch])):
+                on_done(r, c, None)
 
 
 def test_cache_makes_reruns_free_and_survives_restart(tmp_path):
     prompts = [f"prompt {i}" for i in range(5)]
     reqs = assign_keys(prompts, "fake:1", "completion", S)
     backend = CountingBackend()
-    recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "c", flush_every=2), S, 2, 0)
+    recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "c"), S)
     assert backend.calls == 5 and stats.teacher_calls == 5 and stats.cache_hits == 0
     files = sorted((tmp_path / "c").glob("responses-*.jsonl"))
     assert sum(len(f.read_text().splitlines()) for f in files) == 5
     # a new process (new cache object) with two more prompts pays only for those two
     reqs2 = assign_keys(prompts + ["prompt 5", "prompt 6"], "fake:1", "completion", S)
-    recs2, stats2 = run_requests(reqs2, backend, ResponseCache(tmp_path / "c"), S, 2, 0)
+    recs2, stats2 = run_requests(reqs2, backend, ResponseCache(tmp_path / "c"), S)
     assert backend.calls == 7 and stats2.cache_hits == 5 and stats2.teacher_calls == 2
     assert [r["text"] for r in recs2[:5]] == [r["text"] for r in recs]
     assert all("OPENAI" not in json.dumps(r) for r in recs2)
@@ -121,14 +128,14 @@ def test_cache_makes_reruns_free_and_survives_restart(tmp_path):
 
 def test_cache_keeps_what_was_bought_before_a_crash(tmp_path):
     class Crashing(CountingBackend):
-        def complete(self, prompts, sampling, seed):
+        def complete(self, prompts):
             if self.calls >= 4:
                 raise RuntimeError("connection lost")
-            return super().complete(prompts, sampling, seed)
+            return super().complete(prompts)
 
     reqs = assign_keys([f"p{i}" for i in range(8)], "fake:1", "completion", S)
     try:
-        run_requests(reqs, Crashing(), ResponseCache(tmp_path / "c", flush_every=100), S, 2, 0)
+        run_requests(reqs, Crashing(), ResponseCache(tmp_path / "c", fsync_every_s=100), S)
     except RuntimeError:
         pass
     assert len(ResponseCache(tmp_path / "c").entries) == 4
@@ -136,11 +143,11 @@ def test_cache_keeps_what_was_bought_before_a_crash(tmp_path):
 
 def test_rows_carry_provenance(tmp_path):
     reqs = assign_keys(["p0"], "fake:1", "completion", S)
-    recs, _ = run_requests(reqs, CountingBackend(), ResponseCache(tmp_path), S, 1, 0)
+    recs, _ = run_requests(reqs, CountingBackend(), ResponseCache(tmp_path), S)
     tasks, unparsed = rows_from_records(recs, [["s1", "s2", "s3"]], 4, S)
     assert unparsed == []
     (t,) = tasks
     assert t["instruction"] == "Do X now." and t["input"] == "" and t["output"] == "Done."
     assert t["cache_key"] == reqs[0].key and t["teacher_model"] == "fake" and t["in_context_ids"] == ["s1", "s2", "s3"]
-    assert json.loads(t["sampling"]) == {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": []}
+    assert json.loads(t["sampling"]) == {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": [], "seed": 0}
 

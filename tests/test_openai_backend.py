@@ -55,9 +55,9 @@ def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monke
     secret = "sk-test-" + "x" * 24
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     s = Sampling(64, 0.7, 0.9)
-    backend = make_backend("openai", "teacher-x", form, server, batch_size=2)
+    backend = make_backend("openai", "teacher-x", form, server)
     reqs = assign_keys(["p1", "p2", "p3"], backend.teacher_id, form, s)
-    recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "cache"), s, 2, 0)
+    recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "cache"), s)
     assert stats.teacher_calls == 3 and len(Handler.seen) == 3
     path, auth, body = Handler.seen[0]
     assert path == ("/v1/chat/completions" if form == "chat" else "/v1/completions")
@@ -67,7 +67,7 @@ def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monke
     assert [t["output"] for t in tasks] == ["A strawberry."] * 3
     assert {t["response_id"] for t in tasks} <= {"chatcmpl-1", "chatcmpl-2", "chatcmpl-3", "cmpl-1", "cmpl-2", "cmpl-3"}
     # the rerun is free, and the key is nowhere on disk
-    recs2, stats2 = run_requests(reqs, make_backend("openai", "teacher-x", form, server), ResponseCache(tmp_path / "cache"), s, 2, 0)
+    recs2, stats2 = run_requests(reqs, make_backend("openai", "teacher-x", form, server), ResponseCache(tmp_path / "cache"), s)
     assert stats2.teacher_calls == 0 and len(Handler.seen) == 3
     assert all(secret not in f.read_text() for f in (tmp_path / "cache").iterdir())
 

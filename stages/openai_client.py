@@ -1,0 +1,242 @@
+"""Async client for OpenAI-compatible endpoints: concurrency cap, token buckets, retries, budget.
+
+`ApiTeacher.run(requests, sampling, on_done)` sends every request at most `concurrency`
+at a time, paced by requests-per-minute and tokens-per-minute token buckets and paused
+globally by `Retry-After` / `x-ratelimit-*` headers. 429, 5xx, timeouts, dropped
+connections and malformed bodies are retried with exponential back-off and full jitter
+up to `max_attempts`; then the request is reported as failed with its reason (the next
+run retries it). A budget, when set, is checked before each request is sent, using a
+worst-case estimate (prompt bytes as tokens plus `max_tokens`), so it is never exceeded.
+`on_done(request, completion | None, failure_reason | None)` is called as each request
+finishes, so the caller can make every paid response durable at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from stages.llm import Completion
+
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class Price:
+    input_per_million: float = 0.0
+    output_per_million: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
+@dataclass
+class ApiLimits:
+    concurrency: int = 16
+    requests_per_minute: float = 0.0  # 0: no limit
+    tokens_per_minute: float = 0.0  # 0: no limit
+    max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 120.0
+    max_cost_usd: float = 0.0  # 0: no budget
+
+
+class TokenBucket:
+    """Refills at `per_minute / 60` per second and holds at most one second's worth (at least `min_capacity`)."""
+
+    def __init__(self, per_minute: float, min_capacity: float = 1.0):
+        self.rate = per_minute / 60.0
+        self.capacity = max(min_capacity, self.rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def take(self, amount: float) -> None:
+        amount = min(amount, self.capacity)
+        async with self.lock:  # first come, first served
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= amount:
+                    self.tokens -= amount
+                    return
+                await asyncio.sleep((amount - self.tokens) / self.rate)
+
+
+def parse_duration(value: str | None) -> float | None:
+    """'1.5' (seconds), '20ms', '6m0s', '1h2m3.5s' -> seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    total, found = 0.0, False
+    for num, unit in re.findall(r"([\d.]+)(ms|h|m|s)", value):
+        found = True
+        total += float(num) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return total if found else None
+
+
+def wait_from_headers(headers) -> float | None:
+    """Seconds to hold all requests, from Retry-After(-ms) or exhausted x-ratelimit-* headers."""
+    if headers is None:
+        return None
+    if headers.get("retry-after-ms"):
+        return float(headers["retry-after-ms"]) / 1000
+    if headers.get("retry-after"):
+        return parse_duration(headers["retry-after"])
+    waits = []
+    for kind in ("requests", "tokens"):
+        if headers.get(f"x-ratelimit-remaining-{kind}") in ("0", "0.0"):
+            waits.append(parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0)
+    return max(waits) if waits else None
+
+
+@dataclass
+class ApiStats:
+    sent: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    errors: dict = field(default_factory=dict)  # retried or final errors by kind
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+class ApiTeacher:
+    def __init__(self, model: str, base_url: str | None, prompt_form: str, api_key: str, limits: ApiLimits,
+                 price: Price | None = None):
+        from openai import AsyncOpenAI
+
+        self.client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=limits.timeout_s)
+        self.model, self.prompt_form, self.limits = model, prompt_form, limits
+        self.price = price or Price()
+        self.stats = ApiStats()
+        self.paused_until = 0.0
+        self.reserved = 0.0
+
+    # ------------------------------------------------------------ one call
+
+    async def _call(self, prompt: str, max_tokens: int, temperature: float, top_p: float, stop, seed: int):
+        """One HTTP request. Returns (Completion, headers); raises on any error or malformed body."""
+        common = dict(model=self.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if stop:
+            common["stop"] = list(stop)
+        if self.prompt_form == "chat":
+            raw = await self.client.chat.completions.with_raw_response.create(
+                messages=[{"role": "user", "content": prompt}], **common)
+        else:
+            raw = await self.client.completions.with_raw_response.create(prompt=prompt, **common)
+        try:
+            r = raw.parse()
+            choice = r.choices[0]
+        except Exception as e:  # invalid or truncated JSON, missing choices
+            raise MalformedResponse(type(e).__name__) from e
+        text = (choice.message.content if self.prompt_form == "chat" else choice.text) or ""
+        u = r.usage
+        comp = Completion(text, choice.finish_reason or "stop", getattr(u, "prompt_tokens", 0) or 0,
+                          getattr(u, "completion_tokens", 0) or 0)
+        comp.response_id = r.id  # type: ignore[attr-defined]
+        return comp, raw.headers
+
+    def _classify(self, e: Exception) -> tuple[str, bool, object]:
+        """(error kind, retryable, response headers or None)."""
+        import openai
+
+        if isinstance(e, MalformedResponse):
+            return f"malformed:{e}", True, None
+        if isinstance(e, openai.APITimeoutError):
+            return "timeout", True, None
+        if isinstance(e, openai.APIConnectionError):
+            return "connection", True, None
+        if isinstance(e, openai.APIStatusError):
+            return f"http_{e.status_code}", e.status_code in RETRYABLE_STATUS or e.status_code >= 500, e.response.headers
+        if isinstance(e, (openai.APIResponseValidationError, ValueError)):
+            return f"malformed:{type(e).__name__}", True, None
+        return f"error:{type(e).__name__}", False, None
+
+    # ------------------------------------------------------------ one request, with retries
+
+    def _estimate_cost(self, prompt: str, max_tokens: int) -> float:
+        return self.price.cost(len(prompt.encode()), max_tokens)  # a token is at least one byte
+
+    async def _one(self, req, sampling, seed: int, sem, rpm, tpm) -> tuple[Completion | None, str | None]:
+        lim = self.limits
+        for attempt in range(lim.max_attempts):
+            while (wait := self.paused_until - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            if rpm:
+                await rpm.take(1)
+            if tpm:
+                await tpm.take(len(req.prompt.encode()) // 4 + sampling.max_new_tokens)
+            est = self._estimate_cost(req.prompt, sampling.max_new_tokens)
+            if lim.max_cost_usd and self.stats.cost_usd + self.reserved + est > lim.max_cost_usd:
+                return None, "budget"
+            self.reserved += est
+            try:
+                async with sem:
+                    self.stats.sent += 1
+                    comp, headers = await self._call(req.prompt, sampling.max_new_tokens, sampling.temperature,
+                                                     sampling.top_p, sampling.stop, seed)
+            except Exception as e:  # noqa: BLE001 - every failure is classified and counted
+                kind, retryable, headers = self._classify(e)
+                self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+                wait = wait_from_headers(headers)
+                if wait:
+                    self.paused_until = max(self.paused_until, time.monotonic() + wait)
+                if not retryable or attempt == lim.max_attempts - 1:
+                    return None, kind
+                self.stats.retries += 1
+                if not wait:
+                    await asyncio.sleep(random.uniform(0, min(lim.backoff_max_s, lim.backoff_base_s * 2**attempt)))
+                continue
+            finally:
+                self.reserved -= est
+            wait = wait_from_headers(headers)
+            if wait:
+                self.paused_until = max(self.paused_until, time.monotonic() + wait)
+            self.stats.prompt_tokens += comp.prompt_tokens
+            self.stats.completion_tokens += comp.completion_tokens
+            self.stats.cost_usd += self.price.cost(comp.prompt_tokens, comp.completion_tokens)
+            return comp, None
+        return None, "attempts"
+
+    # ------------------------------------------------------------ all requests
+
+    async def _run(self, requests, sampling, seeds, on_done: Callable) -> None:
+        lim = self.limits
+        sem = asyncio.Semaphore(lim.concurrency)
+        rpm = TokenBucket(lim.requests_per_minute) if lim.requests_per_minute else None
+        tpm = TokenBucket(lim.tokens_per_minute, min_capacity=sampling.max_new_tokens * 4) if lim.tokens_per_minute else None
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in zip(requests, seeds):
+            queue.put_nowait(item)
+
+        async def worker():
+            while not queue.empty():
+                req, seed = queue.get_nowait()
+                comp, failure = await self._one(req, sampling, seed, sem, rpm, tpm)
+                on_done(req, comp, failure)
+
+        # a few more workers than the concurrency cap, so slots free up while others back off
+        await asyncio.gather(*(worker() for _ in range(min(len(requests), lim.concurrency * 2))))
+        await self.client.close()
+
+    def run(self, requests, sampling, seeds: list[int], on_done: Callable) -> ApiStats:
+        asyncio.run(self._run(requests, sampling, seeds, on_done))
+        return self.stats
+
+
+class MalformedResponse(Exception):
+    pass
