@@ -63,6 +63,9 @@ class GenerateParams:
     """The stage fails when more than this share of requests failed (they are retried by the next run)."""
     max_cost_usd: float = 0
     """Hard budget for this run's API calls, checked before each request with a worst-case estimate (0: none)."""
+    batch_api: bool = False
+    """API backend: send uncached requests through the OpenAI Batch API (half price, results within 24 h);
+    `dvc repro` submits the jobs and stops, a later `dvc repro` collects them."""
     prices: dict = field(default_factory=lambda: {m: dict(v) for m, v in PRICES.items()})
     """USD per million tokens by model: {model: {input_per_million: x, output_per_million: y}}."""
     max_new_tokens: int = 192
@@ -91,6 +94,7 @@ class GenerateParams:
         check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature >= 0 and 0 < top_p <= 1 required")
         check(self.concurrency >= 1 and self.max_attempts >= 1 and self.timeout_s > 0, "concurrency, max_attempts >= 1, timeout_s > 0")
         check(self.requests_per_minute >= 0 and self.tokens_per_minute >= 0, "rate limits: must be >= 0 (0: none)")
+        check(not self.batch_api or self.backend == "openai", "batch_api: needs backend openai")
         check(0 <= self.max_failure_rate <= 1 and self.max_cost_usd >= 0, "0 <= max_failure_rate <= 1, max_cost_usd >= 0")
         for model, price in self.prices.items():
             check(set(price) <= {"input_per_million", "output_per_million"}, f"prices.{model}: unknown keys {sorted(price)}")
@@ -216,13 +220,15 @@ def main() -> None:
     prompts, shown = build_prompts(seeds, header, p)
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
     price = Price(**p.prices[p.model]) if p.model in p.prices else None
+    if price and p.batch_api:  # the Batch API bills half the synchronous price
+        price = Price(price.input_per_million / 2, price.output_per_million / 2)
     if p.backend == "openai" and price is None:
         log(f"generate: no price for {p.model!r} in generate.prices: cost is reported as 0")
     limits = ApiLimits(p.concurrency, p.requests_per_minute, p.tokens_per_minute, p.max_attempts,
                        timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd)
     backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, p.batch_size, p.dtype, limits, price)
     requests = assign_keys(prompts, backend.teacher_id, p.prompt_form, sampling)
-    records, stats = run_requests(requests, backend, ResponseCache(p.cache_dir), sampling, price)
+    records, stats = run_requests(requests, backend, ResponseCache(p.cache_dir), sampling, price, p.batch_api)
     tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)
     errors: dict[str, int] = {}
     for u in unparsed:
@@ -245,7 +251,14 @@ def main() -> None:
         "api_retries": stats.api.get("retries", 0),
         "api_errors": stats.api.get("errors", {}),
     }
+    if p.batch_api:
+        metrics["batch"] = {k: stats.batch.get(k, 0) for k in ("collected", "submitted")}
+        metrics["batch"]["running_jobs"] = len(stats.batch.get("running", {}))
     write_json("metrics/generate.json", metrics)
+    if stats.batch.get("running"):
+        waiting = sum(r is None for r in records) - stats.failed
+        raise StageError(f"generate: {waiting} requests wait in {len(stats.batch['running'])} Batch API job(s) "
+                         f"{sorted(stats.batch['running'])}; run `dvc repro` again later to collect them")
     if stats.failed_by_reason.get("budget"):
         raise StageError(f"generate: budget max_cost_usd={p.max_cost_usd} reached; {stats.failed_by_reason['budget']} "
                          "requests were not sent (raise the budget or lower num_requests; paid responses are cached)")

@@ -174,21 +174,26 @@ class ApiTeacher:
     async def _one(self, req, sampling, seed: int, sem, rpm, tpm) -> tuple[Completion | None, str | None]:
         lim = self.limits
         for attempt in range(lim.max_attempts):
-            while (wait := self.paused_until - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
-            if rpm:
-                await rpm.take(1)
-            if tpm:
-                await tpm.take(len(req.prompt.encode()) // 4 + sampling.max_new_tokens)
             est = self._estimate_cost(req.prompt, sampling.max_new_tokens)
-            if lim.max_cost_usd and self.stats.cost_usd + self.reserved + est > lim.max_cost_usd:
-                return None, "budget"
-            self.reserved += est
             try:
                 async with sem:
+                    # pacing happens inside the slot, right before sending, so a pause set by
+                    # another request's 429 holds every request that has not been sent yet
+                    await self._hold()
+                    if rpm:
+                        await rpm.take(1)
+                    if tpm:
+                        await tpm.take(len(req.prompt.encode()) // 4 + sampling.max_new_tokens)
+                    await self._hold()
+                    if lim.max_cost_usd and self.stats.cost_usd + self.reserved + est > lim.max_cost_usd:
+                        return None, "budget"
+                    self.reserved += est
                     self.stats.sent += 1
-                    comp, headers = await self._call(req.prompt, sampling.max_new_tokens, sampling.temperature,
-                                                     sampling.top_p, sampling.stop, seed)
+                    try:
+                        comp, headers = await self._call(req.prompt, sampling.max_new_tokens, sampling.temperature,
+                                                         sampling.top_p, sampling.stop, seed)
+                    finally:
+                        self.reserved -= est
             except Exception as e:  # noqa: BLE001 - every failure is classified and counted
                 kind, retryable, headers = self._classify(e)
                 self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
@@ -201,8 +206,6 @@ class ApiTeacher:
                 if not wait:
                     await asyncio.sleep(random.uniform(0, min(lim.backoff_max_s, lim.backoff_base_s * 2**attempt)))
                 continue
-            finally:
-                self.reserved -= est
             wait = wait_from_headers(headers)
             if wait:
                 self.paused_until = max(self.paused_until, time.monotonic() + wait)
@@ -211,6 +214,10 @@ class ApiTeacher:
             self.stats.cost_usd += self.price.cost(comp.prompt_tokens, comp.completion_tokens)
             return comp, None
         return None, "attempts"
+
+    async def _hold(self) -> None:
+        while (wait := self.paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
 
     # ------------------------------------------------------------ all requests
 

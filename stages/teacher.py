@@ -68,14 +68,26 @@ class ResponseCache:
         self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
         self._files: dict[str, object] = {}
         self._fsync_every_s, self._synced = fsync_every_s, time.monotonic()
-        for kind, store in (("failures", self.failures), ("responses", self.entries)):
-            for f in sorted(self.dir.glob(f"{kind}-*.jsonl")):
-                for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                    try:
-                        rec = json.loads(line)
-                        store[rec["key"]] = rec
-                    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
-                        log(f"teacher cache: {f}:{lineno}: incomplete entry skipped")
+        self.batches: list[dict] = []  # Batch API jobs: {batch_id, input_file_id, custom_ids, created}
+        self.batches_done: set[str] = set()
+        for kind in ("failures", "responses", "batches"):
+            for rec in self._read(kind):
+                if kind == "batches":
+                    self.batches_done.add(rec["batch_id"]) if rec.get("done") else self.batches.append(rec)
+                else:
+                    (self.failures if kind == "failures" else self.entries)[rec["key"]] = rec
+
+    def _read(self, kind: str):
+        for f in sorted(self.dir.glob(f"{kind}-*.jsonl")):
+            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or not ("key" in rec or "batch_id" in rec):
+                        raise ValueError
+                except ValueError:  # a line cut short by a crash
+                    log(f"teacher cache: {f}:{lineno}: incomplete entry skipped")
+                    continue
+                yield rec
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
@@ -97,6 +109,15 @@ class ResponseCache:
         rec = {"key": key, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.failures[key] = rec
         self._append("failures", rec)
+
+    def add_batch(self, rec: dict) -> None:
+        self.batches.append(rec)
+        self._append("batches", rec)
+        self.sync()  # a submitted job is money committed: make its record durable now
+
+    def batch_done(self, batch_id: str) -> None:
+        self.batches_done.add(batch_id)
+        self._append("batches", {"batch_id": batch_id, "done": True})
 
     def sync(self) -> None:
         for f in self._files.values():
@@ -171,6 +192,13 @@ class OpenAIBackend:
         self.teacher_id = f"openai:{base_url or 'https://api.openai.com/v1'}:{model}"
         self.prompt_form = prompt_form
         self.api = ApiTeacher(model, base_url, prompt_form, key, limits or ApiLimits(), price)
+        self._key, self._base_url = key, base_url
+
+    def batch_client(self):
+        """A synchronous client for the Batch API (files and batches endpoints)."""
+        from openai import OpenAI
+
+        return OpenAI(api_key=self._key, base_url=self._base_url, max_retries=5)
 
     def run_all(self, requests: list[Request], sampling: Sampling, on_done: OnDone) -> dict:
         stats = self.api.run(requests, sampling, [sampling.seed + r.draw for r in requests], on_done)
@@ -202,14 +230,17 @@ class CallStats:
     by_finish: dict = field(default_factory=dict)
     failed_by_reason: dict = field(default_factory=dict)
     api: dict = field(default_factory=dict)
+    batch: dict = field(default_factory=dict)
 
 
 def run_requests(requests: list[Request], backend, cache: ResponseCache, sampling: Sampling,
-                 price=None) -> tuple[list[dict | None], CallStats]:
-    """Return the cached record of every request (None where it failed) and the call stats.
+                 price=None, batch_api: bool = False) -> tuple[list[dict | None], CallStats]:
+    """Return the cached record of every request (None where it failed or still waits) and the call stats.
 
     The teacher is called only for requests whose key is not in the cache yet; each
-    response is written to the cache the moment it arrives.
+    response is written to the cache the moment it arrives. With `batch_api`, misses go
+    through the OpenAI Batch API instead (`stages/openai_batch.py`); `stats.batch["running"]`
+    then lists the jobs still running.
     """
     stats = CallStats(requests=len(requests))
     misses = [r for r in requests if cache.get(r.key) is None]
@@ -240,7 +271,12 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
 
     start = time.monotonic()
     try:
-        if misses:
+        if misses and batch_api:
+            from stages.openai_batch import batch_round
+
+            rnd = batch_round(backend.batch_client(), misses, sampling, cache, backend.prompt_form, backend.name, on_done)
+            stats.batch = asdict(rnd)
+        elif misses:
             stats.api = backend.run_all(misses, sampling, on_done) or {}
     finally:
         cache.close()

@@ -1,0 +1,220 @@
+"""The API teacher against a loopback server with injected faults: nothing lost, nothing paid twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.openai_client import ApiLimits, Price, TokenBucket, parse_duration, wait_from_headers
+from stages.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests
+from tests.conftest import ROOT
+from tests.fake_openai import FakeOpenAI
+
+S = Sampling(32, 0.7, 1.0, seed=3)
+FAST = dict(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=1.0)
+SECRET = "sk-stillhouse-test-" + "k" * 24
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+
+def backend(server, form="chat", price=None, **limits):
+    return OpenAIBackend("teacher-x", server.base_url, form, ApiLimits(**{**FAST, **limits}), price)
+
+
+def completion_requests(server):
+    return [r for r in server.requests if r["path"].endswith("completions")]
+
+
+def prompts(n, tag="p"):
+    return [f"{tag} {i}: say something" for i in range(n)]
+
+
+def test_parse_rate_limit_headers():
+    assert parse_duration("1.5") == 1.5 and parse_duration("20ms") == 0.02 and parse_duration("6m0s") == 360
+    assert wait_from_headers({"retry-after": "2"}) == 2
+    assert wait_from_headers({"retry-after-ms": "250"}) == 0.25
+    assert wait_from_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}) == 1
+    assert wait_from_headers({"x-ratelimit-remaining-requests": "5"}) is None
+
+
+def test_every_fault_is_retried_until_answered(tmp_path):
+    faults = {0: "429", 1: "500", 2: "timeout", 3: "drop", 4: "invalid_json", 5: "truncated_json", 6: "missing_choices",
+              7: "503"}
+    with FakeOpenAI(faults=faults, retry_after=0.05) as server:
+        reqs = assign_keys(prompts(6), "t", "chat", S)
+        recs, stats = run_requests(reqs, backend(server, concurrency=2, max_attempts=10), ResponseCache(tmp_path), S)
+    assert all(r is not None for r in recs) and stats.failed == 0 and stats.teacher_calls == 6
+    assert stats.api["retries"] == 8
+    errors = stats.api["errors"]
+    assert errors["http_429"] == 1 and errors["http_500"] == 1 and errors["http_503"] == 1
+    assert errors["timeout"] == 1 and errors["connection"] == 1
+    assert sum(v for k, v in errors.items() if k.startswith("malformed")) == 3
+
+
+def test_exhausted_requests_are_recorded_and_retried_next_run(tmp_path):
+    with FakeOpenAI(faults=lambda n, body: "500") as bad:
+        reqs = assign_keys(prompts(4), "t", "chat", S)
+        recs, stats = run_requests(reqs, backend(bad, max_attempts=3), ResponseCache(tmp_path), S)
+        assert len(completion_requests(bad)) == 12
+    assert recs == [None] * 4 and stats.failed_by_reason == {"http_500": 4}
+    failures = ResponseCache(tmp_path).failures
+    assert set(failures) == {r.key for r in reqs} and {f["reason"] for f in failures.values()} == {"http_500"}
+    with FakeOpenAI() as good:
+        recs, stats = run_requests(reqs, backend(good), ResponseCache(tmp_path), S)
+        assert len(completion_requests(good)) == 4
+    assert all(recs) and stats.teacher_calls == 4
+
+
+def test_empty_and_truncated_answers_are_kept_and_counted(tmp_path):
+    with FakeOpenAI(faults={0: "empty_content", 1: "length"}) as server:
+        reqs = assign_keys(prompts(3), "t", "completion", S)
+        recs, stats = run_requests(reqs, backend(server, "completion", concurrency=1), ResponseCache(tmp_path), S)
+    assert sorted(r["text"] == "" for r in recs) == [False, False, True]
+    assert stats.by_finish == {"stop": 2, "length": 1} and stats.failed == 0
+
+
+def test_retry_after_pauses_every_request(tmp_path):
+    with FakeOpenAI(faults={0: "429"}, retry_after=0.4, latency=0.01) as server:
+        reqs = assign_keys(prompts(5), "t", "chat", S)
+        run_requests(reqs, backend(server, concurrency=1), ResponseCache(tmp_path), S)
+        times = [r["t"] for r in completion_requests(server)]
+    assert len(times) == 6
+    assert times[1] - times[0] >= 0.38  # nothing was sent during the Retry-After window
+
+
+def test_request_rate_limit_holds(tmp_path):
+    n, rpm = 50, 1200  # 20/s, bucket of 20
+    with FakeOpenAI() as server:
+        reqs = assign_keys(prompts(n), "t", "chat", S)
+        t0 = time.monotonic()
+        run_requests(reqs, backend(server, concurrency=64, requests_per_minute=rpm), ResponseCache(tmp_path), S)
+        elapsed = time.monotonic() - t0
+        times = sorted(r["t"] for r in completion_requests(server))
+    expected = (n - 20) / 20  # after the first full bucket
+    assert expected * 0.9 <= elapsed <= expected + 1.5
+    for i, t in enumerate(times):  # any 1 s window holds at most the bucket plus one second of refill
+        assert sum(1 for u in times[i:] if u - t < 1.0) <= 20 + 20 + 1
+
+
+def test_token_bucket_refills_at_its_rate():
+    import asyncio
+
+    async def go():
+        b = TokenBucket(per_minute=600)  # 10/s, capacity 10
+        t0 = time.monotonic()
+        for _ in range(25):
+            await b.take(1)
+        return time.monotonic() - t0
+
+    assert 1.35 <= asyncio.run(go()) <= 2.0
+
+
+def test_budget_stops_before_it_is_exceeded(tmp_path):
+    price = Price(input_per_million=1000.0, output_per_million=1000.0)
+    sample = "p 0: say something"
+    worst = price.cost(len(sample.encode()), S.max_new_tokens)  # the client's per-request estimate
+    with FakeOpenAI(usage=(10, 30)) as server:  # each call costs 0.04, the worst case 0.05
+        reqs = assign_keys(prompts(10), "t", "chat", S)
+        api = backend(server, price=price, concurrency=1, max_cost_usd=worst * 3.5)
+        recs, stats = run_requests(reqs, api, ResponseCache(tmp_path), S, price)
+        sent = len(completion_requests(server))
+    assert stats.api["cost_usd"] == pytest.approx(sent * price.cost(10, 30))
+    assert stats.api["cost_usd"] <= worst * 3.5
+    assert sent == 4 and stats.failed_by_reason == {"budget": 6}
+
+
+def test_batch_api_round_trip(tmp_path):
+    with FakeOpenAI(batch_fail=lambda custom_id: custom_id == failing) as server:
+        reqs = assign_keys(prompts(5), "t", "chat", S)
+        failing = reqs[2].key
+        cache_dir = tmp_path / "cache"
+        recs, stats = run_requests(reqs, backend(server), ResponseCache(cache_dir), S, batch_api=True)
+        assert recs == [None] * 5 and stats.batch["submitted"] == 5 and len(stats.batch["running"]) == 1
+        assert completion_requests(server) == []  # nothing went through the synchronous endpoint
+        # next run: the job is done; four answers collected, the failed one resubmitted alone
+        recs, stats = run_requests(reqs, backend(server), ResponseCache(cache_dir), S, batch_api=True)
+        assert sum(r is not None for r in recs) == 4 and stats.batch["collected"] == 4
+        assert stats.failed_by_reason == {"batch:server_error": 1} and stats.batch["submitted"] == 1
+        uploads = [r for r in server.requests if r["path"].endswith("/files")]
+        last_upload = json.dumps(uploads[-1]["body"], default=str)
+        assert failing in last_upload and reqs[0].key not in last_upload
+        # the resubmitted request now fails no more: collected, then a rerun sends nothing at all
+        failing = None
+        recs, stats = run_requests(reqs, backend(server), ResponseCache(cache_dir), S, batch_api=True)
+        assert all(recs) and stats.batch["collected"] == 1 and stats.batch["submitted"] == 0
+        n = len(server.requests)
+        recs, stats = run_requests(reqs, backend(server), ResponseCache(cache_dir), S, batch_api=True)
+        assert all(recs) and stats.cache_hits == 5 and len(server.requests) == n
+    text = "".join(p.read_text() for p in cache_dir.iterdir())
+    assert SECRET not in text
+
+
+# ---------------------------------------------------------------- the generate stage, killed mid-run
+
+
+def stage_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": SECRET}
+
+
+def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
+    (tmp_path / "seeds").mkdir()
+    for f in ("seed_tasks.jsonl", "generate_prompt.txt"):
+        (tmp_path / "seeds" / f).write_bytes((ROOT / "seeds" / f).read_bytes())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["generate"].update(backend="openai", model="teacher-x", base_url=base_url, prompt_form="chat", **generate)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seeds": params["seeds"], "generate": params["generate"]}))
+    subprocess.run([sys.executable, "-m", "stages.seeds"], cwd=tmp_path, env=stage_env(), check=True, capture_output=True)
+    return tmp_path
+
+
+def cached_prompts(cache: Path) -> set[str]:
+    out = set()
+    for f in cache.glob("responses-*.jsonl"):
+        for line in f.read_text().splitlines():
+            try:
+                out.add(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError):
+                pass
+    return out
+
+
+def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
+    with FakeOpenAI(latency=0.1) as server:
+        proj = setup_project(tmp_path, server.base_url, num_requests=60, concurrency=4)
+        proc = subprocess.Popen([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cache = proj / "data" / "teacher_cache"
+        deadline = time.monotonic() + 60
+        while len(cached_prompts(cache)) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered = cached_prompts(cache)
+        sent_before = len(completion_requests(server))
+        assert 12 <= len(answered) < 60 and not (proj / "data" / "generated").exists()
+        # in flight at the kill: at most the concurrency cap was lost
+        assert sent_before - len(answered) <= 4
+
+        out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        resent = completion_requests(server)[sent_before:]
+        resent_prompts = [r["body"]["messages"][0]["content"] for r in resent]
+    assert not set(resent_prompts) & answered
+    assert len(resent_prompts) == 60 - len(answered)
+    metrics = json.loads((proj / "metrics" / "generate.json").read_text())
+    assert metrics["cache_hits"] == len(answered) and metrics["teacher_calls"] == 60 - len(answered)
+    for path in proj.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
