@@ -248,6 +248,7 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
     log(f"teacher: {len(requests)} requests, {stats.cache_hits} cached, {len(misses)} to call")
     bar = Progress(len(misses), "teacher")
     cost = [0.0]
+    sampling_dict = asdict(sampling)
 
     def on_done(req: Request, comp: Completion | None, failure: str | None) -> None:
         if comp is None:
@@ -257,7 +258,7 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
         else:
             cache.put({
                 "key": req.key, "teacher": backend.name, "teacher_id": backend.teacher_id, "prompt": req.prompt,
-                "sampling": asdict(sampling), "draw": req.draw, "text": comp.text, "finish_reason": comp.finish_reason,
+                "sampling": sampling_dict, "draw": req.draw, "text": comp.text, "finish_reason": comp.finish_reason,
                 "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
                 "response_id": getattr(comp, "response_id", None) or f"local-{req.key[:16]}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

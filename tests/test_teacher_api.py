@@ -58,7 +58,8 @@ def test_every_fault_is_retried_until_answered(tmp_path):
     assert stats.api["retries"] == 8
     errors = stats.api["errors"]
     assert errors["http_429"] == 1 and errors["http_500"] == 1 and errors["http_503"] == 1
-    assert errors["timeout"] == 1 and errors["connection"] == 1
+    # a dropped connection reads as a connection error with httpx, as a timeout with aiohttp: both are retried
+    assert errors.get("timeout", 0) + errors.get("connection", 0) == 2, errors
     assert sum(v for k, v in errors.items() if k.startswith("malformed")) == 3
 
 
