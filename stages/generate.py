@@ -59,6 +59,8 @@ class GenerateParams:
     """API backend: attempts per request (429, 5xx, timeouts, dropped connections, malformed bodies)."""
     timeout_s: float = 120
     """API backend: timeout of one HTTP request."""
+    api_transport: str = "direct"
+    """API backend: `direct` (aiohttp, least CPU per request) or `sdk` (through the openai client)."""
     max_failure_rate: float = 0.05
     """The stage fails when more than this share of requests failed (they are retried by the next run)."""
     max_cost_usd: float = 0
@@ -95,6 +97,7 @@ class GenerateParams:
         check(self.concurrency >= 1 and self.max_attempts >= 1 and self.timeout_s > 0, "concurrency, max_attempts >= 1, timeout_s > 0")
         check(self.requests_per_minute >= 0 and self.tokens_per_minute >= 0, "rate limits: must be >= 0 (0: none)")
         check(not self.batch_api or self.backend == "openai", "batch_api: needs backend openai")
+        check(self.api_transport in ("direct", "sdk"), f"api_transport: expected direct or sdk, got {self.api_transport!r}")
         check(0 <= self.max_failure_rate <= 1 and self.max_cost_usd >= 0, "0 <= max_failure_rate <= 1, max_cost_usd >= 0")
         for model, price in self.prices.items():
             check(set(price) <= {"input_per_million", "output_per_million"}, f"prices.{model}: unknown keys {sorted(price)}")
@@ -225,7 +228,7 @@ def main() -> None:
     if p.backend == "openai" and price is None:
         log(f"generate: no price for {p.model!r} in generate.prices: cost is reported as 0")
     limits = ApiLimits(p.concurrency, p.requests_per_minute, p.tokens_per_minute, p.max_attempts,
-                       timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd)
+                       timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd, transport=p.api_transport)
     backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, p.batch_size, p.dtype, limits, price)
     requests = assign_keys(prompts, backend.teacher_id, p.prompt_form, sampling)
     records, stats = run_requests(requests, backend, ResponseCache(p.cache_dir), sampling, price, p.batch_api)

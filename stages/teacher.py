@@ -246,8 +246,9 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
     misses = [r for r in requests if cache.get(r.key) is None]
     stats.cache_hits = len(requests) - len(misses)
     log(f"teacher: {len(requests)} requests, {stats.cache_hits} cached, {len(misses)} to call")
-    bar = Progress(len(misses), "teacher")
     cost = [0.0]
+    bar = Progress(len(misses), "teacher",
+                   extra=lambda: {"hits": stats.cache_hits, "failed": stats.failed, "cost": f"${cost[0]:.4f}"})
     sampling_dict = asdict(sampling)
 
     def on_done(req: Request, comp: Completion | None, failure: str | None) -> None:
@@ -268,7 +269,7 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
             stats.completion_tokens += comp.completion_tokens
             if price is not None:
                 cost[0] += price.cost(comp.prompt_tokens, comp.completion_tokens)
-        bar.update(1, hits=stats.cache_hits, failed=stats.failed, cost=f"${cost[0]:.4f}")
+        bar.update()
 
     start = time.monotonic()
     try:

@@ -51,11 +51,14 @@ def server():
 
 
 @pytest.mark.parametrize("form", ["chat", "completion"])
-def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monkeypatch, form):
+@pytest.mark.parametrize("transport", ["direct", "sdk"])
+def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monkeypatch, form, transport):
     secret = "sk-test-" + "x" * 24
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     s = Sampling(64, 0.7, 0.9)
-    backend = make_backend("openai", "teacher-x", form, server)
+    from stages.openai_client import ApiLimits
+
+    backend = make_backend("openai", "teacher-x", form, server, limits=ApiLimits(transport=transport))
     reqs = assign_keys(["p1", "p2", "p3"], backend.teacher_id, form, s)
     recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "cache"), s)
     assert stats.teacher_calls == 3 and len(Handler.seen) == 3
