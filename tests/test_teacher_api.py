@@ -218,6 +218,30 @@ def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
     assert len(resent_prompts) == 60 - len(answered)
     metrics = json.loads((proj / "metrics" / "generate.json").read_text())
     assert metrics["cache_hits"] == len(answered) and metrics["teacher_calls"] == 60 - len(answered)
+    # same seeds, params and cache: byte-identical shards, and no request at all
+    shards = {p.name: p.read_bytes() for p in (proj / "data" / "generated").iterdir()}
+    n_sent = len(server.requests)
+    out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True)
+    assert out.returncode == 0 and len(server.requests) == n_sent
+    assert {p.name: p.read_bytes() for p in (proj / "data" / "generated").iterdir()} == shards
     for path in proj.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_stage_fails_above_the_failure_rate_then_retries_only_the_failed(tmp_path):
+    with FakeOpenAI(faults=lambda n, body: "500") as bad:
+        proj = setup_project(tmp_path, bad.base_url, num_requests=5, max_attempts=2, max_failure_rate=0.2)
+        out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
+                             text=True)
+    assert out.returncode == 1
+    assert "5 of 5 requests failed {'http_500': 5}" in out.stderr and "rerun to retry only those" in out.stderr
+    assert not (proj / "data" / "generated").exists()
+    with FakeOpenAI() as good:
+        params = yaml.safe_load((proj / "params.yaml").read_text())
+        params["generate"]["base_url"] = good.base_url
+        (proj / "params.yaml").write_text(yaml.safe_dump(params))
+        out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        assert len(completion_requests(good)) == 5
