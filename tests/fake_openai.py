@@ -141,8 +141,8 @@ class FakeOpenAI:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> "FakeOpenAI":
-        if self._thread is not None:
-            raise RuntimeError("FakeOpenAI already started")
+        if self._thread is not None or self._loop is not None:
+            raise RuntimeError("FakeOpenAI can only be started once")
         self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -193,21 +193,21 @@ class FakeOpenAI:
                 loop.close()
 
     async def _main(self) -> None:
-        # An own accept loop rather than asyncio.start_server: on Python 3.11, closing a Server while an accepted
-        # connection is still being set up leaks that socket (AssertionError in Server._attach).
+        # An own accept callback rather than asyncio.start_server (on Python 3.11, closing a Server while an
+        # accepted connection is being set up leaks that socket) or loop.sock_accept (cancelling it can drop an
+        # accepted socket): every accepted socket is registered at once, so stop() can close them all.
         loop = asyncio.get_running_loop()
         self._stop_ev = asyncio.Event()
         lsock = socket.create_server(("127.0.0.1", 0), backlog=1024)  # loopback only, ephemeral port
         lsock.setblocking(False)
         self.port = lsock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        accept = loop.create_task(self._accept_loop(lsock))
+        loop.add_reader(lsock.fileno(), self._on_accept, loop, lsock)
         self._ready.set()
         try:
             await self._stop_ev.wait()
         finally:
-            accept.cancel()
-            await asyncio.gather(accept, return_exceptions=True)
+            loop.remove_reader(lsock.fileno())
             lsock.close()
             for task in list(self._conns):
                 task.cancel()
@@ -216,36 +216,39 @@ class FakeOpenAI:
             for sock, writer in list(self._open.items()):  # tasks cancelled before they ever ran
                 if writer is not None:
                     writer.close()
-                else:
-                    sock.close()
+                sock.close()
             self._open.clear()
-            for _ in range(3):  # let connection_lost callbacks close the sockets
+            for _ in range(3):  # let connection_lost callbacks run
                 await asyncio.sleep(0)
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(lsock)
+    def _on_accept(self, loop: asyncio.AbstractEventLoop, lsock: socket.socket) -> None:
+        for _ in range(256):
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ECONNABORTED, EMFILE: try again on the next readiness event
+                return
+            conn.setblocking(False)
             self._open[conn] = None
             self.n_connections += 1
-            reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
-            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-            try:
-                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
-            except OSError:
-                self._open.pop(conn, None)
-                conn.close()
-                continue
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            self._open[conn] = writer
-            task = loop.create_task(self._connection(reader, writer, conn))
+            task = loop.create_task(self._connection(loop, conn))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
     # ---------------------------------------------------------------- HTTP
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          conn: socket.socket) -> None:
+    async def _connection(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
+        except OSError:
+            self._open.pop(conn, None)
+            conn.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self._open[conn] = writer
         try:
             while True:
                 try:

@@ -63,6 +63,34 @@ def test_chat_and_completions_return_text_and_usage(srv):
     assert srv.n_connections == 1  # keep-alive: both calls went over one connection
 
 
+def raw_http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_raw_http_chunked_body_connection_close_and_404(srv):
+    body = json.dumps({"model": "m", "prompt": "raw"}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    resp = raw_http(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
+    head, _, payload = resp.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in head
+    assert json.loads(payload)["choices"][0]["text"] == "answer to: raw"
+    resp = raw_http(srv.port, b"GET /nope HTTP/1.0\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.1 404 ") and json.loads(resp.partition(b"\r\n\r\n")[2])["error"]
+    assert srv.requests[0]["body"] == {"model": "m", "prompt": "raw"}
+
+
+def test_unknown_fault_kind_is_a_500():
+    with FakeOpenAI(faults={0: "bogus"}) as s, sync_client(s) as c:
+        with pytest.raises(openai.InternalServerError, match="unknown fault kind"):
+            chat(c)
+
+
 def test_custom_reply_and_usage():
     with FakeOpenAI(reply=lambda body: body["model"].upper(), usage=(3, 4)) as s, sync_client(s) as c:
         r = chat(c)
