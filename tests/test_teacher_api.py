@@ -245,3 +245,13 @@ def test_stage_fails_above_the_failure_rate_then_retries_only_the_failed(tmp_pat
                              text=True)
         assert out.returncode == 0, out.stderr
         assert len(completion_requests(good)) == 5
+
+
+def test_expired_batch_is_resubmitted(tmp_path):
+    reqs = assign_keys(prompts(3), "t", "chat", S)
+    with FakeOpenAI(batch_expire=True) as server:
+        run_requests(reqs, backend(server), ResponseCache(tmp_path), S, batch_api=True)
+        recs, stats = run_requests(reqs, backend(server), ResponseCache(tmp_path), S, batch_api=True)
+        assert recs == [None] * 3 and stats.failed_by_reason == {"batch:batch_expired": 3}
+        assert stats.batch["submitted"] == 3  # all of them again, in a new job
+        assert len([r for r in server.requests if r["path"] == "/v1/batches" and r["method"] == "POST"]) == 2
