@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from stages.common import log
-from stages.llm import Completion
+from stages.openai_client import completion_from_body
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
@@ -40,16 +40,6 @@ def request_body(req, sampling, prompt_form: str, model: str, seed: int) -> dict
     else:
         body["prompt"] = req.prompt
     return body
-
-
-def completion_from_body(body: dict, prompt_form: str) -> Completion:
-    choice = body["choices"][0]
-    text = (choice["message"]["content"] if prompt_form == "chat" else choice["text"]) or ""
-    usage = body.get("usage") or {}
-    comp = Completion(text, choice.get("finish_reason") or "stop", usage.get("prompt_tokens", 0),
-                      usage.get("completion_tokens", 0))
-    comp.response_id = body.get("id")  # type: ignore[attr-defined]
-    return comp
 
 
 def batch_round(client, requests, sampling, cache, prompt_form: str, model: str, on_done, max_per_job: int = 50_000) -> BatchRound:
@@ -84,7 +74,7 @@ def batch_round(client, requests, sampling, cache, prompt_form: str, model: str,
                     try:
                         on_done(by_key[key], completion_from_body(resp["body"], prompt_form), None)
                         out.collected += 1
-                    except (KeyError, IndexError, TypeError):
+                    except (KeyError, IndexError, TypeError, ValueError):
                         reason = "batch:malformed"
                         on_done(by_key[key], None, reason)
                         out.failed[reason] = out.failed.get(reason, 0) + 1

@@ -124,6 +124,17 @@ class ApiStats:
     errors: dict = field(default_factory=dict)  # retried or final errors by kind
 
 
+def completion_from_body(body: dict, prompt_form: str) -> Completion:
+    """A Chat Completions / Completions response body as a Completion (KeyError etc. when malformed)."""
+    choice = body["choices"][0]
+    text = (choice["message"]["content"] if prompt_form == "chat" else choice["text"]) or ""
+    usage = body.get("usage") or {}
+    comp = Completion(text, choice.get("finish_reason") or "stop", int(usage.get("prompt_tokens") or 0),
+                      int(usage.get("completion_tokens") or 0))
+    comp.response_id = body.get("id")  # type: ignore[attr-defined]
+    return comp
+
+
 class ApiTeacher:
     def __init__(self, model: str, base_url: str | None, prompt_form: str, api_key: str, limits: ApiLimits,
                  price: Price | None = None):
@@ -166,16 +177,9 @@ class ApiTeacher:
         send = self._send_direct if self.limits.transport == "direct" else self._send_sdk
         content, headers = await send(path, body)
         try:
-            r = json.loads(content)
-            choice = r["choices"][0]
-            text = (choice["message"]["content"] if self.prompt_form == "chat" else choice["text"]) or ""
-            usage = r.get("usage") or {}
-            comp = Completion(text, choice.get("finish_reason") or "stop", int(usage.get("prompt_tokens") or 0),
-                              int(usage.get("completion_tokens") or 0))
-            comp.response_id = r.get("id")  # type: ignore[attr-defined]
+            return completion_from_body(json.loads(content), self.prompt_form), headers
         except (ValueError, KeyError, IndexError, TypeError) as e:  # invalid or truncated JSON, missing choices
             raise MalformedResponse(type(e).__name__) from e
-        return comp, headers
 
     def _classify(self, e: Exception) -> tuple[str, bool, object]:
         """(error kind, retryable, response headers or None)."""

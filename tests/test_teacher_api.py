@@ -54,15 +54,16 @@ def test_every_fault_is_retried_until_answered(tmp_path, transport):
               7: "503"}
     with FakeOpenAI(faults=faults, retry_after=0.05) as server:
         reqs = assign_keys(prompts(6), "t", "chat", S)
-        api = backend(server, concurrency=2, max_attempts=10, transport=transport)
+        api = backend(server, concurrency=2, max_attempts=10, transport=transport, timeout_s=2.0)
         recs, stats = run_requests(reqs, api, ResponseCache(tmp_path), S)
     assert all(r is not None for r in recs) and stats.failed == 0 and stats.teacher_calls == 6
-    assert stats.api["retries"] == 8
+    # each injected fault cost one retry (a slow machine may add a timeout of its own, never fewer)
     errors = stats.api["errors"]
-    assert errors["http_429"] == 1 and errors["http_500"] == 1 and errors["http_503"] == 1
+    assert stats.api["retries"] == sum(errors.values()) >= 8, errors
+    assert errors["http_429"] == 1 and errors["http_500"] == 1 and errors["http_503"] == 1, errors
     # a dropped connection may read as a connection error or as a timeout, depending on the transport: both are retried
-    assert errors.get("timeout", 0) + errors.get("connection", 0) == 2, errors
-    assert sum(v for k, v in errors.items() if k.startswith("malformed")) == 3
+    assert errors.get("timeout", 0) + errors.get("connection", 0) >= 2, errors
+    assert sum(v for k, v in errors.items() if k.startswith("malformed")) == 3, errors
 
 
 def test_exhausted_requests_are_recorded_and_retried_next_run(tmp_path):
@@ -120,7 +121,7 @@ def test_token_bucket_refills_at_its_rate():
             await b.take(1)
         return time.monotonic() - t0
 
-    assert 1.35 <= asyncio.run(go()) <= 2.0
+    assert 1.35 <= asyncio.run(go()) <= 3.0  # never faster than the rate; a loaded machine may be slower
 
 
 def test_budget_stops_before_it_is_exceeded(tmp_path):
