@@ -35,6 +35,7 @@ from typing import Callable
 from stages.llm import Completion
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RAW_HEADER = "X-Stainless-Raw-Response"  # makes the openai client hand back the HTTP response as is
 
 
@@ -139,7 +140,8 @@ class ApiTeacher:
     def __init__(self, model: str, base_url: str | None, prompt_form: str, api_key: str, limits: ApiLimits,
                  price: Price | None = None):
         self._key = api_key
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        # params.yaml is the only source of the endpoint: it is part of every cache key
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.model, self.prompt_form, self.limits = model, prompt_form, limits
         self.price = price or Price()
         self.stats = ApiStats()

@@ -183,13 +183,13 @@ class OpenAIBackend:
     kind = "openai"
 
     def __init__(self, model: str, base_url: str | None, prompt_form: str, limits=None, price=None):
-        from stages.openai_client import ApiLimits, ApiTeacher
+        from stages.openai_client import DEFAULT_BASE_URL, ApiLimits, ApiTeacher
 
         key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if base_url else None)
         if key is None:
             raise StageError("backend openai: set OPENAI_API_KEY in the environment (never in params.yaml)")
         self.name = model
-        self.teacher_id = f"openai:{base_url or 'https://api.openai.com/v1'}:{model}"
+        self.teacher_id = f"openai:{(base_url or DEFAULT_BASE_URL).rstrip('/')}:{model}"
         self.prompt_form = prompt_form
         self.api = ApiTeacher(model, base_url, prompt_form, key, limits or ApiLimits(), price)
         self._key, self._base_url = key, base_url
@@ -198,7 +198,7 @@ class OpenAIBackend:
         """A synchronous client for the Batch API (files and batches endpoints)."""
         from openai import OpenAI
 
-        return OpenAI(api_key=self._key, base_url=self._base_url, max_retries=5)
+        return OpenAI(api_key=self._key, base_url=self._base_url or DEFAULT_BASE_URL, max_retries=5)
 
     def run_all(self, requests: list[Request], sampling: Sampling, on_done: OnDone) -> dict:
         stats = self.api.run(requests, sampling, [sampling.seed + r.draw for r in requests], on_done)
