@@ -23,6 +23,7 @@ from typing import Callable
 
 from stages.common import Progress, StageError, log
 from stages.llm import Completion
+from stages.openai_client import DEFAULT_BASE_URL
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class OpenAIBackend:
     kind = "openai"
 
     def __init__(self, model: str, base_url: str | None, prompt_form: str, limits=None, price=None):
-        from stages.openai_client import DEFAULT_BASE_URL, ApiLimits, ApiTeacher
+        from stages.openai_client import ApiLimits, ApiTeacher
 
         key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if base_url else None)
         if key is None:

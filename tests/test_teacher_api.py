@@ -256,3 +256,10 @@ def test_expired_batch_is_resubmitted(tmp_path):
         assert recs == [None] * 3 and stats.failed_by_reason == {"batch:batch_expired": 3}
         assert stats.batch["submitted"] == 3  # all of them again, in a new job
         assert len([r for r in server.requests if r["path"] == "/v1/batches" and r["method"] == "POST"]) == 2
+
+
+def test_default_endpoint_is_the_one_in_the_cache_key():
+    b = OpenAIBackend("gpt-4o-mini", None, "chat")
+    assert b.teacher_id == "openai:https://api.openai.com/v1:gpt-4o-mini"
+    assert str(b.batch_client().base_url).rstrip("/") == "https://api.openai.com/v1"
+    assert b.api.base_url == "https://api.openai.com/v1"
