@@ -251,6 +251,7 @@ def main() -> None:
         "completion_tokens_called": stats.completion_tokens,
         "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
         "cost_usd_called": round(price.cost(stats.prompt_tokens, stats.completion_tokens), 6) if price else 0.0,
+        "api_requests_sent": stats.api.get("sent", 0),
         "api_retries": stats.api.get("retries", 0),
         "api_errors": stats.api.get("errors", {}),
     }

@@ -247,9 +247,11 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
     misses = [r for r in requests if cache.get(r.key) is None]
     stats.cache_hits = len(requests) - len(misses)
     log(f"teacher: {len(requests)} requests, {stats.cache_hits} cached, {len(misses)} to call")
-    cost = [0.0]
-    bar = Progress(len(misses), "teacher",
-                   extra=lambda: {"hits": stats.cache_hits, "failed": stats.failed, "cost": f"${cost[0]:.4f}"})
+    def extra() -> dict:
+        cost = price.cost(stats.prompt_tokens, stats.completion_tokens) if price else 0.0
+        return {"hits": stats.cache_hits, "failed": stats.failed, "cost": f"${cost:.4f}"}
+
+    bar = Progress(len(misses), "teacher", extra=extra)
     sampling_dict = asdict(sampling)
 
     def on_done(req: Request, comp: Completion | None, failure: str | None) -> None:
@@ -268,8 +270,6 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
             stats.teacher_calls += 1
             stats.prompt_tokens += comp.prompt_tokens
             stats.completion_tokens += comp.completion_tokens
-            if price is not None:
-                cost[0] += price.cost(comp.prompt_tokens, comp.completion_tokens)
         bar.update()
 
     start = time.monotonic()
