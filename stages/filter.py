@@ -1,14 +1,16 @@
-"""Stage `filter`: Alpaca/self-instruct rule filters, ROUGE-L novelty, MinHash-LSH near duplicates.
+"""Stage `filter`: Alpaca/self-instruct rule filters, exact ROUGE-L novelty, MinHash-LSH near duplicates.
 
-Steps, in order, each a pure function over rows in generation order:
+Steps, in generation order, each recording why it drops a row:
 1. rules: instruction word count, blacklist words, "Write a program", punctuation or
    non-ASCII first character, empty output, input equal to output;
-2. novelty: reject when ROUGE-L F1 (rouge_score's tokenization: lowercase `[a-z0-9]+`,
-   no stemming) against the seeds or any earlier kept instruction is > threshold;
-3. near duplicates: MinHash LSH (datasketch) over the whole example (instruction, input
-   and output), against earlier kept examples.
-Kept and rejected rows (with reason and detail) go to separate parquet outputs; counts
-per reason go to `metrics/filter.json`.
+2. novelty (`stages.novelty`): reject when the instruction's ROUGE-L F1 against the seeds or
+   any earlier instruction kept by this step is > threshold (Alpaca's loop, same decisions,
+   near-linear time); every row gets its max score and most similar instruction;
+3. near duplicates: MinHash LSH (datasketch) over the whole example (instruction, input and
+   output); the first example of each cluster is kept, later ones name it as their twin.
+   The LSH index is rebuilt from scratch, in order, on every run.
+Kept and rejected rows (with reason, detail, scores and twins) go to separate parquet outputs;
+counts per reason go to `metrics/filter.json`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import polars as pl
-from rapidfuzz.distance import LCSseq
 
 from stages.common import atomic_dir, check, load_params, log, progress, read_shards, run_main, write_json, write_shards
+from stages.novelty import TOKENIZERS, novelty
+
+REASONS = ["too_short", "too_long", "blacklist", "write_a_program", "punctuation_start", "non_ascii_start",
+           "empty_output", "input_equals_output", "too_similar", "near_duplicate"]
+"""Every drop reason, in the order the steps apply them (metrics list each one, 0 included)."""
 
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -39,12 +45,16 @@ class FilterParams:
     """Whole words (case-insensitive) that mark tasks a text-only model cannot do."""
     rouge_threshold: float = 0.7
     """Reject when ROUGE-L F1 with the seeds or an earlier kept instruction is above this."""
+    rouge_tokenizer: str = "rouge_score"
+    """`rouge_score` (lowercase `[a-z0-9]+`, as Alpaca) or `unicode` (any script; CJK per character)."""
     minhash_threshold: float = 0.8
     """Estimated Jaccard similarity of whole examples above which a later one is a near duplicate."""
     minhash_num_perm: int = 128
     """MinHash permutations (more: better estimates, slower)."""
     minhash_ngram: int = 3
     """Word n-gram shingles for MinHash."""
+    minhash_seed: int = 1
+    """Seed of the MinHash permutations."""
     out_dir: str = "data/filtered"
     """Output folder: `kept-*.parquet`, `rejected-*.parquet`."""
     rows_per_shard: int = 50_000
@@ -53,6 +63,7 @@ class FilterParams:
     def __post_init__(self):
         check(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
         check(0 < self.rouge_threshold <= 1, "rouge_threshold: must be in (0, 1]")
+        check(self.rouge_tokenizer in TOKENIZERS, f"rouge_tokenizer: must be one of {TOKENIZERS}")
         check(0 < self.minhash_threshold <= 1, "minhash_threshold: must be in (0, 1]")
         check(self.minhash_num_perm >= 16 and self.minhash_ngram >= 1, "minhash_num_perm >= 16 and minhash_ngram >= 1")
 
@@ -89,55 +100,6 @@ def blacklist_regex(words: list[str]) -> re.Pattern | None:
     return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
 
 
-# ---------------------------------------------------------------- ROUGE-L novelty
-
-_TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's default tokenizer: lowercase, `[a-z0-9]+` runs, no stemming."""
-    return _TOKEN.findall(text.lower())
-
-
-def rouge_l_f1(target: list, prediction: list) -> float:
-    """ROUGE-L F1 computed exactly as rouge_score's `_score_lcs` does (same float ops)."""
-    if not target or not prediction:
-        return 0.0
-    lcs = LCSseq.similarity(target, prediction)
-    precision, recall = lcs / len(prediction), lcs / len(target)
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
-class NoveltyPool:
-    """Instructions seen so far; `best` returns the most similar one and its ROUGE-L F1."""
-
-    def __init__(self, texts: Iterable[str] = ()):
-        self.vocab: dict[str, int] = {}
-        self.texts: list[str] = []
-        self.tokens: list[list[int]] = []
-        for t in texts:
-            self.add(t)
-
-    def _ids(self, text: str) -> list[int]:
-        return [self.vocab.setdefault(w, len(self.vocab)) for w in rouge_tokens(text)]
-
-    def add(self, text: str) -> None:
-        self.texts.append(text)
-        self.tokens.append(self._ids(text))
-
-    def best(self, text: str) -> tuple[float, str | None]:
-        new = self._ids(text)
-        best, best_text = 0.0, None
-        for toks, t in zip(self.tokens, self.texts):
-            # F1 <= 2*min(len)/(len_a+len_b): skip pairs that cannot beat the current best.
-            if 2 * min(len(new), len(toks)) / max(1, len(new) + len(toks)) <= best:
-                continue
-            f = rouge_l_f1(new, toks)
-            if f > best:
-                best, best_text = f, t
-        return best, best_text
-
-
 # ---------------------------------------------------------------- MinHash near duplicates
 
 
@@ -151,32 +113,46 @@ def shingles(row: dict, n: int) -> set[bytes]:
 # ---------------------------------------------------------------- the pipeline
 
 
-def filter_rows(rows: Iterable[dict], seed_instructions: list[str], p: FilterParams) -> Iterator[dict]:
-    """Yield every row with `reason` (None when kept), `detail`, `rouge_max` and `rouge_nearest`."""
+def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
+                seed_ids: list[str] | None = None) -> Iterator[dict]:
+    """Yield every row, in order, with `reason` (None when kept), `detail`, `rouge_max`,
+    `rouge_nearest` (the most similar earlier instruction), `rouge_nearest_id` and `minhash_twin_id`."""
     from datasketch import MinHash, MinHashLSH
 
     bl = blacklist_regex(p.blacklist)
-    pool = NoveltyPool(seed_instructions)
+    reasons = [rule_reason(r, p, bl) for r in rows]
+    passed = [i for i, r in enumerate(reasons) if r is None]
+    nov = novelty(seed_instructions, [rows[i]["instruction"] for i in passed], p.rouge_threshold, p.rouge_tokenizer)
+    n_seeds = len(seed_instructions)
+    by_row = {}
+    for j, i in enumerate(passed):
+        near = int(nov.nearest[j])
+        near_row = None if near < n_seeds else rows[passed[near - n_seeds]]
+        by_row[i] = (bool(nov.kept[j]), float(nov.score[j]), near, near_row)
     lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm)
-    kept_text: dict[int, str] = {}
     for k, row in enumerate(rows):
-        out = {**row, "reason": None, "detail": None, "rouge_max": None, "rouge_nearest": None}
-        out["reason"] = rule_reason(row, p, bl)
-        if out["reason"] is None:
-            score, nearest = pool.best(row["instruction"])
-            out["rouge_max"], out["rouge_nearest"] = score, nearest
-            if score > p.rouge_threshold:
-                out["reason"], out["detail"] = "too_similar", f"ROUGE-L {score:.3f} with: {nearest}"
-        if out["reason"] is None:
-            mh = MinHash(num_perm=p.minhash_num_perm, seed=1)
-            mh.update_batch(list(shingles(row, p.minhash_ngram)))
-            dups = lsh.query(mh)
-            if dups:
-                out["reason"], out["detail"] = "near_duplicate", f"of: {kept_text[min(dups)]}"
+        out = {**row, "reason": reasons[k], "detail": None, "rouge_max": None, "rouge_nearest": None,
+               "rouge_nearest_id": None, "minhash_twin_id": None}
+        if k in by_row:
+            kept, score, near, near_row = by_row[k]
+            out["rouge_max"] = score
+            if near >= 0:
+                out["rouge_nearest"] = seed_instructions[near] if near_row is None else near_row["instruction"]
+                out["rouge_nearest_id"] = (
+                    (seed_ids[near] if seed_ids else f"seed-{near}") if near_row is None else near_row.get("id", str(near)))
+            if not kept:
+                out["reason"] = "too_similar"
+                out["detail"] = f"ROUGE-L {score:.3f} with {out['rouge_nearest_id']}: {out['rouge_nearest']}"
             else:
-                lsh.insert(k, mh)
-                kept_text[k] = row["instruction"]
-                pool.add(row["instruction"])
+                mh = MinHash(num_perm=p.minhash_num_perm, seed=p.minhash_seed)
+                mh.update_batch(sorted(shingles(row, p.minhash_ngram)))
+                twins = lsh.query(mh)
+                if twins:
+                    twin = rows[min(twins)]
+                    out["reason"], out["minhash_twin_id"] = "near_duplicate", twin.get("id", str(min(twins)))
+                    out["detail"] = f"near duplicate of {out['minhash_twin_id']}: {twin['instruction']}"
+                else:
+                    lsh.insert(k, mh)
         yield out
 
 
@@ -184,13 +160,15 @@ def main() -> None:
     p = load_params(FilterParams, "filter")
     seeds = read_shards("data/seeds")
     gen = read_shards("data/generated", "tasks").sort(["request_index", "item_index"])
-    rows = list(progress(filter_rows(gen.iter_rows(named=True), seeds["instruction"].to_list(), p), gen.height, "filter"))
-    df = pl.DataFrame(rows, schema={**gen.schema, "reason": pl.String, "detail": pl.String,
-                                    "rouge_max": pl.Float64, "rouge_nearest": pl.String})
-    kept = df.filter(pl.col("reason").is_null()).drop("reason", "detail")
+    seed_ids = seeds["id"].to_list()
+    rows = list(progress(filter_rows(gen.to_dicts(), seeds["instruction"].to_list(), p, seed_ids), gen.height, "filter"))
+    df = pl.DataFrame(rows, schema={**gen.schema, "reason": pl.String, "detail": pl.String, "rouge_max": pl.Float64,
+                                    "rouge_nearest": pl.String, "rouge_nearest_id": pl.String,
+                                    "minhash_twin_id": pl.String})
+    kept = df.filter(pl.col("reason").is_null()).drop("reason", "detail", "minhash_twin_id")
     rejected = df.filter(pl.col("reason").is_not_null())
     unparsed = read_shards("data/generated", "unparsed").height
-    by_reason = {r: n for r, n in sorted(rejected["reason"].value_counts().iter_rows())}
+    by_reason = dict.fromkeys(REASONS, 0) | dict(rejected["reason"].value_counts().iter_rows())
     with atomic_dir(p.out_dir) as tmp:
         write_shards(kept, tmp, "kept", p.rows_per_shard)
         write_shards(rejected, tmp, "rejected", p.rows_per_shard)
@@ -202,6 +180,7 @@ def main() -> None:
         "rejected": rejected.height,
         "rejected_by_reason": by_reason,
         "keep_rate": round(kept.height / gen.height, 4) if gen.height else 0.0,
+        "kept_rouge_max_mean": round(kept["rouge_max"].mean(), 4) if kept.height else None,
     })
     log(f"filter: kept {kept.height} of {gen.height} parsed tasks; rejected {by_reason}")
 

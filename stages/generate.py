@@ -195,14 +195,14 @@ def rows_from_records(records: list[dict], shown: list[list[str]], first_index: 
                 unparsed.append({**base, "item_index": j, "error": item["error"], "raw": item["raw"]})
             else:
                 tasks.append(
-                    {**base, "item_index": j, "instruction": item["instruction"], "input": item["input"],
+                    {"id": f"gen-{i:06d}-{j:02d}", **base, "item_index": j, "instruction": item["instruction"], "input": item["input"],
                      "output": item["output"], "in_context_ids": shown[i]}
                 )
     return tasks, unparsed
 
 
 TASK_SCHEMA = {
-    "request_index": pl.Int64, "item_index": pl.Int64, "instruction": pl.String, "input": pl.String,
+    "id": pl.String, "request_index": pl.Int64, "item_index": pl.Int64, "instruction": pl.String, "input": pl.String,
     "output": pl.String, "in_context_ids": pl.List(pl.String), "prompt_hash": pl.String, "cache_key": pl.String,
     "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String, "finish_reason": pl.String,
 }

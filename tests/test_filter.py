@@ -1,21 +1,20 @@
-"""filter: rule filters, exact ROUGE-L (checked against rouge_score on real data), near duplicates."""
+"""filter: rule filters, and the order of rules, novelty and near duplicates on rows (novelty itself: test_novelty)."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
-from stages.filter import FilterParams, NoveltyPool, blacklist_regex, filter_rows, rouge_l_f1, rouge_tokens, rule_reason
+from stages.filter import REASONS, FilterParams, blacklist_regex, filter_rows, rule_reason
 from tests.conftest import shared
 
 P = FilterParams()
 BL = blacklist_regex(P.blacklist)
 
 
-def row(instruction, input="", output="An answer."):
-    return {"instruction": instruction, "input": input, "output": output}
+def row(instruction, input="", output="An answer.", id=None):
+    return {"instruction": instruction, "input": input, "output": output, **({"id": id} if id else {})}
 
 
 @pytest.mark.parametrize(
@@ -37,35 +36,7 @@ def row(instruction, input="", output="An answer."):
 )
 def test_rules(r, reason):
     assert rule_reason(r, P, BL) == reason
-
-
-def test_rouge_tokens_match_rouge_score_tokenizer():
-    from rouge_score import tokenize
-
-    for text in ["Hello, World! It's 2023.", "naïve café ÜBER déjà-vu", "  ", "a_b c-d e.f 3.14"]:
-        assert rouge_tokens(text) == tokenize.tokenize(text, None)
-
-
-def test_rouge_l_equals_rouge_score_on_real_instructions():
-    """Exact float equality with rouge_score on pairs of alpaca-libre generations and seeds."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    gen = [json.loads(x)["instruction"] for x in shared("alpaca-libre", "alpaca_libre_tasks_v1.jsonl").read_text().splitlines()]
-    seeds = [json.loads(x)["instruction"] for x in shared("self-instruct", "seed_tasks.jsonl").read_text().splitlines()]
-    rng = random.Random(0)
-    pairs = [(rng.choice(gen), rng.choice(gen + seeds)) for _ in range(3000)]
-    pairs += [(g, g.upper()) for g in gen[:50]] + [(g, "") for g in gen[:5]]
-    for a, b in pairs:
-        want = scorer.score(b, a)["rougeL"].fmeasure  # score(target, prediction)
-        assert rouge_l_f1(rouge_tokens(a), rouge_tokens(b)) == want, (a, b)
-
-
-def test_novelty_pool_finds_the_nearest():
-    pool = NoveltyPool(["Give three tips for staying healthy.", "Translate the sentence into French."])
-    score, nearest = pool.best("Give three tips for staying happy.")
-    assert nearest == "Give three tips for staying healthy." and 0.8 < score < 0.9
-    assert pool.best("Completely unrelated words here.")[0] < 0.3
+    assert reason is None or reason in REASONS  # every reason has its metrics entry
 
 
 LONG = ("Plants capture light with chlorophyll in their leaves, split water into hydrogen and oxygen, "
@@ -106,3 +77,38 @@ def test_filter_on_alpaca_libre_agrees_with_its_rule_verdicts():
             assert reason == "blacklist", r["instruction"]
         if r["status"] == "too short":
             assert reason in ("too_short", "empty_output"), r["instruction"]
+
+
+def test_filter_rows_records_scores_and_twins():
+    seeds = ["Give three tips for staying healthy."]
+    rows = [
+        row("Give three tips for staying healthy today.", id="g0"),
+        row("Explain how photosynthesis works in plants.", "", LONG, id="g1"),
+        row("What happens inside a leaf when sunlight hits it?", "", LONG, id="g2"),
+        row("Describe what a leaf does with light and water.", "", LONG, id="g3"),
+    ]
+    out = list(filter_rows(rows, seeds, FilterParams(minhash_threshold=0.5), seed_ids=["seed_7"]))
+    assert out[0]["reason"] == "too_similar" and out[0]["rouge_nearest_id"] == "seed_7"
+    assert out[0]["rouge_max"] > 0.7 and "seed_7" in out[0]["detail"]
+    # the first example of the cluster is kept; the later ones name it, not each other
+    assert [o["reason"] for o in out[1:]] == [None, "near_duplicate", "near_duplicate"]
+    assert out[2]["minhash_twin_id"] == "g1" and out[3]["minhash_twin_id"] == "g1"
+    assert out[1]["minhash_twin_id"] is None
+    # every row the rules let through has its max score, kept or not
+    assert all(isinstance(o["rouge_max"], float) for o in out)
+
+
+def test_filter_rows_is_deterministic_and_uses_the_minhash_params(monkeypatch):
+    rows = [row(f"Write a short poem about the number {i} and the sea.", "", LONG + f" Variant {i % 3}.", id=f"g{i}")
+            for i in range(30)]
+    p = FilterParams(rouge_threshold=1.0, minhash_threshold=0.7, minhash_num_perm=64, minhash_seed=7)
+    out = list(filter_rows(rows, [], p))
+    assert out == list(filter_rows(rows, [], p))
+    assert out[0]["reason"] is None and sum(o["reason"] == "near_duplicate" for o in out) >= 20
+    import datasketch
+
+    made = []
+    real = datasketch.MinHash.__init__
+    monkeypatch.setattr(datasketch.MinHash, "__init__", lambda self, *a, **kw: made.append(kw) or real(self, *a, **kw))
+    list(filter_rows(rows, [], p))
+    assert made and all(kw == {"num_perm": 64, "seed": 7} for kw in made)
