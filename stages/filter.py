@@ -121,14 +121,21 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
 
     bl = blacklist_regex(p.blacklist)
     reasons = [rule_reason(r, p, bl) for r in rows]
-    passed = [i for i, r in enumerate(reasons) if r is None]
+    # Novelty is decided once per distinct instruction (its first row): the other instances of
+    # the same task (self-instruct writes several) share that decision.
+    first: dict[str, int] = {}
+    for i, r in enumerate(reasons):
+        if r is None:
+            first.setdefault(rows[i]["instruction"], i)
+    passed = sorted(first.values())
     nov = novelty(seed_instructions, [rows[i]["instruction"] for i in passed], p.rouge_threshold, p.rouge_tokenizer)
     n_seeds = len(seed_instructions)
-    by_row = {}
+    decided = {}
     for j, i in enumerate(passed):
         near = int(nov.nearest[j])
         near_row = None if near < n_seeds else rows[passed[near - n_seeds]]
-        by_row[i] = (bool(nov.kept[j]), float(nov.score[j]), near, near_row)
+        decided[rows[i]["instruction"]] = (bool(nov.kept[j]), float(nov.score[j]), near, near_row)
+    by_row = {i: decided[rows[i]["instruction"]] for i, r in enumerate(reasons) if r is None}
     lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm)
     for k, row in enumerate(rows):
         out = {**row, "reason": reasons[k], "detail": None, "rouge_max": None, "rouge_nearest": None,

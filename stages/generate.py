@@ -1,6 +1,12 @@
-"""Stage `generate`: Alpaca-style self-instruct. The teacher writes new (instruction, input, output) tasks.
+"""Stage `generate`: the teacher writes training tasks, by one of three methods (`method`):
 
-Request i shows the teacher k seed tasks sampled with `Random(f"{seed}:{i}")` (so
+* `alpaca`: Alpaca's single prompt; the teacher continues a numbered list of
+  instruction / input / output tasks (below);
+* `self_instruct`: self-instruct's four steps with a growing pool (`stages/self_instruct.py`);
+* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`).
+All three share the teacher client, the response cache, the metrics and the output schema.
+
+Alpaca method: request i shows the teacher k seed tasks sampled with `Random(f"{seed}:{i}")` (so
 adding requests never changes earlier prompts, and the cache still answers them) in
 Alpaca's numbered `Instruction:/Input:/Output:` format and asks it to continue the
 list. Each item of a response is parsed on its own: one malformed item is recorded with
@@ -19,9 +25,13 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.common import (StageError, atomic_dir, check, load_params, log, read_shards, run_main, set_threads,
-                           write_json, write_shards)
-from stages.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
+from stages.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
+                           set_threads, write_json, write_shards)
+from stages.responses import ResponsesParams, read_prompts
+from stages.self_instruct import SelfInstructParams
+from stages.teacher import ResponseCache, Sampling, TeacherSession, make_backend
+
+METHODS = ("alpaca", "self_instruct", "responses")
 
 
 PRICES = {  # USD per million tokens; check your provider's current prices
@@ -33,6 +43,8 @@ PRICES = {  # USD per million tokens; check your provider's current prices
 
 @dataclass
 class GenerateParams:
+    method: str = "alpaca"
+    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)."""
     backend: str = "local"
     """Teacher backend: `local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint)."""
     model: str = "models/teacher"
@@ -86,8 +98,18 @@ class GenerateParams:
     """Output folder: `tasks-*.parquet`, `unparsed-*.parquet`, `stats.json`."""
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
+    self_instruct: dict = field(default_factory=lambda: asdict(SelfInstructParams()))
+    """Method self_instruct (and responses from bootstrap): see `SelfInstructParams`."""
+    responses: dict = field(default_factory=lambda: asdict(ResponsesParams()))
+    """Method responses: see `ResponsesParams`."""
 
     def __post_init__(self):
+        check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
+        self.si = params_from_dict(SelfInstructParams, self.self_instruct, "generate.self_instruct")
+        self.resp = params_from_dict(ResponsesParams, self.responses, "generate.responses")
+        check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.resp.prompts != "bootstrap"),
+              "batch_api: each self-instruct step needs the previous one's answers; use it with method alpaca, "
+              "or responses from a prompt file")
         check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
         check(self.prompt_form in ("completion", "chat"), f"prompt_form: expected completion or chat, got {self.prompt_form!r}")
         check(self.num_requests >= 0, "num_requests: must be >= 0")
@@ -192,11 +214,11 @@ def rows_from_records(records: list[dict], shown: list[list[str]], first_index: 
         }
         for j, item in enumerate(parse_response(rec["text"], first_index, rec["finish_reason"])):
             if item["error"]:
-                unparsed.append({**base, "item_index": j, "error": item["error"], "raw": item["raw"]})
+                unparsed.append({**base, "item_index": j, "step": "alpaca", "error": item["error"], "raw": item["raw"]})
             else:
                 tasks.append(
-                    {"id": f"gen-{i:06d}-{j:02d}", **base, "item_index": j, "instruction": item["instruction"], "input": item["input"],
-                     "output": item["output"], "in_context_ids": shown[i]}
+                    {"id": f"gen-{i:06d}-{j:02d}", **base, "item_index": j, "instruction": item["instruction"],
+                     "input": item["input"], "output": item["output"], "in_context_ids": shown[i], "source": "alpaca"}
                 )
     return tasks, unparsed
 
@@ -205,22 +227,22 @@ TASK_SCHEMA = {
     "id": pl.String, "request_index": pl.Int64, "item_index": pl.Int64, "instruction": pl.String, "input": pl.String,
     "output": pl.String, "in_context_ids": pl.List(pl.String), "prompt_hash": pl.String, "cache_key": pl.String,
     "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String, "finish_reason": pl.String,
+    "method": pl.String, "is_classification": pl.Boolean, "source": pl.String,
 }
 UNPARSED_SCHEMA = {
-    "request_index": pl.Int64, "item_index": pl.Int64, "error": pl.String, "raw": pl.String, "prompt_hash": pl.String,
+    "request_index": pl.Int64, "item_index": pl.Int64, "step": pl.String, "error": pl.String, "raw": pl.String, "prompt_hash": pl.String,
     "cache_key": pl.String, "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String,
     "finish_reason": pl.String,
 }
 
 
 def main() -> None:
+    from stages import responses, self_instruct
     from stages.openai_client import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
     set_threads()
     seeds = read_shards("data/seeds").to_dicts()
-    header = Path(p.prompt_file).read_text(encoding="utf-8")
-    prompts, shown = build_prompts(seeds, header, p)
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
     price = Price(**p.prices[p.model]) if p.model in p.prices else None
     if price and p.batch_api:  # the Batch API bills half the synchronous price
@@ -229,14 +251,36 @@ def main() -> None:
         log(f"generate: no price for {p.model!r} in generate.prices: cost is reported as 0")
     limits = ApiLimits(p.concurrency, p.requests_per_minute, p.tokens_per_minute, p.max_attempts,
                        timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd, transport=p.api_transport)
-    backend = make_backend(p.backend, p.model, p.prompt_form, p.base_url, p.batch_size, p.dtype, limits, price)
-    requests = assign_keys(prompts, backend.teacher_id, p.prompt_form, sampling)
-    records, stats = run_requests(requests, backend, ResponseCache(p.cache_dir), sampling, price, p.batch_api)
-    tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)
+    session = TeacherSession(
+        lambda form: make_backend(p.backend, p.model, form, p.base_url, p.batch_size, p.dtype, limits, price),
+        ResponseCache(p.cache_dir), price, p.batch_api)
+    steps: dict = {}
+    if p.method == "alpaca":
+        header = Path(p.prompt_file).read_text(encoding="utf-8")
+        prompts, shown = build_prompts(seeds, header, p)
+        records = session.ask(prompts, sampling, p.prompt_form)
+        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)
+        steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
+    elif p.method == "self_instruct":
+        tasks, unparsed, steps = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.si, p.seed)
+    else:
+        if p.resp.prompts == "bootstrap":
+            machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
+                                                                          sampling, p.si, p.seed)
+            prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
+                        "in_context_ids": m["in_context_ids"]} for m in machine]
+        else:
+            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts), []
+        tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.resp, sampling)
+        unparsed += drops
+    for t in tasks:
+        t["method"] = p.method
+    stats = session.stats
     errors: dict[str, int] = {}
     for u in unparsed:
         errors[u["error"]] = errors.get(u["error"], 0) + 1
     metrics = {
+        "method": p.method,
         "requests": stats.requests,
         "cache_hits": stats.cache_hits,
         "teacher_calls": stats.teacher_calls,
@@ -244,9 +288,9 @@ def main() -> None:
         "failed_by_reason": stats.failed_by_reason,
         "items_parsed": len(tasks),
         "items_unparsed": len(unparsed),
-        "unparsed_by_reason": errors,
+        "unparsed_by_reason": dict(sorted(errors.items())),
+        "steps": steps,
         "finish_reasons": stats.by_finish,
-        "empty_responses": sum(1 for r in records if r is not None and not r["text"].strip()),
         "prompt_tokens_called": stats.prompt_tokens,
         "completion_tokens_called": stats.completion_tokens,
         "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
@@ -260,8 +304,7 @@ def main() -> None:
         metrics["batch"]["running_jobs"] = len(stats.batch.get("running", {}))
     write_json("metrics/generate.json", metrics)
     if stats.batch.get("running"):
-        waiting = sum(r is None for r in records) - stats.failed
-        raise StageError(f"generate: {waiting} requests wait in {len(stats.batch['running'])} Batch API job(s) "
+        raise StageError(f"generate: {session.waiting} requests wait in {len(stats.batch['running'])} Batch API job(s) "
                          f"{sorted(stats.batch['running'])}; run `dvc repro` again later to collect them")
     if stats.failed_by_reason.get("budget"):
         raise StageError(f"generate: budget max_cost_usd={p.max_cost_usd} reached; {stats.failed_by_reason['budget']} "
@@ -272,7 +315,7 @@ def main() -> None:
     with atomic_dir(p.out_dir) as tmp:
         write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
         write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
-    log(f"generate: {len(tasks)} tasks parsed, {len(unparsed)} unparsed {errors}; {stats.teacher_calls} teacher "
+    log(f"generate ({p.method}): {len(tasks)} tasks, {len(unparsed)} dropped {errors}; {stats.teacher_calls} teacher "
         f"calls, {stats.cache_hits} cache hits, {stats.failed} failed")
 
 

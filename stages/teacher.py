@@ -144,13 +144,29 @@ class LocalBackend:
     kind = "local"
 
     def __init__(self, model: str, prompt_form: str, dtype: str = "float32", batch_size: int = 8, device: str = "auto"):
-        from stages.llm import fingerprint, load_model
+        from stages.llm import fingerprint
 
-        self.model, self.tok = load_model(model, dtype, device)
+        self._load_args, self._loaded = (model, dtype, device), None
         self.name = model
         self.teacher_id = f"local:{fingerprint(model)}"
         self.prompt_form = prompt_form
         self.batch_size = batch_size
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    @property
+    def tok(self):
+        return self._load()[1]
+
+    def _load(self):
+        """The model is loaded on first use: a run served from the cache never loads it."""
+        if self._loaded is None:
+            from stages.llm import load_model
+
+            self._loaded = load_model(*self._load_args)
+        return self._loaded
 
     def render(self, prompt: str) -> str:
         if self.prompt_form == "chat":
@@ -290,3 +306,45 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
         if rec is not None:
             stats.by_finish[rec["finish_reason"]] = stats.by_finish.get(rec["finish_reason"], 0) + 1
     return records, stats
+
+
+class TeacherSession:
+    """Several rounds of requests (steps, growing pools) on one cache, with summed stats.
+
+    `backend_for(form)` builds a backend per prompt form on first use (e.g. completion for
+    self-instruct's prompts, chat for response distillation).
+    """
+
+    def __init__(self, backend_for: Callable[[str], object], cache: ResponseCache, price=None, batch_api: bool = False):
+        self.backend_for, self.cache, self.price, self.batch_api = backend_for, cache, price, batch_api
+        self.backends: dict[str, object] = {}
+        self.stats = CallStats()
+        self.waiting = 0  # requests still in running Batch API jobs
+
+    def ask(self, prompts: list[str], sampling: Sampling, form: str) -> list[dict | None]:
+        if not prompts:
+            return []
+        if form not in self.backends:
+            self.backends[form] = self.backend_for(form)
+        backend = self.backends[form]
+        requests = assign_keys(prompts, backend.teacher_id, form, sampling)
+        records, st = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api)
+        s = self.stats
+        for name in ("requests", "cache_hits", "teacher_calls", "failed", "prompt_tokens", "completion_tokens", "seconds"):
+            setattr(s, name, getattr(s, name) + getattr(st, name))
+        for name in ("by_finish", "failed_by_reason"):
+            for k, v in getattr(st, name).items():
+                getattr(s, name)[k] = getattr(s, name).get(k, 0) + v
+        for k, v in st.api.items():
+            if isinstance(v, (int, float)):
+                s.api[k] = s.api.get(k, 0) + v
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    s.api.setdefault(k, {})[kk] = s.api.get(k, {}).get(kk, 0) + vv
+        for k, v in st.batch.items():
+            if k == "running":
+                s.batch.setdefault("running", {}).update(v)
+            elif isinstance(v, (int, float)):
+                s.batch[k] = s.batch.get(k, 0) + v
+        self.waiting += sum(r is None for r in records) - st.failed
+        return records

@@ -112,3 +112,14 @@ def test_filter_rows_is_deterministic_and_uses_the_minhash_params(monkeypatch):
     monkeypatch.setattr(datasketch.MinHash, "__init__", lambda self, *a, **kw: made.append(kw) or real(self, *a, **kw))
     list(filter_rows(rows, [], p))
     assert made and all(kw == {"num_perm": 64, "seed": 7} for kw in made)
+
+
+def test_instances_of_one_task_share_its_novelty_decision():
+    seeds = ["Give three tips for staying healthy."]
+    rows = [row("Convert the temperature from Celsius to Fahrenheit.", "20 C", "68 F", id="t0-0"),
+            row("Convert the temperature from Celsius to Fahrenheit.", "0 C", "32 F", id="t0-1"),
+            row("Give three tips for staying healthy today.", "", "Sleep.", id="t1-0"),
+            row("Give three tips for staying healthy today.", "", "Walk.", id="t1-1")]
+    out = list(filter_rows(rows, seeds, FilterParams()))
+    assert [o["reason"] for o in out] == [None, None, "too_similar", "too_similar"]
+    assert out[1]["rouge_max"] == out[0]["rouge_max"] < 0.7

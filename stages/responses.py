@@ -1,0 +1,159 @@
+"""Response distillation: the teacher answers given prompts as a chat model (Alpaca-GPT4, Koala).
+
+Prompts come from self-instruct's bootstrap step (`prompts: bootstrap`) or from a file: an
+Alpaca-format JSON array (`instruction`, `input`), a ShareGPT JSON array (first human turn), or
+JSONL with `instruction` / `prompt` / `question` / `text` or OpenAI `messages` (first user
+message). Each prompt gets `n` samples; `select` keeps the first, the longest, or the one a
+judge prompt to the same teacher picks (an unparseable verdict falls back to the first and is
+counted). Rows keep the prompt's source (file and position, or the bootstrap task id).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.common import StageError, check
+from stages.teacher import Sampling
+
+PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
+SELECT = ("first", "longest", "judge")
+
+
+@dataclass
+class ResponsesParams:
+    prompts: str = "bootstrap"
+    """`bootstrap` (self-instruct step 1 writes the prompts) or a file path (Alpaca JSON, ShareGPT JSON, JSONL)."""
+    max_prompts: int = 0
+    """Use at most this many prompts from the file, in file order (0: all)."""
+    n: int = 1
+    """Samples per prompt."""
+    select: str = "first"
+    """Which sample to keep: first | longest | judge (the teacher picks)."""
+    max_new_tokens: int = 192
+    """Completion budget per answer."""
+    keep_truncated: bool = False
+    """Keep answers cut by max_new_tokens (false: dropped with reason `truncated`)."""
+
+    def __post_init__(self):
+        check(self.n >= 1 and self.max_new_tokens >= 1 and self.max_prompts >= 0, "responses: n, max_new_tokens >= 1")
+        check(self.select in SELECT, f"responses.select: expected one of {SELECT}, got {self.select!r}")
+
+
+def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
+    """[{instruction, input, source}] from an Alpaca / ShareGPT JSON array or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: prompt file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(recs, list):
+            raise StageError(f"{path}: expected a JSON array of records")
+        where = [f"{path}[{i}]" for i in range(len(recs))]
+    else:
+        recs, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise StageError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+                where.append(f"{path}:{n}")
+    out = []
+    for rec, loc in zip(recs, where):
+        out.append({**prompt_of(rec, loc), "source": loc})
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def prompt_of(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise StageError(f"{where}: expected an object")
+    if isinstance(rec.get("conversations"), list):  # ShareGPT
+        turns = [t for t in rec["conversations"] if isinstance(t, dict) and t.get("from") in ("human", "user")]
+        if not turns or not isinstance(turns[0].get("value"), str):
+            raise StageError(f"{where}: conversations: no human turn")
+        return {"instruction": turns[0]["value"], "input": ""}
+    if isinstance(rec.get("messages"), list):  # OpenAI messages
+        turns = [m for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        if not turns or not isinstance(turns[0].get("content"), str):
+            raise StageError(f"{where}: messages: no user message")
+        return {"instruction": turns[0]["content"], "input": ""}
+    for f in PROMPT_FIELDS:
+        if isinstance(rec.get(f), str) and rec[f].strip():
+            inp = rec.get("input", "")
+            return {"instruction": rec[f], "input": inp if isinstance(inp, str) else ""}
+    raise StageError(f"{where}: none of the fields {PROMPT_FIELDS}, conversations or messages holds a prompt")
+
+
+def chat_prompt(p: dict) -> str:
+    return p["instruction"].strip() + (f"\n\n{p['input'].strip()}" if p["input"].strip() else "")
+
+
+def judge_prompt(p: dict, answers: list[str]) -> str:
+    body = "".join(f"Response {i}:\n{a.strip()}\n\n" for i, a in enumerate(answers, 1))
+    return (f"Which response answers the request best? Reply with its number only.\n\nRequest:\n{chat_prompt(p)}\n\n"
+            f"{body}Best response number:")
+
+
+def parse_judge(text: str | None, n: int) -> int | None:
+    """0-based index of the chosen answer, or None."""
+    m = re.search(r"\d+", text or "")
+    return int(m.group()) - 1 if m and 1 <= int(m.group()) <= n else None
+
+
+def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling):
+    """Answer every prompt n times and keep one. Returns (task rows, drop rows, metrics)."""
+    from stages.self_instruct import count, provenance
+
+    ans_sampling = Sampling(r.max_new_tokens, sampling.temperature, sampling.top_p, (), sampling.seed)
+    records = ask([chat_prompt(p) for p in prompts for _ in range(r.n)], ans_sampling, "chat")
+    tasks, drops, judged, judge_failed = [], [], 0, 0
+    usable_by_prompt = []
+    for k, p in enumerate(prompts):
+        recs = records[k * r.n : (k + 1) * r.n]
+        usable = []
+        for j, rec in enumerate(recs):
+            if rec is None:
+                continue
+            why = ("empty_output" if not rec["text"].strip() else
+                   "truncated" if rec["finish_reason"] == "length" and not r.keep_truncated else None)
+            if why:
+                drops.append({"request_index": k, "item_index": j, "step": "responses", "error": why,
+                              "raw": rec["text"], **provenance(rec)})
+            else:
+                usable.append((j, rec))
+        usable_by_prompt.append(usable)
+    picks = [0 if u else None for u in usable_by_prompt]
+    if r.select == "longest":
+        picks = [max(range(len(u)), key=lambda i: (len(u[i][1]["text"].strip()), -i)) if u else None
+                 for u in usable_by_prompt]
+    elif r.select == "judge":
+        need = [k for k, u in enumerate(usable_by_prompt) if len(u) > 1]
+        verdicts = ask([judge_prompt(prompts[k], [rec["text"] for _, rec in usable_by_prompt[k]]) for k in need],
+                       Sampling(4, 0.0, 1.0, ("\n",), sampling.seed), "chat")
+        for k, v in zip(need, verdicts):
+            choice = parse_judge(v["text"] if v else None, len(usable_by_prompt[k]))
+            judged += 1
+            judge_failed += choice is None
+            picks[k] = choice if choice is not None else 0
+    for k, (p, usable, pick) in enumerate(zip(prompts, usable_by_prompt, picks)):
+        for i, (j, rec) in enumerate(usable):
+            row = {"request_index": k, "item_index": j, **provenance(rec)}
+            if i != pick:
+                drops.append({**row, "step": "select", "error": f"not_selected_{r.select}", "raw": rec["text"]})
+                continue
+            tasks.append({"id": f"resp-{k:06d}", **row, "instruction": p["instruction"], "input": p["input"],
+                          "output": rec["text"].strip(), "in_context_ids": p.get("in_context_ids", []),
+                          "is_classification": p.get("is_classification"), "source": p["source"]})
+    metrics = {"prompts": len(prompts), "requests": len(prompts) * r.n, "answered": len(tasks),
+               "judged": judged, "judge_unparsed": judge_failed,
+               "dropped_by_reason": count(d["error"] for d in drops if d["step"] in ("responses", "select"))}
+    return tasks, drops, metrics

@@ -1,0 +1,165 @@
+"""self-instruct's four steps: prompts, parsers, the growing pool, output-first vs input-first, instance filters."""
+
+from __future__ import annotations
+
+import random
+
+from stages.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER,
+                                  SelfInstructParams, bootstrap, bootstrap_prompt, classify_examples, classify_prompt,
+                                  filter_instances, instance_prompt, parse_classification, parse_instances,
+                                  parse_instructions, run, sample_in_context)
+from stages.teacher import Sampling
+
+SEEDS = [
+    {"id": f"seed_task_{i}", "instruction": inst, "is_classification": clf,
+     "instances": [{"input": inp, "output": out}]}
+    for i, (inst, clf, inp, out) in enumerate([
+        ("Label the sentiment of the review as positive or negative.", True, "Great phone.", "positive"),
+        ("Decide whether the email is spam or not spam.", True, "You won a prize!", "spam"),
+        ("Classify the animal as a mammal, bird or fish.", True, "Salmon", "fish"),
+        ("Write a short thank-you note to a colleague.", False, "", "Thanks for your help today!"),
+        ("Translate the sentence into French.", False, "Good morning.", "Bonjour."),
+        ("Suggest a name for a new coffee shop.", False, "", "Bean There"),
+        ("Explain why the sky is blue in one sentence.", False, "", "Air scatters blue light most."),
+        ("Summarize the paragraph in one line.", False, "Cats sleep a lot. They nap all day.", "Cats nap often."),
+    ])
+]
+S = Sampling(64, 0.7, 0.5, seed=1)
+
+
+def record(prompt, text, finish="stop"):
+    return {"prompt": prompt, "text": text, "finish_reason": finish, "key": f"k{hash(prompt) % 10**8}",
+            "response_id": "r", "teacher": "fake", "sampling": {}}
+
+
+def test_in_context_mix_is_six_seeds_and_two_machine():
+    rng = random.Random(0)
+    seeds = [f"s{i}" for i in range(20)]
+    assert all(x in seeds for x in sample_in_context(seeds, [], 8, rng))  # cold start: all seeds
+    shown = sample_in_context(seeds, ["m1", "m2", "m3"], 8, rng)
+    assert len(shown) == 8 and sum(x.startswith("m") for x in shown) == 2
+    assert sum(x.startswith("m") for x in sample_in_context(seeds, ["m1"], 8, rng)) == 1
+
+
+def test_bootstrap_prompt_and_parser():
+    prompt = bootstrap_prompt(["Do  this\nthing.", "Do that."])
+    assert prompt == f"{BOOTSTRAP_HEADER}1. Do this thing.\n2. Do that.\n3."
+    got = parse_instructions(" Name three  rivers in Europe.\n4. Write a limerick about a cat.\n5 . Explain tides.", "stop")
+    assert got == [("Name three rivers in Europe.", "ok"), ("Write a limerick about a cat.", "ok"), ("Explain tides.", "ok")]
+    # truncated: only the last (cut) item is dropped, with its reason
+    got = parse_instructions(" Name three rivers.\n4. Write a poem about", "length")
+    assert got == [("Name three rivers.", "ok"), (None, "truncated")]
+    assert parse_instructions(" A task.\n4.", "stop") == [("A task.", "ok"), (None, "empty")]
+    assert parse_instructions("", "stop") == [(None, "empty")]
+
+
+def test_classification_prompt_and_parser():
+    ex = classify_examples(SEEDS, 6, seed=0)
+    assert sum(y for _, y in ex) == 3 and sum(not y for _, y in ex) == 3
+    prompt = classify_prompt("Is this tweet sarcastic?", ex)
+    assert prompt.startswith(CLASSIFY_HEADER) and prompt.endswith("Task: Is this tweet sarcastic?\nIs it classification?")
+    assert [parse_classification(t) for t in [" Yes", "yes.", " No", "NO\n", " Maybe", "", None, " 1"]] == \
+        [True, True, False, False, None, None, None, None]
+
+
+def test_output_first_for_classification_input_first_otherwise():
+    clf = instance_prompt("Is the number odd or even?", True, SEEDS, 2)
+    gen = instance_prompt("Write a haiku about rain.", False, SEEDS, 2)
+    unknown = instance_prompt("Write a haiku about rain.", None, SEEDS, 2)
+    assert clf.startswith(OUTPUT_FIRST_HEADER) and "Class label:" in clf and "Example 1" not in clf
+    assert gen.startswith(INPUT_FIRST_HEADER) and "Example 1\n" in gen and "Class label" not in gen
+    assert unknown == gen
+    assert clf.endswith("Task: Is the number odd or even?\n")
+
+
+def test_parse_instances_both_forms():
+    text = "Example 1\nInput: 2 + 2\nOutput: 4\nExample 2\nOutput: A fact.\nExample 3\nInput: only input"
+    got = parse_instances(text, False, "stop", 5)
+    assert [g[0] for g in got] == [{"input": "2 + 2", "output": "4"}, {"input": "", "output": "A fact."}, None]
+    assert got[2][1] == "no_output"
+    got = parse_instances("Class label: odd\nInput: 7\nClass label: even\nInput: 10\n\nTask: next task", True, "stop", 5)
+    assert [g[0] for g in got] == [{"input": "7", "output": "odd"}, {"input": "10", "output": "even"}]
+    assert parse_instances("no labels here", True, "stop", 5)[0][:2] == (None, "no_class_label")
+    got = parse_instances("Example 1\nOutput: a\nExample 2\nOutput: b\nExample 3\nOutput: c", False, "length", 1)
+    assert [g[1] for g in got] == ["ok", "over_max_instances", "truncated"]
+
+
+def test_instance_filters():
+    ok = {"input": "x", "output": "y"}
+    assert filter_instances([ok, {"input": "", "output": " "}, {"input": "a", "output": "a"},
+                             {"input": "Text:", "output": "b"}, {"input": "c", "output": "Answer:"}, dict(ok)]) == \
+        [None, "empty_output", "input_equals_output", "ends_with_colon", "ends_with_colon", "duplicate"]
+    # two instances with the same input and different outputs: the whole task goes
+    assert filter_instances([{"input": "q", "output": "1"}, {"input": "q", "output": "2"}, ok]) == \
+        ["conflicting_outputs"] * 3
+    assert filter_instances([{"input": "", "output": "1"}, {"input": "", "output": "2"}]) == [None, None]
+
+
+class ScriptedTeacher:
+    """Answers by prompt kind; records every prompt it saw."""
+
+    def __init__(self, bootstrap_texts, clf=" Yes"):
+        self.bootstrap_texts, self.clf, self.prompts = list(bootstrap_texts), clf, []
+
+    def __call__(self, prompts, sampling, form):
+        out = []
+        for p in prompts:
+            self.prompts.append(p)
+            if p.startswith(BOOTSTRAP_HEADER):
+                out.append(record(p, self.bootstrap_texts.pop(0)) if self.bootstrap_texts else None)
+            elif p.startswith(CLASSIFY_HEADER):
+                out.append(record(p, self.clf if "odd" in p.split("Task:")[-1] else " No"))
+            elif p.startswith(OUTPUT_FIRST_HEADER):
+                out.append(record(p, "Class label: odd\nInput: 3\nClass label: even\nInput: 4"))
+            else:
+                out.append(record(p, "Example 1\nInput: hello there\nOutput: general kenobi\nExample 2\nOutput: done"))
+        return out
+
+
+def test_pool_grows_and_novelty_applies_within_a_round():
+    si = SelfInstructParams(requests_per_round=1, num_prompt_instructions=4)
+    texts = [" Tell whether a number is odd or even.\n6. Tell whether the number is odd or even.",
+             " Compose a lullaby for a sleepy baby dragon.\n6. Write a sonnet about lost umbrellas.",
+             " Invent a board game about migrating whales."]
+    teacher = ScriptedTeacher(texts)
+    machine, drops, m = bootstrap(teacher, SEEDS, 3, S, si, seed=0)
+    assert [x["instruction"] for x in machine] == ["Tell whether a number is odd or even.",
+                                                   "Compose a lullaby for a sleepy baby dragon.",
+                                                   "Write a sonnet about lost umbrellas.",
+                                                   "Invent a board game about migrating whales."]
+    assert [d["error"] for d in drops] == ["too_similar"] and m["instructions_kept"] == 4
+    # round 2's prompt shows round 1's instruction (the pool grew); round 1 showed seeds only
+    assert "odd or even" not in teacher.prompts[0] and "Tell whether a number is odd or even." in teacher.prompts[1]
+    assert sum(ln.split(". ", 1)[-1] in {x["instruction"] for x in machine} for ln in teacher.prompts[2].splitlines()) == 2
+
+
+def test_run_all_four_steps():
+    teacher = ScriptedTeacher([" Tell whether a number is odd or even.\n6. Write a short story about a brave ant."])
+    tasks, drops, m = run(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)
+    by_inst = {}
+    for t in tasks:
+        by_inst.setdefault(t["instruction"], []).append((t["input"], t["output"], t["is_classification"]))
+    assert by_inst["Tell whether a number is odd or even."] == [("3", "odd", True), ("4", "even", True)]
+    assert by_inst["Write a short story about a brave ant."] == [("hello there", "general kenobi", False),
+                                                                 ("", "done", False)]
+    assert m["classify"] == {"no": 1, "yes": 1} and m["instances"]["output_first"] == 1
+    assert all(t["id"].startswith("si-") and t["source"].startswith("self_instruct:") for t in tasks)
+
+
+def test_unknown_classification_is_not_silently_no():
+    teacher = ScriptedTeacher([" Tell whether a number is odd or even."], clf=" Perhaps")
+    tasks, _, m = run(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)
+    assert m["classify"] == {"unknown": 1} and tasks[0]["is_classification"] is None
+    # unknown tasks go input-first
+    assert any(p.startswith(INPUT_FIRST_HEADER) for p in teacher.prompts)
+
+
+def test_failed_classification_request_is_unknown():
+    class Failing(ScriptedTeacher):
+        def __call__(self, prompts, sampling, form):
+            out = super().__call__(prompts, sampling, form)
+            return [None if p.startswith(CLASSIFY_HEADER) else r for p, r in zip(prompts, out)]
+
+    _, _, m = run(Failing([" Tell whether a number is odd or even."]), SEEDS, 1, S,
+                  SelfInstructParams(num_prompt_instructions=4), seed=0)
+    assert m["classify"] == {"unknown": 1}
