@@ -121,12 +121,17 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
 
     bl = blacklist_regex(p.blacklist)
     reasons = [rule_reason(r, p, bl) for r in rows]
-    # Novelty is decided once per distinct instruction (its first row): the other instances of
-    # the same task (self-instruct writes several) share that decision.
-    first: dict[str, int] = {}
+    # Novelty is decided once per task: the instances of one self-instruct task (same instruction,
+    # same `source` task id) share the decision of its first row. Any other repeated instruction
+    # is scored like a new one (ROUGE-L 1.0: rejected, as in Alpaca).
+    def task(i: int):
+        src = rows[i].get("source") or ""
+        return (rows[i]["instruction"], src) if src.startswith("self_instruct:") else i
+
+    first: dict = {}
     for i, r in enumerate(reasons):
         if r is None:
-            first.setdefault(rows[i]["instruction"], i)
+            first.setdefault(task(i), i)
     passed = sorted(first.values())
     nov = novelty(seed_instructions, [rows[i]["instruction"] for i in passed], p.rouge_threshold, p.rouge_tokenizer)
     n_seeds = len(seed_instructions)
@@ -134,8 +139,8 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
     for j, i in enumerate(passed):
         near = int(nov.nearest[j])
         near_row = None if near < n_seeds else rows[passed[near - n_seeds]]
-        decided[rows[i]["instruction"]] = (bool(nov.kept[j]), float(nov.score[j]), near, near_row)
-    by_row = {i: decided[rows[i]["instruction"]] for i, r in enumerate(reasons) if r is None}
+        decided[task(i)] = (bool(nov.kept[j]), float(nov.score[j]), near, near_row)
+    by_row = {i: decided[task(i)] for i, r in enumerate(reasons) if r is None}
     lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm)
     for k, row in enumerate(rows):
         out = {**row, "reason": reasons[k], "detail": None, "rouge_max": None, "rouge_nearest": None,

@@ -27,7 +27,8 @@ import polars as pl
 
 from stages.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
                            set_threads, write_json, write_shards)
-from stages.responses import ResponsesParams, read_prompts
+from stages.prompts import read_prompts
+from stages.responses import ResponsesParams
 from stages.self_instruct import SelfInstructParams
 from stages.teacher import ResponseCache, Sampling, TeacherSession, make_backend
 

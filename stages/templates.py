@@ -57,3 +57,63 @@ def encode_example(instruction: str, input: str, output: str, template: str, tok
     if not response_ids or response_ids[-1] != tok.eos_token_id:
         response_ids = response_ids + [tok.eos_token_id]
     return prompt_ids, response_ids
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def conversation_segments(messages: list[dict], template: str, tok) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) segments, in order; concatenated, they are
+    exactly the rendered text. Trained: each assistant turn with its end-of-turn marker.
+
+    `chat`: the tokenizer's chat template, rendered once per turn boundary (each render must be
+    a prefix of the next, or the template cannot be split and we refuse to guess offsets).
+    `alpaca`: Alpaca's prompt for the first round; later rounds append
+    "### Instruction:" / "### Response:" blocks; a system message goes before the preamble.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    if template == "alpaca":
+        head = (system[0]["content"].strip() + "\n\n") if system else ""
+        segs: list[tuple[str, bool]] = []
+        for k in range(0, len(turns) - 1, 2):
+            user, bot = turns[k]["content"], turns[k + 1]["content"]
+            prompt = render_prompt(user, "", "alpaca") if k == 0 else f"\n\n### Instruction:\n{user}\n\n### Response:\n"
+            segs += [(head + prompt if k == 0 else prompt, False), (bot, True)]
+        return segs
+    if template != "chat":
+        raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    full = tok.apply_chat_template(messages, tokenize=False)
+    bounds = []
+    for k in range(len(system), len(messages)):
+        if messages[k]["role"] != "assistant":
+            continue
+        start = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        end = tok.apply_chat_template(messages[: k + 1], tokenize=False).rstrip("\n")
+        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+            raise ValueError("chat template: a turn's rendering is not a prefix of the whole conversation")
+        bounds.append((len(start), len(end)))
+    segs, pos = [], 0
+    for a, b in bounds:
+        segs += [(full[pos:a], False), (full[a:b], True)]
+        pos = b
+    if full[pos:].strip():
+        segs.append((full[pos:], False))
+    return [s for s in segs if s[0]]
+
+
+def encode_conversation(messages: list[dict], template: str, tok) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask, built by tokenizing each segment and concatenating (never by
+    re-tokenizing the whole string and guessing offsets). Every trained turn under `alpaca`, and
+    the last one under `chat`, ends with the EOS token."""
+    ids: list[int] = []
+    mask: list[int] = []
+    segs = conversation_segments(messages, template, tok)
+    for k, (text, trained) in enumerate(segs):
+        part = tok(text, add_special_tokens=(k == 0 and template == "alpaca"))["input_ids"]
+        last_trained = trained and not any(t for _, t in segs[k + 1:])
+        if trained and (template == "alpaca" or last_trained) and (not part or part[-1] != tok.eos_token_id):
+            part = part + [tok.eos_token_id]
+        ids += part
+        mask += [int(trained)] * len(part)
+    return ids, mask

@@ -1,4 +1,10 @@
-"""Stage `tokenize`: render kept tasks with the student template, tokenize, mask, split.
+"""Stage `tokenize`: render conversations with the student template, tokenize, mask, split.
+
+Conversations (from `ingest`) are rendered with the template and tokenized segment by segment;
+only assistant turns (with their end-of-turn token) are trained. A conversation longer than
+`max_seq_len` is split at round boundaries (each piece keeps the system message), never losing
+its final round; a single round that does not fit loses the end of its answer, and the tokens
+dropped are counted.
 
 Output per split (nanoGPT style, read with np.memmap):
   `{split}_tokens.bin`  all token ids, concatenated (uint16 when the vocab fits, else uint32)
@@ -6,8 +12,8 @@ Output per split (nanoGPT style, read with np.memmap):
   `{split}_index.npy`   int64 [n, 2]: start offset and length of each example
   `{split}.parquet`     the example texts and rendered prompts (evaluate reads them)
   `meta.json`           tokenizer identity, dtype, template, max_seq_len
-The train/validation split hashes each example's instruction and input, so an example
-stays in its split when others are added or removed.
+The train/validation split hashes each conversation's first user message, so a conversation
+stays in its split when others are added or removed, and its pieces stay together.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from stages.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main, write_json
-from stages.templates import TEMPLATES, encode_example, render_prompt
+from stages.templates import TEMPLATES, encode_conversation, render_prompt
 
 
 @dataclass
@@ -32,7 +38,7 @@ class TokenizeParams:
     """Prompt template: `alpaca` (with-input / no-input) or `chat` (the student's chat template)."""
     max_seq_len: int = 512
     """Longer examples lose the end of their response (counted as truncations)."""
-    val_fraction: float = 0.1
+    val_fraction: float = 0.2
     """Share of examples held out for validation (at least one when there are two or more)."""
     split_seed: int = 0
     """Salt of the split hash."""
@@ -66,43 +72,96 @@ def assign_splits(rows: list[dict], val_fraction: float, salt: int) -> list[str]
     return splits
 
 
-def encode_rows(rows: list[dict], tok, template: str, max_seq_len: int):
-    """Yield (row, ids, mask, truncated) for every example; raises if a prompt alone is too long."""
-    for r in rows:
-        prompt, response = encode_example(r["instruction"], r["input"], r["output"], template, tok)
-        if len(prompt) >= max_seq_len:
-            yield r, None, None, "prompt_too_long"
-            continue
-        ids = (prompt + response)[:max_seq_len]
-        mask = ([0] * len(prompt) + [1] * len(response))[:max_seq_len]
-        yield r, ids, mask, "truncated" if len(prompt) + len(response) > max_seq_len else None
+def pieces(messages: list[dict], tok, template: str, max_seq_len: int):
+    """Yield (messages, ids, mask, tokens_dropped, reason) per piece of a conversation.
+
+    Rounds are packed greedily in order; a piece that would overflow starts a new one. A round
+    that alone overflows is cut at max_seq_len (reason `truncated`), or dropped when its prompt
+    alone does not fit (reason `prompt_too_long`).
+    """
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    rounds = [rest[k : k + 2] for k in range(0, len(rest) - 1, 2)]
+    current: list[list[dict]] = []
+    for rnd in rounds + [None]:
+        if rnd is not None:
+            ids, mask = encode_conversation(system + [m for r in current + [rnd] for m in r], template, tok)
+            if len(ids) <= max_seq_len:
+                current.append(rnd)
+                continue
+        if current:
+            msgs = system + [m for r in current for m in r]
+            ids, mask = encode_conversation(msgs, template, tok)
+            yield msgs, ids, mask, 0, None
+        current = []
+        if rnd is None:
+            break
+        msgs = system + rnd
+        ids, mask = encode_conversation(msgs, template, tok)
+        if len(ids) <= max_seq_len:
+            current = [rnd]
+        elif 0 in mask[max_seq_len - 1:] or 1 not in mask[:max_seq_len]:
+            yield msgs, None, None, len(ids), "prompt_too_long"
+        else:
+            yield msgs, ids[:max_seq_len], mask[:max_seq_len], len(ids) - max_seq_len, "truncated"
 
 
-def write_split(out: Path, split: str, encoded: list, dtype, template: str, tok) -> dict:
-    lengths = [len(ids) for _, ids, _, _ in encoded]
+def example_texts(msgs: list[dict], template: str, tok) -> dict:
+    """The piece's first round as evaluate reads it: instruction, output and the rendered prompt."""
+    user = next(m["content"] for m in msgs if m["role"] == "user")
+    bot = next(m["content"] for m in msgs if m["role"] == "assistant")
+    if template == "chat":
+        head = msgs[: next(i for i, m in enumerate(msgs) if m["role"] == "user") + 1]
+        prompt = tok.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = render_prompt(user, "", template, tok)
+    return {"instruction": user, "input": "", "output": bot, "prompt": prompt}
+
+
+def write_split(out: Path, split: str, encoded: list, dtype) -> dict:
+    """`encoded`: (texts, ids, mask) per example."""
+    lengths = [len(ids) for _, ids, _ in encoded]
     index = np.zeros((len(encoded), 2), dtype=np.int64)
     index[:, 1] = lengths
     index[1:, 0] = np.cumsum(lengths)[:-1]
-    tokens = np.fromiter((t for _, ids, _, _ in encoded for t in ids), dtype=dtype, count=sum(lengths))
-    mask = np.fromiter((m for _, _, ms, _ in encoded for m in ms), dtype=np.uint8, count=sum(lengths))
+    tokens = np.fromiter((t for _, ids, _ in encoded for t in ids), dtype=dtype, count=sum(lengths))
+    mask = np.fromiter((m for _, _, ms in encoded for m in ms), dtype=np.uint8, count=sum(lengths))
     with atomic_file(out / f"{split}_tokens.bin", "wb") as f:
         f.write(tokens.tobytes())
     with atomic_file(out / f"{split}_mask.bin", "wb") as f:
         f.write(mask.tobytes())
     with atomic_file(out / f"{split}_index.npy", "wb") as f:
         np.save(f, index)
-    texts = pl.DataFrame(
-        {
-            "instruction": [r["instruction"] for r, *_ in encoded],
-            "input": [r["input"] for r, *_ in encoded],
-            "output": [r["output"] for r, *_ in encoded],
-            "prompt": [render_prompt(r["instruction"], r["input"], template, tok) for r, *_ in encoded],
-        },
-        schema={"instruction": pl.String, "input": pl.String, "output": pl.String, "prompt": pl.String},
-    )
+    schema = {"id": pl.String, "source": pl.String, "instruction": pl.String, "input": pl.String,
+              "output": pl.String, "prompt": pl.String}
+    texts = pl.DataFrame([t for t, _, _ in encoded], schema=schema)
     with atomic_file(out / f"{split}.parquet", "wb") as f:
         texts.write_parquet(f, compression="zstd")
     return {"examples": len(encoded), "tokens": int(sum(lengths)), "trained_tokens": int(mask.sum())}
+
+
+def tokenize_conversations(convs: list[dict], tok, p: "TokenizeParams", dtype) -> tuple[dict, dict]:
+    """{split: [(texts, ids, mask)]} and stats."""
+    firsts = [{"instruction": next((m["content"] for m in c["messages"] if m["role"] == "user"), ""), "input": ""}
+              for c in convs]
+    splits = assign_splits(firsts, p.val_fraction, p.split_seed)
+    stats = {"conversations_in": len(convs), "examples": 0, "split_conversations": 0, "prompt_too_long": 0,
+             "truncated": 0, "tokens_dropped": 0}
+    by_split: dict[str, list] = {"train": [], "val": []}
+    for c, split in zip(convs, splits):
+        got = list(pieces(c["messages"], tok, p.template, p.max_seq_len))
+        stats["split_conversations"] += sum(ids is not None for _, ids, _, _, _ in got) > 1
+        for k, (msgs, ids, mask, dropped, why) in enumerate(got):
+            stats["tokens_dropped"] += dropped
+            if why:
+                stats[why] += 1
+            if ids is None:
+                continue
+            texts = {"id": f"{c['id']}#{c.get('copy', 0)}.{k}", "source": c.get("source"),
+                     **example_texts(msgs, p.template, tok)}
+            by_split[split].append((texts, ids, mask))
+            stats["examples"] += 1
+    return by_split, stats
 
 
 def main() -> None:
@@ -112,29 +171,21 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(p.tokenizer)
     if tok.eos_token_id is None:
         raise StageError(f"{p.tokenizer}: tokenizer has no EOS token")
-    rows = read_shards("data/filtered", "kept").sort(["request_index", "item_index"]).to_dicts()
-    splits = assign_splits(rows, p.val_fraction, p.split_seed)
+    convs = read_shards("data/conversations", "conversations").to_dicts()
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
-    encoded = list(encode_rows(rows, tok, p.template, p.max_seq_len))
-    stats = {"examples_in": len(rows), "prompt_too_long": 0, "truncated": 0}
-    by_split: dict[str, list] = {"train": [], "val": []}
-    for split, e in zip(splits, encoded):
-        if e[3]:
-            stats[e[3]] += 1
-        if e[1] is not None:
-            by_split[split].append(e)
+    by_split, stats = tokenize_conversations(convs, tok, p, dtype)
     with atomic_dir(p.out_dir) as out:
         for split, enc in by_split.items():
-            stats[split] = write_split(out, split, enc, dtype, p.template, tok)
+            stats[split] = write_split(out, split, enc, dtype)
         write_json(out / "meta.json", {
             "tokenizer": p.tokenizer, "tokenizer_id": tokenizer_id(tok), "vocab_size": len(tok),
             "eos_token_id": tok.eos_token_id, "dtype": np.dtype(dtype).name, "template": p.template,
             "max_seq_len": p.max_seq_len,
         })
     write_json("metrics/tokenize.json", stats)
-    log(f"tokenize: {stats['train']['examples']} train / {stats['val']['examples']} val examples, "
-        f"{stats['train']['tokens'] + stats['val']['tokens']} tokens, {stats['truncated']} truncated, "
-        f"{stats['prompt_too_long']} dropped (prompt too long)")
+    log(f"tokenize: {len(convs)} conversations -> {stats['train']['examples']} train / {stats['val']['examples']} val "
+        f"examples, {stats['train']['tokens'] + stats['val']['tokens']} tokens; {stats['split_conversations']} split, "
+        f"{stats['truncated']} truncated, {stats['prompt_too_long']} dropped, {stats['tokens_dropped']} tokens dropped")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def repo(tmp_path_factory) -> Path:
 
 def test_first_repro_builds_every_output(repo):
     out = sh(repo, "dvc", "repro")
-    assert ran(out) == ["seeds", "generate", "filter", "tokenize", "train", "evaluate"]
+    assert ran(out) == ["seeds", "generate", "filter", "ingest", "tokenize", "train", "evaluate"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "tokenize", "train", "evaluate"}
+    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "ingest", "tokenize", "train",
+                                   "evaluate"}
 
     seeds = pl.read_parquet(repo / "data/seeds/part-00000.parquet")
     assert seeds.height >= 175
@@ -101,8 +102,12 @@ def test_first_repro_builds_every_output(repo):
     index = np.load(repo / "data/tokens/train_index.npy")
     tokens = np.fromfile(repo / "data/tokens/train_tokens.bin", dtype=meta["dtype"])
     assert len(tokens) == index[:, 1].sum() > 0
+    im = json.loads((repo / "metrics/ingest.json").read_text())
+    convs = pl.read_parquet(repo / "data/conversations/conversations-00000.parquet")
+    assert im["sources"]["generated"]["read"] == kept.height and convs.height == im["conversations"] > 0
     tm = json.loads((repo / "metrics/tokenize.json").read_text())
-    assert tm["train"]["examples"] + tm["val"]["examples"] + tm["prompt_too_long"] == kept.height
+    assert tm["conversations_in"] == convs.height
+    assert tm["train"]["examples"] + tm["val"]["examples"] == tm["examples"] >= convs.height - tm["prompt_too_long"]
 
     assert (repo / "models/student/model.safetensors").exists() and (repo / "models/student/tokenizer.json").exists()
     train_m = json.loads((repo / "metrics/train/metrics.json").read_text())

@@ -119,7 +119,12 @@ def test_instances_of_one_task_share_its_novelty_decision():
     rows = [row("Convert the temperature from Celsius to Fahrenheit.", "20 C", "68 F", id="t0-0"),
             row("Convert the temperature from Celsius to Fahrenheit.", "0 C", "32 F", id="t0-1"),
             row("Give three tips for staying healthy today.", "", "Sleep.", id="t1-0"),
-            row("Give three tips for staying healthy today.", "", "Walk.", id="t1-1")]
+            row("Give three tips for staying healthy today.", "", "Walk.", id="t1-1"),
+            row("Convert the temperature from Celsius to Fahrenheit.", "5 C", "41 F", id="gen-2")]
+    for r, src in zip(rows, ["si-0", "si-0", "si-1", "si-1"]):
+        r["source"] = f"self_instruct:{src}"
+    rows[4]["source"] = "alpaca"
     out = list(filter_rows(rows, seeds, FilterParams()))
-    assert [o["reason"] for o in out] == [None, None, "too_similar", "too_similar"]
-    assert out[1]["rouge_max"] == out[0]["rouge_max"] < 0.7
+    # the Alpaca row repeating an instruction is a new task: ROUGE-L 1.0, rejected
+    assert [o["reason"] for o in out] == [None, None, "too_similar", "too_similar", "too_similar"]
+    assert out[1]["rouge_max"] == out[0]["rouge_max"] < 0.7 and out[4]["rouge_max"] == 1.0

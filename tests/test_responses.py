@@ -7,7 +7,8 @@ import json
 import pytest
 
 from stages.common import StageError
-from stages.responses import ResponsesParams, chat_prompt, judge_prompt, parse_judge, read_prompts, run
+from stages.prompts import read_prompts
+from stages.responses import ResponsesParams, chat_prompt, judge_prompt, parse_judge, run
 from stages.teacher import Sampling
 from tests.conftest import shared
 

@@ -6,9 +6,24 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages.templates import ALPACA_NO_INPUT, encode_example, render_prompt
+from stages.templates import ALPACA_NO_INPUT, encode_conversation, encode_example, render_prompt, user_message
 from stages.tokendata import IGNORE_INDEX, TokenSplit, collate
-from stages.tokenize import assign_splits, encode_rows, tokenizer_id, write_split
+from stages.tokenize import TokenizeParams, assign_splits, example_texts, pieces, tokenize_conversations, tokenizer_id, write_split
+
+
+def conv(*turns, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    for k, t in enumerate(turns):
+        msgs.append({"role": "user" if k % 2 == 0 else "assistant", "content": t})
+    return msgs
+
+
+def encode_rows(rows, tok, template, max_seq_len):
+    """Single-round conversations from Alpaca rows, as tokenize sees them: (texts, ids, mask, reason)."""
+    for r in rows:
+        msgs = conv(user_message(r["instruction"], r["input"]), r["output"])
+        for m, ids, mask, _, why in pieces(msgs, tok, template, max_seq_len):
+            yield {"id": "x", "source": "t", **example_texts(m, template, tok)}, ids, mask, why
 
 
 def test_alpaca_templates():
@@ -35,7 +50,7 @@ def test_mask_boundary_is_exact_and_eos_is_trained(tiny_tokenizer, template):
 def test_truncation_and_prompt_too_long(tiny_tokenizer):
     rows = [{"instruction": "write the list", "input": "", "output": " ".join(["word"] * 50)},
             {"instruction": " ".join(["the"] * 80), "input": "", "output": "x"}]
-    (r1, ids1, mask1, why1), (r2, ids2, _, why2) = encode_rows(rows, tiny_tokenizer, "alpaca", 60)
+    (_, ids1, mask1, why1), (_, ids2, _, why2) = encode_rows(rows, tiny_tokenizer, "alpaca", 60)
     assert len(ids1) == 60 and len(mask1) == 60 and why1 == "truncated" and mask1[-1] == 1
     assert ids2 is None and why2 == "prompt_too_long"
 
@@ -56,7 +71,7 @@ def test_arrays_round_trip_and_collate(tmp_path, tiny_tokenizer):
     rows = [{"instruction": "write the list", "input": "", "output": "a b"},
             {"instruction": "name three words", "input": "the a", "output": "it is"}]
     enc = list(encode_rows(rows, tok, "alpaca", 512))
-    stats = write_split(tmp_path, "train", enc, np.uint16, "alpaca", tok)
+    stats = write_split(tmp_path, "train", [e[:3] for e in enc], np.uint16)
     (tmp_path / "meta.json").write_text('{"dtype": "uint16", "tokenizer_id": "x"}')
     data = TokenSplit(tmp_path, "train")
     assert len(data) == 2 and stats["examples"] == 2
@@ -72,7 +87,7 @@ def test_arrays_round_trip_and_collate(tmp_path, tiny_tokenizer):
         assert lab == [t if m else IGNORE_INDEX for t, m in zip(ids.tolist(), mask.tolist())]
         assert (b["labels"][i, len(ids):] == IGNORE_INDEX).all()
     texts = pl.read_parquet(tmp_path / "train.parquet")
-    assert texts["prompt"][1] == render_prompt("name three words", "the a", "alpaca")
+    assert texts["prompt"][1] == render_prompt("name three words\n\nthe a", "", "alpaca")
 
 
 def test_tokenizer_id_tells_tokenizers_apart(tiny_tokenizer):
@@ -80,3 +95,74 @@ def test_tokenizer_id_tells_tokenizers_apart(tiny_tokenizer):
 
     assert tokenizer_id(tiny_tokenizer) == tokenizer_id(make_tokenizer())
     assert tokenizer_id(tiny_tokenizer) != tokenizer_id(make_tokenizer(["other words entirely"]))
+
+
+# ---------------------------------------------------------------- conversations (multi-turn)
+
+TURNS = ("write the list", "a b c", "name a fruit", "pear", "three words", "the a b")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+@pytest.mark.parametrize("system", [None, "be brief"])
+def test_golden_multi_turn_masks(tiny_tokenizer, template, system):
+    """Decoded ids equal the rendered text, and the mask covers exactly the assistant turns."""
+    from stages.templates import conversation_segments
+
+    tok = tiny_tokenizer
+    msgs = conv(*TURNS, system=system)
+    ids, mask = encode_conversation(msgs, template, tok)
+    segs = conversation_segments(msgs, template, tok)
+    rendered = "".join(t for t, _ in segs)
+    if template == "chat":
+        full = tok.apply_chat_template(msgs, tokenize=False)
+        assert rendered == full.rstrip("\n")
+    else:
+        assert rendered.startswith((system + "\n\n" if system else "") + render_prompt(TURNS[0], "", "alpaca"))
+    decoded = tok.decode(ids)
+    eos = tok.eos_token
+    if template == "alpaca":  # BOS from the tokenizer, EOS after every answer
+        assert decoded == tok.bos_token + "".join(t + (eos if trained else "") for t, trained in segs)
+    else:
+        # the last answer ends with EOS (appended when the template's end-of-turn token is another)
+        assert decoded == rendered + ("" if rendered.endswith(eos) else eos)
+    # the trained spans, decoded, are exactly the assistant turns with their end-of-turn token
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans += [cur] if cur else []
+    answers = [TURNS[1], TURNS[3], TURNS[5]]
+    assert len(spans) == 3
+    for span, answer in zip(spans, answers):
+        assert span[-1] == tok.eos_token_id or tok.decode(span).endswith("<|im_end|>")
+        assert tok.decode(span, skip_special_tokens=True).strip() == answer
+
+
+def test_long_conversations_split_at_rounds_keeping_the_last(tiny_tokenizer):
+    tok = tiny_tokenizer
+    long_answer = " ".join(["word"] * 40)
+    msgs = conv("write the list", long_answer, "name a fruit", long_answer, "three words", "the end", system="sys")
+    whole = len(encode_conversation(msgs, "alpaca", tok)[0])
+    got = list(pieces(msgs, tok, "alpaca", whole - 1))
+    assert len(got) == 2 and all(why is None for *_, why in got)
+    assert got[-1][0][-1]["content"] == "the end"  # the final round is kept
+    assert all(m[0]["role"] == "system" for m, *_ in got)  # every piece keeps the system message
+    assert [m["content"] for m, *_ in got for m in m[1:]] == [m["content"] for m in msgs[1:]]
+    # a round that alone overflows: cut, tokens counted; one whose prompt overflows: dropped
+    one = list(pieces(conv("write the list", long_answer), tok, "alpaca", 60))
+    (_, ids, mask, dropped, why), = one
+    assert why == "truncated" and len(ids) == 60 and dropped > 0 and mask[-1] == 1
+    (_, ids, _, dropped, why), = pieces(conv(" ".join(["the"] * 80), "x"), tok, "alpaca", 60)
+    assert ids is None and why == "prompt_too_long" and dropped > 60
+
+
+def test_tokenize_conversations_stats_and_ids(tiny_tokenizer):
+    convs = [{"id": "s:1", "source": "s", "copy": 0, "messages": conv("write the list", "a b")},
+             {"id": "s:1", "source": "s", "copy": 1, "messages": conv("write the list", "a b")},
+             {"id": "s:2", "source": "s", "copy": 0, "messages": conv(*TURNS)}]
+    by_split, stats = tokenize_conversations(convs, tiny_tokenizer, TokenizeParams(val_fraction=0.0), np.uint16)
+    assert stats["conversations_in"] == 3 and stats["examples"] == 3 and stats["split_conversations"] == 0
+    assert [t["id"] for t, _, _ in by_split["train"]] == ["s:1#0.0", "s:1#1.0", "s:2#0.0"]

@@ -12,7 +12,8 @@ import torch
 from stages.common import StageError, write_json
 from stages.evaluate import validation_loss
 from stages.tokendata import TokenSplit
-from stages.tokenize import encode_rows, tokenizer_id, write_split
+from stages.templates import encode_conversation, user_message
+from stages.tokenize import example_texts, tokenizer_id, write_split
 from stages.train import TrainParams, batches, lr_at, train
 
 ROWS = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", "output": "three words " * (1 + i % 3)}
@@ -21,9 +22,14 @@ ROWS = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", 
 
 def make_data(folder, tok, rows=ROWS):
     folder.mkdir(parents=True, exist_ok=True)
-    enc = list(encode_rows(rows, tok, "alpaca", 1024))
-    write_split(folder, "train", enc, np.uint16, "alpaca", tok)
-    write_split(folder, "val", enc[:2], np.uint16, "alpaca", tok)
+    enc = []
+    for i, r in enumerate(rows):
+        msgs = [{"role": "user", "content": user_message(r["instruction"], r["input"])},
+                {"role": "assistant", "content": r["output"]}]
+        enc.append(({"id": str(i), "source": "t", **example_texts(msgs, "alpaca", tok)},
+                    *encode_conversation(msgs, "alpaca", tok)))
+    write_split(folder, "train", enc, np.uint16)
+    write_split(folder, "val", enc[:2], np.uint16)
     write_json(folder / "meta.json", {"dtype": "uint16", "tokenizer_id": tokenizer_id(tok), "tokenizer": "tiny"})
     return folder
 

@@ -1,0 +1,451 @@
+"""Stage `ingest`: external teacher conversations and generated tasks -> one conversation schema.
+
+Koala trained on ChatGPT dialogues users shared (ShareGPT) and on HC3; FastChat cleaned ShareGPT
+with scripts. Here every source becomes rows of `{id, source, original_id, licence, origin,
+messages: [{role: system|user|assistant, content}]}`, then goes through cleaning steps, each
+counted with its reason (datatrove style: pure steps, stats and drop reasons):
+
+1. read: ShareGPT JSON/JSONL, Alpaca JSON/JSONL, HC3 JSONL (`answers: chatgpt` or `human`),
+   OpenAI-messages JSONL, and this pipeline's filtered tasks (`format: generated`); a malformed
+   record is reported with source, file and position and never stops the others;
+2. clean text: HTML to markdown, "Copy code" artefacts, regenerate counters;
+3. roles: a leading system message is kept, leading assistant messages and a trailing user
+   message are dropped, consecutive same-role messages are merged, an empty message ends the
+   conversation;
+4. repeated ids, ChatGPT's "Too many requests" replies and conversations naming the teacher or
+   its vendor are dropped;
+5. language ID per message (py3langid) against `languages`;
+6. exact dedupe on (first user message, first assistant message), then MinHash-LSH;
+7. decontamination: word n-gram overlap of user messages with declared eval prompt sets;
+8. caps per source, then the named mixture's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from stages.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json, write_shards
+
+FORMATS = ("sharegpt", "alpaca", "hc3", "messages", "generated")
+ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
+        "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+BLOCKED = "Too many requests in 1 hour. Try again later."
+TEACHER_NAMES = ["openai", "chatgpt", "gpt-3", "gpt3", "gpt-4", "gpt4", "chat-gpt", "open-ai", "open ai", "chadgpt"]
+
+
+@dataclass
+class IngestParams:
+    sources: dict = field(default_factory=lambda: {"generated": {"format": "generated", "licence": "teacher-terms"}})
+    """name -> {format, path, licence, cap (0: all), answers (hc3: chatgpt | human)}."""
+    mixtures: dict = field(default_factory=lambda: {"distill": {"generated": 1.0}})
+    """name -> {source: weight}; weight < 1 keeps that share (seeded by id), 2 repeats twice."""
+    mixture: str = "distill"
+    """The mixture to build."""
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    """Keep conversations whose messages are all in these languages (ISO 639-1); empty: keep all."""
+    min_language_chars: int = 20
+    """Messages shorter than this are not language-checked (too short to identify)."""
+    teacher_names: list[str] = field(default_factory=lambda: list(TEACHER_NAMES))
+    """Drop conversations mentioning any of these (case-insensitive)."""
+    minhash_threshold: float = 0.9
+    """Near-duplicate conversations above this estimated Jaccard are dropped (0 disables)."""
+    minhash_num_perm: int = 128
+    """MinHash permutations."""
+    minhash_ngram: int = 5
+    """Word n-gram shingles."""
+    decontaminate: list[str] = field(default_factory=list)
+    """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must not share."""
+    decontam_ngram: int = 8
+    """Word n-gram length for decontamination (a shorter eval prompt must not appear whole)."""
+    seed: int = 0
+    """Seeds mixture sampling."""
+    out_dir: str = "data/conversations"
+    """Output folder: `conversations-*.parquet`, `dropped-*.parquet`."""
+    rows_per_shard: int = 50_000
+    """Rows per parquet shard."""
+
+    def __post_init__(self):
+        check(self.mixture in self.mixtures, f"mixture: {self.mixture!r} is not in mixtures {sorted(self.mixtures)}")
+        for name, src in self.sources.items():
+            check(isinstance(src, dict) and src.get("format") in FORMATS,
+                  f"sources.{name}.format: expected one of {FORMATS}")
+            unknown = set(src) - {"format", "path", "licence", "cap", "answers"}
+            check(not unknown, f"sources.{name}: unknown keys {sorted(unknown)}")
+            check(src["format"] == "generated" or bool(src.get("path")), f"sources.{name}.path: required")
+            check(src["format"] != "hc3" or src.get("answers") in ("chatgpt", "human"),
+                  f"sources.{name}.answers: chatgpt or human (hc3)")
+        for mix, weights in self.mixtures.items():
+            for s, w in weights.items():
+                check(s in self.sources, f"mixtures.{mix}: unknown source {s!r}")
+                check(isinstance(w, (int, float)) and w >= 0, f"mixtures.{mix}.{s}: weight must be >= 0")
+        check(0 <= self.minhash_threshold <= 1 and self.decontam_ngram >= 1, "minhash_threshold in [0, 1], decontam_ngram >= 1")
+
+
+# ---------------------------------------------------------------- 1. read
+
+
+class Malformed(Exception):
+    pass
+
+
+def _records(path: Path) -> Iterator[tuple[str, object]]:
+    """(position, record or Malformed) for a JSON array or a JSONL file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(recs, list):
+            raise StageError(f"{path}: expected a JSON array")
+        yield from ((f"[{i}]", r) for i, r in enumerate(recs))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f":{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise Malformed(f"{what}: expected a string")
+    return value
+
+
+def to_messages(rec, fmt: str, answers: str | None = None) -> list[tuple[str | None, list[dict]]]:
+    """(original id, messages) conversations of one record; raises Malformed."""
+    if isinstance(rec, Malformed):
+        raise rec
+    if not isinstance(rec, dict):
+        raise Malformed("expected an object")
+    if fmt == "sharegpt":
+        turns = rec.get("conversations", rec.get("items"))
+        if not isinstance(turns, list):
+            raise Malformed("conversations: expected a list")
+        msgs = []
+        for k, t in enumerate(turns):
+            if not isinstance(t, dict) or t.get("from") not in ROLE:
+                raise Malformed(f"conversations[{k}].from: expected one of {sorted(ROLE)}")
+            msgs.append({"role": ROLE[t["from"]], "content": _text(t.get("value"), f"conversations[{k}].value")})
+        return [(rec.get("id"), msgs)]
+    if fmt in ("alpaca", "generated"):
+        inst = _text(rec.get("instruction"), "instruction")
+        inp = _text(rec.get("input") or "", "input")
+        user = inst.strip() + (f"\n\n{inp.strip()}" if inp.strip() else "")
+        return [(rec.get("id"), [{"role": "user", "content": user},
+                                 {"role": "assistant", "content": _text(rec.get("output"), "output")}])]
+    if fmt == "hc3":
+        q = _text(rec.get("question"), "question")
+        key = f"{answers}_answers"
+        ans = rec.get(key)
+        if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
+            raise Malformed(f"{key}: expected a list of strings")
+        base = rec.get("id")
+        return [(f"{base}-{k}" if base is not None else None,
+                 [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for k, a in enumerate(ans)]
+    if fmt == "messages":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list):
+            raise Malformed("messages: expected a list")
+        out = []
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise Malformed(f"messages[{k}].role: expected system, user or assistant")
+            out.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{k}].content")})
+        return [(rec.get("id"), out)]
+    raise ValueError(fmt)
+
+
+def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """(conversations, malformed reports) of one source, in file order."""
+    fmt, licence = src["format"], src.get("licence", "unknown")
+    if fmt == "generated":
+        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], "data/filtered"
+    else:
+        path = Path(src["path"])
+        if not path.is_file():
+            raise StageError(f"sources.{name}.path: {path} not found")
+        items, where = _records(path), str(path)
+    convs, bad = [], []
+    for pos, rec in items:
+        try:
+            for k, (oid, msgs) in enumerate(to_messages(rec, fmt, src.get("answers"))):
+                oid = str(oid) if oid is not None else f"{pos}-{k}"
+                convs.append({"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
+                              "origin": f"{where}{pos}", "messages": msgs})
+        except Malformed as e:
+            bad.append({"source": name, "origin": f"{where}{pos}", "reason": str(e)})
+    return convs, bad
+
+
+# ---------------------------------------------------------------- 2-4. text, roles, teacher names
+
+_HTML = re.compile(r"<(div|p|span|pre|code|ol|ul|li|br|h[1-6]|table|tr|td|strong|em|b|i|a)\b[^>]*>", re.I)
+
+
+def clean_text(text: str) -> str:
+    """HTML to markdown, then FastChat's artefact fixes ("Copy code", regenerate counters)."""
+    if _HTML.search(text):
+        from markdownify import markdownify
+
+        text = markdownify(text, heading_style="ATX", code_language="")
+    text = re.sub(r"^\s*\d+\s*/\s*\d+\s*\n", "", text)  # regenerate counter "2 / 2"
+    text = re.sub(r"Copy\d+ chars / \d+ words", "", text)
+    text = re.sub(r"```\s*(\w*?)\s*Copy code\s*", lambda m: f"```{m.group(1)}\n", text)
+    text = text.replace("\nCopy code\n", "\n\n")
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def fix_roles(msgs: list[dict]) -> tuple[list[dict] | None, str | None, bool]:
+    """(messages, drop reason, repaired). Alternation user/assistant after an optional system message."""
+    out: list[dict] = []
+    repaired = False
+    for m in msgs:
+        if not m["content"].strip():
+            repaired = True
+            break  # an empty message ends the conversation (FastChat)
+        if m["role"] == "system" and out:
+            repaired = True
+            m = {"role": "user", "content": m["content"]}
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+            repaired = True
+        else:
+            out.append(dict(m))
+    start = 1 if out and out[0]["role"] == "system" else 0
+    while len(out) > start and out[start]["role"] != "user":
+        del out[start]
+        repaired = True
+    while out and out[-1]["role"] != "assistant":
+        out.pop()
+        repaired = True
+    if sum(m["role"] == "assistant" for m in out) == 0:
+        return None, "no_assistant_turn", repaired
+    return out, None, repaired
+
+
+def names_teacher(msgs: list[dict], names: list[str]) -> str | None:
+    if not names:
+        return None
+    pat = re.compile(r"(?<![\w-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w-])", re.I)
+    for m in msgs:
+        hit = pat.search(m["content"])
+        if hit:
+            return hit.group(1).lower()
+    return None
+
+
+# ---------------------------------------------------------------- 5. language
+
+
+def language_reason(msgs: list[dict], languages: list[str], min_chars: int) -> str | None:
+    """`language:xx` for the first message identified as a language outside `languages`."""
+    if not languages:
+        return None
+    import py3langid
+
+    for m in msgs:
+        text = re.sub(r"```.*?```", " ", m["content"], flags=re.S)  # code is no language
+        if len(text.strip()) < min_chars:
+            continue
+        lang, _ = py3langid.classify(text)
+        if lang not in languages:
+            return f"language:{lang}"
+    return None
+
+
+# ---------------------------------------------------------------- 6. duplicates
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def first_pair(msgs: list[dict]) -> tuple[str, str]:
+    user = next((m["content"] for m in msgs if m["role"] == "user"), "")
+    bot = next((m["content"] for m in msgs if m["role"] == "assistant"), "")
+    return _norm(user), _norm(bot)
+
+
+def conversation_shingles(msgs: list[dict], n: int) -> list[bytes]:
+    words = " ".join(m["content"] for m in msgs).lower().split()
+    grams = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+    return sorted(g.encode() for g in grams)
+
+
+# ---------------------------------------------------------------- 7. decontamination
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < n:
+        return {tuple(words)} if words else set()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+class Decontaminator:
+    """Flags text sharing a word n-gram with an eval prompt (or containing a whole short eval prompt)."""
+
+    def __init__(self, eval_sets: dict[str, list[str]], n: int):
+        self.n = n
+        self.index: dict[tuple[str, ...], str] = {}
+        self.short: dict[str, str] = {}  # eval prompts shorter than n words, matched whole
+        for name, prompts in eval_sets.items():
+            for p in prompts:
+                words = re.findall(r"\w+", p.lower())
+                if len(words) < n:
+                    if words:
+                        self.short.setdefault(" ".join(words), name)
+                else:
+                    for g in ngrams(p, n):
+                        self.index.setdefault(g, name)
+
+    def check(self, text: str) -> str | None:
+        for g in ngrams(text, self.n):
+            if g in self.index:
+                return self.index[g]
+        if self.short:
+            joined = " " + " ".join(re.findall(r"\w+", text.lower())) + " "
+            for s, name in self.short.items():
+                if f" {s} " in joined:
+                    return name
+        return None
+
+
+# ---------------------------------------------------------------- 8. mixture
+
+
+def keep_share(conv_id: str, weight: float, seed: int) -> int:
+    """How many copies of a conversation the mixture takes: floor(w) plus one more with probability frac(w)."""
+    whole, frac = int(weight), weight - int(weight)
+    u = int(hashlib.sha256(f"{seed}:{conv_id}".encode()).hexdigest()[:15], 16) / 16**15
+    return whole + (u < frac)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> tuple[list[dict], list[dict], dict]:
+    """Steps 2-7 over conversations in order: (kept, dropped with reasons, counters)."""
+    from datasketch import MinHash, MinHashLSH
+
+    kept, dropped = [], []
+    counts = {"html_or_artefacts_cleaned": 0, "roles_repaired": 0}
+    seen_pairs: dict[tuple[str, str], str] = {}
+    seen_ids: set[str] = set()
+    lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm) if p.minhash_threshold > 0 else None
+    for c in convs:
+        msgs = []
+        for m in c["messages"]:
+            text = clean_text(m["content"])
+            counts["html_or_artefacts_cleaned"] += text != m["content"].strip()
+            msgs.append({"role": m["role"], "content": text})
+        msgs, why, repaired = fix_roles(msgs)
+        counts["roles_repaired"] += repaired
+        detail = None
+        if why is None and c["id"] in seen_ids:
+            why, detail = "duplicate_id", c["origin"]
+        if why is None and any(m["role"] == "assistant" and m["content"].startswith(BLOCKED) for m in msgs):
+            why = "blocked"  # ChatGPT's rate-limit reply saved as an answer
+        if why is None:
+            name = names_teacher(msgs, p.teacher_names)
+            why, detail = ("names_teacher", name) if name else (None, None)
+        if why is None:
+            why = language_reason(msgs, p.languages, p.min_language_chars)
+        if why is None:
+            pair = first_pair(msgs)
+            if pair in seen_pairs:
+                why, detail = "duplicate", seen_pairs[pair]
+        if why is None and decon is not None:
+            hit = next((h for m in msgs if m["role"] in ("user", "system") for h in [decon.check(m["content"])] if h), None)
+            why, detail = ("contaminated", hit) if hit else (None, None)
+        if why is None and lsh is not None:
+            mh = MinHash(num_perm=p.minhash_num_perm, seed=1)
+            mh.update_batch(conversation_shingles(msgs, p.minhash_ngram))
+            twins = lsh.query(mh)
+            if twins:
+                why, detail = "near_duplicate", min(twins)
+            else:
+                lsh.insert(c["id"], mh)
+        if why is not None:
+            seen_ids.add(c["id"])
+            dropped.append({"id": c["id"], "source": c["source"], "origin": c["origin"], "step": "clean",
+                            "reason": why.split(":")[0], "detail": detail or (why.split(":", 1)[1] if ":" in why else None)})
+            continue
+        seen_pairs[first_pair(msgs)] = c["id"]
+        seen_ids.add(c["id"])
+        kept.append({**c, "messages": msgs})
+    return kept, dropped, counts
+
+
+SCHEMA = {"id": pl.String, "source": pl.String, "original_id": pl.String, "licence": pl.String, "origin": pl.String,
+          "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})), "copy": pl.Int64}
+DROPPED_SCHEMA = {"id": pl.String, "source": pl.String, "origin": pl.String, "step": pl.String, "reason": pl.String,
+                  "detail": pl.String}
+
+
+def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, list[str]]):
+    """The whole stage without file writes: (rows, dropped, metrics)."""
+    weights = p.mixtures[p.mixture]
+    convs, malformed = [], []
+    for name in weights:  # only the mixture's sources are read
+        got, bad = read_source(name, p.sources[name], generated)
+        convs += got
+        malformed += bad
+    decon = Decontaminator(eval_sets, p.decontam_ngram) if eval_sets else None
+    kept, dropped, counts = clean(convs, p, decon)
+    rows, per_source = [], {}
+    for name, w in weights.items():
+        cap = int(p.sources[name].get("cap") or 0)
+        mine = [c for c in kept if c["source"] == name]
+        for c in mine[cap:] if cap else []:
+            dropped.append({"id": c["id"], "source": name, "origin": c["origin"], "step": "cap", "reason": "over_cap",
+                            "detail": str(cap)})
+        mine = mine[:cap] if cap else mine
+        n = 0
+        for c in mine:
+            for k in range(keep_share(c["id"], w, p.seed)):
+                rows.append({**c, "copy": k})
+                n += 1
+        per_source[name] = {"read": sum(x["source"] == name for x in convs), "clean": len(mine), "in_mixture": n,
+                            "weight": w, "malformed": sum(b["source"] == name for b in malformed)}
+    for b in malformed:
+        dropped.append({"id": None, "source": b["source"], "origin": b["origin"], "step": "read", "reason": "malformed",
+                        "detail": b["reason"]})
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+    metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs), "malformed": len(malformed),
+               "dropped_by_reason": dict(sorted(reasons.items())), **counts, "sources": per_source}
+    return rows, dropped, metrics
+
+
+def main() -> None:
+    from stages.prompts import read_prompts
+
+    p = load_params(IngestParams, "ingest")
+    generated = None
+    if any(p.sources[s]["format"] == "generated" for s in p.mixtures[p.mixture]):
+        generated = read_shards("data/filtered", "kept").to_dicts()
+    eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
+    rows, dropped, metrics = build(p, generated, eval_sets)
+    for b in (d for d in dropped if d["reason"] == "malformed"):
+        log(f"ingest: {b['origin']}: malformed record ({b['source']}): {b['detail']}")
+    with atomic_dir(p.out_dir) as tmp:
+        write_shards(pl.DataFrame(rows, schema=SCHEMA), tmp, "conversations", p.rows_per_shard)
+        write_shards(pl.DataFrame(dropped, schema=DROPPED_SCHEMA), tmp, "dropped", p.rows_per_shard)
+    write_json("metrics/ingest.json", metrics)
+    log(f"ingest ({p.mixture}): {len(rows)} conversations; dropped {metrics['dropped_by_reason']}")
+
+
+if __name__ == "__main__":
+    run_main(main)

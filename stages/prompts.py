@@ -1,0 +1,64 @@
+"""Prompt files: Alpaca JSON, ShareGPT JSON (first human turn), JSONL with a prompt field or OpenAI messages.
+
+Used by `generate` (response distillation) and `ingest` (eval prompt sets for decontamination).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.common import StageError
+
+PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
+
+
+def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
+    """[{instruction, input, source}] from an Alpaca / ShareGPT JSON array or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: prompt file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(recs, list):
+            raise StageError(f"{path}: expected a JSON array of records")
+        where = [f"{path}[{i}]" for i in range(len(recs))]
+    else:
+        recs, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise StageError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+                where.append(f"{path}:{n}")
+    out = []
+    for rec, loc in zip(recs, where):
+        out.append({**prompt_of(rec, loc), "source": loc})
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def prompt_of(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise StageError(f"{where}: expected an object")
+    if isinstance(rec.get("conversations"), list):  # ShareGPT
+        turns = [t for t in rec["conversations"] if isinstance(t, dict) and t.get("from") in ("human", "user")]
+        if not turns or not isinstance(turns[0].get("value"), str):
+            raise StageError(f"{where}: conversations: no human turn")
+        return {"instruction": turns[0]["value"], "input": ""}
+    if isinstance(rec.get("messages"), list):  # OpenAI messages
+        turns = [m for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        if not turns or not isinstance(turns[0].get("content"), str):
+            raise StageError(f"{where}: messages: no user message")
+        return {"instruction": turns[0]["content"], "input": ""}
+    for f in PROMPT_FIELDS:
+        if isinstance(rec.get(f), str) and rec[f].strip():
+            inp = rec.get("input", "")
+            return {"instruction": rec[f], "input": inp if isinstance(inp, str) else ""}
+    raise StageError(f"{where}: none of the fields {PROMPT_FIELDS}, conversations or messages holds a prompt")
