@@ -23,15 +23,14 @@ counted with its reason (datatrove style: pure steps, stats and drop reasons):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from stages.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json, write_shards
+from stages.prompts import Malformed, records
 
 FORMATS = ("sharegpt", "alpaca", "hc3", "messages", "generated")
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
@@ -89,30 +88,6 @@ class IngestParams:
 
 
 # ---------------------------------------------------------------- 1. read
-
-
-class Malformed(Exception):
-    pass
-
-
-def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """(position, record or Malformed) for a JSON array or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            recs = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(recs, list):
-            raise StageError(f"{path}: expected a JSON array")
-        yield from ((f"[{i}]", r) for i, r in enumerate(recs))
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f":{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
 
 
 def _text(value, what: str) -> str:
@@ -174,7 +149,7 @@ def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tu
         path = Path(src["path"])
         if not path.is_file():
             raise StageError(f"sources.{name}.path: {path} not found")
-        items, where = _records(path), str(path)
+        items, where = records(path), str(path)
     convs, bad = [], []
     for pos, rec in items:
         try:

@@ -13,11 +13,12 @@ from stages.common import StageError
 PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
 
 
-def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
-    """[{instruction, input, source}] from an Alpaca / ShareGPT JSON array or a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: prompt file not found")
+class Malformed(Exception):
+    """One bad record; the caller decides whether it stops the file."""
+
+
+def records(path: Path):
+    """(position, record or Malformed) of a JSON array (`[i]`) or a JSONL file (`:line`)."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -26,19 +27,26 @@ def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
             raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(recs, list):
             raise StageError(f"{path}: expected a JSON array of records")
-        where = [f"{path}[{i}]" for i in range(len(recs))]
-    else:
-        recs, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise StageError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-                where.append(f"{path}:{n}")
+        yield from ((f"[{i}]", r) for i, r in enumerate(recs))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f":{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
+
+
+def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
+    """[{instruction, input, source}] from an Alpaca / ShareGPT JSON array or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: prompt file not found")
     out = []
-    for rec, loc in zip(recs, where):
-        out.append({**prompt_of(rec, loc), "source": loc})
+    for pos, rec in records(path):
+        if isinstance(rec, Malformed):
+            raise StageError(f"{path}{pos}: {rec}")
+        out.append({**prompt_of(rec, f"{path}{pos}"), "source": f"{path}{pos}"})
         if limit and len(out) >= limit:
             break
     return out
