@@ -2,6 +2,9 @@
 
 `TokenSplit` memory-maps one split; `collate` right-pads a list of examples into
 (input_ids, attention_mask, labels) with labels -100 on the prompt and the padding;
+`pack` bin-packs examples into fixed-width rows and `collate_packed` builds such rows with
+position ids that restart for each example and a block-diagonal causal mask, so packed
+examples never attend to each other;
 `masked_loss_sum` gives the summed cross-entropy over trained tokens and their count,
 so callers can normalise by the number of supervised tokens of a whole batch.
 """
@@ -49,12 +52,83 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def pack(lengths, width: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example indices into rows of `width` tokens.
+
+    Deterministic (ties by index); an example longer than `width` gets a row of its own.
+    """
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free slots, row), sorted
+    for i in order:
+        n = int(lengths[i])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, r = free.pop(at)
+            rows[r].append(i)
+            if room - n > 0:
+                bisect.insort(free, (room - n, r))
+        else:
+            rows.append([i])
+            if width - n > 0:
+                bisect.insort(free, (width - n, len(rows) - 1))
+    return rows
+
+
+def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int) -> dict:
+    """Packed rows: input_ids, labels, position_ids (restarting per example), `block` (bool
+    [rows, 1, width, width]: causal within an example, nothing across examples; a padding
+    position sees only itself) and attention_mask (1 on real tokens, for counting)."""
+    import torch
+
+    width = max(width, max(sum(len(ids) for ids, _ in row) for row in rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    block = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for r, row in enumerate(rows):
+        pos = 0
+        for ids, mask in row:
+            n = len(ids)
+            input_ids[r, pos : pos + n] = torch.from_numpy(ids)
+            labels[r, pos : pos + n] = torch.where(torch.from_numpy(mask.astype(bool)), torch.from_numpy(ids), IGNORE_INDEX)
+            position_ids[r, pos : pos + n] = torch.arange(n)
+            attention[r, pos : pos + n] = 1
+            block[r, 0, pos : pos + n, pos : pos + n] = causal[:n, :n]
+            pos += n
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "block": block,
+            "attention_mask": attention}
+
+
+def targets_of(batch: dict):
+    """Next-token targets: labels shifted left; in a packed row the target at an example boundary
+    (the next example's first token) is ignored."""
+    targets = batch["labels"][:, 1:]
+    if "position_ids" in batch:
+        targets = targets.masked_fill(batch["position_ids"][:, 1:] == 0, IGNORE_INDEX)
+    return targets
+
+
 def masked_loss_sum(model, batch: dict):
-    """(sum of next-token cross-entropy over trained tokens, number of trained tokens)."""
+    """(sum of next-token cross-entropy over trained tokens, number of trained tokens).
+
+    A packed batch (with `block`) runs with its block-diagonal mask and restarted position ids.
+    """
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
+    if "block" in batch:
+        dtype = next(model.parameters()).dtype
+        bias = torch.zeros(batch["block"].shape, dtype=dtype, device=batch["block"].device)
+        bias = bias.masked_fill(~batch["block"], torch.finfo(dtype).min)
+        logits = model(input_ids=batch["input_ids"], attention_mask=bias, position_ids=batch["position_ids"]).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = targets_of(batch)
     loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

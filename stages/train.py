@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stages.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
-from stages.tokendata import TokenSplit, collate, masked_loss_sum
+from stages.tokendata import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
 
 
 @dataclass
@@ -60,6 +60,9 @@ class TrainParams:
     """accelerate mixed precision: `no`, `bf16` or `fp16` (bf16 on recent GPUs)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory on long sequences."""
+    packing: bool = False
+    """Bin-pack examples into rows of `tokenize.max_seq_len` tokens (block-diagonal attention, position
+    ids restart per example); `batch_size` then counts rows. Off: dynamic padding per micro-batch."""
     seed: int = 0
     """Seeds the data order, LoRA init and dropout."""
     out_dir: str = "models/student"
@@ -96,6 +99,17 @@ def batches(n: int, batch_size: int, seed: int):
         for i in range(0, n, batch_size):
             yield order[i : i + batch_size].tolist()
         epoch += 1
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory when on CUDA, else the process's peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def build_model(p: TrainParams):
@@ -139,20 +153,33 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
     model, opt = acc.prepare(model, opt)
     model.train()
     per_step = p.batch_size * p.grad_accum * acc.num_processes
-    total = p.max_steps or math.ceil(p.epochs * len(data) / per_step)
-    stream = batches(len(data), p.batch_size, p.seed)
-    log(f"train: {len(data)} examples, {total} steps of {per_step} examples, method={p.method}, "
+    if p.packing:
+        width = int(data.meta.get("max_seq_len") or data.index[:, 1].max())
+        units = pack(data.index[:, 1], width)
+
+        def make(idx):
+            return collate_packed([[data[i] for i in units[u]] for u in idx], width, pad_id)
+    else:
+        units = list(range(len(data)))
+
+        def make(idx):
+            return collate([data[i] for i in idx], pad_id)
+    total = p.max_steps or math.ceil(p.epochs * len(units) / per_step)
+    stream = batches(len(units), p.batch_size, p.seed)
+    unit = "packed rows" if p.packing else "examples"
+    log(f"train: {len(data)} examples{f' in {len(units)} packed rows' if p.packing else ''}, {total} steps of "
+        f"{per_step} {unit}, method={p.method}, "
         f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
     live = Live(dir=p.log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
     start = time.monotonic()
-    seen_tokens = 0
+    seen_tokens = seen_slots = seen_supervised = 0
     last_loss = float("nan")
     for step in range(total):
         # each process takes its own micro-batches from the same seeded stream
         micro = [next(stream) for _ in range(p.grad_accum * acc.num_processes)]
         mine = micro[acc.process_index :: acc.num_processes]
-        group = [collate([data[i] for i in idx], pad_id) for idx in mine]
-        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+        group = [make(idx) for idx in mine]
+        n_local = sum(int((targets_of(b) != -100).sum()) for b in group)
         n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item())
         for g in opt.param_groups:
             g["lr"] = p.learning_rate * lr_at(step, total, p)
@@ -172,18 +199,30 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        slots = sum(b["attention_mask"].numel() for b in group)
         seen_tokens += tokens
+        seen_slots += slots
+        seen_supervised += n_local
         last_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum").item()) / max(1, n_global)
         if live:
             live.log_metric("loss", last_loss)
             live.log_metric("learning_rate", opt.param_groups[0]["lr"])
-            live.log_metric("tokens_per_s", tokens * acc.num_processes / (time.monotonic() - t0))
+            dt = time.monotonic() - t0
+            live.log_metric("tokens_per_s", tokens * acc.num_processes / dt)
+            live.log_metric("supervised_tokens_per_s", n_global / dt)
+            live.log_metric("padding_efficiency", tokens / max(1, slots))
             live.next_step()
         log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
             f"{tokens / (time.monotonic() - t0):.0f} tok/s")
     seconds = time.monotonic() - start
     summary = {"steps": total, "final_loss": last_loss, "seconds": round(seconds, 1),
-               "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1)}
+               "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1),
+               "supervised_tokens_per_s": round(seen_supervised * acc.num_processes / seconds, 1),
+               "padding_efficiency": round(seen_tokens / max(1, seen_slots), 4),
+               "peak_memory_mb": peak_memory_mb()}
+    if live:
+        for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb"):
+            live.summary[k] = summary[k]
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(model)

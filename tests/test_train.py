@@ -20,7 +20,7 @@ ROWS = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", 
         for i in range(6)]
 
 
-def make_data(folder, tok, rows=ROWS):
+def make_data(folder, tok, rows=ROWS, max_seq_len=1024):
     folder.mkdir(parents=True, exist_ok=True)
     enc = []
     for i, r in enumerate(rows):
@@ -30,7 +30,8 @@ def make_data(folder, tok, rows=ROWS):
                     *encode_conversation(msgs, "alpaca", tok)))
     write_split(folder, "train", enc, np.uint16)
     write_split(folder, "val", enc[:2], np.uint16)
-    write_json(folder / "meta.json", {"dtype": "uint16", "tokenizer_id": tokenizer_id(tok), "tokenizer": "tiny"})
+    write_json(folder / "meta.json", {"dtype": "uint16", "tokenizer_id": tokenizer_id(tok), "tokenizer": "tiny",
+                                      "max_seq_len": max_seq_len})
     return folder
 
 
@@ -116,3 +117,74 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model):
     make_data(tmp_path / "tokens", make_tokenizer(["a different corpus entirely, with other merges"]))
     with pytest.raises(StageError, match="different tokenizer"):
         run_train(tmp_path, tiny_model, "x", max_steps=1)
+
+
+# ---------------------------------------------------------------- packing
+
+ROWS8 = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", "output": "three words " * (1 + i % 4)}
+         for i in range(8)]
+
+
+def test_pack_is_complete_deterministic_and_dense():
+    import random
+
+    from stages.tokendata import pack
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(3000)]  # Alpaca-like spread
+    rows = pack(lengths, 512)
+    assert sorted(i for r in rows for i in r) == list(range(3000))
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
+    assert rows == pack(lengths, 512)
+    assert sum(lengths) / (512 * len(rows)) > 0.95
+    assert pack([600, 10], 512) == [[0], [1]]  # too long for a row: a row of its own
+
+
+def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.tokendata import collate, collate_packed, masked_loss_sum
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok, ROWS8)
+    data = TokenSplit(tmp_path / "tokens", "train")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        singles = [masked_loss_sum(model, collate([data[i]], tok.pad_token_id)) for i in range(len(data))]
+        width = int(sum(data.index[:, 1][:5])) + 7  # 5 examples in row 0 plus padding, 3 in row 1
+        packed = collate_packed([[data[i] for i in range(5)], [data[i] for i in range(5, 8)]], width, tok.pad_token_id)
+        loss, n = masked_loss_sum(model, packed)
+    assert n == sum(k for _, k in singles)
+    assert float(loss) == pytest.approx(sum(float(s) for s, _ in singles), rel=1e-4)
+    assert packed["attention_mask"].sum() == data.index[:, 1].sum()
+    # and the examples really do not see each other: changing example 0 leaves example 1's loss alone
+    other = collate_packed([[(data[0][0][::-1].copy(), data[0][1]), data[1]]], width, tok.pad_token_id)
+    with torch.no_grad():
+        alone = masked_loss_sum(model, collate_packed([[data[1]]], width, tok.pad_token_id))[0]
+        both = masked_loss_sum(model, other)[0] - masked_loss_sum(model, collate([(data[0][0][::-1].copy(), data[0][1])],
+                                                                                 tok.pad_token_id))[0]
+    assert float(both) == pytest.approx(float(alone), rel=1e-4)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_first_step_is_the_same_for_8x1_and_1x8(tmp_path, tiny_model, packing):
+    """(micro-batch 8, accumulation 1) and (micro-batch 1, accumulation 8): the same update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = ROWS8 * 8 if packing else ROWS8  # packed: 64 examples in 8 or more rows
+    make_data(tmp_path / "tokens", tok, rows, max_seq_len=160)
+    kw = {"method": "full", "max_steps": 1, "packing": packing}
+    s1, p1 = run_train(tmp_path, tiny_model, "big", batch_size=8, grad_accum=1, **kw)
+    s2, p2 = run_train(tmp_path, tiny_model, "acc", batch_size=1, grad_accum=8, **kw)
+    assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(p1.out_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(p2.out_dir).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    logged = json.loads((tmp_path / "log-big" / "metrics.json").read_text())
+    assert 0 < logged["padding_efficiency"] <= 1 and logged["supervised_tokens_per_s"] > 0
+    assert logged["peak_memory_mb"] > 0
+    if packing:  # rows of 160 tokens hold several examples each, and are nearly full
+        data = TokenSplit(tmp_path / "tokens", "train")
+        assert data.index[:, 1].max() < 80 and s1["padding_efficiency"] > 0.85
