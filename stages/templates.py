@@ -117,3 +117,29 @@ def encode_conversation(messages: list[dict], template: str, tok) -> tuple[list[
         ids += part
         mask += [int(trained)] * len(part)
     return ids, mask
+
+
+def alpaca_chat_template(bos: bool) -> str:
+    """A Jinja chat template that renders conversations exactly as `conversation_segments` does
+    for `alpaca` (EOS after every answer; BOS first when the tokenizer adds one), so the exported
+    tokenizer's `apply_chat_template` feeds the student the format it was trained on."""
+    head = ALPACA_NO_INPUT.replace("{instruction}", "' + m['content'] + '")
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "{%- set ns = namespace(first=true) -%}"
+        + "{%- for m in messages -%}"
+        + "{%- if m['role'] == 'system' and loop.first -%}{{ m['content'] | trim }}{{ '\\n\\n' }}"
+        + "{%- elif m['role'] == 'user' and ns.first -%}{{ '" + head.replace("\n", "\\n") + "' }}"
+        + "{%- set ns.first = false -%}"
+        + "{%- elif m['role'] == 'user' -%}{{ '\\n\\n### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
+        + "{%- else -%}{{ m['content'] + eos_token }}{%- endif -%}"
+        + "{%- endfor -%}"
+    )
+
+
+def export_tokenizer(tok, template: str):
+    """The tokenizer to save with the student: the training template embedded as its chat template."""
+    if template == "alpaca":
+        probe = tok("x")["input_ids"]
+        tok.chat_template = alpaca_chat_template(bool(probe) and probe[0] == tok.bos_token_id)
+    return tok

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stages.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.templates import export_tokenizer
 from stages.tokendata import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
 
 
@@ -69,6 +70,11 @@ class TrainParams:
     """Output: Hugging Face model dir."""
     log_dir: str = "metrics/train"
     """dvclive folder (metrics.json and plots/)."""
+    checkpoint_every: int = 8
+    """Save a resumable checkpoint (model, optimizer, RNG states, step) every this many steps (0: never)."""
+    checkpoint_dir: str = "models/checkpoint"
+    """Where the last checkpoint lives (a persist DVC output); an interrupted run resumes from it
+    when params and data are unchanged, and it is removed when training completes."""
 
     def __post_init__(self):
         check(self.method in ("lora", "full"), f"method: expected lora or full, got {self.method!r}")
@@ -78,6 +84,7 @@ class TrainParams:
         check(0 <= self.warmup_ratio < 1, "warmup_ratio: must be in [0, 1)")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
         check(self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
+        check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
 
 
 def lr_at(step: int, total: int, p: TrainParams) -> float:
@@ -99,6 +106,55 @@ def batches(n: int, batch_size: int, seed: int):
         for i in range(0, n, batch_size):
             yield order[i : i + batch_size].tolist()
         epoch += 1
+
+
+def run_fingerprint(p: TrainParams, data: TokenSplit, num_processes: int) -> str:
+    """What a checkpoint must match to be resumed: every param that shapes the run, and the data."""
+    import hashlib
+
+    keep = {k: v for k, v in asdict(p).items() if k not in ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir")}
+    h = hashlib.sha256(json.dumps([keep, data.meta, num_processes], sort_keys=True).encode())
+    h.update(np.ascontiguousarray(data.index).tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(acc, p: TrainParams, step: int, fingerprint: str, history: list[dict]) -> None:
+    """accelerate state (model, optimizer, RNG) + step and logged metrics, swapped in atomically."""
+    import shutil
+    from pathlib import Path
+
+    final = Path(p.checkpoint_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "state"), safe_serialization=False)  # keeps tied weights (safetensors drops them)
+    if acc.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "history": history}))
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(acc, p: TrainParams, fingerprint: str) -> tuple[int, list[dict]]:
+    """(steps done, logged metrics) from a matching checkpoint, or (0, [])."""
+    from pathlib import Path
+
+    path = Path(p.checkpoint_dir)
+    meta = path / "progress.json"
+    if not meta.exists():
+        return 0, []
+    info = json.loads(meta.read_text())
+    if info.get("fingerprint") != fingerprint:
+        log(f"train: {path} is from other params or data: starting afresh")
+        return 0, []
+    acc.load_state(str(path / "state"))
+    log(f"train: resuming after step {info['step']} from {path}")
+    return int(info["step"]), info["history"]
 
 
 def peak_memory_mb() -> float:
@@ -170,11 +226,20 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
     log(f"train: {len(data)} examples{f' in {len(units)} packed rows' if p.packing else ''}, {total} steps of "
         f"{per_step} {unit}, method={p.method}, "
         f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
+    fingerprint = run_fingerprint(p, data, acc.num_processes)
+    done, history = load_checkpoint(acc, p, fingerprint) if p.checkpoint_every else (0, [])
+    for _ in range(done * p.grad_accum * acc.num_processes):  # the data position: replay the seeded stream
+        next(stream)
     live = Live(dir=p.log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
+    if live:
+        for row in history:  # the steps before the interruption, as they were logged
+            for k, v in row.items():
+                live.log_metric(k, v)
+            live.next_step()
     start = time.monotonic()
     seen_tokens = seen_slots = seen_supervised = 0
-    last_loss = float("nan")
-    for step in range(total):
+    last_loss = history[-1]["loss"] if history else float("nan")
+    for step in range(done, total):
         # each process takes its own micro-batches from the same seeded stream
         micro = [next(stream) for _ in range(p.grad_accum * acc.num_processes)]
         mine = micro[acc.process_index :: acc.num_processes]
@@ -204,16 +269,19 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         seen_slots += slots
         seen_supervised += n_local
         last_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum").item()) / max(1, n_global)
+        dt = time.monotonic() - t0
+        row = {"loss": last_loss, "learning_rate": opt.param_groups[0]["lr"],
+               "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
+               "padding_efficiency": tokens / max(1, slots)}
+        history.append(row)
         if live:
-            live.log_metric("loss", last_loss)
-            live.log_metric("learning_rate", opt.param_groups[0]["lr"])
-            dt = time.monotonic() - t0
-            live.log_metric("tokens_per_s", tokens * acc.num_processes / dt)
-            live.log_metric("supervised_tokens_per_s", n_global / dt)
-            live.log_metric("padding_efficiency", tokens / max(1, slots))
+            for k, v in row.items():
+                live.log_metric(k, v)
             live.next_step()
         log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-            f"{tokens / (time.monotonic() - t0):.0f} tok/s")
+            f"{tokens / dt:.0f} tok/s")
+        if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(acc, p, step + 1, fingerprint, history)
     seconds = time.monotonic() - start
     summary = {"steps": total, "final_loss": last_loss, "seconds": round(seconds, 1),
                "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1),
@@ -231,10 +299,15 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
                 model.save_pretrained(out / "adapter")
                 model = model.merge_and_unload()
             model.save_pretrained(out, safe_serialization=True)
-            tok.save_pretrained(out)
+            export_tokenizer(tok, data.meta.get("template", "chat")).save_pretrained(out)
             # no timings here: the checkpoint dir should depend only on params and data
             (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "data": data.meta}, indent=2, sort_keys=True))
         live.end()
+        import shutil
+
+        shutil.rmtree(p.checkpoint_dir, ignore_errors=True)  # the run is complete: nothing to resume
+    summary["losses"] = [h["loss"] for h in history]
+    summary["resumed_from_step"] = done
     return summary
 
 
@@ -242,7 +315,7 @@ def main() -> None:
     p = load_params(TrainParams, "train")
     set_threads()
     summary = train(p)
-    log(f"train: done {summary}")
+    log(f"train: done { {k: v for k, v in summary.items() if k != 'losses'} }")
 
 
 if __name__ == "__main__":

@@ -188,3 +188,58 @@ def test_first_step_is_the_same_for_8x1_and_1x8(tmp_path, tiny_model, packing):
     if packing:  # rows of 160 tokens hold several examples each, and are nearly full
         data = TokenSplit(tmp_path / "tokens", "train")
         assert data.index[:, 1].max() < 80 and s1["padding_efficiency"] > 0.85
+
+
+def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
+    """Kill -9 a run mid-way, rerun: it resumes from the last checkpoint (model, optimizer, RNG,
+    data position) and its loss sequence equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import ROOT
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok, ROWS8)
+    kw = {"method": "lora", "lora_r": 4, "lora_dropout": 0.1, "max_steps": 60, "batch_size": 2, "learning_rate": 1e-2,
+          "checkpoint_every": 3}
+    ref, _ = run_train(tmp_path, tiny_model, "ref", checkpoint_dir=str(tmp_path / "ck-ref"), **kw)
+    assert not (tmp_path / "ck-ref").exists()  # removed once complete
+
+    p = TrainParams(base_model=str(tiny_model), out_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log-run"),
+                    warmup_ratio=0.0, checkpoint_dir=str(tmp_path / "ck"), **kw)
+    code = ("import json, sys; from stages.train import TrainParams, train; "
+            "train(TrainParams(**json.loads(sys.argv[1])), sys.argv[2])")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tmp_path / "tokens")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "ck" / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (progress.exists() and json.loads(progress.read_text())["step"] >= 6):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = json.loads(progress.read_text())["step"]
+    assert 6 <= stopped_at < 60
+    resumed = train(p, str(tmp_path / "tokens"))
+    assert resumed["resumed_from_step"] == stopped_at and ref["resumed_from_step"] == 0
+    assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
+    assert len(resumed["losses"]) == 60
+    logged = [float(x.split("\t")[1]) for x in (tmp_path / "log-run" / "plots/metrics/loss.tsv").read_text().splitlines()[1:]]
+    assert logged == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
+    from stages.train import load_checkpoint
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "progress.json").write_text(json.dumps({"step": 5, "fingerprint": "abc", "history": [{"loss": 1.0}]}))
+    p = TrainParams(checkpoint_dir=str(ck))
+    assert load_checkpoint(None, p, "different") == (0, [])
+    assert load_checkpoint(None, TrainParams(checkpoint_dir=str(tmp_path / "none")), "abc") == (0, [])

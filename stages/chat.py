@@ -1,0 +1,101 @@
+"""Talk to the student (or any checkpoint the pipeline made), streaming its answers.
+
+    python -m stages.chat                      # interactive, models/student
+    python -m stages.chat --model models/teacher --file prompts.txt
+    python -m stages.chat --file prompts.jsonl --out answers.jsonl
+
+The prompt is rendered with the checkpoint's chat template: `train` embeds the template it
+trained with (Alpaca's or the model's own), so the student sees exactly its training format.
+Interactive mode keeps the conversation (`/reset` clears it, `/quit` or EOF ends). A file
+holds one prompt per line (.txt) or JSONL with an instruction/prompt/question/text field; each
+prompt starts a fresh conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if not tok.chat_template:
+        raise SystemExit(f"{model_dir}: the tokenizer has no chat template (train a student first, or pick a chat model)")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tok
+
+
+def reply(model, tok, messages: list[dict], max_new_tokens: int, temperature: float, stream=None) -> str:
+    """Generate the assistant's answer to `messages`; tokens are written to `stream` as they come."""
+    import torch
+    from transformers import TextStreamer
+
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").to(model.device)
+    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id or tok.eos_token_id,
+          "eos_token_id": tok.eos_token_id, "do_sample": temperature > 0}
+    if temperature > 0:
+        kw["temperature"] = temperature
+    if stream is not None:
+        kw["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, **kw)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def read_file(path: Path) -> list[str]:
+    if path.suffix in (".jsonl", ".json"):
+        from stages.prompts import read_prompts
+
+        return [p["instruction"] + (f"\n\n{p['input']}" if p["input"] else "") for p in read_prompts(path)]
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="models/student")
+    ap.add_argument("--file", type=Path, help="prompts to answer, one conversation each")
+    ap.add_argument("--out", type=Path, help="with --file: write {prompt, answer} JSONL here")
+    ap.add_argument("--system", default=None, help="a system message for every conversation")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    model, tok = load(args.model)
+    head = [{"role": "system", "content": args.system}] if args.system else []
+    if args.file:
+        rows = []
+        for prompt in read_file(args.file):
+            print(f">>> {prompt}", flush=True)
+            answer = reply(model, tok, head + [{"role": "user", "content": prompt}], args.max_new_tokens,
+                           args.temperature, stream=sys.stdout)
+            rows.append({"prompt": prompt, "answer": answer})
+        if args.out:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            tmp.replace(args.out)
+        return
+    history = list(head)
+    print(f"{args.model}: type a message (/reset clears the conversation, /quit ends)", flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history = list(head)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        answer = reply(model, tok, history, args.max_new_tokens, args.temperature, stream=sys.stdout)
+        history.append({"role": "assistant", "content": answer})
+
+
+if __name__ == "__main__":
+    main()

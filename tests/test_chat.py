@@ -1,0 +1,62 @@
+"""chat: the exported Alpaca chat template matches training, and the command answers from a file and stdin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stages.templates import encode_conversation, export_tokenizer
+from tests.conftest import ROOT, make_tokenizer
+
+CONVS = [
+    [{"role": "user", "content": "write the list"}, {"role": "assistant", "content": "a b c"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "write the list"},
+     {"role": "assistant", "content": "a b"}, {"role": "user", "content": "name a fruit"},
+     {"role": "assistant", "content": "pear"}],
+]
+
+
+@pytest.mark.parametrize("msgs", CONVS)
+def test_exported_alpaca_template_renders_the_training_text(msgs):
+    tok = export_tokenizer(make_tokenizer(), "alpaca")
+    ids, _ = encode_conversation(msgs, "alpaca", tok)
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok.decode(ids)
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids).startswith(prompt) and prompt.endswith("### Response:\n")
+
+
+def test_chat_template_is_kept_for_chat_training():
+    tok = make_tokenizer()
+    before = tok.chat_template
+    assert export_tokenizer(tok, "chat").chat_template == before
+
+
+def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from stages.chat import load, reply
+
+    model_dir = tmp_path / "student"
+    shutil.copytree(tiny_model, model_dir)
+    tiny_model = model_dir
+    tok = export_tokenizer(AutoTokenizer.from_pretrained(tiny_model), "alpaca")
+    tok.save_pretrained(tiny_model)
+    (tmp_path / "p.txt").write_text("write the list\n\nname a fruit\n")
+    out = tmp_path / "a.jsonl"
+    r = subprocess.run([sys.executable, "-m", "stages.chat", "--model", str(tiny_model), "--file", str(tmp_path / "p.txt"),
+                        "--out", str(out), "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["prompt"] for x in rows] == ["write the list", "name a fruit"]
+    assert r.stdout.count(">>> ") == 2
+    model, tok = load(str(tiny_model))  # greedy: the same answers in process
+    assert [x["answer"] for x in rows] == [reply(model, tok, [{"role": "user", "content": p}], 4, 0.0)
+                                           for p in ["write the list", "name a fruit"]]
+    r = subprocess.run([sys.executable, "-m", "stages.chat", "--model", str(tiny_model), "--max-new-tokens", "3"],
+                       cwd=ROOT, input="write the list\n/reset\nname a fruit\n/quit\nnever read\n",
+                       capture_output=True, text=True, check=True)
+    assert "type a message" in r.stdout
