@@ -157,6 +157,61 @@ def load_checkpoint(acc, p: TrainParams, fingerprint: str) -> tuple[int, list[di
     return int(info["step"]), info["history"]
 
 
+LINEAGE_STAGES = ("seeds", "teacher_model", "generate", "filter", "ingest", "tokenize")
+
+
+def lineage(lock_path: str = "dvc.lock") -> list[tuple[str, str, str]]:
+    """(stage, output, content hash) for every upstream output recorded in dvc.lock."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load(open(lock_path, encoding="utf-8")) or {}
+    except FileNotFoundError:
+        return []
+    rows = []
+    for stage in LINEAGE_STAGES:
+        for out in (lock.get("stages", {}).get(stage) or {}).get("outs", []):
+            # data and models only: metrics files and the append-only teacher cache (which grows
+            # with every other experiment) would change the card without changing the model
+            if out["path"].startswith("metrics/") or out["path"].rstrip("/").endswith("teacher_cache"):
+                continue
+            rows.append((stage, out["path"], out.get("md5") or out.get("hash", "")))
+    return rows
+
+
+def model_card(p: TrainParams, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
+    """README.md for the student: what it is, how it was made, and the hashes from seeds to weights."""
+    table = "\n".join(f"| `{s}` | `{o}` | `{h}` |" for s, o, h in lines) or "| (no dvc.lock found) | | |"
+    params = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(asdict(p).items()))
+    return f"""---
+base_model: {p.base_model}
+library_name: transformers
+tags: [stillhouse, distillation, {p.method}]
+---
+
+# Student distilled with stillhouse
+
+Fine-tuned from `{p.base_model}` ({p.method}) on {n_examples} teacher-written examples
+({n_tokens} tokens, template `{meta.get("template")}`, max length {meta.get("max_seq_len")}).
+The tokenizer's chat template is the training template, so `apply_chat_template` gives the
+model its training format; try it with `python -m stages.chat --model <this folder>`.
+
+## Lineage
+
+Content hashes (DVC) of every stage output this model was built from:
+
+| stage | output | hash |
+|---|---|---|
+{table}
+
+Tokenizer id: `{meta.get("tokenizer_id")}`
+
+## Training params
+
+{params}
+"""
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory when on CUDA, else the process's peak resident memory."""
     import resource
@@ -300,6 +355,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
                 model = model.merge_and_unload()
             model.save_pretrained(out, safe_serialization=True)
             export_tokenizer(tok, data.meta.get("template", "chat")).save_pretrained(out)
+            (out / "README.md").write_text(model_card(p, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
             # no timings here: the checkpoint dir should depend only on params and data
             (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "data": data.meta}, indent=2, sort_keys=True))
         live.end()

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from stages.common import StageError, write_json
 from stages.evaluate import validation_loss
@@ -243,3 +244,25 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
     p = TrainParams(checkpoint_dir=str(ck))
     assert load_checkpoint(None, p, "different") == (0, [])
     assert load_checkpoint(None, TrainParams(checkpoint_dir=str(tmp_path / "none")), "abc") == (0, [])
+
+
+def test_model_card_carries_the_lineage(tmp_path, tiny_model):
+    from stages.train import lineage, model_card
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "seeds": {"outs": [{"path": "data/seeds", "md5": "aaa.dir"}]},
+        "generate": {"outs": [{"path": "data/teacher_cache", "md5": "x.dir"}, {"path": "metrics/generate.json", "md5": "y"}]},
+        "tokenize": {"outs": [{"path": "data/tokens", "md5": "bbb.dir"}]},
+        "train": {"outs": [{"path": "models/student", "md5": "ccc.dir"}]}}}))
+    rows = lineage(str(lock))
+    assert rows == [("seeds", "data/seeds", "aaa.dir"), ("tokenize", "data/tokens", "bbb.dir")]
+    card = model_card(TrainParams(), {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
+    assert "| `seeds` | `data/seeds` | `aaa.dir` |" in card and "tid" in card and card.startswith("---\nbase_model:")
+    assert lineage(str(tmp_path / "missing.lock")) == []
+    # the trained student folder has its card
+    from transformers import AutoTokenizer
+
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    _, p = run_train(tmp_path, tiny_model, "carded", method="full", max_steps=1)
+    assert "# Student distilled with stillhouse" in (tmp_path / "carded" / "README.md").read_text()
