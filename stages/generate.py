@@ -16,8 +16,6 @@ teacher, sampling params, response id.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,7 @@ from stages.common import (StageError, atomic_dir, check, load_params, log, para
 from stages.prompts import read_prompts
 from stages.responses import ResponsesParams
 from stages.self_instruct import SelfInstructParams
-from stages.teacher import ResponseCache, Sampling, TeacherSession, make_backend
+from stages.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
 
 METHODS = ("alpaca", "self_instruct", "responses")
 
@@ -198,21 +196,13 @@ def build_prompts(seeds: list[dict], header: str, p: GenerateParams) -> tuple[li
     return prompts, shown
 
 
-def rows_from_records(records: list[dict], shown: list[list[str]], first_index: int, sampling: Sampling):
+def rows_from_records(records: list[dict], shown: list[list[str]], first_index: int):
     """Turn cached teacher records into (task rows, unparsed rows), in request order."""
     tasks, unparsed = [], []
     for i, rec in enumerate(records):
         if rec is None:  # failed this run; retried by the next one
             continue
-        base = {
-            "request_index": i,
-            "prompt_hash": hashlib.sha256(rec["prompt"].encode()).hexdigest()[:16],
-            "cache_key": rec["key"],
-            "response_id": rec["response_id"],
-            "teacher_model": rec["teacher"],
-            "sampling": json.dumps(asdict(sampling), sort_keys=True),
-            "finish_reason": rec["finish_reason"],
-        }
+        base = {"request_index": i, **provenance(rec)}
         for j, item in enumerate(parse_response(rec["text"], first_index, rec["finish_reason"])):
             if item["error"]:
                 unparsed.append({**base, "item_index": j, "step": "alpaca", "error": item["error"], "raw": item["raw"]})
@@ -260,7 +250,7 @@ def main() -> None:
         header = Path(p.prompt_file).read_text(encoding="utf-8")
         prompts, shown = build_prompts(seeds, header, p)
         records = session.ask(prompts, sampling, p.prompt_form)
-        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, sampling)
+        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1)
         steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
     elif p.method == "self_instruct":
         tasks, unparsed, steps = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.si, p.seed)
@@ -277,9 +267,7 @@ def main() -> None:
     for t in tasks:
         t["method"] = p.method
     stats = session.stats
-    errors: dict[str, int] = {}
-    for u in unparsed:
-        errors[u["error"]] = errors.get(u["error"], 0) + 1
+    errors = self_instruct.count(u["error"] for u in unparsed)
     metrics = {
         "method": p.method,
         "requests": stats.requests,
@@ -289,7 +277,7 @@ def main() -> None:
         "failed_by_reason": stats.failed_by_reason,
         "items_parsed": len(tasks),
         "items_unparsed": len(unparsed),
-        "unparsed_by_reason": dict(sorted(errors.items())),
+        "unparsed_by_reason": errors,
         "steps": steps,
         "finish_reasons": stats.by_finish,
         "prompt_tokens_called": stats.prompt_tokens,

@@ -57,7 +57,8 @@ def parse_judge(text: str | None, n: int) -> int | None:
 
 def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling):
     """Answer every prompt n times and keep one. Returns (task rows, drop rows, metrics)."""
-    from stages.self_instruct import count, provenance
+    from stages.self_instruct import count
+    from stages.teacher import provenance
 
     ans_sampling = Sampling(r.max_new_tokens, sampling.temperature, sampling.top_p, (), sampling.seed)
     records = ask([chat_prompt(p) for p in prompts for _ in range(r.n)], ans_sampling, "chat")

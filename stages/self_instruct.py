@@ -14,14 +14,12 @@ The driver that talks to the teacher is in `stages.generate`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass
 
 from stages.common import check
-from stages.teacher import Sampling
+from stages.teacher import Sampling, provenance
 
 BOOTSTRAP_HEADER = "Come up with a series of tasks:\n"
 BOOTSTRAP_STOP = ("\n\n", "\n16", "16.", "16 .")
@@ -230,12 +228,6 @@ class SelfInstructParams:
         check(0 < self.rouge_threshold <= 1, "self_instruct.rouge_threshold: must be in (0, 1]")
         check(self.classify_examples >= 2 and self.instance_demos >= 1, "classify_examples >= 2, instance_demos >= 1")
         check(self.max_instances >= 1 and self.instance_max_new_tokens >= 1, "max_instances, instance_max_new_tokens >= 1")
-
-
-def provenance(rec: dict) -> dict:
-    return {"prompt_hash": hashlib.sha256(rec["prompt"].encode()).hexdigest()[:16], "cache_key": rec["key"],
-            "response_id": rec["response_id"], "teacher_model": rec["teacher"],
-            "sampling": json.dumps(rec["sampling"], sort_keys=True), "finish_reason": rec["finish_reason"]}
 
 
 def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int):

@@ -308,6 +308,13 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
     return records, stats
 
 
+def provenance(rec: dict) -> dict:
+    """The provenance columns every generated row carries, from its cached teacher record."""
+    return {"prompt_hash": hashlib.sha256(rec["prompt"].encode()).hexdigest()[:16], "cache_key": rec["key"],
+            "response_id": rec["response_id"], "teacher_model": rec["teacher"],
+            "sampling": json.dumps(rec["sampling"], sort_keys=True), "finish_reason": rec["finish_reason"]}
+
+
 class TeacherSession:
     """Several rounds of requests (steps, growing pools) on one cache, with summed stats.
 

@@ -144,7 +144,7 @@ def test_cache_keeps_what_was_bought_before_a_crash(tmp_path):
 def test_rows_carry_provenance(tmp_path):
     reqs = assign_keys(["p0"], "fake:1", "completion", S)
     recs, _ = run_requests(reqs, CountingBackend(), ResponseCache(tmp_path), S)
-    tasks, unparsed = rows_from_records(recs, [["s1", "s2", "s3"]], 4, S)
+    tasks, unparsed = rows_from_records(recs, [["s1", "s2", "s3"]], 4)
     assert unparsed == []
     (t,) = tasks
     assert t["instruction"] == "Do X now." and t["input"] == "" and t["output"] == "Done."

@@ -66,7 +66,7 @@ def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monke
     assert path == ("/v1/chat/completions" if form == "chat" else "/v1/completions")
     assert auth == f"Bearer {secret}" and body["model"] == "teacher-x" and body["max_tokens"] == 64
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9
-    tasks, _ = rows_from_records(recs, [["a"]] * 3, 4, s)
+    tasks, _ = rows_from_records(recs, [["a"]] * 3, 4)
     assert [t["output"] for t in tasks] == ["A strawberry."] * 3
     assert {t["response_id"] for t in tasks} <= {"chatcmpl-1", "chatcmpl-2", "chatcmpl-3", "cmpl-1", "cmpl-2", "cmpl-3"}
     # the rerun is free, and the key is nowhere on disk
