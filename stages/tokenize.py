@@ -140,7 +140,7 @@ def write_split(out: Path, split: str, encoded: list, dtype) -> dict:
     return {"examples": len(encoded), "tokens": int(sum(lengths)), "trained_tokens": int(mask.sum())}
 
 
-def tokenize_conversations(convs: list[dict], tok, p: "TokenizeParams", dtype) -> tuple[dict, dict]:
+def tokenize_conversations(convs: list[dict], tok, p: "TokenizeParams") -> tuple[dict, dict]:
     """{split: [(texts, ids, mask)]} and stats."""
     firsts = [{"instruction": next((m["content"] for m in c["messages"] if m["role"] == "user"), ""), "input": ""}
               for c in convs]
@@ -173,7 +173,7 @@ def main() -> None:
         raise StageError(f"{p.tokenizer}: tokenizer has no EOS token")
     convs = read_shards("data/conversations", "conversations").to_dicts()
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
-    by_split, stats = tokenize_conversations(convs, tok, p, dtype)
+    by_split, stats = tokenize_conversations(convs, tok, p)
     with atomic_dir(p.out_dir) as out:
         for split, enc in by_split.items():
             stats[split] = write_split(out, split, enc, dtype)

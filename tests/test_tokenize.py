@@ -163,6 +163,6 @@ def test_tokenize_conversations_stats_and_ids(tiny_tokenizer):
     convs = [{"id": "s:1", "source": "s", "copy": 0, "messages": conv("write the list", "a b")},
              {"id": "s:1", "source": "s", "copy": 1, "messages": conv("write the list", "a b")},
              {"id": "s:2", "source": "s", "copy": 0, "messages": conv(*TURNS)}]
-    by_split, stats = tokenize_conversations(convs, tiny_tokenizer, TokenizeParams(val_fraction=0.0), np.uint16)
+    by_split, stats = tokenize_conversations(convs, tiny_tokenizer, TokenizeParams(val_fraction=0.0))
     assert stats["conversations_in"] == 3 and stats["examples"] == 3 and stats["split_conversations"] == 0
     assert [t["id"] for t, _, _ in by_split["train"]] == ["s:1#0.0", "s:1#1.0", "s:2#0.0"]
