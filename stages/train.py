@@ -7,7 +7,9 @@ objective. Loss, learning rate and tokens/s go to dvclive (`metrics/train`). The
 is saved as a plain Hugging Face model dir (safetensors + tokenizer); a LoRA run saves
 the merged weights, and its adapter in `adapter/`.
 
-Single process: `python -m stages.train`. Many GPUs: `accelerate launch -m stages.train`.
+`dvc repro` runs `accelerate launch --config_file ${train.accelerate_config} -m stages.train`:
+one process by default; DDP, FSDP and multi-node configs are in `configs/accelerate/`. Under
+FSDP, resume checkpoints are sharded and the final weights are gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class TrainParams:
     """`cosine`, `linear` or `constant` after warm-up."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
-    mixed_precision: str = "no"
-    """accelerate mixed precision: `no`, `bf16` or `fp16` (bf16 on recent GPUs)."""
+    mixed_precision: str = "auto"
+    """`auto` (bf16 on a GPU that supports it, else full float32), `no`, `bf16` or `fp16`; master
+    weights and optimizer state stay float32 either way."""
     gradient_checkpointing: bool = False
     """Trade compute for memory on long sequences."""
     packing: bool = False
@@ -66,6 +69,9 @@ class TrainParams:
     ids restart per example); `batch_size` then counts rows. Off: dynamic padding per micro-batch."""
     seed: int = 0
     """Seeds the data order, LoRA init and dropout."""
+    accelerate_config: str = "configs/accelerate/single.yaml"
+    """How dvc.yaml launches this stage (`accelerate launch --config_file ...`): `single.yaml` (CPU or
+    one GPU), `ddp.yaml`, `fsdp.yaml` or `multinode.yaml` in configs/accelerate."""
     out_dir: str = "models/student"
     """Output: Hugging Face model dir."""
     log_dir: str = "metrics/train"
@@ -83,7 +89,7 @@ class TrainParams:
         check(self.learning_rate > 0, "learning_rate: must be > 0")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio: must be in [0, 1)")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
-        check(self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
+        check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
 
 
@@ -112,7 +118,8 @@ def run_fingerprint(p: TrainParams, data: TokenSplit, num_processes: int) -> str
     """What a checkpoint must match to be resumed: every param that shapes the run, and the data."""
     import hashlib
 
-    keep = {k: v for k, v in asdict(p).items() if k not in ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir")}
+    skip = ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir", "accelerate_config")
+    keep = {k: v for k, v in asdict(p).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, data.meta, num_processes], sort_keys=True).encode())
     h.update(np.ascontiguousarray(data.index).tobytes())
     return h.hexdigest()
@@ -229,7 +236,8 @@ def build_model(p: TrainParams):
 
     model = AutoModelForCausalLM.from_pretrained(p.base_model, dtype=torch.float32)
     if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: works with frozen inputs (LoRA), FSDP and no_sync
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if p.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -237,6 +245,42 @@ def build_model(p: TrainParams):
         cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                          target_modules=p.lora_target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
+    return model
+
+
+def resolve_precision(setting: str) -> str:
+    """`auto` becomes bf16 on a CUDA device with bf16 support, else `no`."""
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def export_model(acc, model, p: TrainParams):
+    """The trained student as a plain transformers model on the main process (None elsewhere), and
+    its LoRA adapter state. Every process must call this: under FSDP the full weights are gathered
+    from the shards (`get_state_dict`) and loaded into a fresh copy on the CPU before merging;
+    otherwise the unwrapped model is used as it is."""
+    from accelerate.utils import DistributedType
+
+    state = acc.get_state_dict(model) if acc.distributed_type == DistributedType.FSDP else None
+    if not acc.is_main_process:
+        return None
+    model = acc.unwrap_model(model)
+    if state is not None:
+        model = rebuild(p, state)
+    return model
+
+
+def rebuild(p: TrainParams, state: dict):
+    """A fresh student (same LoRA wrapping) on the CPU holding a gathered full state dict."""
+    model = build_model(p)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied weights (lm_head = embed_tokens) may be absent from a gathered state dict
+    missing = [k for k in missing if "lm_head" not in k]
+    if missing or unexpected:
+        raise StageError(f"train: gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
 
 
@@ -248,7 +292,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
 
     from stages.tokenize import tokenizer_id
 
-    acc = Accelerator(mixed_precision=p.mixed_precision)
+    acc = Accelerator(mixed_precision=resolve_precision(p.mixed_precision))
     torch.manual_seed(p.seed)
     data = TokenSplit(data_dir, "train")
     if len(data) == 0:
@@ -333,8 +377,9 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
             for k, v in row.items():
                 live.log_metric(k, v)
             live.next_step()
-        log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-            f"{tokens / dt:.0f} tok/s")
+        if acc.is_main_process:
+            log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{tokens / dt:.0f} tok/s")
         if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(acc, p, step + 1, fingerprint, history)
     seconds = time.monotonic() - start
@@ -347,8 +392,8 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb"):
             live.summary[k] = summary[k]
     acc.wait_for_everyone()
+    model = export_model(acc, model, p)
     if acc.is_main_process:
-        model = acc.unwrap_model(model)
         with atomic_dir(p.out_dir) as out:
             if p.method == "lora":
                 model.save_pretrained(out / "adapter")

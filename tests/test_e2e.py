@@ -51,7 +51,7 @@ def repo(tmp_path_factory) -> Path:
     repo.mkdir()
     for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
         shutil.copy(ROOT / name, repo / name)
-    for name in ["stages", "seeds"]:
+    for name in ["stages", "seeds", "configs"]:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "config", "user.email", "ci@example.com")

@@ -60,7 +60,7 @@ def make_repo(root: Path, teacher: FakeOpenAI, generate: dict) -> Path:
     repo.mkdir()
     for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
         shutil.copy(ROOT / name, repo / name)
-    for name in ["stages", "seeds"]:
+    for name in ["stages", "seeds", "configs"]:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "models/teacher").mkdir(parents=True)
     (repo / "models/teacher/unused").write_text("the fake teacher is an API")
