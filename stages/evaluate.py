@@ -1,20 +1,32 @@
-"""Stage `evaluate`: validation loss and perplexity, and the student's answers to held-out prompts.
+"""Stage `evaluate`: validation loss, then the student against reference answers on named eval sets.
 
-The validation loss is the mean cross-entropy over supervised tokens of the validation
-split (the same masking as training). The base model is scored the same way, so the
-metrics show what fine-tuning changed. Answers to the first `max_prompts` validation
-prompts go to `data/eval/answers.parquet` next to the teacher's reference outputs.
+1. Validation NLL: mean cross-entropy over supervised tokens of the held-out split (teacher
+   outputs, masked as in training), for the student and the base model.
+2. For each eval set in `evaluate.sets`: the student answers every prompt (its tokenizer's
+   chat template is the training template), the reference is the set's own answer field or
+   the teacher's answer, and a judge (the teacher or any OpenAI-compatible model) compares the
+   two (`stages/judge.py`): win rate ± standard error as AlpacaEval computes it, stop rate,
+   position-flip and longer-answer-wins rates.
+
+Every model call goes through the teacher client and one content-addressed cache
+(`evaluate.cache_dir`, a persist output): a student answer is keyed by the checkpoint's
+content hash, the decoding params and the prompt, so a new eval set or judge costs only the
+new calls, and an unchanged checkpoint is never asked twice.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 
-from stages.common import atomic_dir, check, load_params, log, progress, run_main, set_threads, write_json, write_shards
+from stages.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
+                           write_json, write_shards)
 from stages.tokendata import TokenSplit, collate, masked_loss_sum
+
+ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
 
 
 @dataclass
@@ -22,24 +34,49 @@ class EvaluateParams:
     model: str = "models/student"
     """Checkpoint to evaluate."""
     base_model: str | None = "models/teacher"
-    """Also score this model on the same data for comparison (null: skip)."""
+    """Also score this model's validation loss for comparison (null: skip)."""
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
-    max_prompts: int = 8
-    """Validation prompts the student answers (0: none)."""
+    sets: dict = field(default_factory=lambda: {"stillhouse": {"path": "seeds/eval_prompts.jsonl", "reference": "teacher"}})
+    """Eval sets: name -> {path, reference, limit}. `path`: JSON/JSONL prompts (Alpaca, ShareGPT, Vicuna
+    `turns`, a prompt/question/text field); `reference`: `teacher` (default: the teacher answers) or the
+    field holding reference answers (e.g. `response` in self-instruct's text-davinci-003 predictions);
+    `limit`: first N prompts (0: all)."""
     max_new_tokens: int = 96
-    """Answer length budget."""
+    """Answer length budget of the student and of teacher references."""
     temperature: float = 0.0
     """0 means greedy decoding."""
     seed: int = 0
-    """Sampling seed when temperature > 0."""
+    """Sampling seed and the seed of `random` judge order."""
+    teacher: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
+    """Who writes `reference: teacher` answers: {backend: local|openai, model, base_url, prompt_form}."""
+    judge: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
+    """The pairwise judge, same keys as `teacher` (an OpenAI-compatible model for a real evaluation)."""
+    judge_order: str = "both"
+    """`random` (one seeded order per prompt) or `both` (two calls; a disagreement is a draw)."""
+    judge_max_new_tokens: int = 16
+    """Length budget of a verdict."""
+    cache_dir: str = "data/eval_cache"
+    """Content-addressed responses of student, teacher and judge (persist output)."""
     out_dir: str = "data/eval"
-    """Output folder: `answers-*.parquet`."""
+    """Output folder: `judgments-*.parquet`, one row per (set, prompt)."""
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size: must be >= 1")
-        check(self.max_prompts >= 0 and self.max_new_tokens >= 1, "max_prompts >= 0 and max_new_tokens >= 1")
+        check(self.max_new_tokens >= 1 and self.judge_max_new_tokens >= 1, "max_new_tokens: must be >= 1")
         check(self.temperature >= 0, "temperature: must be >= 0")
+        check(self.judge_order in ("random", "both"), f"judge_order: expected random or both, got {self.judge_order!r}")
+        for name, s in self.sets.items():
+            check(isinstance(s, dict) and isinstance(s.get("path"), str), f"sets.{name}: needs a path")
+            check(set(s) <= {"path", "reference", "limit"}, f"sets.{name}: unknown keys {sorted(set(s) - {'path', 'reference', 'limit'})}")
+            check(int(s.get("limit", 0)) >= 0, f"sets.{name}.limit: must be >= 0")
+        for role in ("teacher", "judge"):
+            e = getattr(self, role)
+            check(isinstance(e, dict) and set(e) <= ENDPOINT_KEYS, f"{role}: keys must be among {sorted(ENDPOINT_KEYS)}")
+            check(e.get("backend", "local") in ("local", "openai") and bool(e.get("model")), f"{role}: backend local|openai and a model")
+
+
+# ---------------------------------------------------------------- validation loss
 
 
 def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[float | None, int]:
@@ -68,19 +105,124 @@ def score(path: str, data: TokenSplit, batch_size: int) -> dict:
     return {"val_loss": round(loss, 5), "val_perplexity": round(math.exp(loss), 4), "val_tokens": n}
 
 
-def answer(path: str, prompts: list[str], template: str, p: EvaluateParams) -> list:
-    """The model's answers to already-rendered prompts, tokenized the way `tokenize` did."""
-    from stages.llm import generate, load_model
+# ---------------------------------------------------------------- eval sets
 
-    model, tok = load_model(path)
-    out = []
-    for i in progress(range(0, len(prompts), p.batch_size), desc="answers"):
-        out += generate(model, tok, prompts[i : i + p.batch_size], p.max_new_tokens, p.temperature, 1.0, p.seed + i,
-                        add_special_tokens=template == "alpaca")
-    return out
+
+def read_eval_set(name: str, spec: dict) -> list[dict]:
+    """[{set, id, instruction, input, reference (None: the teacher writes it)}] of one eval set."""
+    from stages.prompts import prompt_of, records, Malformed
+
+    path, ref, limit = Path(spec["path"]), spec.get("reference", "teacher"), int(spec.get("limit", 0))
+    if not path.is_file():
+        raise StageError(f"evaluate.sets.{name}: {path}: file not found")
+    rows = []
+    for pos, rec in records(path):
+        if isinstance(rec, Malformed):
+            raise StageError(f"{path}{pos}: {rec}")
+        p = prompt_of(rec, f"{path}{pos}")
+        reference = None
+        if ref != "teacher":
+            reference = rec.get(ref)
+            if not isinstance(reference, str) or not reference.strip():
+                raise StageError(f"{path}{pos}: field {ref!r} (evaluate.sets.{name}.reference) is missing or empty")
+        rid = rec.get("id", rec.get("question_id"))
+        rows.append({"set": name, "id": str(rid) if rid is not None else f"{len(rows):05d}",
+                     "instruction": p["instruction"], "input": p["input"], "reference": reference})
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise StageError(f"evaluate.sets.{name}: {path} holds no prompts")
+    return rows
+
+
+def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
+    """Fill preference, verdicts and order in each row (reference and answer already set)."""
+    from stages.judge import combine, judge_prompt, parse_verdict, preference, student_first
+
+    todo, prompts = [], []
+    for r in rows:
+        r.update(judged=r["answer"].strip() != r["reference"].strip(), verdict_ref_first=None, verdict_student_first=None)
+        if not r["judged"]:
+            r.update(order="none", preference=1.5)  # the same text: a draw, no call
+            continue
+        q = r["question"]
+        orders = (["ref_first", "student_first"] if order == "both" else
+                  ["student_first" if student_first(seed, r["set"], r["id"]) else "ref_first"])
+        r["order"] = orders[0] if len(orders) == 1 else "both"
+        for o in orders:
+            pair = (r["reference"], r["answer"]) if o == "ref_first" else (r["answer"], r["reference"])
+            todo.append((r, o))
+            prompts.append(judge_prompt(q, *pair))
+    for (r, o), rec in zip(todo, ask_judge(prompts) if prompts else []):
+        r[f"verdict_{o}"] = parse_verdict(rec["text"] if rec else None)
+    for r in rows:
+        if not r["judged"]:
+            continue
+        if r["order"] == "both":
+            r["preference"] = combine(r["verdict_ref_first"], r["verdict_student_first"])
+        else:
+            first = r["order"] == "student_first"
+            r["preference"] = preference(r["verdict_student_first" if first else "verdict_ref_first"], first)
+
+
+def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
+    """Answer, reference and judge every eval set. `sessions(role)` -> ask(prompts, sampling) for
+    role student | teacher | judge (tests pass fakes). Returns the rows and the metrics per set."""
+    from stages.judge import summarize
+    from stages.teacher import Sampling
+    from stages.templates import user_message
+
+    rows = [r for name, spec in sorted(p.sets.items()) for r in read_eval_set(name, spec)]
+    for r in rows:
+        r["question"] = user_message(r["instruction"], r["input"])
+    decoding = Sampling(p.max_new_tokens, p.temperature, 1.0, (), p.seed)
+    answers = sessions("student")([r["question"] for r in rows], decoding)
+    need_ref = [r for r in rows if r["reference"] is None]
+    refs = sessions("teacher")([r["question"] for r in need_ref], decoding)
+    for r, a in zip(rows, answers):
+        if a is None:
+            raise StageError(f"evaluate: no student answer for {r['set']}/{r['id']}")
+        r.update(answer=a["text"].strip(), finish_reason=a["finish_reason"], answer_tokens=a["completion_tokens"])
+    for r, ref in zip(need_ref, refs):
+        if ref is None:
+            raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} (see the cache's failures)")
+        r.update(reference=ref["text"].strip(), reference_source="teacher")
+    for r in rows:
+        r.setdefault("reference_source", p.sets[r["set"]].get("reference", "teacher"))
+    verdict = Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)
+    judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
+    metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
+    cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "finish_reason",
+            "answer_tokens", "order", "verdict_ref_first", "verdict_student_first", "preference"]
+    df = pl.DataFrame([{c: r[c] for c in cols} for r in rows], schema_overrides={
+        "verdict_ref_first": pl.Int8, "verdict_student_first": pl.Int8, "preference": pl.Float64}).sort("set", "id")
+    return df, metrics
+
+
+def make_sessions(p: EvaluateParams, cache):
+    """role -> ask(prompts, sampling): the student locally, teacher and judge as configured; one
+    cache for all, one loaded model per distinct endpoint."""
+    from stages.teacher import TeacherSession, make_backend
+
+    endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat"},
+                 "teacher": {"prompt_form": "chat", **p.teacher}, "judge": {"prompt_form": "chat", **p.judge}}
+    made: dict[tuple, TeacherSession] = {}
+
+    def session(role: str):
+        e = endpoints[role]
+        key = (e["backend"], e["model"], e.get("base_url"), e["prompt_form"])
+        if key not in made:
+            made[key] = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"),
+                                                                 p.batch_size), cache)
+        s = made[key]
+        return lambda prompts, sampling: s.ask(prompts, sampling, e["prompt_form"])
+
+    return session, made
 
 
 def main() -> None:
+    from stages.teacher import ResponseCache
+
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
     data = TokenSplit("data/tokens", "val")
@@ -88,22 +230,20 @@ def main() -> None:
     if p.base_model:
         base = score(p.base_model, data, p.batch_size)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    texts = pl.read_parquet("data/tokens/val.parquet").head(p.max_prompts)
-    comps = answer(p.model, texts["prompt"].to_list(), data.meta["template"], p) if texts.height else []
-    answers = texts.rename({"output": "reference"}).with_columns(
-        pl.Series("answer", [c.text for c in comps], dtype=pl.String),
-        pl.Series("finish_reason", [c.finish_reason for c in comps], dtype=pl.String),
-        pl.Series("answer_tokens", [c.completion_tokens for c in comps], dtype=pl.Int64),
-    )
+    sessions, made = make_sessions(p, ResponseCache(p.cache_dir))
+    df, per_set = evaluate_sets(p, sessions)
     with atomic_dir(p.out_dir) as out:
-        write_shards(answers, out, "answers")
-    metrics.update({
-        "answers": answers.height,
-        "answers_stopped": round(sum(c.finish_reason == "stop" for c in comps) / len(comps), 4) if comps else None,
-        "answer_tokens_mean": round(sum(c.completion_tokens for c in comps) / len(comps), 1) if comps else None,
-    })
+        write_shards(df, out, "judgments")
+    calls = {"requests": sum(s.stats.requests for s in made.values()),
+             "cache_hits": sum(s.stats.cache_hits for s in made.values()),
+             "model_calls": sum(s.stats.teacher_calls for s in made.values())}
+    metrics.update({"stop_rate": round(float((df["finish_reason"] == "stop").mean()), 4) if df.height else None,
+                    "judge": per_set, "calls": calls})
     write_json("metrics/eval.json", metrics)
-    log(f"evaluate: {metrics}")
+    for name, m in per_set.items():
+        log(f"evaluate: {name}: student win rate {m['win_rate']} ± {m['standard_error']} over {m['n']} prompts "
+            f"(stop rate {m['stop_rate']}, position flips {m['position_flip_rate']})")
+    log(f"evaluate: val loss {metrics['val_loss']} (base {metrics.get('base_val_loss')}), calls {calls}")
 
 
 if __name__ == "__main__":

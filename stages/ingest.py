@@ -59,7 +59,7 @@ class IngestParams:
     """MinHash permutations."""
     minhash_ngram: int = 5
     """Word n-gram shingles."""
-    decontaminate: list[str] = field(default_factory=list)
+    decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval_prompts.jsonl"])
     """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must not share."""
     decontam_ngram: int = 8
     """Word n-gram length for decontamination (a shorter eval prompt must not appear whole)."""

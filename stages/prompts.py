@@ -1,6 +1,7 @@
-"""Prompt files: Alpaca JSON, ShareGPT JSON (first human turn), JSONL with a prompt field or OpenAI messages.
+"""Prompt files: Alpaca JSON, ShareGPT JSON (first human turn), JSONL with a prompt field, OpenAI
+messages, FastChat `turns` (first turn) or self-instruct `instances` (the first instance's input).
 
-Used by `generate` (response distillation) and `ingest` (eval prompt sets for decontamination).
+Used by `generate` (response distillation), `ingest` (decontamination) and `evaluate` (eval sets).
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ def prompt_of(rec, where: str) -> dict:
         if not turns or not isinstance(turns[0].get("content"), str):
             raise StageError(f"{where}: messages: no user message")
         return {"instruction": turns[0]["content"], "input": ""}
+    if isinstance(rec.get("turns"), list):  # FastChat question files (Vicuna, MT-bench): the first turn
+        if not rec["turns"] or not isinstance(rec["turns"][0], str):
+            raise StageError(f"{where}: turns: no first turn")
+        return {"instruction": rec["turns"][0], "input": ""}
     for f in PROMPT_FIELDS:
         if isinstance(rec.get(f), str) and rec[f].strip():
             inp = rec.get("input", "")
+            if "input" not in rec and isinstance(rec.get("instances"), list) and rec["instances"]:
+                inp = rec["instances"][0].get("input", "") if isinstance(rec["instances"][0], dict) else ""
             return {"instruction": rec[f], "input": inp if isinstance(inp, str) else ""}
     raise StageError(f"{where}: none of the fields {PROMPT_FIELDS}, conversations or messages holds a prompt")

@@ -61,7 +61,8 @@ def repo(tmp_path_factory) -> Path:
         repo,
         generate={"num_requests": 8, "batch_size": 8},
         train={"base_model": "tiny_student", "max_steps": 4, "batch_size": 2},
-        evaluate={"base_model": "tiny_student", "max_prompts": 2, "max_new_tokens": 8},
+        evaluate={"base_model": "tiny_student", "max_new_tokens": 8,
+                  "sets": {"stillhouse": {"path": "seeds/eval_prompts.jsonl", "limit": 3}}},
     )
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "init")
@@ -115,8 +116,11 @@ def test_first_repro_builds_every_output(repo):
 
     em = json.loads((repo / "metrics/eval.json").read_text())
     assert np.isfinite(em["val_loss"]) and em["val_perplexity"] > 1 and "base_val_loss" in em
-    answers = pl.read_parquet(repo / "data/eval/answers-00000.parquet")
-    assert answers.height == em["answers"] > 0 and {"prompt", "answer", "reference"} <= set(answers.columns)
+    judged = pl.read_parquet(repo / "data/eval/judgments-00000.parquet")
+    js = em["judge"]["stillhouse"]
+    assert judged.height == js["n"] == 3 and 0 <= js["win_rate"] <= 100 and 0 <= em["stop_rate"] <= 1
+    assert set(judged["reference_source"]) == {"teacher"} and judged["preference"].is_in([1.0, 1.5, 2.0]).all()
+    assert em["calls"]["model_calls"] > 0
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "repro")
 
@@ -128,10 +132,15 @@ def test_second_repro_runs_nothing(repo):
 
 
 def test_evaluate_param_reruns_only_evaluate(repo):
-    set_params(repo, evaluate={"max_new_tokens": 6})
+    """One judge order instead of both: only evaluate reruns, and every answer and verdict it
+    needs is already in its cache (same checkpoint, decoding and prompts): no model call."""
+    set_params(repo, evaluate={"judge_order": "random"})
     assert ran(sh(repo, "dvc", "repro")) == ["evaluate"]
     diff = sh(repo, "dvc", "params", "diff").stdout
-    assert "evaluate.max_new_tokens" in diff
+    assert "evaluate.judge_order" in diff
+    em = json.loads((repo / "metrics/eval.json").read_text())
+    assert em["calls"]["model_calls"] == 0 and em["calls"]["cache_hits"] == em["calls"]["requests"] > 0
+    assert em["judge"]["stillhouse"]["position_flip_rate"] is None
 
 
 def test_filter_param_reruns_downstream_with_no_teacher_calls(repo):
