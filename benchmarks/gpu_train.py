@@ -1,0 +1,135 @@
+"""A short training run on the GPU: what a GPU user gets in tokens/s, memory and MFU.
+
+Runs the pipeline's own `stages.train.train` (packing on, bf16 where the GPU has it) for a few
+steps on the token arrays of `dvc repro tokenize` (`--data`) or on synthetic examples
+(`--synthetic N`: random token ids, lengths 64..seq_len, the second half supervised), then
+reports the median throughput over the steps after warm-up and the model FLOPs utilisation:
+
+    MFU = flops_per_token x tokens_per_s / peak_flops
+    flops_per_token = 6 N (full) or 4 N (LoRA: no weight gradients for the frozen base)
+                      + 12 x layers x hidden x seq_len (attention scores, dense over the packed row)
+
+with N the model's parameter count and the GPU's dense bf16 peak from the table below (or
+`--peak-tflops`). Without CUDA it says so and exits, unless `--allow-cpu` (a smoke run: MFU is
+then not reported).
+
+    python -m benchmarks.gpu_train --model HuggingFaceTB/SmolLM2-360M-Instruct --synthetic 2000 --steps 30
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m benchmarks.gpu_train --synthetic 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PEAK_BF16_TFLOPS = {  # dense, no sparsity, from the vendors' data sheets
+    "H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "B200": 2250.0,
+    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+    "RTX 4090": 165.0, "RTX 3090": 71.0, "A6000": 155.0, "V100": 125.0, "T4": 65.0,
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU from its name (longest matching key), None when unknown."""
+    hits = [k for k in PEAK_BF16_TFLOPS if k.lower() in device_name.lower()]
+    return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int, lora: bool) -> float:
+    return (4 if lora else 6) * n_params + 12 * layers * hidden * seq_len
+
+
+def synthetic_tokens(folder: Path, tok, n: int, seq_len: int, seed: int = 0) -> None:
+    from stages.common import write_json
+    from stages.tokenize import tokenizer_id, write_split
+
+    rng = np.random.default_rng(seed)
+    vocab = min(len(tok), 2**16 - 1)
+    enc = []
+    for i in range(n):
+        length = int(rng.integers(64, seq_len + 1))
+        ids = rng.integers(0, vocab, size=length).tolist()
+        mask = [0] * (length // 2) + [1] * (length - length // 2)
+        texts = {"id": str(i), "source": "synthetic", "instruction": "", "input": "", "output": "", "prompt": ""}
+        enc.append((texts, ids, mask))
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if len(tok) < 2**16 else np.uint32
+    write_split(folder, "train", enc, dtype)
+    write_split(folder, "val", enc[:1], dtype)
+    write_json(folder / "meta.json", {"dtype": np.dtype(dtype).name, "tokenizer_id": tokenizer_id(tok),
+                                      "tokenizer": "synthetic", "max_seq_len": seq_len, "template": "alpaca"})
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stages.train import TrainParams, train
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="models/teacher")
+    ap.add_argument("--data", default="data/tokens")
+    ap.add_argument("--synthetic", type=int, default=0, help="N synthetic examples instead of --data")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--method", choices=["full", "lora"], default="full")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the median")
+    ap.add_argument("--batch-size", type=int, default=4, help="packed rows per micro-batch per GPU")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke test; no MFU)")
+    ap.add_argument("--out", default=None, help="also write the report as JSON here")
+    a = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not a.allow_cpu:
+        print("gpu_train: no CUDA device here; nothing to measure (use --allow-cpu for a smoke run)")
+        return
+    device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = a.data
+        if a.synthetic:
+            data = f"{tmp}/tokens"
+            synthetic_tokens(Path(data), AutoTokenizer.from_pretrained(a.model), a.synthetic, a.seq_len)
+        p = TrainParams(base_model=a.model, method=a.method, max_steps=a.steps, batch_size=a.batch_size,
+                        packing=True, mixed_precision="auto", warmup_ratio=0.0, checkpoint_every=0,
+                        gradient_checkpointing=a.gradient_checkpointing, out_dir=f"{tmp}/student", log_dir=f"{tmp}/log")
+        summary = train(p, data)
+        rows = (Path(tmp) / "log/plots/metrics/tokens_per_s.tsv").read_text().splitlines()[1:]
+        per_step = [float(r.split("\t")[1]) for r in rows][a.warmup_steps:] or [summary["tokens_per_s"]]
+        width = json.loads((Path(data) / "meta.json").read_text()).get("max_seq_len", a.seq_len)
+    cfg = AutoConfig.from_pretrained(a.model)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        n_params = sum(x.numel() for x in AutoModelForCausalLM.from_config(cfg).parameters())
+    tps = statistics.median(per_step)
+    per_token = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, width, a.method == "lora")
+    gpus = torch.cuda.device_count() if cuda else 0
+    peak = a.peak_tflops or (peak_tflops(device_name) if cuda else None)
+    report = {
+        "device": device_name, "gpus_used": int(os.environ.get("WORLD_SIZE", 1)) if cuda else 0,
+        "gpus_visible": gpus, "precision": "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32",
+        "model": a.model, "params": n_params, "method": a.method, "seq_len": width, "steps": a.steps,
+        "tokens_per_s": round(tps, 1), "supervised_tokens_per_s": summary["supervised_tokens_per_s"],
+        "padding_efficiency": summary["padding_efficiency"], "peak_memory_mb": summary["peak_memory_mb"],
+        "flops_per_token": per_token, "peak_tflops_per_gpu": peak,
+        "mfu": round(per_token * tps / (peak * 1e12), 4) if peak and cuda else None,
+        "final_loss": round(summary["final_loss"], 4),
+    }
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # one report per run: the first process's
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
