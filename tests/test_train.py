@@ -266,3 +266,19 @@ def test_model_card_carries_the_lineage(tmp_path, tiny_model):
     make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
     _, p = run_train(tmp_path, tiny_model, "carded", method="full", max_steps=1)
     assert "# Student distilled with stillhouse" in (tmp_path / "carded" / "README.md").read_text()
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model):
+    """Recomputing activations in backward (LoRA: frozen inputs, non-reentrant) changes memory, not math."""
+    from transformers import AutoTokenizer
+
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    kw = {"method": "lora", "lora_r": 4, "lora_dropout": 0.0, "max_steps": 2, "batch_size": 3, "learning_rate": 1e-2}
+    plain, p1 = run_train(tmp_path, tiny_model, "plain", **kw)
+    ckpt, p2 = run_train(tmp_path, tiny_model, "ckpt", gradient_checkpointing=True, **kw)
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = load_file(f"{p1.out_dir}/model.safetensors"), load_file(f"{p2.out_dir}/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
