@@ -179,3 +179,42 @@ def test_judge_all_leaves_identical_pairs_unjudged():
     rows = [{"set": "s", "id": "1", "question": "q", "reference": "same", "answer": "same "}]
     judge_all(rows, lambda prompts: pytest.fail("no call expected"), "both", 0)
     assert rows[0]["preference"] == 1.5 and rows[0]["order"] == "none"
+
+
+def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, monkeypatch):
+    """The stage end to end: a tiny local student, teacher and judge behind an OpenAI-compatible
+    HTTP endpoint; metrics and judgments written; a rerun is served from the cache."""
+    import polars as pl
+    import yaml
+
+    from stages.evaluate import main
+    from tests.fake_openai import FakeOpenAI, _last_user_text
+    from tests.test_train import make_data
+    from transformers import AutoTokenizer
+
+    def reply(body):  # the teacher writes short references; the judge always prefers the student
+        text = _last_user_text(body)
+        if "## Verdict" in text:
+            student = text.split("## Output (a)\n\n")[1].split("\n\n## Output (b)")[0]
+            return "Output (a)" if not student.startswith("ref:") else "Output (b)"
+        return "ref: " + text[:10]
+
+    make_data(in_tmp / "data" / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    write_set(in_tmp / "set.jsonl", [{"id": f"q{i}", "instruction": f"name a fruit {i}"} for i in range(3)])
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(reply=reply) as srv:
+        endpoint = {"backend": "openai", "model": "judge-model", "base_url": srv.base_url}
+        params = {"evaluate": {"model": str(tiny_model), "base_model": None, "max_new_tokens": 4,
+                               "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint}}
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        main()
+        calls = len(srv.requests)
+        m = json.loads((in_tmp / "metrics/eval.json").read_text())
+        main()  # everything cached: no request
+        assert len(srv.requests) == calls == 3 + 2 * 3
+        assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)
+    s = m["judge"]["s"]
+    assert (s["n"], s["wins"], s["win_rate"], s["standard_error"], s["position_flip_rate"]) == (3, 3, 100.0, 0.0, 0.0)
+    assert m["val_loss"] > 0 and m["calls"]["model_calls"] == 3 + 3 + 6
+    df = pl.read_parquet(in_tmp / "data/eval/judgments-00000.parquet")
+    assert df["reference"].str.starts_with("ref: ").all() and df["preference"].to_list() == [2.0, 2.0, 2.0]
