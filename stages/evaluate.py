@@ -194,8 +194,9 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
     cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "finish_reason",
             "answer_tokens", "order", "verdict_ref_first", "verdict_student_first", "preference"]
-    df = pl.DataFrame([{c: r[c] for c in cols} for r in rows], schema_overrides={
-        "verdict_ref_first": pl.Int8, "verdict_student_first": pl.Int8, "preference": pl.Float64}).sort("set", "id")
+    schema = {c: pl.String for c in cols} | {"answer_tokens": pl.Int64, "verdict_ref_first": pl.Int8,
+                                               "verdict_student_first": pl.Int8, "preference": pl.Float64}
+    df = pl.DataFrame([{c: r[c] for c in cols} for r in rows], schema=schema).sort("set", "id")
     return df, metrics
 
 

@@ -218,3 +218,9 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     assert m["val_loss"] > 0 and m["calls"]["model_calls"] == 3 + 3 + 6
     df = pl.read_parquet(in_tmp / "data/eval/judgments-00000.parquet")
     assert df["reference"].str.starts_with("ref: ").all() and df["preference"].to_list() == [2.0, 2.0, 2.0]
+
+
+def test_no_eval_sets_means_no_calls(tmp_path):
+    p = EvaluateParams(sets={})
+    df, m = evaluate_sets(p, lambda role: lambda prompts, sampling: pytest.fail("no call expected") if prompts else [])
+    assert df.height == 0 and m == {} and "preference" in df.columns
