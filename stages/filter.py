@@ -193,6 +193,8 @@ def main() -> None:
         "rejected_by_reason": by_reason,
         "keep_rate": round(kept.height / gen.height, 4) if gen.height else 0.0,
         "kept_rouge_max_mean": round(kept["rouge_max"].mean(), 4) if kept.height else None,
+        "rouge_threshold": p.rouge_threshold,  # the report draws the threshold and scores with these
+        "rouge_tokenizer": p.rouge_tokenizer,
     })
     log(f"filter: kept {kept.height} of {gen.height} parsed tasks; rejected {by_reason}")
 

