@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
 import io
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,9 +32,9 @@ import numpy as np
 
 from stages import report_data as rd
 from stages.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
+from stages.report_page import render, render_compare
 
-LENGTH_FIELDS = ("instruction", "input", "output")
-SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in LENGTH_FIELDS), "funnel",
+SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in rd.LENGTH_FIELDS), "funnel",
           "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
 """Series files `{name}.csv` in `series_dir`, one per figure (training: every dvclive series by step)."""
 
@@ -85,7 +85,7 @@ def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: 
     pairs = rd.verb_noun_pairs(instructions, nlp)
     seeds_score = rd.rouge_vs_seeds(seeds, instructions, fm.get("rouge_tokenizer", "rouge_score"))
     scored = [r for r in rejected if r.get("rouge_max") is not None]
-    lengths = rd.token_lengths(kept, tok, LENGTH_FIELDS)
+    lengths = rd.token_lengths(kept, tok, rd.LENGTH_FIELDS)
     lengths["input"] = lengths["input"][lengths["input"] > 0]  # the share with an input is in the summary
     lang_drops = [r.get("detail") or r["reason"].partition(":")[2] or "?" for r in dropped
                   if (r.get("reason") or "").startswith("language")]
@@ -127,7 +127,7 @@ def samples(p: ReportParams, kept: list[dict], rejected: list[dict]) -> tuple[li
 
 
 EMPTY_COLUMNS = {"training": ["step"], "judge": ["eval_set", "win_rate", "standard_error", "low", "high", "n"]}
-"""Header of a series with no rows (no training metrics, no judge), so DVC's plot definitions still find their fields."""
+"""Header of a series with no rows (no training metrics, no judge): DVC's plots still find their fields."""
 
 
 def write_series(out: Path, tables: dict[str, list[dict]], summary: dict) -> None:
@@ -143,15 +143,14 @@ def write_series(out: Path, tables: dict[str, list[dict]], summary: dict) -> Non
         f.write("\n")
 
 
+_INT, _FLOAT = re.compile(r"-?\d+"), re.compile(r"-?\d+\.\d*(e[-+]?\d+)?|-?\d+e[-+]?\d+", re.I)
+
+
 def _value(s: str):
+    """A CSV cell back as None, int, float or the string itself (a noun such as "inf" stays a string)."""
     if s == "":
         return None
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
+    return int(s) if _INT.fullmatch(s) else float(s) if _FLOAT.fullmatch(s) else s
 
 
 def read_series(read: Callable[[str], str | None]) -> tuple[dict[str, list[dict]], dict] | None:
@@ -166,105 +165,6 @@ def read_series(read: Callable[[str], str | None]) -> tuple[dict[str, list[dict]
     return tables, json.loads(text)
 
 
-# ---------------------------------------------------------------- the page
-
-
-def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str]]:
-    """(name, section title, SVG data URI or None, caption or note) per figure, from tables alone."""
-    from stages import report_figures as rf
-
-    t, s = tables, summary
-    training = {k: [(r["step"], r[k]) for r in t["training"] if r.get(k) is not None]
-                for k in (t["training"][0] if t["training"] else {}) if k != "step"}
-    out = [
-        ("verb_noun", "Instructions: verbs and nouns", rf.fig_verb_noun(t["verb_noun"], s["kept"], s["verb_noun_pairs"]),
-         "Root verb of each kept instruction and its direct-object noun (spaCy dependency parse)."),
-        ("rouge_seeds", "Novelty against the seeds", rf.fig_rouge_seeds(t["rouge_seeds"], s["rouge_seeds_mean"]),
-         "Each kept instruction's highest ROUGE-L F1 with any seed task (as self-instruct's Figure 3)."),
-        ("rouge_threshold", "Novelty filter around its threshold",
-         rf.fig_rouge_threshold(t["rouge_threshold"], s["rouge_threshold"]),
-         "The filter's score: max ROUGE-L with the seeds and every earlier kept instruction; bins are (a, b]."),
-        ("lengths", "Lengths", rf.fig_lengths({f: t[f"lengths_{f}"] for f in LENGTH_FIELDS}, s["share_with_input"],
-                                               s["kept"]), "Kept examples; the input histogram counts those with an input."),
-        ("funnel", "Filter funnel", rf.fig_funnel(t["funnel"]),
-         "From metrics/filter.json: unparsed teacher items, then each rule, novelty and near duplicates."),
-        ("ingest", "Ingest and tokenizing", rf.fig_ingest(t["ingest_sources"], t["languages"], t["splitting"],
-                                                           s["mixture"]),
-         "From metrics/ingest.json, the conversations' language ID and metrics/tokenize.json."),
-        ("spend", "Teacher spend", rf.fig_spend(t["spend"]),
-         "From metrics/generate.json: cache hits cost nothing; tokens and cost count this run's calls."),
-    ]
-    if training:
-        out.append(("training", "Training and evaluation",
-                    rf.fig_training(training, rd.loss_series(training), s),
-                    "dvclive series of the train stage; dashed: final validation loss from metrics/eval.json."))
-    else:
-        out.append(("training", "Training and evaluation", None, "No training metrics in this run."))
-    if t["judge"]:
-        out.append(("judge", "Win rate", rf.fig_judge(t["judge"]), "Pairwise judge: win rate +- 1.96 standard errors."))
-    else:
-        out.append(("judge", "Win rate", None, "No judge evaluation in this run."))
-    return [(name, title, rf.svg_uri(fig, name) if fig is not None else None, caption)
-            for name, title, fig, caption in out]
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
-figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption,.note{color:#555;font-size:.95em}
-table{border-collapse:collapse;font-size:.85em;width:100%}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;
-text-align:left}th{background:#f4f4f4}td{max-width:420px;overflow-wrap:break-word;white-space:pre-wrap}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:1.5em}"""
-
-
-def _figure_html(name: str, uri: str | None, caption: str, title: str) -> str:
-    if uri is None:
-        return f'<p class="note" id="note-{name}">{html.escape(caption)}</p>'
-    return (f'<figure class="figure" id="fig-{name}"><img src="{uri}" alt="{html.escape(title)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-def _table_html(rows: list[dict], cls: str, max_chars: int = 400) -> str:
-    if not rows:
-        return f'<p class="note">No {cls} examples.</p>'
-    cols = list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-
-    def cell(v):
-        v = "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-        return html.escape(v if len(v) <= max_chars else v[:max_chars] + " ...")
-
-    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def page(title: str, sections: list[str]) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
-
-
-def render(tables: dict, summary: dict, kept_samples: list[dict], rejected_samples: list[dict]) -> str:
-    sections = []
-    for name, title, uri, caption in figures(tables, summary):
-        sections.append(f"<h2>{html.escape(title)}</h2>" + _figure_html(name, uri, caption, title))
-    sections.append(f"<h2>{len(kept_samples)} random kept examples</h2>" + _table_html(kept_samples, "kept"))
-    sections.append(f"<h2>{len(rejected_samples)} random rejected examples</h2>" + _table_html(rejected_samples, "rejected"))
-    return page(f"stillhouse data report: {summary['kept']:,} kept, {summary['rejected']:,} rejected", sections)
-
-
-def render_compare(a: str, b: str, sa: tuple | None, sb: tuple | None) -> str:
-    figs = [dict((f[0], f) for f in figures(*s)) if s else {} for s in (sa, sb)]
-    sections = []
-    for name in dict.fromkeys(list(figs[0]) + list(figs[1])):
-        cols = []
-        for label, fs in zip((a, b), figs):
-            f = fs.get(name)
-            body = _figure_html(f"{name}-{label}", f[2], f[3], f[1]) if f else '<p class="note">not in this revision</p>'
-            cols.append(f"<div><h3>{html.escape(label)}</h3>{body}</div>")
-        title = (figs[0].get(name) or figs[1].get(name))[1]
-        sections.append(f'<h2>{html.escape(title)}</h2><div class="cols">{"".join(cols)}</div>')
-    return page(f"stillhouse data report: {a} vs {b}", sections)
-
-
 # ---------------------------------------------------------------- revisions
 
 
@@ -273,7 +173,8 @@ def reader(rev: str, series_dir: str) -> Callable[[str], str | None]:
     if rev == "workspace" or Path(rev).is_dir():
         folder = Path(series_dir if rev == "workspace" else rev)
         return lambda name: (folder / name).read_text(encoding="utf-8") if (folder / name).exists() else None
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True, text=True).stdout
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True,
+                          text=True).stdout
     commit = next((r for r in refs.split() if r.rsplit("/", 1)[-1] == rev), rev)  # an experiment's name, or a revision
     if subprocess.run(["git", "rev-parse", "--verify", "-q", f"{commit}^{{commit}}"], capture_output=True).returncode:
         raise StageError(f"--compare: {rev!r} is neither a folder, 'workspace', a git revision nor an experiment")
@@ -301,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(ReportParams, "report")
     if args.compare:
         a, b = args.compare
-        text = render_compare(a, b, read_series(reader(a, p.series_dir)), read_series(reader(b, p.series_dir)))
+        sa, sb = read_series(reader(a, p.series_dir)), read_series(reader(b, p.series_dir))
+        if sa is None and sb is None:
+            raise StageError(f"--compare: neither {a} nor {b} has {p.series_dir}/summary.json (run the report stage)")
+        text = render_compare(a, b, sa, sb)
         with atomic_file(args.out) as f:
             f.write(text)
         log(f"report: {a} vs {b} -> {args.out}")

@@ -22,6 +22,8 @@ from stages.filter import REASONS
 
 RULE_REASONS = REASONS[: REASONS.index("too_similar")]
 """Filter reasons decided by the rules, in the order they apply."""
+LENGTH_FIELDS = ("instruction", "input", "output")
+"""Fields of the length histograms (one series file each)."""
 
 
 # ---------------------------------------------------------------- verb-noun structure
@@ -66,7 +68,8 @@ def verb_noun_table(pairs: Iterable[tuple[str, str] | None], top_verbs: int, top
     rows = []
     for v, vc in sorted(verbs.items(), key=lambda kv: (-kv[1], kv[0]))[:top_verbs]:
         nouns = sorted(((n, c) for (vv, n), c in counts.items() if vv == v), key=lambda nc: (-nc[1], nc[0]))
-        rows += [{"verb": v, "noun": n, "count": c, "verb_count": vc, "label": f"{v} {n}"} for n, c in nouns[:top_nouns]]
+        rows += [{"verb": v, "noun": n, "count": c, "verb_count": vc, "label": f"{v} {n}"}
+                 for n, c in nouns[:top_nouns]]
     return rows
 
 
@@ -115,7 +118,7 @@ def length_edges(lengths: np.ndarray, bins: int) -> np.ndarray:
     return np.arange(0, top + step + 1, step, dtype=float)
 
 
-def token_lengths(rows: list[dict], tok, fields=("instruction", "input", "output")) -> dict[str, np.ndarray]:
+def token_lengths(rows: list[dict], tok, fields=LENGTH_FIELDS) -> dict[str, np.ndarray]:
     """Tokens of the student tokenizer (no special tokens) per field; empty inputs count 0."""
     out = {}
     for f in fields:
@@ -135,7 +138,8 @@ def funnel(filter_m: dict) -> list[dict]:
     rows = [{"step": "generated", "left": left, "dropped": 0}]
     steps = [("parsed", filter_m["generated"] - filter_m["parsed"])]
     steps += [(f"rule: {r}", by.get(r, 0)) for r in RULE_REASONS]
-    steps += [("novelty (ROUGE-L)", by.get("too_similar", 0)), ("near duplicate (MinHash)", by.get("near_duplicate", 0))]
+    steps += [("novelty (ROUGE-L)", by.get("too_similar", 0)),
+              ("near duplicate (MinHash)", by.get("near_duplicate", 0))]
     for name, dropped in steps:
         left -= dropped
         rows.append({"step": name, "left": left, "dropped": dropped})
@@ -191,12 +195,12 @@ def judge(eval_m: dict, z: float = 1.96) -> list[dict]:
     """Win rate per eval set with its normal interval (win_rate +- z * standard_error, clipped to 0-100)."""
     rows = []
     for name, j in sorted((eval_m.get("judge") or {}).items()):
-        if not isinstance(j, dict) or j.get("win_rate") is None:
-            continue
+        if not isinstance(j, dict) or j.get("win_rate") is None or not math.isfinite(j["win_rate"]):
+            continue  # no set, or no judged prompt (n = 0: NaN)
         wr, se = float(j["win_rate"]), float(j.get("standard_error") or 0.0)
         rows.append({"eval_set": name, "win_rate": round(wr, 4), "standard_error": round(se, 4),
                      "low": round(max(0.0, wr - z * se), 4), "high": round(min(100.0, wr + z * se), 4),
-                     "n": int(j.get("n", 0)), "wins": j.get("wins"), "losses": j.get("losses"), "draws": j.get("draws")})
+                     "n": int(j.get("n", 0)), **{k: j.get(k) for k in ("wins", "losses", "draws")}})
     return rows
 
 

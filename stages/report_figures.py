@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 plt.rcParams.update({
     "font.size": 11, "axes.titlesize": 13, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
@@ -41,13 +42,14 @@ def _bars_h(ax, labels, values, color, fmt="{:,}"):
     ax.grid(axis="y", visible=False)
     for yi, v in zip(y, values):
         ax.annotate(fmt.format(v), (v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=9)
-    ax.margins(x=0.15)
+    ax.set_xlim(0, max([1, *values]) * 1.15)
 
 
 def _hist_axes(ax, rows, series, colors, labels, title, xlabel):
     edges = [r["bin_start"] for r in rows] + [rows[-1]["bin_end"]] if rows else [0, 1]
     for k, c, lab in zip(series, colors, labels):
         ax.stairs([r[k] for r in rows], edges, fill=True, alpha=0.55 if len(series) > 1 else 0.9, color=c, label=lab)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("instructions")
@@ -126,7 +128,7 @@ def fig_lengths(tables: dict[str, list[dict]], share_with_input: float, n: int):
 def fig_funnel(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.2))
     labels = [r["step"] if not r["dropped"] else f"{r['step']} (-{r['dropped']:,})" for r in rows]
-    colors = [KEPT if r["step"] in ("generated", "kept") else ("#bbbbbb" if not r["dropped"] else REJECTED) for r in rows]
+    colors = [KEPT if r["step"] in ("generated", "kept") else REJECTED if r["dropped"] else "#bbbbbb" for r in rows]
     _bars_h(ax, labels, [r["left"] for r in rows], colors)
     ax.set_title("Filter funnel: rows left after each step (dropped in brackets)")
     ax.set_xlabel("rows")
@@ -143,13 +145,15 @@ def fig_ingest(sources: list[dict], langs: list[dict], split: list[dict], mixtur
     ax.set_title(f"Rows per source (mixture '{mixture}')")
     ax.set_xlabel("source")
     ax.set_ylabel("conversations")
-    ax.legend(frameon=False)
+    ax.set_ylim(0, max([1] + [s["read"] for s in sources]) * 1.3)
+    ax.legend(frameon=False, ncols=3, loc="upper center")
     ax = axes[1]
     langs = langs[:top_languages]
     x = np.arange(len(langs))
     ax.bar(x, [r["kept"] for r in langs], color=KEPT, label="kept")
     ax.bar(x, [r["dropped"] for r in langs], bottom=[r["kept"] for r in langs], color=REJECTED, label="dropped")
     ax.set_xticks(x, [f"{r['language']}\n{r['share']:.0%}" for r in langs])
+    ax.set_ylim(0, max([1] + [r["kept"] + r["dropped"] for r in langs]) * 1.2)
     ax.set_title(f"Languages (py3langid), top {len(langs)}")
     ax.set_xlabel("language")
     ax.set_ylabel("conversations")
@@ -187,7 +191,8 @@ def fig_training(series: dict[str, list], losses: dict[str, list], eval_m: dict)
         if name in losses:
             s, v = zip(*losses[name]) if losses[name] else ((), ())
             ax.plot(s, v, marker="o" if len(s) < 40 else None, ms=3, color=color, label=f"{name} loss")
-    for key, label, ls in (("val_loss", "validation loss (final student)", "--"), ("base_val_loss", "validation loss (base)", ":")):
+    for key, label, ls in (("val_loss", "validation loss (final student)", "--"),
+                           ("base_val_loss", "validation loss (base)", ":")):
         if eval_m.get(key) is not None:
             ax.axhline(eval_m[key], color=REJECTED if key == "val_loss" else "gray", linestyle=ls, label=label)
     ax.set_title("Loss")

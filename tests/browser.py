@@ -42,7 +42,8 @@ class _Session:
         i = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
         self.pending[i] = fut
-        await self.ws.send_json({"id": i, "method": method, "params": params, **({"sessionId": session} if session else {})})
+        await self.ws.send_json({"id": i, "method": method, "params": params,
+                                 **({"sessionId": session} if session else {})})
         reply = await asyncio.wait_for(fut, 60)
         if "error" in reply:
             raise RuntimeError(f"{method}: {reply['error']}")
@@ -59,7 +60,8 @@ async def _inspect(ws_url: str, url: str, width: int) -> dict:
         sid = (await s.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             await s.send(f"{domain}.enable", sid)
-        await s.send("Emulation.setDeviceMetricsOverride", sid, width=width, height=900, deviceScaleFactor=1, mobile=False)
+        await s.send("Emulation.setDeviceMetricsOverride", sid, width=width, height=900, deviceScaleFactor=1,
+                     mobile=False)
         await s.send("Page.navigate", sid, url=url)
         for _ in range(600):
             if any(e.get("method") == "Page.loadEventFired" for e in s.events):
@@ -79,7 +81,8 @@ async def _inspect(ws_url: str, url: str, width: int) -> dict:
         if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
             errors.append(" ".join(str(a.get("value", a.get("description"))) for a in p.get("args", [])))
         elif m == "Runtime.exceptionThrown":
-            errors.append(p["exceptionDetails"].get("text", "exception"))
+            d = p["exceptionDetails"]
+            errors.append(d.get("exception", {}).get("description") or d.get("text", "exception"))
         elif m == "Log.entryAdded" and p["entry"]["level"] == "error":
             errors.append(p["entry"]["text"])
         elif m == "Network.loadingFailed":

@@ -10,7 +10,8 @@ import pytest
 
 from stages import report_data as rd
 from stages.common import StageError
-from stages.report import ReportParams, SERIES, build_tables, read_series, reader, render, render_compare, write_series
+from stages.report import SERIES, ReportParams, build_tables, read_series, reader, write_series
+from stages.report_page import render, render_compare
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,8 @@ FILTER_M = {"generated": 100, "unparsed": 30, "parsed": 70, "kept": 40, "rejecte
 def test_funnel_counts_every_step():
     rows = rd.funnel(FILTER_M)
     steps = [r["step"] for r in rows]
-    assert steps[:2] == ["generated", "parsed"] and steps[-3:] == ["novelty (ROUGE-L)", "near duplicate (MinHash)", "kept"]
+    assert steps[:2] == ["generated", "parsed"]
+    assert steps[-3:] == ["novelty (ROUGE-L)", "near duplicate (MinHash)", "kept"]
     assert len(steps) == 2 + len(rd.RULE_REASONS) + 3
     left = {r["step"]: r["left"] for r in rows}
     assert left["generated"] == 100 and left["parsed"] == 70 and left["rule: too_short"] == 65
@@ -115,10 +117,12 @@ def test_languages_judge_and_losses():
     assert [(r["language"], r["kept"], r["dropped"], r["share"]) for r in langs] == [
         ("en", 3, 0, 0.5), ("de", 1, 1, 0.3333), ("fr", 0, 1, 0.1667)]
     assert rd.judge({}) == [] and rd.judge({"judge": {}}) == []
+    assert rd.judge({"judge": {"empty": {"win_rate": float("nan"), "standard_error": float("nan"), "n": 0}}}) == []
     rows = rd.judge({"judge": {"alpaca_eval": {"win_rate": 26.46, "standard_error": 1.54, "n": 805, "wins": 200},
                                "b": {"win_rate": 99.0, "standard_error": 2.0, "n": 10}}})
     assert [r["eval_set"] for r in rows] == ["alpaca_eval", "b"]
-    assert rows[0]["low"] == pytest.approx(26.46 - 1.96 * 1.54) and rows[0]["high"] == pytest.approx(26.46 + 1.96 * 1.54)
+    assert rows[0]["low"] == pytest.approx(26.46 - 1.96 * 1.54)
+    assert rows[0]["high"] == pytest.approx(26.46 + 1.96 * 1.54)
     assert rows[1]["high"] == 100.0  # clipped
     series = {"loss": [(0, 2.0)], "val_loss": [(0, 2.5)], "tokens_per_s": [(0, 9.0)]}
     assert rd.loss_series(series) == {"train": [(0, 2.0)], "validation": [(0, 2.5)]}
@@ -140,9 +144,9 @@ class _Tok:
 
 
 def _inputs(nlp, judge=None):
+    texts = ["Write a poem about cats.", "Write a poem about dogs.", "Give me a recipe.", "What is love?"]
     kept = [{"id": f"k{i}", "instruction": t, "input": "some input" if i % 2 else "", "output": "an answer here",
-             "rouge_max": [0.3, 0.55, 0.6, 0.69][i]} for i, t in enumerate(["Write a poem about cats.", "Write a poem about dogs.",
-                                                           "Give me a recipe.", "What is love?"])]
+             "rouge_max": [0.3, 0.55, 0.6, 0.69][i]} for i, t in enumerate(texts)]
     rejected = [{"id": "r0", "instruction": "Write a poem about cats!", "input": "", "output": "x", "rouge_max": 0.9,
                  "reason": "too_similar", "detail": "ROUGE-L 0.900 with k0"},
                 {"id": "r1", "instruction": "Draw a map", "input": "", "output": "y", "rouge_max": None,
@@ -172,6 +176,8 @@ def test_tables_round_trip_through_series_files(nlp, tmp_path):
                                   {"step": 1, "loss": 1.5, "padding_efficiency": 0.6}]
     write_series(tmp_path, tables, summary)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.csv" for n in SERIES] + ["summary.json"])
+    tables["verb_noun"][0]["noun"] = "inf"  # a word that float() would take
+    write_series(tmp_path, tables, summary)
     back, summary2 = read_series(reader(str(tmp_path), "unused"))
     assert summary2 == json.loads(json.dumps(summary))
     for name in SERIES:
