@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: setup repro test clean-venv
+.PHONY: setup repro test browser clean-venv
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 repro: setup
 	PATH="$(BIN):$$PATH" dvc repro
 
-test: setup
+test: setup browser
 	PATH="$(BIN):$$PATH" python -m pytest -q
+
+# the data report's end-to-end test opens the page in Debian's chromium: root (CI) installs it,
+# anyone else is told, and that one test is skipped
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "chromium is not installed (apt-get install chromium): the report's browser test is skipped"; fi; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -198,7 +198,7 @@ def fig_training(series: dict[str, list], losses: dict[str, list], eval_m: dict)
     ax.set_title("Loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over supervised tokens)")
-    ax.legend(frameon=False, fontsize=9)
+    ax.legend(frameon=False, fontsize=9, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     for ax, names, title, ylabel in (
             (axes[1], [("tokens_per_s", "all tokens"), ("supervised_tokens_per_s", "supervised tokens")], "Throughput",
              "tokens / s"),
@@ -213,6 +213,8 @@ def fig_training(series: dict[str, list], losses: dict[str, list], eval_m: dict)
         if len(names) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False)
     axes[2].set_ylim(0, 1.05)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 

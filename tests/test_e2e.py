@@ -7,6 +7,7 @@ that bad seeds stop the pipeline before anything downstream runs.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -76,10 +77,10 @@ def repo(tmp_path_factory) -> Path:
 
 def test_first_repro_builds_every_output(repo):
     out = sh(repo, "dvc", "repro")
-    assert ran(out) == ["seeds", "generate", "filter", "ingest", "tokenize", "train", "evaluate"]
+    assert ran(out) == ["seeds", "generate", "filter", "ingest", "tokenize", "train", "evaluate", "report"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "ingest", "tokenize", "train",
-                                   "evaluate"}
+                                   "evaluate", "report"}
 
     seeds = pl.read_parquet(repo / "data/seeds/part-00000.parquet")
     assert seeds.height >= 175
@@ -131,11 +132,40 @@ def test_second_repro_runs_nothing(repo):
     assert "Data and pipelines are up to date" in out.stdout + out.stderr
 
 
+def test_report_renders_in_a_browser(repo, tmp_path):
+    """The first run's data report in headless Chromium: every figure loads and draws something at a
+    legible scale, the page makes no request outside itself and logs no error."""
+    from PIL import Image
+
+    from tests.browser import chromium, inspect_page
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (`make test` installs Debian's package)")
+    got = inspect_page(repo / "data/report/index.html")
+    assert got["errors"] == []
+    assert all(u.startswith(("file:", "data:")) for u in got["requests"]), got["requests"]
+    figures = {f["id"]: f for f in got["figures"]}
+    judge = json.loads((repo / "metrics/eval.json").read_text()).get("judge")
+    want = {"verb_noun", "rouge_seeds", "rouge_threshold", "lengths", "funnel", "ingest", "spend", "training"}
+    assert set(figures) == {f"fig-{n}" for n in want | ({"judge"} if judge else set())}
+    (tmp_path / "report.png").write_bytes(got["png"])  # to look at
+    shot = Image.open(io.BytesIO(got["png"])).convert("L")
+    for name, f in figures.items():
+        assert f["img"] and f["complete"] and min(f["natural"]) > 100, (name, f)
+        x, y, w, h = f["rect"]
+        assert w / f["natural"][0] > 0.75, f"{name}: drawn at {w / f['natural'][0]:.0%} of its size"
+        pixels = np.asarray(shot.crop((int(x), int(y), int(x + w), int(y + h))))
+        assert (pixels < 200).mean() > 0.01 and len(np.unique(pixels)) > 16, f"{name}: blank in the screenshot"
+    fm = json.loads((repo / "metrics/filter.json").read_text())
+    rows = sum(1 + min(20, n) for n in (fm["kept"], fm["rejected"]) if n)  # a header and up to 20 examples each
+    assert (repo / "data/report/index.html").read_text().count("<tr>") == rows
+
+
 def test_evaluate_param_reruns_only_evaluate(repo):
     """One judge order instead of both: only evaluate reruns, and every answer and verdict it
     needs is already in its cache (same checkpoint, decoding and prompts): no model call."""
     set_params(repo, evaluate={"judge_order": "random"})
-    assert ran(sh(repo, "dvc", "repro")) == ["evaluate"]
+    assert [s for s in ran(sh(repo, "dvc", "repro")) if s != "report"] == ["evaluate"]  # report follows eval.json
     diff = sh(repo, "dvc", "params", "diff").stdout
     assert "evaluate.judge_order" in diff
     em = json.loads((repo / "metrics/eval.json").read_text())
