@@ -126,7 +126,8 @@ def samples(p: ReportParams, kept: list[dict], rejected: list[dict]) -> tuple[li
 # ---------------------------------------------------------------- series files
 
 
-EMPTY_COLUMNS = {"training": ["step"], "judge": ["eval_set", "win_rate", "standard_error", "low", "high", "n"]}
+EMPTY_COLUMNS = {"training": ["step"],
+                 "judge": ["eval_set", "win_rate", "standard_error", "low", "high", "n", *rd.JUDGE_EXTRA]}
 """Header of a series with no rows (no training metrics, no judge): DVC's plots still find their fields."""
 
 

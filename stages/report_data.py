@@ -191,6 +191,10 @@ def splitting(tokenize_m: dict) -> list[dict]:
                       "tokens_dropped")]
 
 
+JUDGE_EXTRA = ("wins", "losses", "draws", "stop_rate", "position_flip_rate", "longer_wins_rate")
+"""Per-set judge counts and bias diagnostics carried into the series as they are."""
+
+
 def judge(eval_m: dict, z: float = 1.96) -> list[dict]:
     """Win rate per eval set with its normal interval (win_rate +- z * standard_error, clipped to 0-100)."""
     rows = []
@@ -200,7 +204,7 @@ def judge(eval_m: dict, z: float = 1.96) -> list[dict]:
         wr, se = float(j["win_rate"]), float(j.get("standard_error") or 0.0)
         rows.append({"eval_set": name, "win_rate": round(wr, 4), "standard_error": round(se, 4),
                      "low": round(max(0.0, wr - z * se), 4), "high": round(min(100.0, wr + z * se), 4),
-                     "n": int(j.get("n", 0)), **{k: j.get(k) for k in ("wins", "losses", "draws")}})
+                     "n": int(j.get("n", 0)), **{k: j.get(k) for k in JUDGE_EXTRA}})
     return rows
 
 

@@ -219,19 +219,27 @@ def fig_training(series: dict[str, list], losses: dict[str, list], eval_m: dict)
     return fig
 
 
+def _judge_label(r: dict) -> str:
+    extra = [f"{name} {r[k]:.0%}" for k, name in (("position_flip_rate", "position flips"),
+                                                  ("longer_wins_rate", "longer wins"), ("stop_rate", "stopped"))
+             if isinstance(r.get(k), (int, float)) and np.isfinite(r[k])]
+    return f"{r['eval_set']} (n={r['n']})" + ("\n" + ", ".join(extra) if extra else "")
+
+
 def fig_judge(rows: list[dict]):
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(9, 0.8 * len(rows) + 1.8))
     y = np.arange(len(rows))
     wr = np.array([r["win_rate"] for r in rows])
     err = np.array([[r["win_rate"] - r["low"] for r in rows], [r["high"] - r["win_rate"] for r in rows]])
     ax.barh(y, wr, xerr=err, color=KEPT, capsize=4)
-    ax.set_yticks(y, [f"{r['eval_set']} (n={r['n']})" for r in rows])
+    ax.set_yticks(y, [_judge_label(r) for r in rows])
     ax.axvline(50, color="gray", linestyle=":")
     for yi, r in zip(y, rows):
         ax.annotate(f"{r['win_rate']:.1f}% [{r['low']:.1f}, {r['high']:.1f}]", (r["high"], yi), xytext=(4, 0),
                     textcoords="offset points", va="center", fontsize=9)
     ax.set_xlim(0, 115)
     ax.invert_yaxis()
-    ax.set_title("Judge win rate of the student vs the reference (95% interval)")
+    ax.set_title("Judge win rate of the student vs the reference (95% interval)\n"
+                 "with the judge's position flips, wins of the longer answer, answers that stopped", fontsize=12)
     ax.set_xlabel("win rate (%)")
     return fig

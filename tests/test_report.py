@@ -118,12 +118,14 @@ def test_languages_judge_and_losses():
         ("en", 3, 0, 0.5), ("de", 1, 1, 0.3333), ("fr", 0, 1, 0.1667)]
     assert rd.judge({}) == [] and rd.judge({"judge": {}}) == []
     assert rd.judge({"judge": {"empty": {"win_rate": float("nan"), "standard_error": float("nan"), "n": 0}}}) == []
-    rows = rd.judge({"judge": {"alpaca_eval": {"win_rate": 26.46, "standard_error": 1.54, "n": 805, "wins": 200},
+    rows = rd.judge({"judge": {"alpaca_eval": {"win_rate": 26.46, "standard_error": 1.54, "n": 805, "wins": 200,
+                                               "position_flip_rate": 0.25},
                                "b": {"win_rate": 99.0, "standard_error": 2.0, "n": 10}}})
     assert [r["eval_set"] for r in rows] == ["alpaca_eval", "b"]
     assert rows[0]["low"] == pytest.approx(26.46 - 1.96 * 1.54)
     assert rows[0]["high"] == pytest.approx(26.46 + 1.96 * 1.54)
     assert rows[1]["high"] == 100.0  # clipped
+    assert rows[0]["wins"] == 200 and rows[0]["position_flip_rate"] == 0.25 and rows[1]["wins"] is None
     series = {"loss": [(0, 2.0)], "val_loss": [(0, 2.5)], "tokens_per_s": [(0, 9.0)]}
     assert rd.loss_series(series) == {"train": [(0, 2.0)], "validation": [(0, 2.5)]}
     assert rd.parse_tsv("step\tloss\n0\t1.5\n1\t1.25\n") == [(0.0, 1.5), (1.0, 1.25)]
