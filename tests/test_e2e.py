@@ -46,10 +46,10 @@ def set_params(repo: Path, **changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
+def make_e2e_repo(repo: Path) -> Path:
+    """The project at `repo` as a fresh git + DVC repository with the tiny config, committed, its
+    teacher built and `tiny_student` beside it (tests/test_e2e_remote.py builds on it too)."""
+    repo.mkdir(parents=True)
     for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
         shutil.copy(ROOT / name, repo / name)
     for name in ["stages", "seeds", "configs"]:
@@ -73,6 +73,11 @@ def repo(tmp_path_factory) -> Path:
 
     make_tiny_model(repo / "tiny_student", AutoTokenizer.from_pretrained(repo / "models" / "teacher"))
     return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return make_e2e_repo(tmp_path_factory.mktemp("e2e") / "project")
 
 
 def test_first_repro_builds_every_output(repo):

@@ -28,8 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_e2e import ran, sh
-from tests.test_e2e import repo as e2e_repo  # noqa: F401  (fixture: a tiny project with its teacher built)
+from tests.test_e2e import make_e2e_repo, ran, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -172,9 +171,9 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def origin(e2e_repo, s3) -> Path:  # noqa: F811
+def origin(tmp_path_factory, s3) -> Path:
     """The tiny project built once, committed with the S3 remote as default, its artifacts registered."""
-    repo = e2e_repo
+    repo = make_e2e_repo(tmp_path_factory.mktemp("e2e") / "project")
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's link type and remote
     sh(repo, "dvc", "remote", "add", "-d", "s3", f"s3://{BUCKET}/store")
     sh(repo, "dvc", "remote", "modify", "s3", "endpointurl", s3.url)
