@@ -76,6 +76,9 @@ class TrainParams:
     """Output: Hugging Face model dir."""
     log_dir: str = "metrics/train"
     """dvclive folder (metrics.json and plots/)."""
+    eval_every: int = 8
+    """Validation loss on the held-out split every this many steps and after the last (0: never);
+    logged as `val_loss` next to the training loss."""
     checkpoint_every: int = 8
     """Save a resumable checkpoint (model, optimizer, RNG states, step) every this many steps (0: never)."""
     checkpoint_dir: str = "models/checkpoint"
@@ -91,6 +94,7 @@ class TrainParams:
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
         check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
+        check(self.eval_every >= 0, "eval_every: must be >= 0")
 
 
 def lr_at(step: int, total: int, p: TrainParams) -> float:
@@ -118,7 +122,7 @@ def run_fingerprint(p: TrainParams, data: TokenSplit, num_processes: int) -> str
     """What a checkpoint must match to be resumed: every param that shapes the run, and the data."""
     import hashlib
 
-    skip = ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir", "accelerate_config")
+    skip = ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir", "accelerate_config", "eval_every")
     keep = {k: v for k, v in asdict(p).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, data.meta, num_processes], sort_keys=True).encode())
     h.update(np.ascontiguousarray(data.index).tobytes())
@@ -248,6 +252,24 @@ def build_model(p: TrainParams):
     return model
 
 
+def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc) -> float:
+    """Mean cross-entropy per supervised token of the validation split. Every process computes it
+    (under FSDP each forward needs them all); dropout is off and no random state is drawn, so
+    the training run is the same with or without it."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val), batch_size):
+            b = collate([val[j] for j in range(i, min(i + batch_size, len(val)))], pad_id)
+            with acc.autocast():
+                s, n = masked_loss_sum(model, {k: v.to(acc.device) for k, v in b.items()})
+            total, count = total + s.item(), count + n
+    model.train()
+    return total / max(1, count)
+
+
 def resolve_precision(setting: str) -> str:
     """`auto` becomes bf16 on a CUDA device with bf16 support, else `no`."""
     import torch
@@ -295,6 +317,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
     acc = Accelerator(mixed_precision=resolve_precision(p.mixed_precision))
     torch.manual_seed(p.seed)
     data = TokenSplit(data_dir, "train")
+    val = TokenSplit(data_dir, "val")
     if len(data) == 0:
         raise StageError(f"{data_dir}: no training examples (did filter keep anything?)")
     tok = AutoTokenizer.from_pretrained(p.base_model)
@@ -372,6 +395,8 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         row = {"loss": last_loss, "learning_rate": opt.param_groups[0]["lr"],
                "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
                "padding_efficiency": tokens / max(1, slots)}
+        if len(val) and p.eval_every and ((step + 1) % p.eval_every == 0 or step + 1 == total):
+            row["val_loss"] = val_loss(model, val, p.batch_size, pad_id, acc)
         history.append(row)
         if live:
             for k, v in row.items():
@@ -379,7 +404,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
             live.next_step()
         if acc.is_main_process:
             log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{tokens / dt:.0f} tok/s")
+                f"{tokens / dt:.0f} tok/s" + (f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
         if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(acc, p, step + 1, fingerprint, history)
     seconds = time.monotonic() - start

@@ -282,3 +282,20 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model):
     a, b = load_file(f"{p1.out_dir}/model.safetensors"), load_file(f"{p2.out_dir}/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_validation_loss_is_logged_and_leaves_training_alone(tmp_path, tiny_model):
+    """val_loss every eval_every steps and after the last; dropout on, yet the training losses equal
+    a run without validation (evaluation draws no random numbers)."""
+    from transformers import AutoTokenizer
+
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    kw = {"method": "lora", "lora_r": 4, "lora_dropout": 0.2, "max_steps": 10, "batch_size": 2, "learning_rate": 1e-2}
+    with_val, _ = run_train(tmp_path, tiny_model, "val", eval_every=4, **kw)
+    without, _ = run_train(tmp_path, tiny_model, "noval", eval_every=0, **kw)
+    assert with_val["losses"] == pytest.approx(without["losses"], rel=1e-6)
+    rows = (tmp_path / "log-val" / "plots/metrics/val_loss.tsv").read_text().splitlines()[1:]
+    steps = [int(r.split("\t")[0]) for r in rows]
+    vals = [float(r.split("\t")[1]) for r in rows]
+    assert steps == [3, 7, 9] and all(math.isfinite(v) for v in vals) and vals[-1] < vals[0]
+    assert not (tmp_path / "log-noval" / "plots/metrics/val_loss.tsv").exists()
