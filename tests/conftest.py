@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("STILLHOUSE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# the reference data beside the checkout (../shared/data), or where STILLHOUSE_SHARED_DATA points;
+# a clone elsewhere on the development machine finds it at /work/shared/data
+SHARED = next((p for p in (Path(os.environ.get("STILLHOUSE_SHARED_DATA", ROOT.parent / "shared" / "data")),
+                           Path("/work/shared/data")) if p.is_dir()), ROOT.parent / "shared" / "data")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
