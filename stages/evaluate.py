@@ -110,21 +110,18 @@ def score(path: str, data: TokenSplit, batch_size: int) -> dict:
 
 def read_eval_set(name: str, spec: dict) -> list[dict]:
     """[{set, id, instruction, input, reference (None: the teacher writes it)}] of one eval set."""
-    from stages.prompts import prompt_of, records, Malformed
+    from stages.prompts import prompt_records
 
     path, ref, limit = Path(spec["path"]), spec.get("reference", "teacher"), int(spec.get("limit", 0))
     if not path.is_file():
         raise StageError(f"evaluate.sets.{name}: {path}: file not found")
     rows = []
-    for pos, rec in records(path):
-        if isinstance(rec, Malformed):
-            raise StageError(f"{path}{pos}: {rec}")
-        p = prompt_of(rec, f"{path}{pos}")
+    for where, rec, p in prompt_records(path):
         reference = None
         if ref != "teacher":
             reference = rec.get(ref)
             if not isinstance(reference, str) or not reference.strip():
-                raise StageError(f"{path}{pos}: field {ref!r} (evaluate.sets.{name}.reference) is missing or empty")
+                raise StageError(f"{where}: field {ref!r} (evaluate.sets.{name}.reference) is missing or empty")
         rid = rec.get("id", rec.get("question_id"))
         rows.append({"set": name, "id": str(rid) if rid is not None else f"{len(rows):05d}",
                      "instruction": p["instruction"], "input": p["input"], "reference": reference})

@@ -44,13 +44,20 @@ def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
     if not path.is_file():
         raise StageError(f"{path}: prompt file not found")
     out = []
-    for pos, rec in records(path):
-        if isinstance(rec, Malformed):
-            raise StageError(f"{path}{pos}: {rec}")
-        out.append({**prompt_of(rec, f"{path}{pos}"), "source": f"{path}{pos}"})
+    for where, _, prompt in prompt_records(path):
+        out.append({**prompt, "source": where})
         if limit and len(out) >= limit:
             break
     return out
+
+
+def prompt_records(path: Path):
+    """(position as `file:line` or `file[i]`, record, {instruction, input}) of each record; a
+    malformed record stops with its position."""
+    for pos, rec in records(path):
+        if isinstance(rec, Malformed):
+            raise StageError(f"{path}{pos}: {rec}")
+        yield f"{path}{pos}", rec, prompt_of(rec, f"{path}{pos}")
 
 
 def prompt_of(rec, where: str) -> dict:
