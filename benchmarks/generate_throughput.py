@@ -1,6 +1,6 @@
 """Teacher generation throughput on this machine: batch size 1 (the baseline) against larger batches.
 
-Uses the real generate prompts (seeds + `seeds/generate_prompt.txt`) and the materialised
+Uses the real generate prompts (seeds + `seeds/prompts/generate_prompt.txt`) and the materialised
 teacher, forcing every sequence to produce exactly `--tokens` new tokens so that the
 numbers compare. Run after `dvc repro teacher_model seeds`:
 
@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from stages.common import read_shards, set_threads
+from stages.lib.common import read_shards, set_threads
 from stages.generate import GenerateParams, build_prompts
-from stages.llm import load_model
+from stages.lib.llm.local import load_model
 
 
 def main() -> None:

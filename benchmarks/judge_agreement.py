@@ -22,9 +22,9 @@ import tempfile
 
 def main() -> None:
     from stages.evaluate import judge_all
-    from stages.judge import summarize
-    from stages.teacher import ResponseCache, Sampling, TeacherSession, make_backend
-    from stages.winrate import student_score
+    from stages.lib.judging.judge import summarize
+    from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend
+    from stages.lib.judging.winrate import student_score
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--annotations", required=True)

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.novelty import TOKENIZERS, novelty_decisions
+from stages.lib.text.novelty import TOKENIZERS, novelty_decisions
 
 
 def read_instructions(path: Path) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 
-from stages.novelty import novelty, rouge_tokens
+from stages.lib.text.novelty import novelty, rouge_tokens
 
 
 def _chars(ids: list[int]) -> str:

@@ -41,7 +41,7 @@ def efficiency(lengths, batches) -> float:
 
 
 def main() -> None:
-    from stages.tokendata import pack
+    from stages.lib.tokens.arrays import pack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="data/tokens")
@@ -58,7 +58,7 @@ def main() -> None:
 
         from transformers import AutoTokenizer
 
-        from stages.templates import render_prompt
+        from stages.lib.tokens.templates import render_prompt
 
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
         recs = json.load(open(args.alpaca, encoding="utf-8"))
@@ -69,7 +69,7 @@ def main() -> None:
         lengths = np.random.default_rng(0).integers(20, 400, args.synthetic).tolist()
         data = None
     else:
-        from stages.tokendata import TokenSplit
+        from stages.lib.tokens.arrays import TokenSplit
 
         data = TokenSplit(args.data, "train")
         lengths = data.index[:, 1].tolist()
@@ -85,7 +85,7 @@ def main() -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from stages.tokendata import collate, collate_packed, masked_loss_sum
+        from stages.lib.tokens.arrays import collate, collate_packed, masked_loss_sum
 
         tok = AutoTokenizer.from_pretrained(args.model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

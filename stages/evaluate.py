@@ -22,9 +22,9 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
+from stages.lib.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
                            write_json, write_shards)
-from stages.tokendata import TokenSplit, collate, masked_loss_sum
+from stages.lib.tokens.arrays import TokenSplit, collate, masked_loss_sum
 
 ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
 
@@ -37,7 +37,7 @@ class EvaluateParams:
     """Also score this model's validation loss for comparison (null: skip)."""
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
-    sets: dict = field(default_factory=lambda: {"stillhouse": {"path": "seeds/eval_prompts.jsonl", "reference": "teacher"}})
+    sets: dict = field(default_factory=lambda: {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "reference": "teacher"}})
     """Eval sets: name -> {path, reference, limit}. `path`: JSON/JSONL prompts (Alpaca, ShareGPT, Vicuna
     `turns`, a prompt/question/text field); `reference`: `teacher` (default: the teacher answers) or the
     field holding reference answers (e.g. `response` in self-instruct's text-davinci-003 predictions);
@@ -95,7 +95,7 @@ def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[floa
 
 
 def score(path: str, data: TokenSplit, batch_size: int) -> dict:
-    from stages.llm import load_model
+    from stages.lib.llm.local import load_model
 
     model, tok = load_model(path)
     loss, n = validation_loss(model, tok, data, batch_size)
@@ -110,7 +110,7 @@ def score(path: str, data: TokenSplit, batch_size: int) -> dict:
 
 def read_eval_set(name: str, spec: dict) -> list[dict]:
     """[{set, id, instruction, input, reference (None: the teacher writes it)}] of one eval set."""
-    from stages.prompts import prompt_records
+    from stages.lib.formats import prompt_records
 
     path, ref, limit = Path(spec["path"]), spec.get("reference", "teacher"), int(spec.get("limit", 0))
     if not path.is_file():
@@ -134,7 +134,7 @@ def read_eval_set(name: str, spec: dict) -> list[dict]:
 
 def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
     """Fill preference, verdicts and order in each row (reference and answer already set)."""
-    from stages.judge import combine, judge_prompt, parse_verdict, preference, student_first
+    from stages.lib.judging.judge import combine, judge_prompt, parse_verdict, preference, student_first
 
     todo, prompts = [], []
     for r in rows:
@@ -165,9 +165,9 @@ def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
 def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     """Answer, reference and judge every eval set. `sessions(role)` -> ask(prompts, sampling) for
     role student | teacher | judge (tests pass fakes). Returns the rows and the metrics per set."""
-    from stages.judge import summarize
-    from stages.teacher import Sampling
-    from stages.templates import user_message
+    from stages.lib.judging.judge import summarize
+    from stages.lib.llm.teacher import Sampling
+    from stages.lib.tokens.templates import user_message
 
     rows = [r for name, spec in sorted(p.sets.items()) for r in read_eval_set(name, spec)]
     for r in rows:
@@ -200,7 +200,7 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
 def make_sessions(p: EvaluateParams, cache):
     """role -> ask(prompts, sampling): the student locally, teacher and judge as configured; one
     cache for all, one loaded model per distinct endpoint."""
-    from stages.teacher import TeacherSession, make_backend
+    from stages.lib.llm.teacher import TeacherSession, make_backend
 
     endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat"},
                  "teacher": {"prompt_form": "chat", **p.teacher}, "judge": {"prompt_form": "chat", **p.judge}}
@@ -219,7 +219,7 @@ def make_sessions(p: EvaluateParams, cache):
 
 
 def main() -> None:
-    from stages.teacher import ResponseCache
+    from stages.lib.llm.teacher import ResponseCache
 
     p = load_params(EvaluateParams, "evaluate")
     set_threads()

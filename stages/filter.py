@@ -3,7 +3,7 @@
 Steps, in generation order, each recording why it drops a row:
 1. rules: instruction word count, blacklist words, "Write a program", punctuation or
    non-ASCII first character, empty output, input equal to output;
-2. novelty (`stages.novelty`): reject when the instruction's ROUGE-L F1 against the seeds or
+2. novelty (`stages.lib.text.novelty`): reject when the instruction's ROUGE-L F1 against the seeds or
    any earlier instruction kept by this step is > threshold (Alpaca's loop, same decisions,
    near-linear time); every row gets its max score and most similar instruction;
 3. near duplicates: MinHash LSH (datasketch) over the whole example (instruction, input and
@@ -15,25 +15,14 @@ counts per reason go to `metrics/filter.json`.
 
 from __future__ import annotations
 
-import re
-import string
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import polars as pl
 
-from stages.common import atomic_dir, check, load_params, log, progress, read_shards, run_main, write_json, write_shards
-from stages.novelty import TOKENIZERS, novelty
-
-REASONS = ["too_short", "too_long", "blacklist", "write_a_program", "punctuation_start", "non_ascii_start",
-           "empty_output", "input_equals_output", "too_similar", "near_duplicate"]
-"""Every drop reason, in the order the steps apply them (metrics list each one, 0 included)."""
-
-BLACKLIST = [
-    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
-]
-
+from stages.lib.common import atomic_dir, check, load_params, log, progress, read_shards, run_main, write_json, write_shards
+from stages.lib.text.novelty import TOKENIZERS, novelty
+from stages.lib.text.rules import BLACKLIST, REASONS, blacklist_regex, rule_reason, shingles
 
 @dataclass
 class FilterParams:
@@ -66,48 +55,6 @@ class FilterParams:
         check(self.rouge_tokenizer in TOKENIZERS, f"rouge_tokenizer: must be one of {TOKENIZERS}")
         check(0 < self.minhash_threshold <= 1, "minhash_threshold: must be in (0, 1]")
         check(self.minhash_num_perm >= 16 and self.minhash_ngram >= 1, "minhash_num_perm >= 16 and minhash_ngram >= 1")
-
-
-# ---------------------------------------------------------------- rules
-
-
-def rule_reason(row: dict, p: FilterParams, blacklist_re: re.Pattern | None) -> str | None:
-    """The first rule a row breaks, or None."""
-    inst = row["instruction"] or ""
-    n = len(inst.split())
-    if n < p.min_words:
-        return "too_short"
-    if n > p.max_words:
-        return "too_long"
-    if blacklist_re is not None and blacklist_re.search(inst):
-        return "blacklist"
-    if inst.startswith("Write a program"):
-        return "write_a_program"
-    if inst[0] in string.punctuation:
-        return "punctuation_start"
-    if not inst[0].isascii():
-        return "non_ascii_start"
-    if not (row["output"] or "").strip():
-        return "empty_output"
-    if (row["input"] or "").strip() and row["input"].strip() == row["output"].strip():
-        return "input_equals_output"
-    return None
-
-
-def blacklist_regex(words: list[str]) -> re.Pattern | None:
-    if not words:
-        return None
-    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
-
-
-# ---------------------------------------------------------------- MinHash near duplicates
-
-
-def shingles(row: dict, n: int) -> set[bytes]:
-    words = " ".join([row["instruction"] or "", row["input"] or "", row["output"] or ""]).lower().split()
-    if len(words) < n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
 
 
 # ---------------------------------------------------------------- the pipeline

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
+from stages.lib.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
                            set_threads, write_json, write_shards)
-from stages.prompts import read_prompts
-from stages.responses import ResponsesParams
-from stages.self_instruct import SelfInstructParams
-from stages.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
+from stages.lib.formats import read_prompts
+from stages.lib.generation.responses import ResponsesParams
+from stages.lib.generation.self_instruct import SelfInstructParams
+from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
 
 METHODS = ("alpaca", "self_instruct", "responses")
 
@@ -52,7 +52,7 @@ class GenerateParams:
     """Endpoint for `openai` (e.g. http://localhost:8000/v1 for vLLM); null means api.openai.com. The key comes from OPENAI_API_KEY."""
     prompt_form: str = "completion"
     """`completion`: plain-text continuation (best yield for small local models); `chat`: one user message."""
-    prompt_file: str = "seeds/generate_prompt.txt"
+    prompt_file: str = "seeds/prompts/generate_prompt.txt"
     """Instructions to the teacher, put before the numbered examples."""
     num_requests: int = 48
     """Number of teacher requests (each asks for a continuation of the numbered task list)."""
@@ -228,8 +228,8 @@ UNPARSED_SCHEMA = {
 
 
 def main() -> None:
-    from stages import responses, self_instruct
-    from stages.openai_client import ApiLimits, Price
+    from stages.lib.generation import responses, self_instruct
+    from stages.lib.llm.openai_api import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
     set_threads()

@@ -29,12 +29,10 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json, write_shards
-from stages.prompts import Malformed, records
+from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json, write_shards
+from stages.lib.formats import Malformed, records, to_messages
 
 FORMATS = ("sharegpt", "alpaca", "hc3", "messages", "generated")
-ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
-        "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
 BLOCKED = "Too many requests in 1 hour. Try again later."
 TEACHER_NAMES = ["openai", "chatgpt", "gpt-3", "gpt3", "gpt-4", "gpt4", "chat-gpt", "open-ai", "open ai", "chadgpt"]
 
@@ -59,7 +57,7 @@ class IngestParams:
     """MinHash permutations."""
     minhash_ngram: int = 5
     """Word n-gram shingles."""
-    decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval_prompts.jsonl"])
+    decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval/eval_prompts.jsonl"])
     """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must not share."""
     decontam_ngram: int = 8
     """Word n-gram length for decontamination (a shorter eval prompt must not appear whole)."""
@@ -88,56 +86,6 @@ class IngestParams:
 
 
 # ---------------------------------------------------------------- 1. read
-
-
-def _text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise Malformed(f"{what}: expected a string")
-    return value
-
-
-def to_messages(rec, fmt: str, answers: str | None = None) -> list[tuple[str | None, list[dict]]]:
-    """(original id, messages) conversations of one record; raises Malformed."""
-    if isinstance(rec, Malformed):
-        raise rec
-    if not isinstance(rec, dict):
-        raise Malformed("expected an object")
-    if fmt == "sharegpt":
-        turns = rec.get("conversations", rec.get("items"))
-        if not isinstance(turns, list):
-            raise Malformed("conversations: expected a list")
-        msgs = []
-        for k, t in enumerate(turns):
-            if not isinstance(t, dict) or t.get("from") not in ROLE:
-                raise Malformed(f"conversations[{k}].from: expected one of {sorted(ROLE)}")
-            msgs.append({"role": ROLE[t["from"]], "content": _text(t.get("value"), f"conversations[{k}].value")})
-        return [(rec.get("id"), msgs)]
-    if fmt in ("alpaca", "generated"):
-        inst = _text(rec.get("instruction"), "instruction")
-        inp = _text(rec.get("input") or "", "input")
-        user = inst.strip() + (f"\n\n{inp.strip()}" if inp.strip() else "")
-        return [(rec.get("id"), [{"role": "user", "content": user},
-                                 {"role": "assistant", "content": _text(rec.get("output"), "output")}])]
-    if fmt == "hc3":
-        q = _text(rec.get("question"), "question")
-        key = f"{answers}_answers"
-        ans = rec.get(key)
-        if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
-            raise Malformed(f"{key}: expected a list of strings")
-        base = rec.get("id")
-        return [(f"{base}-{k}" if base is not None else None,
-                 [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for k, a in enumerate(ans)]
-    if fmt == "messages":
-        msgs = rec.get("messages")
-        if not isinstance(msgs, list):
-            raise Malformed("messages: expected a list")
-        out = []
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise Malformed(f"messages[{k}].role: expected system, user or assistant")
-            out.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{k}].content")})
-        return [(rec.get("id"), out)]
-    raise ValueError(fmt)
 
 
 def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
@@ -405,7 +353,7 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
 
 
 def main() -> None:
-    from stages.prompts import read_prompts
+    from stages.lib.formats import read_prompts
 
     p = load_params(IngestParams, "ingest")
     generated = None

@@ -30,9 +30,9 @@ from typing import Callable
 
 import numpy as np
 
-from stages import report_data as rd
-from stages.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
-from stages.report_page import render, render_compare
+from stages.lib.report import data as rd
+from stages.lib.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
+from stages.lib.report.page import render, render_compare
 
 SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in rd.LENGTH_FIELDS), "funnel",
           "ingest_sources", "languages", "splitting", "spend", "training", "judge"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.common import StageError, atomic_dir, check, load_params, log, run_main, write_json, write_shards
+from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, write_json, write_shards
 
 MAX_ERRORS = 20
 

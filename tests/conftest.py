@@ -31,7 +31,7 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from stages.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from stages.lib.tokens.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 
     corpus = corpus or [ALPACA_WITH_INPUT, ALPACA_NO_INPUT, "write the list of three words; name a fruit. " * 3]
     special = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stages.templates import encode_conversation, export_tokenizer
+from stages.lib.tokens.templates import encode_conversation, export_tokenizer
 from tests.conftest import ROOT, make_tokenizer
 
 CONVS = [
@@ -39,7 +39,7 @@ def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
 
     from transformers import AutoTokenizer
 
-    from stages.chat import load, reply
+    from stages.tools.chat import load, reply
 
     model_dir = tmp_path / "student"
     shutil.copytree(tiny_model, model_dir)
@@ -48,7 +48,7 @@ def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
     tok.save_pretrained(tiny_model)
     (tmp_path / "p.txt").write_text("write the list\n\nname a fruit\n")
     out = tmp_path / "a.jsonl"
-    r = subprocess.run([sys.executable, "-m", "stages.chat", "--model", str(tiny_model), "--file", str(tmp_path / "p.txt"),
+    r = subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", str(tiny_model), "--file", str(tmp_path / "p.txt"),
                         "--out", str(out), "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, check=True)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["prompt"] for x in rows] == ["write the list", "name a fruit"]
@@ -56,7 +56,7 @@ def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
     model, tok = load(str(tiny_model))  # greedy: the same answers in process
     assert [x["answer"] for x in rows] == [reply(model, tok, [{"role": "user", "content": p}], 4, 0.0)
                                            for p in ["write the list", "name a fruit"]]
-    r = subprocess.run([sys.executable, "-m", "stages.chat", "--model", str(tiny_model), "--max-new-tokens", "3"],
+    r = subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", str(tiny_model), "--max-new-tokens", "3"],
                        cwd=ROOT, input="write the list\n/reset\nname a fruit\n/quit\nnever read\n",
                        capture_output=True, text=True, check=True)
     assert "type a message" in r.stdout

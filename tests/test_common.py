@@ -9,36 +9,85 @@ import polars as pl
 import pytest
 import yaml
 
-from stages.common import StageError, atomic_dir, load_params, read_shards, write_shards
+from stages.lib.common import StageError, atomic_dir, load_params, read_shards, write_shards
 from tests.conftest import ROOT
 
 
-def stage_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """Every `stages.*` module that `module` imports, transitively (module names like 'stages.llm')."""
-    seen = seen if seen is not None else set()
-    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+def module_file(module: str) -> str:
+    """The file of a `stages.*` module or package, relative to the repository ('stages/lib/__init__.py')."""
+    path = module.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
+
+
+def direct_imports(module: str) -> set[str]:
+    """The `stages.*` modules one module imports (`from stages.lib import x` names the module x when it is one)."""
+    tree = ast.parse((ROOT / module_file(module)).read_text())
+    out = set()
     for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
-            names = [node.module]
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names
+                    if (ROOT / node.module.replace(".", "/") / f"{a.name}.py").is_file()}
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.startswith("stages.")]
-        for n in names:
-            if n not in seen:
-                seen.add(n)
-                stage_imports(n, seen)
+            out |= {a.name for a in node.names if a.name.startswith("stages.")}
+    return out
+
+
+def stage_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """Every `stages.*` module that `module` imports, transitively (module names like 'stages.lib.llm.local')."""
+    seen = seen if seen is not None else set()
+    for n in direct_imports(module):
+        if n not in seen:
+            seen.add(n)
+            stage_imports(n, seen)
     return seen
 
 
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def stage_module(st: dict) -> str:
+    return st["cmd"].split("-m ")[1].split()[0]
+
+
 def test_dvc_yaml_lists_every_imported_module_of_each_stage():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, st in stages.items():
-        module = st["cmd"].split("-m ")[1].split()[0]
-        needed = {f"{m.replace('.', '/')}.py" for m in stage_imports(module) | {module}}
+    for name, st in dvc_stages().items():
+        module = stage_module(st)
+        needed = {module_file(m) for m in stage_imports(module) | {module}}
+        needed = {f for f in needed if not f.endswith("__init__.py") or (ROOT / f).stat().st_size}
         missing = needed - set(st["deps"])
         assert not missing, f"stage {name}: dvc.yaml deps miss {sorted(missing)}"
+        listed = {d for d in st["deps"] if d.startswith("stages/")}
+        assert not listed - needed, f"stage {name}: dvc.yaml lists code it does not import: {sorted(listed - needed)}"
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         assert st["params"] == [name] and name in params  # each stage reads only its own section
+
+
+def test_stages_folder_holds_exactly_the_dvc_stages():
+    """`ls stages/`: one module per dvc.yaml stage, the shared `lib/` and the hand-run `tools/`."""
+    modules = {stage_module(st) for st in dvc_stages().values()}
+    top = {p.stem for p in (ROOT / "stages").glob("*.py") if p.name != "__init__.py"}
+    assert {f"stages.{m}" for m in top} == modules
+    assert {p.name for p in (ROOT / "stages").iterdir() if p.is_dir() and p.name != "__pycache__"} == {"lib", "tools"}
+
+
+def all_modules(folder: str) -> list[str]:
+    return [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in sorted((ROOT / folder).rglob("*.py"))
+            if p.name != "__init__.py"]
+
+
+def test_a_stage_imports_no_other_stage_and_shared_code_imports_no_stage():
+    stage_modules = {stage_module(st) for st in dvc_stages().values()}
+    for module in sorted(stage_modules):
+        other = {m for m in direct_imports(module) if m in stage_modules or m.startswith("stages.tools")}
+        assert not other, f"{module} imports {sorted(other)}: move what they share to stages/lib"
+    for module in all_modules("stages/lib"):
+        bad = {m for m in direct_imports(module) if not m.startswith("stages.lib")}
+        assert not bad, f"shared module {module} imports {sorted(bad)}: shared code imports no stage or tool"
+    for module in all_modules("stages/tools"):
+        bad = {m for m in direct_imports(module) if m in stage_modules}
+        assert not bad, f"tool {module} imports the stage {sorted(bad)}: import from stages/lib instead"
 
 
 @dataclass

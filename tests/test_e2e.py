@@ -63,7 +63,7 @@ def make_e2e_repo(repo: Path) -> Path:
         generate={"num_requests": 8, "batch_size": 8},
         train={"base_model": "tiny_student", "max_steps": 4, "batch_size": 2},
         evaluate={"base_model": "tiny_student", "max_new_tokens": 8,
-                  "sets": {"stillhouse": {"path": "seeds/eval_prompts.jsonl", "limit": 3}}},
+                  "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}}},
     )
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "init")

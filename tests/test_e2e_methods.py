@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import yaml
 
-from stages.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
+from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI, _last_user_text
 from tests.test_e2e import ran, sh
@@ -120,16 +120,16 @@ def test_responses_from_bootstrap(tmp_path, teacher):
 
 def test_responses_from_a_prompt_file_with_a_judge(tmp_path, teacher):
     repo = make_repo(tmp_path, teacher, {"method": "responses", "responses": {
-        "prompts": "seeds/prompts.jsonl", "n": 2, "select": "judge"}})
+        "prompts": "seeds/prompts/prompts.jsonl", "n": 2, "select": "judge"}})
     lines = [{"instruction": f"Plan a trip to the {w} with friends.", "input": ""} for w in WORDS[:6]]
-    (repo / "seeds/prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (repo / "seeds/prompts/prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     tasks, gm, fm = build(repo)
     r = gm["steps"]["responses"]
     assert r["prompts"] == 6 and r["requests"] == 12 and r["judged"] == 6 and tasks.height == 6
     assert list(tasks["item_index"]) == [1] * 6  # the judge said "2"
-    assert list(tasks["source"]) == [f"seeds/prompts.jsonl:{i}" for i in range(1, 7)]
+    assert list(tasks["source"]) == [f"seeds/prompts/prompts.jsonl:{i}" for i in range(1, 7)]
     assert gm["teacher_calls"] == 12 + 6 and fm["kept"] > 0
     rerun_is_cached(repo, teacher)
     # the prompt file is a dependency: editing it reruns generate
-    (repo / "seeds/prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:3]))
+    (repo / "seeds/prompts/prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:3]))
     assert ran(sh(repo, "dvc", "repro", "-s", "generate")) == ["generate"]

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from stages.common import StageError, params_from_dict
+from stages.lib.common import StageError, params_from_dict
 from stages.evaluate import EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
-from stages.judge import combine, parse_verdict, preference, student_first, summarize
-from stages.teacher import ResponseCache, Sampling
+from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
+from stages.lib.llm.teacher import ResponseCache, Sampling
 from tests.conftest import shared
 
 

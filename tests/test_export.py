@@ -1,4 +1,4 @@
-"""stages.export: Alpaca JSON, ShareGPT JSON and a `datasets` directory, each read back and compared."""
+"""stages.tools.export: Alpaca JSON, ShareGPT JSON and a `datasets` directory, each read back and compared."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import polars as pl
 import pytest
 
-from stages.common import StageError, write_shards
-from stages.export import ExportArgs, export, main
-from stages.ingest import to_messages
+from stages.lib.common import StageError, write_shards
+from stages.tools.export import ExportArgs, export, main
+from stages.lib.formats import to_messages
 
 KEPT = [
     {"id": "t0", "instruction": "Name a fruit.", "input": "", "output": "Apple.", "rouge_max": 0.1},

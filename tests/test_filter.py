@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from stages.filter import REASONS, FilterParams, blacklist_regex, filter_rows, rule_reason
+from stages.filter import FilterParams, filter_rows
+from stages.lib.text.rules import REASONS, blacklist_regex, rule_reason
 from tests.conftest import shared
 
 P = FilterParams()

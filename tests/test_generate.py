@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from stages.generate import GenerateParams, build_prompts, encode_prompt, parse_response, rows_from_records
-from stages.llm import Completion
-from stages.teacher import ResponseCache, Sampling, assign_keys, request_key, run_requests
+from stages.lib.llm.local import Completion
+from stages.lib.llm.teacher import ResponseCache, Sampling, assign_keys, request_key, run_requests
 
 SEEDS = [
     {"id": f"s{i}", "instruction": f"Task number {i}:  do  thing {i}", "instances": [{"input": "" if i % 2 else f"in {i}", "output": f"out {i}"}]}

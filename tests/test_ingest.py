@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.common import StageError
+from stages.lib.common import StageError
 from stages.ingest import (Decontaminator, IngestParams, build, clean_text, fix_roles, keep_share, language_reason,
                            names_teacher, read_source)
 from tests.conftest import shared

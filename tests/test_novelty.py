@@ -14,7 +14,7 @@ from rapidfuzz.distance import LCSseq
 from rouge_score import rouge_scorer, tokenize
 from rouge_score.rouge_scorer import _score_lcs
 
-from stages.novelty import f1_from_lcs, novelty, novelty_decisions, rouge_l_f1, rouge_tokens, unicode_tokens
+from stages.lib.text.novelty import f1_from_lcs, novelty, novelty_decisions, rouge_l_f1, rouge_tokens, unicode_tokens
 from tests.conftest import ROOT, shared
 
 

@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.common import StageError
+from stages.lib.common import StageError
 from stages.generate import rows_from_records
-from stages.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
+from stages.lib.llm.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
 
 TEXT = " Name a fruit that is red.\n4. Input:\n<noinput>\n4. Output:\nA strawberry.\n###"
 
@@ -56,7 +56,7 @@ def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monke
     secret = "sk-test-" + "x" * 24
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     s = Sampling(64, 0.7, 0.9)
-    from stages.openai_client import ApiLimits
+    from stages.lib.llm.openai_api import ApiLimits
 
     backend = make_backend("openai", "teacher-x", form, server, limits=ApiLimits(transport=transport))
     reqs = assign_keys(["p1", "p2", "p3"], backend.teacher_id, form, s)

@@ -8,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from stages import report_data as rd
-from stages.common import StageError
+from stages.lib.report import data as rd
+from stages.lib.common import StageError
 from stages.report import SERIES, ReportParams, build_tables, read_series, reader, write_series
-from stages.report_page import render, render_compare
+from stages.lib.report.page import render, render_compare
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from stages.common import StageError
-from stages.prompts import read_prompts
-from stages.responses import ResponsesParams, chat_prompt, judge_prompt, parse_judge, run
-from stages.teacher import Sampling
+from stages.lib.common import StageError
+from stages.lib.formats import read_prompts
+from stages.lib.generation.responses import ResponsesParams, chat_prompt, judge_prompt, parse_judge, run
+from stages.lib.llm.teacher import Sampling
 from tests.conftest import shared
 
 S = Sampling(64, 0.7, 0.9, seed=1)

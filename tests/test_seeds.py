@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import StageError
-from stages.novelty import rouge_l_f1, rouge_tokens
+from stages.lib.common import StageError
+from stages.lib.text.novelty import rouge_l_f1, rouge_tokens
 from stages.seeds import load_seeds
 from tests.conftest import ROOT, shared
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 
-from stages.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER,
+from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER,
                                   SelfInstructParams, bootstrap, bootstrap_prompt, classify_examples, classify_prompt,
                                   filter_instances, instance_prompt, parse_classification, parse_instances,
                                   parse_instructions, run, sample_in_context)
-from stages.teacher import Sampling
+from stages.lib.llm.teacher import Sampling
 
 SEEDS = [
     {"id": f"seed_task_{i}", "instruction": inst, "is_classification": clf,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.openai_client import ApiLimits, Price, TokenBucket, parse_duration, wait_from_headers
-from stages.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests
+from stages.lib.llm.openai_api import ApiLimits, Price, TokenBucket, parse_duration, wait_from_headers
+from stages.lib.llm.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI
 
@@ -172,8 +172,8 @@ def stage_env():
 
 
 def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
-    (tmp_path / "seeds").mkdir()
-    for f in ("seed_tasks.jsonl", "generate_prompt.txt"):
+    (tmp_path / "seeds" / "prompts").mkdir(parents=True)
+    for f in ("seed_tasks.jsonl", "prompts/generate_prompt.txt"):
         (tmp_path / "seeds" / f).write_bytes((ROOT / "seeds" / f).read_bytes())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["generate"].update(backend="openai", model="teacher-x", base_url=base_url, prompt_form="chat", **generate)

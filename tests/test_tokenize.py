@@ -6,9 +6,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages.templates import ALPACA_NO_INPUT, encode_conversation, encode_example, render_prompt, user_message
-from stages.tokendata import IGNORE_INDEX, TokenSplit, collate
-from stages.tokenize import TokenizeParams, assign_splits, example_texts, pieces, tokenize_conversations, tokenizer_id, write_split
+from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, encode_example, render_prompt, user_message
+from stages.lib.tokens.arrays import IGNORE_INDEX, TokenSplit, collate
+from stages.lib.tokens.arrays import tokenizer_id, write_split
+from stages.tokenize import TokenizeParams, assign_splits, example_texts, pieces, tokenize_conversations
 
 
 def conv(*turns, system=None):
@@ -106,7 +107,7 @@ TURNS = ("write the list", "a b c", "name a fruit", "pear", "three words", "the 
 @pytest.mark.parametrize("system", [None, "be brief"])
 def test_golden_multi_turn_masks(tiny_tokenizer, template, system):
     """Decoded ids equal the rendered text, and the mask covers exactly the assistant turns."""
-    from stages.templates import conversation_segments
+    from stages.lib.tokens.templates import conversation_segments
 
     tok = tiny_tokenizer
     msgs = conv(*TURNS, system=system)

@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 
-from stages.common import StageError, write_json
+from stages.lib.common import StageError, write_json
 from stages.evaluate import validation_loss
-from stages.tokendata import TokenSplit
-from stages.templates import encode_conversation, user_message
-from stages.tokenize import example_texts, tokenizer_id, write_split
+from stages.lib.tokens.arrays import TokenSplit
+from stages.lib.tokens.templates import encode_conversation, user_message
+from stages.lib.tokens.arrays import tokenizer_id, write_split
+from stages.tokenize import example_texts
 from stages.train import TrainParams, batches, lr_at, train
 
 ROWS = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", "output": "three words " * (1 + i % 3)}
@@ -129,7 +130,7 @@ ROWS8 = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "",
 def test_pack_is_complete_deterministic_and_dense():
     import random
 
-    from stages.tokendata import pack
+    from stages.lib.tokens.arrays import pack
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 400) for _ in range(3000)]  # Alpaca-like spread
@@ -144,7 +145,7 @@ def test_pack_is_complete_deterministic_and_dense():
 def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.tokendata import collate, collate_packed, masked_loss_sum
+    from stages.lib.tokens.arrays import collate, collate_packed, masked_loss_sum
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok, ROWS8)

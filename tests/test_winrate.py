@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.winrate import longer_wins_rate, position_flip_rate, win_rate
+from stages.lib.judging.winrate import longer_wins_rate, position_flip_rate, win_rate
 from tests.conftest import shared
 
 

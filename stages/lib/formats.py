@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common import StageError
+from stages.lib.common import StageError
 
 PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
+ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
+        "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
 
 
 class Malformed(Exception):
@@ -84,3 +86,53 @@ def prompt_of(rec, where: str) -> dict:
                 inp = rec["instances"][0].get("input", "") if isinstance(rec["instances"][0], dict) else ""
             return {"instruction": rec[f], "input": inp if isinstance(inp, str) else ""}
     raise StageError(f"{where}: none of the fields {PROMPT_FIELDS}, conversations or messages holds a prompt")
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise Malformed(f"{what}: expected a string")
+    return value
+
+
+def to_messages(rec, fmt: str, answers: str | None = None) -> list[tuple[str | None, list[dict]]]:
+    """(original id, messages) conversations of one record; raises Malformed."""
+    if isinstance(rec, Malformed):
+        raise rec
+    if not isinstance(rec, dict):
+        raise Malformed("expected an object")
+    if fmt == "sharegpt":
+        turns = rec.get("conversations", rec.get("items"))
+        if not isinstance(turns, list):
+            raise Malformed("conversations: expected a list")
+        msgs = []
+        for k, t in enumerate(turns):
+            if not isinstance(t, dict) or t.get("from") not in ROLE:
+                raise Malformed(f"conversations[{k}].from: expected one of {sorted(ROLE)}")
+            msgs.append({"role": ROLE[t["from"]], "content": _text(t.get("value"), f"conversations[{k}].value")})
+        return [(rec.get("id"), msgs)]
+    if fmt in ("alpaca", "generated"):
+        inst = _text(rec.get("instruction"), "instruction")
+        inp = _text(rec.get("input") or "", "input")
+        user = inst.strip() + (f"\n\n{inp.strip()}" if inp.strip() else "")
+        return [(rec.get("id"), [{"role": "user", "content": user},
+                                 {"role": "assistant", "content": _text(rec.get("output"), "output")}])]
+    if fmt == "hc3":
+        q = _text(rec.get("question"), "question")
+        key = f"{answers}_answers"
+        ans = rec.get(key)
+        if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
+            raise Malformed(f"{key}: expected a list of strings")
+        base = rec.get("id")
+        return [(f"{base}-{k}" if base is not None else None,
+                 [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for k, a in enumerate(ans)]
+    if fmt == "messages":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list):
+            raise Malformed("messages: expected a list")
+        out = []
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise Malformed(f"messages[{k}].role: expected system, user or assistant")
+            out.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{k}].content")})
+        return [(rec.get("id"), out)]
+    raise ValueError(fmt)

@@ -11,10 +11,14 @@ so callers can normalise by the number of supervised tokens of a whole batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
+
+from stages.lib.common import atomic_file
 
 IGNORE_INDEX = -100
 
@@ -133,3 +137,32 @@ def masked_loss_sum(model, batch: dict):
         logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def tokenizer_id(tok) -> str:
+    """Identity of a tokenizer: sha256 of its vocabulary and special tokens."""
+    vocab = sorted(tok.get_vocab().items())
+    special = [tok.eos_token, tok.bos_token, tok.pad_token]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
+def write_split(out: Path, split: str, encoded: list, dtype) -> dict:
+    """`encoded`: (texts, ids, mask) per example."""
+    lengths = [len(ids) for _, ids, _ in encoded]
+    index = np.zeros((len(encoded), 2), dtype=np.int64)
+    index[:, 1] = lengths
+    index[1:, 0] = np.cumsum(lengths)[:-1]
+    tokens = np.fromiter((t for _, ids, _ in encoded for t in ids), dtype=dtype, count=sum(lengths))
+    mask = np.fromiter((m for _, _, ms in encoded for m in ms), dtype=np.uint8, count=sum(lengths))
+    with atomic_file(out / f"{split}_tokens.bin", "wb") as f:
+        f.write(tokens.tobytes())
+    with atomic_file(out / f"{split}_mask.bin", "wb") as f:
+        f.write(mask.tobytes())
+    with atomic_file(out / f"{split}_index.npy", "wb") as f:
+        np.save(f, index)
+    schema = {"id": pl.String, "source": pl.String, "instruction": pl.String, "input": pl.String,
+              "output": pl.String, "prompt": pl.String}
+    texts = pl.DataFrame([t for t, _, _ in encoded], schema=schema)
+    with atomic_file(out / f"{split}.parquet", "wb") as f:
+        texts.write_parquet(f, compression="zstd")
+    return {"examples": len(encoded), "tokens": int(sum(lengths)), "trained_tokens": int(mask.sum())}

@@ -16,8 +16,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from stages.common import log
-from stages.openai_client import completion_from_body
+from stages.lib.common import log
+from stages.lib.llm.openai_api import completion_from_body
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 

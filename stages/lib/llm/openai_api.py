@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from stages.llm import Completion
+from stages.lib.llm.local import Completion
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -1,4 +1,4 @@
-"""Figures of the `report` stage: matplotlib drawings of the tables in `stages.report_data`.
+"""Figures of the `report` stage: matplotlib drawings of the tables in `stages.lib.report.data`.
 
 Each `fig_*` function takes table rows and returns a matplotlib Figure; `svg_uri` turns it into
 a self-contained `data:image/svg+xml` URI (glyphs as paths: no fonts, no scripts, no network),

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import html
 
-from stages import report_data as rd
+from stages.lib.report import data as rd
 
 def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str]]:
     """(name, section title, SVG data URI or None, caption or note) per figure, from tables alone."""
-    from stages import report_figures as rf
+    from stages.lib.report import figures as rf
 
     t, s = tables, summary
     training = {k: [(r["step"], r[k]) for r in t["training"] if r.get(k) is not None]

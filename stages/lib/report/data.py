@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from stages.filter import REASONS
+from stages.lib.text.rules import REASONS
 
 RULE_REASONS = REASONS[: REASONS.index("too_similar")]
 """Filter reasons decided by the rules, in the order they apply."""
@@ -98,7 +98,7 @@ def histogram(values: Iterable[float] | None, edges: np.ndarray, closed: str = "
 
 def rouge_vs_seeds(seeds: list[str], instructions: list[str], tokenize: str = "rouge_score") -> np.ndarray:
     """Each instruction's max ROUGE-L F1 against the seeds only (the filter's pool also holds earlier kept ones)."""
-    from stages.novelty import novelty
+    from stages.lib.text.novelty import novelty
 
     # threshold -1 keeps no candidate, so the pool stays the seeds: exact scores, no O(N*S) loop
     return novelty(seeds, instructions, threshold=-1.0, tokenize=tokenize).score

@@ -18,8 +18,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from stages.common import check
-from stages.teacher import Sampling, provenance
+from stages.lib.common import check
+from stages.lib.llm.teacher import Sampling, provenance
 
 BOOTSTRAP_HEADER = "Come up with a series of tasks:\n"
 BOOTSTRAP_STOP = ("\n\n", "\n16", "16.", "16 .")
@@ -233,10 +233,10 @@ class SelfInstructParams:
 def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int):
     """Step 1. Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
     drops [{step, request_index, item_index, error, raw, provenance}], metrics)."""
-    from stages.filter import FilterParams, blacklist_regex, rule_reason
-    from stages.novelty import novelty
+    from stages.lib.text.rules import RuleParams, blacklist_regex, rule_reason
+    from stages.lib.text.novelty import novelty
 
-    rules = FilterParams()
+    rules = RuleParams()
     bl = blacklist_regex(rules.blacklist)
     seed_inst = [s["instruction"] for s in seeds]
     id_of = {s["instruction"]: s["id"] for s in seeds}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from stages.winrate import longer_wins_rate, position_flip_rate, win_rate
+from stages.lib.judging.winrate import longer_wins_rate, position_flip_rate, win_rate
 
 JUDGE_PROMPT = """You are comparing two answers to the same instruction. Pick the answer that follows the \
 instruction better: helpful, correct, complete and to the point. Do not prefer an answer for its \

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stages.common import check
-from stages.teacher import Sampling
+from stages.lib.common import check
+from stages.lib.llm.teacher import Sampling
 
 SELECT = ("first", "longest", "judge")
 
@@ -57,8 +57,8 @@ def parse_judge(text: str | None, n: int) -> int | None:
 
 def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling):
     """Answer every prompt n times and keep one. Returns (task rows, drop rows, metrics)."""
-    from stages.self_instruct import count
-    from stages.teacher import provenance
+    from stages.lib.generation.self_instruct import count
+    from stages.lib.llm.teacher import provenance
 
     ans_sampling = Sampling(r.max_new_tokens, sampling.temperature, sampling.top_p, (), sampling.seed)
     records = ask([chat_prompt(p) for p in prompts for _ in range(r.n)], ans_sampling, "chat")

@@ -1,8 +1,8 @@
 """Talk to the student (or any checkpoint the pipeline made), streaming its answers.
 
-    python -m stages.chat                      # interactive, models/student
-    python -m stages.chat --model models/teacher --file prompts.txt
-    python -m stages.chat --file prompts.jsonl --out answers.jsonl
+    python -m stages.tools.chat                      # interactive, models/student
+    python -m stages.tools.chat --model models/teacher --file prompts.txt
+    python -m stages.tools.chat --file prompts.jsonl --out answers.jsonl
 
 The prompt is rendered with the checkpoint's chat template: `train` embeds the template it
 trained with (Alpaca's or the model's own), so the student sees exactly its training format.
@@ -52,7 +52,7 @@ def reply(model, tok, messages: list[dict], max_new_tokens: int, temperature: fl
 
 def read_file(path: Path) -> list[str]:
     if path.suffix in (".jsonl", ".json"):
-        from stages.prompts import read_prompts
+        from stages.lib.formats import read_prompts
 
         return [p["instruction"] + (f"\n\n{p['input']}" if p["input"] else "") for p in read_prompts(path)]
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,9 +1,9 @@
 """Export the kept dataset as Alpaca JSON, ShareGPT JSON or a Hugging Face `datasets` directory.
 
-    python -m stages.export --format alpaca --out alpaca.json      # data/filtered, kept rows
-    python -m stages.export --format sharegpt --out sharegpt.json  # one human/gpt exchange per task
-    python -m stages.export --format hf --out instructions_hf      # datasets.load_from_disk(...) opens it
-    python -m stages.export --format sharegpt --from conversations --out mix.json   # data/conversations
+    python -m stages.tools.export --format alpaca --out alpaca.json      # data/filtered, kept rows
+    python -m stages.tools.export --format sharegpt --out sharegpt.json  # one human/gpt exchange per task
+    python -m stages.tools.export --format hf --out instructions_hf      # datasets.load_from_disk(...) opens it
+    python -m stages.tools.export --format sharegpt --from conversations --out mix.json   # data/conversations
 
 `--from filtered` (the default) reads the kept tasks (`kept-*.parquet`: instruction, input,
 output); `--from conversations` reads the ingested mixture (`conversations-*.parquet`, possibly
@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import StageError, atomic_dir, atomic_file, check, log, read_shards, run_main
-from stages.prompts import Malformed
+from stages.lib.common import StageError, atomic_dir, atomic_file, check, log, read_shards, run_main
+from stages.lib.formats import Malformed
 
 FORMATS = ("alpaca", "sharegpt", "hf")
 SOURCES = {"filtered": ("data/filtered", "kept"), "conversations": ("data/conversations", "conversations")}
@@ -64,7 +64,7 @@ def tasks(rows: list[dict]) -> list[dict]:
 
 def task_messages(task: dict) -> list[dict]:
     """A task as one user/assistant exchange: instruction, blank line, input (ingest's rendering)."""
-    from stages.ingest import to_messages
+    from stages.lib.formats import to_messages
 
     try:
         [(_, msgs)] = to_messages(task, "alpaca")

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from stages.common import Progress, StageError, log
-from stages.llm import Completion
-from stages.openai_client import DEFAULT_BASE_URL
+from stages.lib.common import Progress, StageError, log
+from stages.lib.llm.local import Completion
+from stages.lib.llm.openai_api import DEFAULT_BASE_URL
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class LocalBackend:
     kind = "local"
 
     def __init__(self, model: str, prompt_form: str, dtype: str = "float32", batch_size: int = 8, device: str = "auto"):
-        from stages.llm import fingerprint
+        from stages.lib.llm.local import fingerprint
 
         self._load_args, self._loaded = (model, dtype, device), None
         self.name = model
@@ -163,7 +163,7 @@ class LocalBackend:
     def _load(self):
         """The model is loaded on first use: a run served from the cache never loads it."""
         if self._loaded is None:
-            from stages.llm import load_model
+            from stages.lib.llm.local import load_model
 
             self._loaded = load_model(*self._load_args)
         return self._loaded
@@ -175,7 +175,7 @@ class LocalBackend:
         return prompt
 
     def complete(self, prompts: list[str], sampling: Sampling, seed: int) -> list[Completion]:
-        from stages.llm import generate
+        from stages.lib.llm.local import generate
 
         return generate(self.model, self.tok, [self.render(p) for p in prompts], sampling.max_new_tokens,
                         sampling.temperature, sampling.top_p, seed, list(sampling.stop) or None,
@@ -200,7 +200,7 @@ class OpenAIBackend:
     kind = "openai"
 
     def __init__(self, model: str, base_url: str | None, prompt_form: str, limits=None, price=None):
-        from stages.openai_client import ApiLimits, ApiTeacher
+        from stages.lib.llm.openai_api import ApiLimits, ApiTeacher
 
         key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if base_url else None)
         if key is None:
@@ -291,7 +291,7 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
     start = time.monotonic()
     try:
         if misses and batch_api:
-            from stages.openai_batch import batch_round
+            from stages.lib.llm.openai_batch import batch_round
 
             rnd = batch_round(backend.batch_client(), misses, sampling, cache, backend.prompt_form, backend.name, on_done)
             stats.batch = asdict(rnd)
