@@ -9,7 +9,7 @@
    position-flip and longer-answer-wins rates.
 
 Every model call goes through the teacher client and one content-addressed cache
-(`evaluate.cache_dir`, a persist output): a student answer is keyed by the checkpoint's
+(`data/eval_cache`, a persist output): a student answer is keyed by the checkpoint's
 content hash, the decoding params and the prompt, so a new eval set or judge costs only the
 new calls, and an unchanged checkpoint is never asked twice.
 """
@@ -19,14 +19,44 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
-from stages.lib.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
-                           write_json, write_shards)
-from stages.lib.tokens.arrays import TokenSplit, collate, masked_loss_sum
+from stages.lib import paths
+from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, run_main, set_threads,
+                               write_json, write_shards)
+from stages.lib.tokens.arrays import TokenSplit, validation_loss
 
-ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
+
+@dataclass
+class EvalSetParams:
+    """One eval set (`evaluate.sets.<name>`)."""
+
+    path: str
+    """JSON/JSONL prompts: Alpaca, ShareGPT, Vicuna `turns`, or a prompt/question/text field."""
+    reference: str = "teacher"
+    """`teacher` (the teacher answers each prompt) or the field holding reference answers (e.g. `response`
+    in self-instruct's text-davinci-003 predictions)."""
+    limit: int = 0
+    """Use the first N prompts (0: all)."""
+
+    def __post_init__(self):
+        check(self.limit >= 0, "limit: must be >= 0")
+
+
+@dataclass
+class EndpointParams:
+    """A model that answers prompts (`evaluate.teacher`, `evaluate.judge`)."""
+
+    model: str
+    """A local model dir or hub id (`local`), or the endpoint's model name (`openai`)."""
+    backend: Literal["local", "openai"] = "local"
+    """`local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint; key from OPENAI_API_KEY)."""
+    base_url: str | None = None
+    """The `openai` endpoint (null: api.openai.com)."""
+    prompt_form: Literal["chat", "completion"] = "chat"
+    """`chat` (one user message) or `completion` (plain text)."""
 
 
 @dataclass
@@ -37,68 +67,43 @@ class EvaluateParams:
     """Also score this model's validation loss for comparison (null: skip)."""
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
-    sets: dict = field(default_factory=lambda: {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "reference": "teacher"}})
-    """Eval sets: name -> {path, reference, limit}. `path`: JSON/JSONL prompts (Alpaca, ShareGPT, Vicuna
-    `turns`, a prompt/question/text field); `reference`: `teacher` (default: the teacher answers) or the
-    field holding reference answers (e.g. `response` in self-instruct's text-davinci-003 predictions);
-    `limit`: first N prompts (0: all)."""
+    sets: dict[str, EvalSetParams] = field(
+        default_factory=lambda: {"stillhouse": EvalSetParams(path="seeds/eval/eval_prompts.jsonl", reference="teacher")})
+    """Eval sets: name -> {path, reference, limit}."""
     max_new_tokens: int = 96
     """Answer length budget of the student and of teacher references."""
     temperature: float = 0.0
     """0 means greedy decoding."""
     seed: int = 0
     """Sampling seed and the seed of `random` judge order."""
-    teacher: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
+    teacher: EndpointParams = field(default_factory=lambda: EndpointParams(backend="local", model="models/teacher"))
     """Who writes `reference: teacher` answers: {backend: local|openai, model, base_url, prompt_form}."""
-    judge: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
+    judge: EndpointParams = field(default_factory=lambda: EndpointParams(backend="local", model="models/teacher"))
     """The pairwise judge, same keys as `teacher` (an OpenAI-compatible model for a real evaluation)."""
     judge_order: str = "both"
     """`random` (one seeded order per prompt) or `both` (two calls; a disagreement is a draw)."""
     judge_max_new_tokens: int = 16
     """Length budget of a verdict."""
-    cache_dir: str = "data/eval_cache"
-    """Content-addressed responses of student, teacher and judge (persist output)."""
-    out_dir: str = "data/eval"
-    """Output folder: `judgments-*.parquet`, one row per (set, prompt)."""
 
     def __post_init__(self):
+        convert_fields(self, "evaluate")
         check(self.batch_size >= 1, "batch_size: must be >= 1")
         check(self.max_new_tokens >= 1 and self.judge_max_new_tokens >= 1, "max_new_tokens: must be >= 1")
         check(self.temperature >= 0, "temperature: must be >= 0")
         check(self.judge_order in ("random", "both"), f"judge_order: expected random or both, got {self.judge_order!r}")
-        for name, s in self.sets.items():
-            check(isinstance(s, dict) and isinstance(s.get("path"), str), f"sets.{name}: needs a path")
-            check(set(s) <= {"path", "reference", "limit"}, f"sets.{name}: unknown keys {sorted(set(s) - {'path', 'reference', 'limit'})}")
-            check(int(s.get("limit", 0)) >= 0, f"sets.{name}.limit: must be >= 0")
         for role in ("teacher", "judge"):
-            e = getattr(self, role)
-            check(isinstance(e, dict) and set(e) <= ENDPOINT_KEYS, f"{role}: keys must be among {sorted(ENDPOINT_KEYS)}")
-            check(e.get("backend", "local") in ("local", "openai") and bool(e.get("model")), f"{role}: backend local|openai and a model")
+            check(bool(getattr(self, role).model), f"{role}.model: required")
 
 
 # ---------------------------------------------------------------- validation loss
-
-
-def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[float | None, int]:
-    """Mean cross-entropy per supervised token over a split (None when it is empty), and the token count."""
-    import torch
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in progress(range(0, len(data), batch_size), desc="val loss"):
-            b = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad)
-            b = {k: v.to(model.device) for k, v in b.items()}
-            s, n = masked_loss_sum(model, b)
-            total, count = total + s.item(), count + n
-    return (total / count if count else None), count
 
 
 def score(path: str, data: TokenSplit, batch_size: int) -> dict:
     from stages.lib.llm.local import load_model
 
     model, tok = load_model(path)
-    loss, n = validation_loss(model, tok, data, batch_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    loss, n = validation_loss(model, data, batch_size, pad, desc="val loss")
     if loss is None:
         log(f"evaluate: the validation split is empty, no loss for {path}")
         return {"val_loss": None, "val_perplexity": None, "val_tokens": 0}
@@ -108,11 +113,11 @@ def score(path: str, data: TokenSplit, batch_size: int) -> dict:
 # ---------------------------------------------------------------- eval sets
 
 
-def read_eval_set(name: str, spec: dict) -> list[dict]:
+def read_eval_set(name: str, spec: EvalSetParams) -> list[dict]:
     """[{set, id, instruction, input, reference (None: the teacher writes it)}] of one eval set."""
     from stages.lib.formats import prompt_records
 
-    path, ref, limit = Path(spec["path"]), spec.get("reference", "teacher"), int(spec.get("limit", 0))
+    path, ref, limit = Path(spec.path), spec.reference, spec.limit
     if not path.is_file():
         raise StageError(f"evaluate.sets.{name}: {path}: file not found")
     rows = []
@@ -185,7 +190,7 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
             raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} (see the cache's failures)")
         r.update(reference=ref["text"].strip(), reference_source="teacher")
     for r in rows:
-        r.setdefault("reference_source", p.sets[r["set"]].get("reference", "teacher"))
+        r.setdefault("reference_source", p.sets[r["set"]].reference)
     verdict = Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)
     judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
@@ -202,18 +207,17 @@ def make_sessions(p: EvaluateParams, cache):
     cache for all, one loaded model per distinct endpoint."""
     from stages.lib.llm.teacher import TeacherSession, make_backend
 
-    endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat"},
-                 "teacher": {"prompt_form": "chat", **p.teacher}, "judge": {"prompt_form": "chat", **p.judge}}
+    endpoints = {"student": EndpointParams(backend="local", model=p.model, prompt_form="chat"),
+                 "teacher": p.teacher, "judge": p.judge}
     made: dict[tuple, TeacherSession] = {}
 
     def session(role: str):
         e = endpoints[role]
-        key = (e["backend"], e["model"], e.get("base_url"), e["prompt_form"])
+        key = (e.backend, e.model, e.base_url, e.prompt_form)
         if key not in made:
-            made[key] = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"),
-                                                                 p.batch_size), cache)
+            made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size), cache)
         s = made[key]
-        return lambda prompts, sampling: s.ask(prompts, sampling, e["prompt_form"])
+        return lambda prompts, sampling: s.ask(prompts, sampling, e.prompt_form)
 
     return session, made
 
@@ -223,21 +227,21 @@ def main() -> None:
 
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
-    data = TokenSplit("data/tokens", "val")
+    data = TokenSplit(paths.TOKENS, "val")
     metrics = score(p.model, data, p.batch_size)
     if p.base_model:
         base = score(p.base_model, data, p.batch_size)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(p.cache_dir))
+    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE))
     df, per_set = evaluate_sets(p, sessions)
-    with atomic_dir(p.out_dir) as out:
+    with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")
     calls = {"requests": sum(s.stats.requests for s in made.values()),
              "cache_hits": sum(s.stats.cache_hits for s in made.values()),
              "model_calls": sum(s.stats.teacher_calls for s in made.values())}
     metrics.update({"stop_rate": round(float((df["finish_reason"] == "stop").mean()), 4) if df.height else None,
                     "judge": per_set, "calls": calls})
-    write_json("metrics/eval.json", metrics)
+    write_json(paths.metrics("evaluate"), metrics)
     for name, m in per_set.items():
         log(f"evaluate: {name}: student win rate {m['win_rate']} ± {m['standard_error']} over {m['n']} prompts "
             f"(stop rate {m['stop_rate']}, position flips {m['position_flip_rate']})")
@@ -245,4 +249,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EvaluateParams, "evaluate")

@@ -23,20 +23,32 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.lib.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
-                           set_threads, write_json, write_shards)
+from stages.lib import paths
+from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, read_shards, run_main,
+                               set_threads, write_json, write_shards)
 from stages.lib.formats import read_prompts
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
 from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
+from stages.lib.text.rules import RuleParams
 
 METHODS = ("alpaca", "self_instruct", "responses")
 
 
-PRICES = {  # USD per million tokens; check your provider's current prices
-    "gpt-4o-mini": {"input_per_million": 0.15, "output_per_million": 0.6},
-    "gpt-4.1-mini": {"input_per_million": 0.4, "output_per_million": 1.6},
-    "gpt-4o": {"input_per_million": 2.5, "output_per_million": 10.0},
+@dataclass
+class ModelPrice:
+    """USD per million tokens of one model (check your provider's current prices)."""
+
+    input_per_million: float = 0.0
+    """USD per million prompt tokens."""
+    output_per_million: float = 0.0
+    """USD per million completion tokens."""
+
+
+PRICES = {
+    "gpt-4o-mini": ModelPrice(0.15, 0.6),
+    "gpt-4.1-mini": ModelPrice(0.4, 1.6),
+    "gpt-4o": ModelPrice(2.5, 10.0),
 }
 
 
@@ -79,7 +91,7 @@ class GenerateParams:
     batch_api: bool = False
     """API backend: send uncached requests through the OpenAI Batch API (half price, results within 24 h);
     `dvc repro` submits the jobs and stops, a later `dvc repro` collects them."""
-    prices: dict = field(default_factory=lambda: {m: dict(v) for m, v in PRICES.items()})
+    prices: dict[str, ModelPrice] = field(default_factory=lambda: {m: ModelPrice(**asdict(v)) for m, v in PRICES.items()})
     """USD per million tokens by model: {model: {input_per_million: x, output_per_million: y}}."""
     max_new_tokens: int = 192
     """Completion budget per request (Alpaca: 3072 with a strong teacher)."""
@@ -91,22 +103,18 @@ class GenerateParams:
     """Seeds the in-context sampling and local decoding."""
     dtype: str = "float32"
     """Local backend weights dtype (bfloat16 on a GPU)."""
-    cache_dir: str = "data/teacher_cache"
-    """Content-addressed teacher responses; a persist DVC output no other stage depends on."""
-    out_dir: str = "data/generated"
-    """Output folder: `tasks-*.parquet`, `unparsed-*.parquet`, `stats.json`."""
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
-    self_instruct: dict = field(default_factory=lambda: asdict(SelfInstructParams()))
-    """Method self_instruct (and responses from bootstrap): see `SelfInstructParams`."""
-    responses: dict = field(default_factory=lambda: asdict(ResponsesParams()))
-    """Method responses: see `ResponsesParams`."""
+    self_instruct: SelfInstructParams = field(default_factory=SelfInstructParams)
+    """Method self_instruct (and responses from bootstrap); its bootstrap's rule filter takes
+    `filter.min_words`, `filter.max_words` and `filter.blacklist`."""
+    responses: ResponsesParams = field(default_factory=ResponsesParams)
+    """Method responses."""
 
     def __post_init__(self):
+        convert_fields(self, "generate")
         check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
-        self.si = params_from_dict(SelfInstructParams, self.self_instruct, "generate.self_instruct")
-        self.resp = params_from_dict(ResponsesParams, self.responses, "generate.responses")
-        check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.resp.prompts != "bootstrap"),
+        check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.responses.prompts != "bootstrap"),
               "batch_api: each self-instruct step needs the previous one's answers; use it with method alpaca, "
               "or responses from a prompt file")
         check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
@@ -120,8 +128,6 @@ class GenerateParams:
         check(not self.batch_api or self.backend == "openai", "batch_api: needs backend openai")
         check(self.api_transport in ("direct", "sdk"), f"api_transport: expected direct or sdk, got {self.api_transport!r}")
         check(0 <= self.max_failure_rate <= 1 and self.max_cost_usd >= 0, "0 <= max_failure_rate <= 1, max_cost_usd >= 0")
-        for model, price in self.prices.items():
-            check(set(price) <= {"input_per_million", "output_per_million"}, f"prices.{model}: unknown keys {sorted(price)}")
 
 
 # ---------------------------------------------------------------- prompt
@@ -232,10 +238,11 @@ def main() -> None:
     from stages.lib.llm.openai_api import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
+    rules = load_params(RuleParams, "filter", only_own_keys=True)  # self-instruct's bootstrap filters as `filter` does
     set_threads()
-    seeds = read_shards("data/seeds").to_dicts()
+    seeds = read_shards(paths.SEEDS).to_dicts()
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
-    price = Price(**p.prices[p.model]) if p.model in p.prices else None
+    price = Price(**asdict(p.prices[p.model])) if p.model in p.prices else None
     if price and p.batch_api:  # the Batch API bills half the synchronous price
         price = Price(price.input_per_million / 2, price.output_per_million / 2)
     if p.backend == "openai" and price is None:
@@ -244,7 +251,7 @@ def main() -> None:
                        timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd, transport=p.api_transport)
     session = TeacherSession(
         lambda form: make_backend(p.backend, p.model, form, p.base_url, p.batch_size, p.dtype, limits, price),
-        ResponseCache(p.cache_dir), price, p.batch_api)
+        ResponseCache(paths.TEACHER_CACHE), price, p.batch_api)
     steps: dict = {}
     if p.method == "alpaca":
         header = Path(p.prompt_file).read_text(encoding="utf-8")
@@ -253,16 +260,17 @@ def main() -> None:
         tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1)
         steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
     elif p.method == "self_instruct":
-        tasks, unparsed, steps = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.si, p.seed)
+        tasks, unparsed, steps = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.self_instruct, p.seed,
+                                                   rules)
     else:
-        if p.resp.prompts == "bootstrap":
+        if p.responses.prompts == "bootstrap":
             machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
-                                                                          sampling, p.si, p.seed)
+                                                                          sampling, p.self_instruct, p.seed, rules)
             prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
                         "in_context_ids": m["in_context_ids"]} for m in machine]
         else:
-            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts), []
-        tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.resp, sampling)
+            prompts, unparsed = read_prompts(p.responses.prompts, p.responses.max_prompts), []
+        tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.responses, sampling)
         unparsed += drops
     for t in tasks:
         t["method"] = p.method
@@ -291,7 +299,7 @@ def main() -> None:
     if p.batch_api:
         metrics["batch"] = {k: stats.batch.get(k, 0) for k in ("collected", "submitted")}
         metrics["batch"]["running_jobs"] = len(stats.batch.get("running", {}))
-    write_json("metrics/generate.json", metrics)
+    write_json(paths.metrics("generate"), metrics)
     if stats.batch.get("running"):
         raise StageError(f"generate: {session.waiting} requests wait in {len(stats.batch['running'])} Batch API job(s) "
                          f"{sorted(stats.batch['running'])}; run `dvc repro` again later to collect them")
@@ -301,7 +309,7 @@ def main() -> None:
     if stats.requests and stats.failed / stats.requests > p.max_failure_rate:
         raise StageError(f"generate: {stats.failed} of {stats.requests} requests failed {stats.failed_by_reason} "
                          f"(more than max_failure_rate={p.max_failure_rate}); rerun to retry only those")
-    with atomic_dir(p.out_dir) as tmp:
+    with atomic_dir(paths.GENERATED) as tmp:
         write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
         write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
     log(f"generate ({p.method}): {len(tasks)} tasks, {len(unparsed)} dropped {errors}; {stats.teacher_calls} teacher "
@@ -309,4 +317,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, GenerateParams, "generate")

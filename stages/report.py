@@ -7,12 +7,14 @@ filter funnel, ingest sources and languages, tokens lost to splitting, teacher s
 curves, the judge's win rate, and 20 random kept and rejected examples with their reasons.
 
 The stage first writes every figure's numbers as small CSV series (plus `summary.json`) to
-`series_dir` (`metrics/report/`, kept in git: `dvc plots show` / `dvc plots diff` draw them),
+`metrics/report/` (kept in git: `dvc plots show` / `dvc plots diff` draw them),
 then draws the page from those files alone, so the page and DVC's plots show the same numbers.
 The page embeds its figures as SVG data URIs: no script, no font or network fetch.
 
     python -m stages.report                           # the stage (dvc repro report)
     python -m stages.report --compare EXP_A EXP_B     # both experiments' figures side by side
+        [--out report-compare.html]                   # (A, B: git revisions, DVC experiments, `workspace`
+                                                      #  or series folders)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from stages.lib import paths
 from stages.lib.report import data as rd
 from stages.lib.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
 from stages.lib.report.page import render, render_compare
@@ -61,10 +64,6 @@ class ReportParams:
     """Random kept and random rejected examples shown (each)."""
     seed: int = 0
     """Seed of the example samples."""
-    out_dir: str = "data/report"
-    """Output folder of the page (`index.html`)."""
-    series_dir: str = "metrics/report"
-    """Output folder of the CSV series and `summary.json` (small, kept in git for `dvc plots`)."""
 
     def __post_init__(self):
         check(self.top_verbs >= 1 and self.top_nouns >= 1, "top_verbs and top_nouns: must be >= 1")
@@ -203,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(ReportParams, "report")
     if args.compare:
         a, b = args.compare
-        sa, sb = read_series(reader(a, p.series_dir)), read_series(reader(b, p.series_dir))
+        sa, sb = read_series(reader(a, paths.REPORT_SERIES)), read_series(reader(b, paths.REPORT_SERIES))
         if sa is None and sb is None:
-            raise StageError(f"--compare: neither {a} nor {b} has {p.series_dir}/summary.json (run the report stage)")
+            raise StageError(f"--compare: neither {a} nor {b} has {paths.REPORT_SERIES}/summary.json (run the report stage)")
         text = render_compare(a, b, sa, sb)
         with atomic_file(args.out) as f:
             f.write(text)
@@ -213,26 +212,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers import AutoTokenizer
 
-    metrics = {k: _json(f"metrics/{k}.json") for k in ("generate", "filter", "ingest", "tokenize", "eval")}
+    metrics = {k: _json(paths.metrics(s)) for k, s in (("generate", "generate"), ("filter", "filter"), ("ingest", "ingest"),
+                                                         ("tokenize", "tokenize"), ("eval", "evaluate"))}
     for k in ("generate", "filter", "ingest", "tokenize"):
         if not metrics[k]:
-            raise StageError(f"metrics/{k}.json: missing (run `dvc repro {k}` first)")
-    kept = read_shards("data/filtered", "kept").to_dicts()
-    rejected = read_shards("data/filtered", "rejected").to_dicts()
-    convs = read_shards("data/conversations", "conversations").to_dicts()
-    dropped = read_shards("data/conversations", "dropped").to_dicts()
-    seeds = read_shards("data/seeds")["instruction"].to_list()
+            raise StageError(f"{paths.metrics(k)}: missing (run `dvc repro {k}` first)")
+    kept = read_shards(paths.FILTERED, "kept").to_dicts()
+    rejected = read_shards(paths.FILTERED, "rejected").to_dicts()
+    convs = read_shards(paths.CONVERSATIONS, "conversations").to_dicts()
+    dropped = read_shards(paths.CONVERSATIONS, "dropped").to_dicts()
+    seeds = read_shards(paths.SEEDS)["instruction"].to_list()
     tables, summary = build_tables(p, seeds, kept, rejected, convs, dropped, metrics,
-                                   rd.dvclive_series("metrics/train/plots/metrics"), rd.load_parser(p.parser),
+                                   rd.dvclive_series(f"{paths.TRAIN_LOG}/plots/metrics"), rd.load_parser(p.parser),
                                    AutoTokenizer.from_pretrained(p.tokenizer))
-    with atomic_dir(p.series_dir) as tmp:
+    with atomic_dir(paths.REPORT_SERIES) as tmp:
         write_series(tmp, tables, summary)
-    tables, summary = read_series(reader("workspace", p.series_dir))  # the page shows what DVC's plots show
-    with atomic_dir(p.out_dir) as tmp:
+    tables, summary = read_series(reader("workspace", paths.REPORT_SERIES))  # the page shows what DVC's plots show
+    with atomic_dir(paths.REPORT) as tmp:
         (tmp / "index.html").write_text(render(tables, summary, *samples(p, kept, rejected)), encoding="utf-8")
-    log(f"report: {p.out_dir}/index.html ({summary['kept']} kept, {summary['verb_noun_pairs']} verb-noun pairs); "
-        f"series in {p.series_dir}")
+    log(f"report: {paths.REPORT}/index.html ({summary['kept']} kept, {summary['verb_noun_pairs']} verb-noun pairs); "
+        f"series in {paths.REPORT_SERIES}")
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:]), ReportParams, "report")

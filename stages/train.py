@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 from stages.lib.tokens.templates import export_tokenizer
-from stages.lib.tokens.arrays import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
+from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
+                                      validation_loss)
 
 
 @dataclass
@@ -72,18 +74,13 @@ class TrainParams:
     accelerate_config: str = "configs/accelerate/single.yaml"
     """How dvc.yaml launches this stage (`accelerate launch --config_file ...`): `single.yaml` (CPU or
     one GPU), `ddp.yaml`, `fsdp.yaml` or `multinode.yaml` in configs/accelerate."""
-    out_dir: str = "models/student"
-    """Output: Hugging Face model dir."""
-    log_dir: str = "metrics/train"
-    """dvclive folder (metrics.json and plots/)."""
     eval_every: int = 8
     """Validation loss on the held-out split every this many steps and after the last (0: never);
     logged as `val_loss` next to the training loss."""
     checkpoint_every: int = 8
-    """Save a resumable checkpoint (model, optimizer, RNG states, step) every this many steps (0: never)."""
-    checkpoint_dir: str = "models/checkpoint"
-    """Where the last checkpoint lives (a persist DVC output); an interrupted run resumes from it
-    when params and data are unchanged, and it is removed when training completes."""
+    """Save a resumable checkpoint (model, optimizer, RNG states, step) to `models/checkpoint` every this
+    many steps (0: never); an interrupted run resumes from it when params and data are unchanged, and
+    it is removed when training completes."""
 
     def __post_init__(self):
         check(self.method in ("lora", "full"), f"method: expected lora or full, got {self.method!r}")
@@ -122,19 +119,19 @@ def run_fingerprint(p: TrainParams, data: TokenSplit, num_processes: int) -> str
     """What a checkpoint must match to be resumed: every param that shapes the run, and the data."""
     import hashlib
 
-    skip = ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir", "accelerate_config", "eval_every")
+    skip = ("checkpoint_every", "accelerate_config", "eval_every")
     keep = {k: v for k, v in asdict(p).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, data.meta, num_processes], sort_keys=True).encode())
     h.update(np.ascontiguousarray(data.index).tobytes())
     return h.hexdigest()
 
 
-def save_checkpoint(acc, p: TrainParams, step: int, fingerprint: str, history: list[dict]) -> None:
+def save_checkpoint(acc, checkpoint_dir: str, step: int, fingerprint: str, history: list[dict]) -> None:
     """accelerate state (model, optimizer, RNG) + step and logged metrics, swapped in atomically."""
     import shutil
     from pathlib import Path
 
-    final = Path(p.checkpoint_dir)
+    final = Path(checkpoint_dir)
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -151,11 +148,11 @@ def save_checkpoint(acc, p: TrainParams, step: int, fingerprint: str, history: l
     acc.wait_for_everyone()
 
 
-def load_checkpoint(acc, p: TrainParams, fingerprint: str) -> tuple[int, list[dict]]:
+def load_checkpoint(acc, checkpoint_dir: str, fingerprint: str) -> tuple[int, list[dict]]:
     """(steps done, logged metrics) from a matching checkpoint, or (0, [])."""
     from pathlib import Path
 
-    path = Path(p.checkpoint_dir)
+    path = Path(checkpoint_dir)
     meta = path / "progress.json"
     if not meta.exists():
         return 0, []
@@ -184,7 +181,7 @@ def lineage(lock_path: str = "dvc.lock") -> list[tuple[str, str, str]]:
         for out in (lock.get("stages", {}).get(stage) or {}).get("outs", []):
             # data and models only: metrics files and the append-only teacher cache (which grows
             # with every other experiment) would change the card without changing the model
-            if out["path"].startswith("metrics/") or out["path"].rstrip("/").endswith("teacher_cache"):
+            if out["path"].startswith("metrics/") or out["path"].rstrip("/") == paths.TEACHER_CACHE:
                 continue
             rows.append((stage, out["path"], out.get("md5") or out.get("hash", "")))
     return rows
@@ -252,24 +249,6 @@ def build_model(p: TrainParams):
     return model
 
 
-def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc) -> float:
-    """Mean cross-entropy per supervised token of the validation split. Every process computes it
-    (under FSDP each forward needs them all); dropout is off and no random state is drawn, so
-    the training run is the same with or without it."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(val), batch_size):
-            b = collate([val[j] for j in range(i, min(i + batch_size, len(val)))], pad_id)
-            with acc.autocast():
-                s, n = masked_loss_sum(model, {k: v.to(acc.device) for k, v in b.items()})
-            total, count = total + s.item(), count + n
-    model.train()
-    return total / max(1, count)
-
-
 def resolve_precision(setting: str) -> str:
     """`auto` becomes bf16 on a CUDA device with bf16 support, else `no`."""
     import torch
@@ -306,7 +285,10 @@ def rebuild(p: TrainParams, state: dict):
     return model
 
 
-def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
+def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STUDENT, log_dir: str = paths.TRAIN_LOG,
+          checkpoint_dir: str = paths.CHECKPOINT) -> dict:
+    """Train and save the student to `out_dir` (dvclive logs in `log_dir`); the paths are paths.py's
+    unless a test gives others."""
     import torch
     from accelerate import Accelerator
     from dvclive import Live
@@ -349,10 +331,10 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         f"{per_step} {unit}, method={p.method}, "
         f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
     fingerprint = run_fingerprint(p, data, acc.num_processes)
-    done, history = load_checkpoint(acc, p, fingerprint) if p.checkpoint_every else (0, [])
+    done, history = load_checkpoint(acc, checkpoint_dir, fingerprint) if p.checkpoint_every else (0, [])
     for _ in range(done * p.grad_accum * acc.num_processes):  # the data position: replay the seeded stream
         next(stream)
-    live = Live(dir=p.log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
+    live = Live(dir=log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
     if live:
         for row in history:  # the steps before the interruption, as they were logged
             for k, v in row.items():
@@ -396,7 +378,8 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
                "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
                "padding_efficiency": tokens / max(1, slots)}
         if len(val) and p.eval_every and ((step + 1) % p.eval_every == 0 or step + 1 == total):
-            row["val_loss"] = val_loss(model, val, p.batch_size, pad_id, acc)
+            # every process computes it (under FSDP each forward needs them all)
+            row["val_loss"] = validation_loss(model, val, p.batch_size, pad_id, acc.device, acc.autocast)[0] or 0.0
         history.append(row)
         if live:
             for k, v in row.items():
@@ -406,7 +389,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
             log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{tokens / dt:.0f} tok/s" + (f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
         if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(acc, p, step + 1, fingerprint, history)
+            save_checkpoint(acc, checkpoint_dir, step + 1, fingerprint, history)
     seconds = time.monotonic() - start
     summary = {"steps": total, "final_loss": last_loss, "seconds": round(seconds, 1),
                "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1),
@@ -419,7 +402,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
     acc.wait_for_everyone()
     model = export_model(acc, model, p)
     if acc.is_main_process:
-        with atomic_dir(p.out_dir) as out:
+        with atomic_dir(out_dir) as out:
             if p.method == "lora":
                 model.save_pretrained(out / "adapter")
                 model = model.merge_and_unload()
@@ -431,7 +414,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         live.end()
         import shutil
 
-        shutil.rmtree(p.checkpoint_dir, ignore_errors=True)  # the run is complete: nothing to resume
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: nothing to resume
     summary["losses"] = [h["loss"] for h in history]
     summary["resumed_from_step"] = done
     return summary
@@ -445,4 +428,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, TrainParams, "train")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from stages.lib.common import StageError, params_from_dict
-from stages.evaluate import EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
+from stages.evaluate import EvalSetParams, EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
 from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
 from stages.lib.llm.teacher import ResponseCache, Sampling
 from tests.conftest import shared
@@ -39,11 +39,11 @@ def test_random_order_is_seeded_and_balanced():
 
 
 def test_eval_sets_from_the_shared_data():
-    si = read_eval_set("si", {"path": str(shared("self-instruct/predictions/text-davinci-003_predictions.jsonl")),
-                              "reference": "response"})
-    koala = read_eval_set("koala", {"path": str(shared("koala/koala_test_set.jsonl"))})
-    vicuna = read_eval_set("vicuna", {"path": str(shared("fastchat/vicuna_bench/question.jsonl"))})
-    user = read_eval_set("user", {"path": str(shared("self-instruct/user_oriented_instructions.jsonl")), "limit": 5})
+    si = read_eval_set("si", EvalSetParams(str(shared("self-instruct/predictions/text-davinci-003_predictions.jsonl")),
+                                           "response"))
+    koala = read_eval_set("koala", EvalSetParams(str(shared("koala/koala_test_set.jsonl"))))
+    vicuna = read_eval_set("vicuna", EvalSetParams(str(shared("fastchat/vicuna_bench/question.jsonl"))))
+    user = read_eval_set("user", EvalSetParams(str(shared("self-instruct/user_oriented_instructions.jsonl")), limit=5))
     assert (len(si), len(koala), len(vicuna), len(user)) == (252, 180, 80, 5)
     assert all(r["reference"] for r in si) and all(r["reference"] is None for r in koala + vicuna)
     first = json.loads(shared("fastchat/vicuna_bench/question.jsonl").read_text().splitlines()[0])
@@ -57,9 +57,9 @@ def test_a_missing_reference_field_names_file_line_and_field(tmp_path):
     f = tmp_path / "set.jsonl"
     f.write_text('{"instruction": "a", "response": "x"}\n{"instruction": "b"}\n')
     with pytest.raises(StageError, match=r"set\.jsonl:2: field 'response'"):
-        read_eval_set("s", {"path": str(f), "reference": "response"})
+        read_eval_set("s", EvalSetParams(str(f), "response"))
     with pytest.raises(StageError, match="file not found"):
-        read_eval_set("s", {"path": str(tmp_path / "none.jsonl")})
+        read_eval_set("s", EvalSetParams(str(tmp_path / "none.jsonl")))
 
 
 def test_params_are_checked():

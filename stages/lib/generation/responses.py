@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from stages.lib.common import check
 from stages.lib.llm.teacher import Sampling
+from stages.lib.tokens.templates import user_message
 
 SELECT = ("first", "longest", "judge")
 
@@ -40,7 +41,7 @@ class ResponsesParams:
 
 
 def chat_prompt(p: dict) -> str:
-    return p["instruction"].strip() + (f"\n\n{p['input'].strip()}" if p["input"].strip() else "")
+    return user_message(p["instruction"], p["input"])
 
 
 def judge_prompt(p: dict, answers: list[str]) -> str:

@@ -230,13 +230,15 @@ class SelfInstructParams:
         check(self.max_instances >= 1 and self.instance_max_new_tokens >= 1, "max_instances, instance_max_new_tokens >= 1")
 
 
-def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int):
-    """Step 1. Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
+def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int,
+              rules=None):
+    """Step 1. `rules`: the rule filter's params (`RuleParams`; generate reads them from the `filter`
+    section, so the pool takes only tasks that `filter` would keep). Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
     drops [{step, request_index, item_index, error, raw, provenance}], metrics)."""
     from stages.lib.text.rules import RuleParams, blacklist_regex, rule_reason
     from stages.lib.text.novelty import novelty
 
-    rules = RuleParams()
+    rules = rules if rules is not None else RuleParams()
     bl = blacklist_regex(rules.blacklist)
     seed_inst = [s["instruction"] for s in seeds]
     id_of = {s["instruction"]: s["id"] for s in seeds}
@@ -284,9 +286,9 @@ def count(items) -> dict:
     return dict(sorted(out.items()))
 
 
-def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int):
-    """All four steps. Returns (task rows, drop rows, per-step metrics)."""
-    machine, drops, m_boot = bootstrap(ask, seeds, num_requests, sampling, si, seed)
+def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int, rules=None):
+    """All four steps (`rules`: see `bootstrap`). Returns (task rows, drop rows, per-step metrics)."""
+    machine, drops, m_boot = bootstrap(ask, seeds, num_requests, sampling, si, seed, rules)
     # step 2: classification or not
     examples = classify_examples(seeds, si.classify_examples, seed)
     clf_sampling = Sampling(3, 0.0, 1.0, ("\n", "Task"), sampling.seed)

@@ -22,7 +22,12 @@ ALPACA_NO_INPUT = (
 )
 
 
-def user_message(instruction: str, input: str) -> str:
+def user_message(instruction: str, input: str | None = "") -> str:
+    """The user turn of a task: the instruction, then a blank line and the input when there is one,
+    each stripped. The one place this text is built: ingest (training conversations), evaluate
+    (eval prompts), generate's response distillation and the chat and export tools all call it,
+    so the student is evaluated on the prompt it was trained on."""
+    instruction, input = instruction.strip(), (input or "").strip()
     return f"{instruction}\n\n{input}" if input else instruction
 
 
