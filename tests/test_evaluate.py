@@ -224,3 +224,47 @@ def test_no_eval_sets_means_no_calls(tmp_path):
     p = EvaluateParams(sets={})
     df, m = evaluate_sets(p, lambda role: lambda prompts, sampling: pytest.fail("no call expected") if prompts else [])
     assert df.height == 0 and m == {} and "preference" in df.columns
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_the_student_is_evaluated_on_the_prompt_it_was_trained_on(tmp_path, tiny_model, template):
+    """The same task, with stray whitespace, through both paths: ingest's conversation and tokenize's
+    arrays (the trained prompt = the tokens before the first trained one), and evaluate's eval-set row,
+    question and the student's local backend (its tokenizer carries the training template, as train
+    saves it). The token ids and the text are identical."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from stages.lib.formats import to_messages
+    from stages.lib.llm.teacher import make_backend
+    from stages.lib.tokens.templates import export_tokenizer
+    from stages.tokenize import TokenizeParams, tokenize_conversations
+
+    task = {"id": "t0", "instruction": "  Sort the numbers in ascending order.\n", "input": "\n3, 1, 2  ",
+            "output": "1, 2, 3"}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    [(_, msgs)] = to_messages(task, "generated")  # ingest
+    by_split, _ = tokenize_conversations([{"id": "c", "messages": msgs}], tok,
+                                         TokenizeParams(template=template, val_fraction=0.0))
+    [(_, ids, mask)] = by_split["train"]
+    trained = ids[: mask.index(1)]
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model, student)
+    export_tokenizer(AutoTokenizer.from_pretrained(tiny_model), template).save_pretrained(student)
+    write_set(tmp_path / "set.jsonl", [{"id": "q0", "instruction": task["instruction"], "input": task["input"]}])
+    asked: dict[str, list[str]] = {}
+
+    def sessions(role):
+        def ask(prompts, sampling):
+            asked.setdefault(role, []).extend(prompts)
+            return [{"text": "same", "finish_reason": "stop", "completion_tokens": 1} for _ in prompts]
+        return ask
+
+    evaluate_sets(EvaluateParams(model=str(student), sets={"s": {"path": str(tmp_path / "set.jsonl")}}), sessions)
+    backend = make_backend("local", str(student), "chat")  # how make_sessions asks the student
+    shown = backend.render(asked["student"][0])
+    assert backend.tok(shown, add_special_tokens=False)["input_ids"] == trained
+    assert shown == tok.decode(trained)
+    assert "Sort the numbers in ascending order.\n\n3, 1, 2" in shown and "  Sort" not in shown

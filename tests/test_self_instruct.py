@@ -163,3 +163,40 @@ def test_failed_classification_request_is_unknown():
     _, _, m = run(Failing([" Tell whether a number is odd or even."]), SEEDS, 1, S,
                   SelfInstructParams(num_prompt_instructions=4), seed=0)
     assert m["classify"] == {"unknown": 1}
+
+
+def test_filter_blacklist_reaches_the_bootstrap(in_tmp, monkeypatch):
+    """`-S filter.blacklist=...` changes what self-instruct's pool takes: generate reads filter's rule
+    params from params.yaml and passes them to the bootstrap (not RuleParams() defaults)."""
+    import polars as pl
+    import pytest
+
+    import stages.lib.generation.self_instruct as si_module
+    from stages.generate import main
+    from stages.lib import paths
+    from stages.lib.common import write_shards
+    from stages.lib.text.rules import RuleParams
+    from tests.conftest import write_params
+
+    texts = [" Compose a lullaby for a sleepy baby dragon.\n6. Write a sonnet about lost umbrellas."]
+    kept = bootstrap(ScriptedTeacher(texts), SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)[0]
+    assert len(kept) == 2  # the default blacklist lets both through
+    write_shards(pl.DataFrame(SEEDS), in_tmp / paths.SEEDS)
+    write_params(in_tmp / "params.yaml", {
+        "generate": {"method": "self_instruct", "num_requests": 1, "self_instruct": {"num_prompt_instructions": 4}},
+        "filter": {"blacklist": ["lullaby"], "min_words": 2, "rouge_threshold": 0.5}})  # filter's own keys are its own
+
+    seen = {}
+
+    def run_spy(ask, seeds, num_requests, sampling, si, seed, rules=None):
+        seen["rules"] = rules
+        raise RuntimeError("stop before any teacher call")
+
+    monkeypatch.setattr(si_module, "run", run_spy)
+    with pytest.raises(RuntimeError, match="stop before"):
+        main()
+    assert seen["rules"] == RuleParams(min_words=2, max_words=150, blacklist=["lullaby"])
+    machine, drops, m = bootstrap(ScriptedTeacher(texts), SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4),
+                                  seed=0, rules=seen["rules"])
+    assert [x["instruction"] for x in machine] == ["Write a sonnet about lost umbrellas."]
+    assert [(d["error"], d["raw"]) for d in drops] == [("blacklist", "Compose a lullaby for a sleepy baby dragon.")]

@@ -304,3 +304,24 @@ def test_validation_loss_is_logged_and_leaves_training_alone(tmp_path, tiny_mode
     vals = [float(r.split("\t")[1]) for r in rows]
     assert steps == [3, 7, 9] and all(math.isfinite(v) for v in vals) and vals[-1] < vals[0]
     assert not (tmp_path / "log-noval" / "plots/metrics/val_loss.tsv").exists()
+
+
+def test_a_learning_rate_written_2e_5_trains(tmp_path, tiny_model):
+    """Alpaca's `learning_rate: 2e-5` is a string to PyYAML (and `dvc exp run -S` writes `2e-05`):
+    TrainParams loads it as a float and the stage trains with it."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.common import load_params
+
+    f = tmp_path / "params.yaml"
+    f.write_text(f"train:\n  base_model: {tiny_model}\n  method: full\n  learning_rate: 2e-5\n  max_steps: '2'\n"
+                 "  warmup_ratio: 0\n  lr_scheduler: constant\n  checkpoint_every: 0\n")
+    assert yaml.safe_load(f.read_text())["train"]["learning_rate"] == "2e-5"
+    p = load_params(TrainParams, "train", f)
+    assert p.learning_rate == 2e-05 and type(p.learning_rate) is float and p.max_steps == 2
+    assert type(p.warmup_ratio) is float
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    summary = train(p, str(tmp_path / "tokens"), str(tmp_path / "out"), str(tmp_path / "log"), str(tmp_path / "ck"))
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    rows = (tmp_path / "log" / "plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
+    assert [float(r.split("\t")[1]) for r in rows] == [2e-05, 2e-05]

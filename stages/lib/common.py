@@ -230,6 +230,8 @@ def params_help(cls, prefix: str, default: Any = None) -> list[str]:
         hint, value = hints[f.name], getattr(default, f.name, dataclasses.MISSING)
         key = f"{prefix}.{f.name}"
         shown = "(required)" if value is dataclasses.MISSING else f"= {_yaml_value(value)}"
+        if dataclasses.is_dataclass(hint):
+            shown = "(a section: its keys follow)"
         lines.append(f"  {key}: {type_name(hint)} {shown}")
         lines += [textwrap.indent(line, "      ") for line in (docs.get(f.name) or "").splitlines()]
         if dataclasses.is_dataclass(hint):
@@ -422,9 +424,9 @@ def run_main(fn, params: type | None = None, section: str | None = None) -> None
 
     `-h` / `--help` prints the running module's docstring and every param of `params` (the
     dataclass of params.yaml section `section`: types, defaults, docs) and exits 0 before
-    anything runs or is written.
+    anything runs or is written. (A tool without params answers `--help` with its argparse.)
     """
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+    if params is not None and any(a in ("-h", "--help") for a in sys.argv[1:]):
         module = sys.modules.get(getattr(fn, "__module__", "__main__")) or sys.modules["__main__"]
         sys.stdout.write(stage_help(module.__doc__, params, section))
         sys.exit(0)
