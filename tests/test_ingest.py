@@ -198,3 +198,31 @@ def test_params_are_checked():
         IngestParams(sources={"h": {"format": "hc3", "path": "x"}}, mixtures={"m": {"h": 1}}, mixture="m")
     with pytest.raises(Exception, match="not in mixtures"):
         IngestParams(mixture="other")
+
+
+def test_ingest_and_filter_share_one_minhash_dedup_with_the_seed_a_param(monkeypatch):
+    """One MinHash implementation (stages/lib/text/dedup.py); ingest's seed is `ingest.minhash_seed`
+    (default 1, the value it had hard-coded, so the default build's data is unchanged)."""
+    import stages.ingest as ingest
+    from stages.filter import FilterParams
+    from stages.lib.text.dedup import NearDuplicates, word_shingles
+
+    assert word_shingles("The cat  sat on\nthe mat", 3) == [b"cat sat on", b"on the mat", b"sat on the", b"the cat sat"]
+    assert word_shingles("Too short", 3) == [b"too short"] and word_shingles("", 3) == [b""]
+    d = NearDuplicates(0.5, 64, seed=1)
+    text = "one two three four five six seven eight nine ten"
+    assert d.twin("b", word_shingles(text, 2)) is None and d.twin("a", word_shingles("eleven twelve thirteen", 2)) is None
+    assert d.twin("c", word_shingles(text + " eleven", 2)) == "b"
+    assert IngestParams().minhash_seed == 1 == FilterParams().minhash_seed
+    seeds = []
+
+    class Spy(NearDuplicates):
+        def __init__(self, threshold, num_perm, seed):
+            seeds.append(seed)
+            super().__init__(threshold, num_perm, seed)
+
+    monkeypatch.setattr(ingest, "NearDuplicates", Spy)
+    msgs = [{"role": "user", "content": "a question here"}, {"role": "assistant", "content": "an answer"}]
+    conv = {"id": "s:1", "source": "s", "origin": "x", "messages": msgs}
+    ingest.clean([conv], IngestParams(languages=[], minhash_seed=7), None)
+    assert seeds == [7]

@@ -1,6 +1,8 @@
 """Shared plumbing for every stage: params, atomic writes, parquet shards, progress.
 
-Each stage module reads only its own `params.yaml` section through `load_params`,
+Each stage module reads its own `params.yaml` section through `load_params` (every value checked
+and converted against its dataclass annotation, nested sections included; `python -m stages.<name>
+--help` lists them, via `run_main`),
 writes its outputs through `atomic_dir` / `write_json` (temporary path, then rename,
 so a crash leaves the old output or the new one, never half of one), and reports long
 loops through `progress`.
