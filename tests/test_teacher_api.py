@@ -177,7 +177,8 @@ def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
         (tmp_path / "seeds" / f).write_bytes((ROOT / "seeds" / f).read_bytes())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["generate"].update(backend="openai", model="teacher-x", base_url=base_url, prompt_form="chat", **generate)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seeds": params["seeds"], "generate": params["generate"]}))
+    # generate also reads filter's rule params (self-instruct's bootstrap)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate", "filter")}))
     subprocess.run([sys.executable, "-m", "stages.seeds"], cwd=tmp_path, env=stage_env(), check=True, capture_output=True)
     return tmp_path
 
