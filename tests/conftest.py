@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# the reference data beside the checkout (../shared/data), or where STILLHOUSE_SHARED_DATA points;
-# a clone elsewhere on the development machine finds it at /work/shared/data
-SHARED = next((p for p in (Path(os.environ.get("STILLHOUSE_SHARED_DATA", ROOT.parent / "shared" / "data")),
-                           Path("/work/shared/data")) if p.is_dir()), ROOT.parent / "shared" / "data")
+# The public reference data (docs/reference-data.md; `python -m tests.reference_data fetch DIR`):
+# the folder STILLHOUSE_SHARED_DATA names, else ../shared/data beside the checkout. Nothing else.
+SHARED_ENV = "STILLHOUSE_SHARED_DATA"
+SHARED = Path(os.environ.get(SHARED_ENV) or ROOT.parent / "shared" / "data")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 def shared(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"reference data not found: {path}")
+        pytest.skip(f"reference data not found: {path} (set {SHARED_ENV} or fetch it: docs/reference-data.md)")
     return path
 
 
