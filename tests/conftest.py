@@ -86,3 +86,35 @@ def write_params(path: Path, sections: dict) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
+
+
+# ---------------------------------------------------------------- end to end (tests/e2e.py)
+
+# pytest-timeout (pyproject.toml `timeout`) for the fast tests; an e2e test gets this instead,
+# fixture setup included: the first one builds the shared tiny pipeline (about 4 min on 2 idle
+# cores, 8 on busy ones) and the interrupted S3 push may wait 5 min by design.
+E2E_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+
+
+@pytest.fixture(scope="session")
+def e2e_build(tmp_path_factory):
+    """The tiny project after one full `dvc repro` on the embedded teacher and a tiny random student,
+    committed: built once per session, shared by tests/test_e2e.py and tests/test_e2e_remote.py.
+    Read it only; a test that changes the project takes `e2e_copy`."""
+    from tests.e2e import build_e2e
+
+    return build_e2e(tmp_path_factory.mktemp("e2e") / "project")
+
+
+@pytest.fixture
+def e2e_copy(e2e_build, tmp_path) -> Path:
+    """This test's own full copy of the shared build (git, DVC cache, workspace)."""
+    from tests.e2e import copy_project
+
+    return copy_project(e2e_build.repo, tmp_path / "project")

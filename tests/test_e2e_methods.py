@@ -21,7 +21,7 @@ import yaml
 from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.test_e2e import ran, sh
+from tests.e2e import ran, sh
 
 pytestmark = pytest.mark.e2e
 
