@@ -193,6 +193,7 @@ def cached_prompts(cache: Path) -> set[str]:
     return out
 
 
+@pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
     with FakeOpenAI(latency=0.1) as server:
         proj = setup_project(tmp_path, server.base_url, num_requests=60, concurrency=4)
@@ -230,6 +231,7 @@ def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_stage_fails_above_the_failure_rate_then_retries_only_the_failed(tmp_path):
     with FakeOpenAI(faults=lambda n, body: "500") as bad:
         proj = setup_project(tmp_path, bad.base_url, num_requests=5, max_attempts=2, max_failure_rate=0.2)
