@@ -269,7 +269,8 @@ def main() -> None:
             prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
                         "in_context_ids": m["in_context_ids"]} for m in machine]
         else:
-            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts), []
+            steps["prompt_file"] = {}  # text repaired, records over the size cap skipped
+            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts, steps["prompt_file"]), []
         tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.resp, sampling)
         unparsed += drops
     for t in tasks:

@@ -225,8 +225,10 @@ def test_every_reader_repairs_wild_text_and_drops_an_oversized_record(tmp_path):
     good = {"messages": [{"role": "user", "content": "Say hi\u2028now."}, {"role": "assistant", "content": "Hi!"}]}
     path.write_bytes(json.dumps(good, ensure_ascii=False).encode() + b"\n" +
                      json.dumps(good).encode().replace(b"Hi!", b"H\xffi!") + b"\n")
-    convs, bad = read_source("oai", {"format": "messages", "path": str(path)})
+    stats = {}
+    convs, bad = read_source("oai", {"format": "messages", "path": str(path)}, stats=stats)
     assert not bad and [c["messages"][1]["content"] for c in convs] == ["Hi!", "H\ufffdi!"]
+    assert stats == {"repaired": 1, "too_long": 0}
     assert convs[0]["messages"][0]["content"] == "Say hi\u2028now."
 
 

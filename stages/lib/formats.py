@@ -34,11 +34,11 @@ def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = No
     stats = {} if stats is None else stats
     stats.setdefault("repaired", 0)
     stats.setdefault("too_long", 0)
-    text = decode(path.read_bytes())
+    data = path.read_bytes()
 
-    def checked(rec):
+    def checked(rec, bytes_repaired: bool = False):
         fixed = clean_json(rec)
-        stats["repaired"] += fixed != rec
+        stats["repaired"] += bytes_repaired or fixed != rec
         why = too_long(fixed, max_chars)
         if why:
             stats["too_long"] += 1
@@ -46,6 +46,10 @@ def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = No
         return fixed
 
     if path.suffix == ".json":
+        text = decode(data)
+        if not _is_utf8(data):  # counted once for the file: its bytes cannot be told apart by record
+            stats["repaired"] += 1
+            log(f"{path}: invalid UTF-8 bytes replaced by U+FFFD")
         try:
             recs = json.loads(text)
         except json.JSONDecodeError as e:
@@ -54,14 +58,22 @@ def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = No
             raise StageError(f"{path}: expected a JSON array of records")
         yield from ((f"[{i}]", checked(r)) for i, r in enumerate(recs))
         return
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
-        if line.strip():
+    for n, raw in enumerate(data.split(b"\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if raw.strip():
             try:
-                rec = json.loads(line)
+                rec = json.loads(decode(raw))
             except json.JSONDecodeError as e:
                 yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
                 continue
-            yield f":{n}", checked(rec)
+            yield f":{n}", checked(rec, not _is_utf8(raw))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_prompts(path: str | Path, limit: int = 0, stats: dict | None = None) -> list[dict]:
