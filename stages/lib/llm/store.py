@@ -13,12 +13,13 @@ It must be an absolute path: a relative one would land inside the temporary work
 
 Layout (content-addressed, write-once files; see docs/teacher-cache.md):
 
-    v1/responses/<identity[:2]>/<identity>/<key>.json   one response record
-    v1/batches/<batch id>.json                          a submitted Batch job: its id, input file, keys
-    v1/batches/<batch id>.done                          the job's results were collected
+    v1/responses/<identity[:2]>/<identity[2:4]>/<identity>-<key>.json   one response record
+    v1/batches/<batch id>.json                                          a submitted Batch job: id, input file, keys
+    v1/batches/<batch id>.done                                          the job's results were collected
 
 `identity` is the request's identity without its token limit (`teacher.identity_key`), so the
-answers to one request under every `max_new_tokens` sit in one folder. Each file is written to a
+answers to one request under every `max_new_tokens` sit side by side (a million answers make
+about 15 files per folder). Each file is written to a
 unique temporary name in its folder and renamed into place, so readers never see half a file and
 any number of runs (two experiments at once) can write side by side: they write different names,
 or the same record for the same key, and the last rename wins.
@@ -53,8 +54,7 @@ def store_dir(param: str | None = None) -> Path:
 
 
 def _write_once(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write `data` to a unique temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to a unique temporary file beside `path` (its folder exists), then rename it over `path`."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -93,6 +93,7 @@ class TeacherStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.base = self.root / LAYOUT
+        self._made: set[Path] = set()  # shard folders known to exist
         try:
             (self.base / "responses").mkdir(parents=True, exist_ok=True)
             (self.base / "batches").mkdir(parents=True, exist_ok=True)
@@ -101,23 +102,29 @@ class TeacherStore:
                              f"teacher_store or {STORE_ENV}") from None
 
     def _dir(self, identity: str) -> Path:
-        return self.base / "responses" / identity[:2] / identity
+        return self.base / "responses" / identity[:2] / identity[2:4]
 
     def get(self, identity: str, key: str) -> dict | None:
-        rec = _read(self._dir(identity) / f"{key}.json")
+        rec = _read(self._dir(identity) / f"{identity}-{key}.json")
         return rec if rec is not None and rec.get("key") == key else None
 
     def candidates(self, identity: str) -> list[dict]:
         """Every record stored under `identity` (all token limits), in key order."""
-        d = self._dir(identity)
-        if not d.is_dir():
+        try:
+            names = sorted(e.name for e in os.scandir(self._dir(identity))
+                           if e.name.startswith(f"{identity}-") and e.name.endswith(".json"))
+        except FileNotFoundError:
             return []
-        return [rec for f in sorted(d.glob("*.json")) for rec in [_read(f)] if rec is not None and "key" in rec]
+        return [rec for n in names for rec in [_read(self._dir(identity) / n)] if rec is not None and "key" in rec]
 
     def put(self, rec: dict) -> None:
         identity = rec.get("identity") or rec["key"]
+        d = self._dir(identity)
+        if d not in self._made:
+            d.mkdir(parents=True, exist_ok=True)
+            self._made.add(d)
         data = json.dumps(rec, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        _write_once(self._dir(identity) / f"{rec['key']}.json", data)
+        _write_once(d / f"{identity}-{rec['key']}.json", data)
 
     def batches(self) -> list[dict]:
         """Batch jobs whose results were not collected yet, oldest first."""
