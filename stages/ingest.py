@@ -348,14 +348,15 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
                 rows.append({**c, "copy": k})
                 n += 1
         per_source[name] = {"read": sum(x["source"] == name for x in convs), "clean": len(mine), "in_mixture": n,
-                            "weight": w, "malformed": sum(b["source"] == name for b in malformed)}
+                            "weight": w, "malformed": sum(b["source"] == name and b["kind"] == "malformed" for b in malformed)}
     for b in malformed:
         dropped.append({"id": None, "source": b["source"], "origin": b["origin"], "step": "read", "reason": b["kind"],
                         "detail": b["reason"]})
     reasons: dict[str, int] = {}
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-    metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs), "malformed": len(malformed),
+    metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs),
+               "malformed": sum(b["kind"] == "malformed" for b in malformed),
                "text_repaired": read_stats.get("repaired", 0),
                "dropped_by_reason": dict(sorted(reasons.items())), **counts, "sources": per_source}
     return rows, dropped, metrics
@@ -370,8 +371,8 @@ def main() -> None:
         generated = read_shards("data/filtered", "kept").to_dicts()
     eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
     rows, dropped, metrics = build(p, generated, eval_sets)
-    for b in (d for d in dropped if d["reason"] == "malformed"):
-        log(f"ingest: {b['origin']}: malformed record ({b['source']}): {b['detail']}")
+    for b in (d for d in dropped if d["step"] == "read"):
+        log(f"ingest: {b['origin']}: {b['reason']} record ({b['source']}): {b['detail']}")
     with atomic_dir(p.out_dir) as tmp:
         write_shards(pl.DataFrame(rows, schema=SCHEMA), tmp, "conversations", p.rows_per_shard)
         write_shards(pl.DataFrame(dropped, schema=DROPPED_SCHEMA), tmp, "dropped", p.rows_per_shard)

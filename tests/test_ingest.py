@@ -250,5 +250,21 @@ def test_ingest_end_to_end_on_real_sharegpt_with_a_lone_surrogate(in_tmp):
     m = json.loads((in_tmp / "metrics/ingest.json").read_text())
     rows = pl.read_parquet(in_tmp / "data/conversations/conversations-00000.parquet")
     assert m["read"] == 5 and m["text_repaired"] == 1 and rows.height == m["conversations"] > 0
+    assert m["malformed"] == 0 and "too_long" not in m["dropped_by_reason"]
     repaired = rows.filter(pl.col("original_id") == recs[2]["id"])["messages"][0]
     assert any(msg["content"].endswith("\ufffd") for msg in repaired)
+
+
+def test_oversized_message_is_dropped_as_too_long_and_counted(tmp_path):
+    sg = tmp_path / "sg.json"
+    long_en = "Here is a detailed answer that explains the topic step by step in plain English words."
+    sg.write_text(json.dumps([
+        {"id": "big", "conversations": [{"from": "human", "value": "Explain recursion to a child."},
+                                        {"from": "gpt", "value": long_en * 60_000}]},  # 5.2 MB
+        {"id": "ok", "conversations": [{"from": "human", "value": "Explain recursion to a child."},
+                                       {"from": "gpt", "value": long_en}]}]))
+    p = params(sources={"sg": {"format": "sharegpt", "path": str(sg)}}, mixtures={"m": {"sg": 1}}, languages=[])
+    rows, dropped, m = build(p, None, {})
+    assert [r["id"] for r in rows] == ["sg:ok"] and m["dropped_by_reason"] == {"too_long": 1}
+    assert m["malformed"] == 0 and m["sources"]["sg"]["malformed"] == 0
+    assert dropped[0]["origin"].endswith("sg.json[0]") and f"{len(long_en) * 60_000} chars" in dropped[0]["detail"]
