@@ -65,6 +65,15 @@ def make_tiny_model(path: Path, tok=None, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def teacher_store(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own teacher store (stages/lib/llm/store.py), never the user's ~/.cache:
+    the variable reaches the stages that tests run in subprocesses and through DVC."""
+    path = tmp_path_factory.mktemp("teacher-store")
+    monkeypatch.setenv("STILLHOUSE_TEACHER_STORE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()
@@ -110,7 +119,10 @@ def e2e_build(tmp_path_factory):
     Read it only; a test that changes the project takes `e2e_copy`."""
     from tests.e2e import build_e2e
 
-    return build_e2e(tmp_path_factory.mktemp("e2e") / "project")
+    # its own teacher store: the per-test `teacher_store` is not set up yet for a session fixture
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STILLHOUSE_TEACHER_STORE", str(tmp_path_factory.mktemp("e2e-teacher-store")))
+        return build_e2e(tmp_path_factory.mktemp("e2e") / "project")
 
 
 @pytest.fixture
