@@ -202,7 +202,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     make_data(in_tmp / "data" / "tokens", AutoTokenizer.from_pretrained(tiny_model))
     write_set(in_tmp / "set.jsonl", [{"id": f"q{i}", "instruction": f"name a fruit {i}"} for i in range(3)])
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    with FakeOpenAI(reply=reply) as srv:
+    with FakeOpenAI(reply=reply, models=["judge-model"]) as srv:
         endpoint = {"backend": "openai", "model": "judge-model", "base_url": srv.base_url}
         params = {"evaluate": {"model": str(tiny_model), "base_model": None, "max_new_tokens": 4,
                                "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint}}
@@ -210,8 +210,9 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         main()
         calls = len(srv.requests)
         m = json.loads((in_tmp / "metrics/eval.json").read_text())
-        main()  # everything cached: no request
-        assert len(srv.requests) == calls == 3 + 2 * 3
+        main()  # everything cached: no request, not even the endpoint check
+        assert len(srv.requests) == calls == 1 + 3 + 2 * 3
+        assert srv.requests[0]["path"] == "/v1/models"  # checked once, before the first paid request
         assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)
     s = m["judge"]["s"]
     assert (s["n"], s["wins"], s["win_rate"], s["standard_error"], s["position_flip_rate"]) == (3, 3, 100.0, 0.0, 0.0)

@@ -8,7 +8,7 @@ import pytest
 
 from stages.lib.common import StageError
 from stages.lib.formats import read_prompts
-from stages.lib.generation.responses import ResponsesParams, chat_prompt, judge_prompt, parse_judge, run
+from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, run
 from stages.lib.llm.teacher import Sampling
 from tests.conftest import shared
 
@@ -89,7 +89,7 @@ def test_judge_picks_and_falls_back_when_unparseable():
     t = Teacher(lambda i, p: rec(p, f"answer {i}"), verdict=" 2")
     tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 1", "answer 3"] and m["judged"] == 2
-    assert t.calls[1][0][0] == judge_prompt(PROMPTS[0], ["answer 0", "answer 1"])
+    assert t.calls[1][0][0] == pick_best_prompt(PROMPTS[0], ["answer 0", "answer 1"])
     t = Teacher(lambda i, p: rec(p, f"answer {i}"), verdict="both are fine")
     tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 0", "answer 2"] and m["judge_unparsed"] == 2

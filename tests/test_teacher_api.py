@@ -183,18 +183,20 @@ def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
 
 
 def cached_prompts(cache: Path) -> set[str]:
+    """The user message of every cached answer (chat prompts are cached as [system, user])."""
     out = set()
     for f in cache.glob("responses-*.jsonl"):
         for line in f.read_text().splitlines():
             try:
-                out.add(json.loads(line)["prompt"])
+                prompt = json.loads(line)["prompt"]
+                out.add(prompt if isinstance(prompt, str) else prompt[-1])
             except (json.JSONDecodeError, KeyError):
                 pass
     return out
 
 
 def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
-    with FakeOpenAI(latency=0.1) as server:
+    with FakeOpenAI(latency=0.1, models=["teacher-x"]) as server:  # a models list: the endpoint check sends no completion
         proj = setup_project(tmp_path, server.base_url, num_requests=60, concurrency=4)
         proc = subprocess.Popen([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -214,7 +216,7 @@ def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
                              text=True)
         assert out.returncode == 0, out.stderr
         resent = completion_requests(server)[sent_before:]
-        resent_prompts = [r["body"]["messages"][0]["content"] for r in resent]
+        resent_prompts = [r["body"]["messages"][-1]["content"] for r in resent]
     assert not set(resent_prompts) & answered
     assert len(resent_prompts) == 60 - len(answered)
     metrics = json.loads((proj / "metrics" / "generate.json").read_text())
@@ -231,14 +233,15 @@ def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
 
 
 def test_stage_fails_above_the_failure_rate_then_retries_only_the_failed(tmp_path):
-    with FakeOpenAI(faults=lambda n, body: "500") as bad:
+    with FakeOpenAI(faults=lambda n, body: "500", models=["teacher-x"]) as bad:
         proj = setup_project(tmp_path, bad.base_url, num_requests=5, max_attempts=2, max_failure_rate=0.2)
         out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
                              text=True)
     assert out.returncode == 1
     assert "5 of 5 requests failed {'http_500': 5}" in out.stderr and "rerun to retry only those" in out.stderr
+    assert "the server said: http_500: injected 500" in out.stderr  # the server's words reach the error line
     assert not (proj / "data" / "generated").exists()
-    with FakeOpenAI() as good:
+    with FakeOpenAI(models=["teacher-x"]) as good:
         params = yaml.safe_load((proj / "params.yaml").read_text())
         params["generate"]["base_url"] = good.base_url
         (proj / "params.yaml").write_text(yaml.safe_dump(params))
