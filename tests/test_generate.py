@@ -151,3 +151,78 @@ def test_rows_carry_provenance(tmp_path):
     assert t["cache_key"] == reqs[0].key and t["teacher_model"] == "fake" and t["in_context_ids"] == ["s1", "s2", "s3"]
     assert json.loads(t["sampling"]) == {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": [], "seed": 0}
 
+
+
+# ---------------------------------------------------------------- chat form
+
+from stages.generate import ALPACA_SYSTEM, encode_chat_prompt, parse_chat_response  # noqa: E402
+
+CHAT_REPLY = """Sure! Here are more tasks in the same format:
+
+###
+**4. Instruction:** Classify the animal as mammal or bird.
+**4. Input:**
+sparrow
+**4. Output:**
+bird
+
+---
+
+### 5. Instruction: Name three primary colours.
+5. Input:
+<noinput>
+5. Output:
+Red, blue and yellow.
+###
+6. Instruction: Translate to French.
+6. Input:
+Good morning
+6. Output:
+Bonjour
+
+Let me know if you would like more tasks!"""
+
+
+def test_chat_prompt_keeps_the_examples_and_asks_for_the_rest_of_the_list():
+    system, user = encode_chat_prompt("HEADER\n", SEEDS[:2])
+    assert system == ALPACA_SYSTEM
+    assert user.startswith(encode_prompt("HEADER\n", SEEDS[:2]).rsplit("###\n3. Instruction:", 1)[0])
+    assert user.endswith("Continue the list with tasks 3 to 20 in exactly the same format (3. Instruction: ..., "
+                         "3. Input: ..., 3. Output: ...), separated by ###.")
+    chat, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2, prompt_form="chat"))
+    completion, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2))
+    assert all(isinstance(p, tuple) for p in chat) and all(isinstance(p, str) for p in completion)
+
+
+def test_chat_reply_preamble_markdown_and_commentary():
+    items = parse_chat_response(CHAT_REPLY, 4, "stop")
+    assert [(i["instruction"], i["input"], i["output"]) for i in items] == [
+        ("Classify the animal as mammal or bird.", "sparrow", "bird"),
+        ("Name three primary colours.", "", "Red, blue and yellow."),
+        ("Translate to French.", "Good morning", "Bonjour")]
+    # the completion parser keeps the preamble and the commentary as junk: the chat parser is needed
+    assert "Let me know" in "".join(str(i["output"]) for i in parse_response(CHAT_REPLY, 4, "stop"))
+
+
+def test_chat_reply_restarted_numbering_unnumbered_labels_and_no_items():
+    restarted = "1. Instruction: Add the numbers.\n1. Input: 2 and 3\n1. Output: 5\n\n2. Instruction: Name a fruit.\n" \
+                "2. Input: <noinput>\n2. Output: Apple"
+    assert [(i["instruction"], i["output"]) for i in parse_chat_response(restarted, 4, "stop")] == \
+        [("Add the numbers.", "5"), ("Name a fruit.", "Apple")]
+    unnumbered = "Instruction: Add the numbers.\nInput: 2 and 3\nOutput: 5\n###\nInstruction 5: Name a fruit.\n" \
+                 "Input: None\nOutput: Apple"
+    items = parse_chat_response(unnumbered, 4, "stop")
+    assert [(i["instruction"], i["input"], i["output"], i["error"]) for i in items] == \
+        [("Add the numbers.", "2 and 3", "5", None), ("Name a fruit.", "", "Apple", None)]
+    assert parse_chat_response("I'm sorry, I can't help with that.", 4, "stop")[0]["error"] == "no_items"
+    cut = parse_chat_response(restarted, 4, "length")
+    assert [i["error"] for i in cut] == [None, "truncated"]
+
+
+def test_rows_from_chat_records_use_the_chat_parser():
+    recs = [{"prompt": ["sys", "user"], "text": CHAT_REPLY, "finish_reason": "stop", "key": "k", "response_id": "r",
+             "teacher": "gpt-4o-mini", "sampling": {}, "served_model": "gpt-4o-mini-2024-07-18",
+             "system_fingerprint": "fp_1"}]
+    tasks, unparsed = rows_from_records(recs, [["s1"]], 4, "chat")
+    assert len(tasks) == 3 and not unparsed
+    assert {t["served_model"] for t in tasks} == {"gpt-4o-mini-2024-07-18"} and tasks[0]["system_fingerprint"] == "fp_1"

@@ -94,3 +94,13 @@ def test_judge_picks_and_falls_back_when_unparseable():
     tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 0", "answer 2"] and m["judge_unparsed"] == 2
     assert [parse_judge(x, 3) for x in ["3", "Response 1", "4", "", None]] == [2, 0, None, None, None]
+
+
+def test_system_prompt_goes_with_every_answer_request_and_chat_verdicts_read():
+    t = Teacher(lambda i, p: rec(p, f"answer {i}"))
+    run(t, PROMPTS, ResponsesParams(), S, system="You are a helpful assistant.")
+    assert t.calls[0][0] == [("You are a helpful assistant.", chat_prompt(p)) for p in PROMPTS]
+    t = Teacher(lambda i, p: rec(p, f"answer {i}"))
+    run(t, PROMPTS, ResponsesParams(), S)  # no system prompt: the prompt string alone, as before
+    assert t.calls[0][0] == [chat_prompt(p) for p in PROMPTS]
+    assert [parse_judge(x, 3) for x in ["**Response 2**", "Response 3 is the best.", "The best is **1**."]] == [1, 2, 0]
