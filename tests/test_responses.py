@@ -58,7 +58,7 @@ class Teacher:
 
     def __call__(self, prompts, sampling, form):
         self.calls.append((list(prompts), sampling, form))
-        if prompts and prompts[0].startswith("Which response"):
+        if prompts and isinstance(prompts[0], str) and prompts[0].startswith("Which response"):
             return [rec(p, self.verdict) for p in prompts]
         return [self.answers(i, p) for i, p in enumerate(prompts)]
 
