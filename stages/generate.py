@@ -222,17 +222,25 @@ _CHAT_LABEL = re.compile(r"^[ \t]*(?:[-*\u2022][ \t]+)?(?:(\d+)[ \t]*[.)][ \t]*)
                          re.I)
 
 
+_CHAT_HEADING = re.compile(r"^[ \t]*(?:task|item|example)[ \t]*#?[ \t]*(\d+)[ \t]*[:.]?[ \t]*$", re.I)
+
+
 def parse_chat_response(text: str, first_index: int, finish_reason: str) -> list[dict]:
     """`parse_response` for a chat model's reply: markdown and commentary removed, a preamble before
     the first item dropped, labels normalised ("**Instruction 5:**", "Input:" without a number, "- Output:")
     to `N. Label:`, whatever numbers the model used. A reply with no item at all is one `no_items` row."""
-    lines, n = [], first_index - 1
+    lines, n, heading = [], first_index - 1, None
     for line in clean(text).split("\n"):
+        h = _CHAT_HEADING.match(line)
+        if h:  # "Task 5" / "Task 5:" over an unnumbered item: a heading, not part of the item above
+            heading = int(h.group(1))
+            continue
         m = _CHAT_LABEL.match(line)
         if m:
             label = m.group(2).capitalize()
             if label == "Instruction":
-                n = int(m.group(1) or m.group(3) or n + 1)
+                n = int(m.group(1) or m.group(3) or heading or n + 1)
+                heading = None
             line = f"{n}. {label}:{line[m.end():]}"
         lines.append(line)
     body = "\n".join(lines)

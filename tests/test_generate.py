@@ -214,6 +214,10 @@ def test_chat_reply_restarted_numbering_unnumbered_labels_and_no_items():
     items = parse_chat_response(unnumbered, 4, "stop")
     assert [(i["instruction"], i["input"], i["output"], i["error"]) for i in items] == \
         [("Add the numbers.", "2 and 3", "5", None), ("Name a fruit.", "", "Apple", None)]
+    headed = "### Task 4\nInstruction: Add the numbers.\nInput: 2 and 3\nOutput: 5\n###\n### Task 5\n" \
+             "Instruction: Name a fruit.\nInput: <noinput>\nOutput: Apple\n###"
+    assert [(i["instruction"], i["output"]) for i in parse_chat_response(headed, 4, "stop")] == \
+        [("Add the numbers.", "5"), ("Name a fruit.", "Apple")]
     assert parse_chat_response("I'm sorry, I can't help with that.", 4, "stop")[0]["error"] == "no_items"
     cut = parse_chat_response(restarted, 4, "length")
     assert [i["error"] for i in cut] == [None, "truncated"]
