@@ -59,8 +59,7 @@ def bootstrap_reply(user: str, rng: random.Random) -> str:
 
 
 def classify_reply(user: str, rng: random.Random) -> str:
-    task = user.rsplit("Task:", 1)[-1]
-    yes = any(w in task for w in ("Classify", "Decide", "Label", "Tell whether", "Is "))
+    yes = rng.random() < 0.4  # which tasks are classification does not matter here, only how it is said
     return rng.choice(["Yes.", "Yes, it is.", "**Yes**", "Yes"] if yes else ["No.", "No, it is not.", "**No**", "No"])
 
 
