@@ -230,3 +230,33 @@ def test_rows_from_chat_records_use_the_chat_parser():
     tasks, unparsed = rows_from_records(recs, [["s1"]], 4, "chat")
     assert len(tasks) == 3 and not unparsed
     assert {t["served_model"] for t in tasks} == {"gpt-4o-mini-2024-07-18"} and tasks[0]["system_fingerprint"] == "fp_1"
+
+
+def test_documented_examples():
+    """docs/real-teachers.md: every example block is valid params and builds the request it describes."""
+    import re
+    from dataclasses import asdict
+
+    import yaml
+
+    from stages.evaluate import EvaluateParams
+    from stages.lib.llm.openai_api import request_body
+    from tests.conftest import ROOT
+
+    blocks = dict(re.findall(r"```yaml\n# example: (\S+)\n(.*?)```", (ROOT / "docs/real-teachers.md").read_text(), re.S))
+    assert set(blocks) == {"openai-chat", "openai-reasoning", "vllm", "ollama", "evaluate"}
+    bodies = {}
+    for name, text in blocks.items():
+        values = yaml.safe_load(text)
+        if name == "evaluate":
+            e = EvaluateParams(**values)
+            assert e.teacher_endpoint.system_prompt == "Answer concisely." and e.judge_endpoint.backend == "openai"
+            continue
+        p = GenerateParams(**{**{k: v for k, v in asdict(GenerateParams()).items()}, **values})
+        assert p.prompt_form == "chat" and p.backend == "openai"
+        bodies[name] = request_body(p.model, p.prompt_form, "hi", p.max_new_tokens, p.temperature, p.top_p, (), 0,
+                                    p.options)[1]
+    assert bodies["openai-reasoning"]["max_completion_tokens"] == 192 + 2048
+    assert bodies["openai-reasoning"]["reasoning_effort"] == "low" and "temperature" not in bodies["openai-reasoning"]
+    assert bodies["openai-chat"]["max_tokens"] == 1024 and bodies["vllm"]["top_k"] == 20
+    assert bodies["ollama"]["model"] == "llama3.1:8b"
