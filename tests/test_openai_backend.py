@@ -174,11 +174,12 @@ def test_the_endpoint_check_names_a_wrong_model_key_or_url(tmp_path, monkeypatch
     assert len(completions(srv)) == (1 if case == "model" else 0)
 
 
-def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport", ["direct", "sdk"])
+def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch, transport):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
         b = make_backend("openai", "gpt-4o-mnii", "chat", srv.base_url,
-                         limits=ApiLimits(concurrency=2, backoff_base_s=0.01, timeout_s=5.0))
+                         limits=ApiLimits(concurrency=2, backoff_base_s=0.01, timeout_s=5.0, transport=transport))
         reqs = assign_keys([f"p{i}" for i in range(20)], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         cache = ResponseCache(tmp_path)
         with pytest.raises(TeacherStop) as e:  # no check: the run itself meets the 404
