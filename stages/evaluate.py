@@ -25,7 +25,7 @@ import polars as pl
 
 from stages.lib.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, progress, run_main,
                            set_threads, write_json, write_shards)
-from stages.lib.llm.openai_api import FAMILIES
+from stages.lib.llm.openai_api import FAMILIES, TeacherStop
 from stages.lib.tokens.arrays import TokenSplit, collate, masked_loss_sum
 
 
@@ -270,7 +270,11 @@ def main() -> None:
         base = score(p.base_model, data, p.batch_size)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     sessions, made = make_sessions(p, ResponseCache(p.cache_dir))
-    df, per_set = evaluate_sets(p, sessions)
+    try:
+        df, per_set = evaluate_sets(p, sessions)
+    except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too
+        write_json("metrics/eval.json", {**metrics, "error": str(stop)})
+        raise
     with atomic_dir(p.out_dir) as out:
         write_shards(df, out, "judgments")
     calls = {"requests": sum(s.stats.requests for s in made.values()),

@@ -212,6 +212,8 @@ def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
                evaluate={"base_model": None, "max_new_tokens": 8,
                          "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}},
                          "teacher": {**endpoint, "system_prompt": "Answer briefly."}, "judge": endpoint})
+    sh(repo, "git", "add", "-A")  # train's dvclive needs a commit
+    sh(repo, "git", "commit", "-qm", "init")
     before = len(chat_teacher.requests)
     tasks, gm, fm = build(repo)
     assert gm["failed"] == 0 and gm["steps"]["alpaca"]["items_unparsed"] == 0 and tasks.height >= 2 * 6

@@ -188,6 +188,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     import yaml
 
     from stages.evaluate import main
+    from stages.lib.llm.openai_api import TeacherStop
     from tests.fake_openai import FakeOpenAI, _last_user_text
     from tests.test_train import make_data
     from transformers import AutoTokenizer
@@ -213,6 +214,14 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         main()  # everything cached: no request, not even the endpoint check
         assert len(srv.requests) == calls == 1 + 3 + 2 * 3
         assert srv.requests[0]["path"] == "/v1/models"  # checked once, before the first paid request
+        # a misspelt judge: the stage stops with the server's words, in its error and its metrics
+        params["evaluate"]["judge"] = {**endpoint, "model": "judge-modle"}
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        with pytest.raises(TeacherStop, match="The model `judge-modle` does not exist"):
+            main()
+        assert "The model `judge-modle` does not exist" in json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        params["evaluate"]["judge"] = endpoint
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)
     s = m["judge"]["s"]
     assert (s["n"], s["wins"], s["win_rate"], s["standard_error"], s["position_flip_rate"]) == (3, 3, 100.0, 0.0, 0.0)
