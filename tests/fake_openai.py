@@ -20,9 +20,10 @@ as reported in ../shared/reference/real-endpoint-behaviour.md (the messages are 
   `unsupported_parameter` ("Use 'max_completion_tokens' instead", teilomillet/gollm#33); a temperature or
   top_p other than 1 -> 400 `unsupported_value` ("Only the default (1) value is supported."); their usage
   reports `completion_tokens_details.reasoning_tokens` (inside completion_tokens, billed as output);
-- `models`: GET /v1/models lists them; any other model name gets 404 `model_not_found` ("The model `X`
-  does not exist or you do not have access to it."). None: every name is served and /v1/models is 404
-  (a server without a models list);
+- `models`: GET /v1/models lists them and GET /v1/models/{id} retrieves one; any other model name gets
+  404 `model_not_found` ("The model `X` does not exist or you do not have access to it."). None: every
+  name is served, GET /v1/models/{id} answers for any name and GET /v1/models is 404; in strict mode
+  both are 404 then (a server without a models API, as the chat-only test server);
 - `api_key`: any other bearer token gets 401 "Incorrect API key provided: sk-abc***...wxyz" (the key shown
   masked, as OpenAI does);
 - `served_suffix` / `system_fingerprint`: the response's `model` names the snapshot served
@@ -145,8 +146,10 @@ class FakeOpenAI:
                  usage: tuple[int, int] = (11, 7), batch_polls_until_done: int = 1,
                  batch_fail: Callable[[str], bool] | None = None, batch_expire: bool = False,
                  chat_only: bool = False, models: list[str] | None = None, api_key: str | None = None,
-                 served_suffix: str = "", system_fingerprint: str | None = None, reasoning_tokens: int = 64):
+                 served_suffix: str = "", system_fingerprint: str | None = None, reasoning_tokens: int = 64,
+                 model_info: bool = True):
         self.chat_only = chat_only
+        self.model_info = model_info  # with models=None: GET /v1/models/{id} answers for any name
         self.models = list(models) if models is not None else None
         self.api_key = api_key
         self.served_suffix = served_suffix
@@ -181,7 +184,8 @@ class FakeOpenAI:
     @classmethod
     def strict(cls, models: list[str] | None = None, api_key: str | None = None, **kw) -> "FakeOpenAI":
         """As OpenAI behaves: chat-only, served snapshot and fingerprint in each answer; see the module doc."""
-        kw = {"chat_only": True, "served_suffix": "-2024-07-18", "system_fingerprint": "fp_fake0001", **kw}
+        kw = {"chat_only": True, "served_suffix": "-2024-07-18", "system_fingerprint": "fp_fake0001",
+              "model_info": False, **kw}
         return cls(models=models, api_key=api_key, **kw)
 
     # ---------------------------------------------------------------- lifecycle
@@ -375,6 +379,14 @@ class FakeOpenAI:
             if path == "/v1/models" and method == "GET" and self.models is not None:
                 return 200, _JSON, _dumps({"object": "list", "data": [
                     {"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in self.models]}).encode(), ()
+            if path.startswith("/v1/models/") and method == "GET" and (self.models is not None or self.model_info):
+                from urllib.parse import unquote
+
+                model = unquote(path[len("/v1/models/"):])
+                if self.models is not None and model not in self.models:
+                    return 404, _JSON, _error_body(f"The model `{model}` does not exist or you do not have access to "
+                                                   "it.", "invalid_request_error", "model_not_found"), ()
+                return 200, _JSON, _dumps({"id": model, "object": "model", "created": 0, "owned_by": "system"}).encode(), ()
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     return 405, _JSON, _error_body("method not allowed", "invalid_request_error"), ()

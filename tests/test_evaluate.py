@@ -213,7 +213,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         m = json.loads((in_tmp / "metrics/eval.json").read_text())
         main()  # everything cached: no request, not even the endpoint check
         assert len(srv.requests) == calls == 1 + 3 + 2 * 3
-        assert srv.requests[0]["path"] == "/v1/models"  # checked once, before the first paid request
+        assert srv.requests[0]["path"] == "/v1/models/judge-model"  # checked once, before the first paid request
         # a misspelt judge: the stage stops with the server's words, in its error and its metrics
         params["evaluate"]["judge"] = {**endpoint, "model": "judge-modle"}
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))

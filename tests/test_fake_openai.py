@@ -370,6 +370,10 @@ def test_models_list_unknown_model_and_bad_key():
     with FakeOpenAI.strict(models=["gpt-4o-mini", "o4-mini"], api_key=key) as s:
         with openai.OpenAI(api_key=key, base_url=s.base_url, max_retries=0) as c:
             assert [m.id for m in c.models.list()] == ["gpt-4o-mini", "o4-mini"]
+            assert c.models.retrieve("o4-mini").id == "o4-mini"
+            with pytest.raises(openai.NotFoundError) as e:
+                c.models.retrieve("gpt-4o-mnii")
+            assert e.value.code == "model_not_found"
             with pytest.raises(openai.NotFoundError) as e:
                 c.chat.completions.create(model="gpt-4o-mnii", messages=MSG)
             assert e.value.body["message"] == "The model `gpt-4o-mnii` does not exist or you do not have access to it."
@@ -380,6 +384,10 @@ def test_models_list_unknown_model_and_bad_key():
                 c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
             assert e.value.body["message"].startswith("Incorrect API key provided: sk-proj-" + "*" * 20 + "zzzz.")
             assert wrong not in e.value.message
-    with FakeOpenAI() as s, sync_client(s) as c:  # not strict: no models list, like a server without one
+    with FakeOpenAI() as s, sync_client(s) as c:  # not strict: any name is served, no list to enumerate
         with pytest.raises(openai.NotFoundError):
             c.models.list()
+        assert c.models.retrieve("anything").id == "anything"
+    with FakeOpenAI.strict() as s, sync_client(s) as c:  # strict, no models: no models API at all
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("gpt-4o-mini")

@@ -42,6 +42,7 @@ import random
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -118,14 +119,14 @@ class RequestOptions:
     def reasoning(self, model: str) -> bool:
         return self.model_family == "reasoning" or (self.model_family == "auto" and is_reasoning_model(model))
 
-    def identity(self, model: str) -> str:
-        """What these options add to the teacher's identity in cache keys ("" for the defaults)."""
-        parts = []
+    def fields(self, model: str) -> dict:
+        """What these options add to a request's cache key (`request_fields`): nothing for the defaults."""
+        out: dict = {}
         if self.extra_body:
-            parts.append(json.dumps(self.extra_body, sort_keys=True, ensure_ascii=False))
+            out["extra_body"] = self.extra_body
         if self.reasoning(model):
-            parts.append(f"reasoning_budget={self.reasoning_budget}")
-        return "".join(":" + p for p in parts)
+            out["reasoning_budget"] = self.reasoning_budget
+        return out
 
 
 def chat_messages(prompt) -> list[dict]:
@@ -327,21 +328,32 @@ class ApiTeacher:
     def check_endpoint(self) -> None:
         """Before the first paid request: is the URL right, the key accepted, the model there?
 
-        GET /models; when the model is listed, done. When the server has no list (404) or does
-        not list the model (a proxy may not), one tiny request (1 answer token) settles it.
+        GET /models/{model} (OpenAI and Ollama answer it: the model, or 404 `model_not_found`);
+        where that route is missing, GET /models and look for the model. When the server has no
+        list or does not list the model (a proxy may not), one tiny request (1 answer token)
+        settles it.
         A wrong URL, key or model raises TeacherStop with the server's message; a busy server
         (429, 5xx) is left to the run's retries.
         """
         if self.checked:
             return
         where = f"teacher {self.model!r} at {self.base_url}"
-        status, content = self._http("GET", "/models")
+        # GET /models/{model} (OpenAI, Ollama): 200 when it is there, 404 `model_not_found` when it is not
+        status, content = self._http("GET", f"/models/{urllib.parse.quote(self.model, safe='')}")
         if status == 0:
             raise TeacherStop(f"{where}: cannot reach the endpoint ({content.decode(errors='replace')}); "
                               "check base_url", "connection")
         if status in (401, 403):
             raise TeacherStop(f"{where}: HTTP {status} on GET /models: {error_message(content, self._key)} "
                               "(check OPENAI_API_KEY)", f"http_{status}")
+        if status == 404 and error_code(content) == "model_not_found":
+            raise TeacherStop(f"{where}: HTTP 404 on GET /models/{self.model}: {error_message(content, self._key)} "
+                              "(check the model name)", "http_404")
+        if status == 200:
+            self.checked = True
+            return
+        # no such route (vLLM, llama.cpp): the models list
+        status, content = self._http("GET", "/models")
         if status == 200:
             try:
                 ids = {m.get("id") for m in json.loads(content).get("data", []) if isinstance(m, dict)}
