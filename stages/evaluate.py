@@ -16,16 +16,17 @@ new calls, and an unchanged checkpoint is never asked twice.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 
 from stages.lib import paths
 from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, run_main, set_threads,
                                write_json, write_shards)
+from stages.lib.llm.openai_api import FAMILIES, TeacherStop
 from stages.lib.tokens.arrays import TokenSplit, validation_loss
 
 
@@ -47,16 +48,39 @@ class EvalSetParams:
 
 @dataclass
 class EndpointParams:
-    """A model that answers prompts (`evaluate.teacher`, `evaluate.judge`)."""
+    """Who answers for a role (`evaluate.teacher`, `evaluate.judge`)."""
 
-    model: str
-    """A local model dir or hub id (`local`), or the endpoint's model name (`openai`)."""
-    backend: Literal["local", "openai"] = "local"
+    backend: str = "local"
     """`local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint; key from OPENAI_API_KEY)."""
+    model: str = "models/teacher"
+    """Local model dir or hub id, or the endpoint's model name."""
     base_url: str | None = None
-    """The `openai` endpoint (null: api.openai.com)."""
-    prompt_form: Literal["chat", "completion"] = "chat"
-    """`chat` (one user message) or `completion` (plain text)."""
+    """Endpoint for `openai` (null: api.openai.com)."""
+    prompt_form: str = "chat"
+    """`chat` (messages; every chat-only endpoint) or `completion` (a /completions endpoint)."""
+    system_prompt: str = ""
+    """Chat form: a system message before each prompt (empty: none)."""
+    extra_body: dict = field(default_factory=dict)
+    """`openai`: extra request body fields, e.g. {reasoning_effort: low}; part of the cache key."""
+    model_family: str = "auto"
+    """`openai`: auto (from the name) | standard | reasoning (max_completion_tokens, no sampling params)."""
+    reasoning_budget: int = 1024
+    """Reasoning models: hidden reasoning tokens allowed per request on top of the answer budget."""
+
+    def __post_init__(self):
+        check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
+        check(bool(self.model), "model: required")
+        check(self.prompt_form in ("chat", "completion"), f"prompt_form: expected chat or completion, got {self.prompt_form!r}")
+        check(self.model_family in FAMILIES, f"model_family: expected one of {FAMILIES}, got {self.model_family!r}")
+
+    def options(self):
+        from stages.lib.llm.openai_api import RequestOptions
+
+        return RequestOptions(self.model_family, self.extra_body, self.reasoning_budget)
+
+    def prompt(self, text: str):
+        """The prompt as sent: with the system message when one is set."""
+        return (self.system_prompt, text) if self.system_prompt and self.prompt_form == "chat" else text
 
 
 @dataclass
@@ -77,13 +101,16 @@ class EvaluateParams:
     seed: int = 0
     """Sampling seed and the seed of `random` judge order."""
     teacher: EndpointParams = field(default_factory=lambda: EndpointParams(backend="local", model="models/teacher"))
-    """Who writes `reference: teacher` answers: {backend: local|openai, model, base_url, prompt_form}."""
+    """Who writes `reference: teacher` answers (backend, model, base_url, prompt_form, system_prompt, extra_body,
+    model_family, reasoning_budget)."""
     judge: EndpointParams = field(default_factory=lambda: EndpointParams(backend="local", model="models/teacher"))
     """The pairwise judge, same keys as `teacher` (an OpenAI-compatible model for a real evaluation)."""
     judge_order: str = "both"
     """`random` (one seeded order per prompt) or `both` (two calls; a disagreement is a draw)."""
     judge_max_new_tokens: int = 16
     """Length budget of a verdict."""
+    teacher_store: str | None = None
+    """The store outside the repository that also keeps every response (as `generate.teacher_store`)."""
 
     def __post_init__(self):
         convert_fields(self, "evaluate")
@@ -91,8 +118,6 @@ class EvaluateParams:
         check(self.max_new_tokens >= 1 and self.judge_max_new_tokens >= 1, "max_new_tokens: must be >= 1")
         check(self.temperature >= 0, "temperature: must be >= 0")
         check(self.judge_order in ("random", "both"), f"judge_order: expected random or both, got {self.judge_order!r}")
-        for role in ("teacher", "judge"):
-            check(bool(getattr(self, role).model), f"{role}.model: required")
 
 
 # ---------------------------------------------------------------- validation loss
@@ -139,7 +164,7 @@ def read_eval_set(name: str, spec: EvalSetParams) -> list[dict]:
 
 def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
     """Fill preference, verdicts and order in each row (reference and answer already set)."""
-    from stages.lib.judging.judge import combine, judge_prompt, parse_verdict, preference, student_first
+    from stages.lib.judging.judge import combine, pairwise_judge_prompt, parse_verdict, preference, student_first
 
     todo, prompts = [], []
     for r in rows:
@@ -154,7 +179,7 @@ def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
         for o in orders:
             pair = (r["reference"], r["answer"]) if o == "ref_first" else (r["answer"], r["reference"])
             todo.append((r, o))
-            prompts.append(judge_prompt(q, *pair))
+            prompts.append(pairwise_judge_prompt(q, *pair))
     for (r, o), rec in zip(todo, ask_judge(prompts) if prompts else []):
         r[f"verdict_{o}"] = parse_verdict(rec["text"] if rec else None)
     for r in rows:
@@ -207,22 +232,24 @@ def make_sessions(p: EvaluateParams, cache):
     cache for all, one loaded model per distinct endpoint."""
     from stages.lib.llm.teacher import TeacherSession, make_backend
 
-    endpoints = {"student": EndpointParams(backend="local", model=p.model, prompt_form="chat"),
-                 "teacher": p.teacher, "judge": p.judge}
+    endpoints = {"student": EndpointParams("local", p.model), "teacher": p.teacher, "judge": p.judge}
     made: dict[tuple, TeacherSession] = {}
 
     def session(role: str):
         e = endpoints[role]
-        key = (e.backend, e.model, e.base_url, e.prompt_form)
+        key = (e.backend, e.model, e.base_url, e.prompt_form, json.dumps(e.extra_body, sort_keys=True), e.model_family,
+               e.reasoning_budget)
         if key not in made:
-            made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size), cache)
+            made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size,
+                                                                 options=e.options()), cache)
         s = made[key]
-        return lambda prompts, sampling: s.ask(prompts, sampling, e.prompt_form)
+        return lambda prompts, sampling: s.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
 
     return session, made
 
 
 def main() -> None:
+    from stages.lib.llm.store import TeacherStore, store_dir
     from stages.lib.llm.teacher import ResponseCache
 
     p = load_params(EvaluateParams, "evaluate")
@@ -232,8 +259,12 @@ def main() -> None:
     if p.base_model:
         base = score(p.base_model, data, p.batch_size)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE))
-    df, per_set = evaluate_sets(p, sessions)
+    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store))))
+    try:
+        df, per_set = evaluate_sets(p, sessions)
+    except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too
+        write_json(paths.metrics("evaluate"), {**metrics, "error": str(stop)})
+        raise
     with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")
     calls = {"requests": sum(s.stats.requests for s in made.values()),

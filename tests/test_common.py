@@ -301,8 +301,8 @@ def test_the_real_sections_convert_strings_and_name_the_key():
     with pytest.raises(StageError, match=r"^ingest\.sources\.s\.format: expected one of"):
         params_from_dict(IngestParams, {"sources": {"s": {"format": "csv", "path": "x"}}, "mixtures": {"m": {"s": 1}},
                                         "mixture": "m"}, "ingest")
-    with pytest.raises(StageError, match=r"^evaluate\.judge\.model: required$"):
-        params_from_dict(EvaluateParams, {"judge": {"backend": "openai"}}, "evaluate")
+    with pytest.raises(StageError, match=r"^evaluate\.judge\.reasoning_budget: expected int, got 'lots'$"):
+        params_from_dict(EvaluateParams, {"judge": {"backend": "openai", "reasoning_budget": "lots"}}, "evaluate")
     with pytest.raises(StageError, match=r"^evaluate\.sets\.x\.limit: expected int, got 'all'$"):
         params_from_dict(EvaluateParams, {"sets": {"x": {"path": "a", "limit": "all"}}}, "evaluate")
 
