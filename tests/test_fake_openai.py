@@ -237,7 +237,7 @@ async def _test_latency_overlaps_across_concurrent_requests():
                 {"role": "user", "content": f"q{i}"}]) for i in range(10)))
             dt = time.monotonic() - t0
     assert sorted(r.choices[0].message.content for r in rs) == sorted(f"answer to: q{i}" for i in range(10))
-    assert 0.2 <= dt < 0.5, dt  # 10 x 0.2 s in parallel, not 2 s
+    assert 0.2 <= dt < 1.5, dt  # 10 x 0.2 s in parallel, not 2 s (margin for a loaded machine)
 
 
 def test_unknown_route_is_404(srv):
