@@ -92,7 +92,7 @@ def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tu
     """(conversations, malformed reports) of one source, in file order."""
     fmt, licence = src["format"], src.get("licence", "unknown")
     if fmt == "generated":
-        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], "data/filtered"
+        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], "data/selected"
     else:
         path = Path(src["path"])
         if not path.is_file():
@@ -358,7 +358,7 @@ def main() -> None:
     p = load_params(IngestParams, "ingest")
     generated = None
     if any(p.sources[s]["format"] == "generated" for s in p.mixtures[p.mixture]):
-        generated = read_shards("data/filtered", "kept").to_dicts()
+        generated = read_shards("data/selected", "kept").to_dicts()
     eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
     rows, dropped, metrics = build(p, generated, eval_sets)
     for b in (d for d in dropped if d["reason"] == "malformed"):
