@@ -3,8 +3,12 @@
 * `alpaca`: Alpaca's single prompt; the teacher continues a numbered list of
   instruction / input / output tasks (below);
 * `self_instruct`: self-instruct's four steps with a growing pool (`stages/self_instruct.py`);
-* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`).
-All three share the teacher client, the response cache, the metrics and the output schema.
+* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`);
+* `evol_instruct`: WizardLM's in-depth and in-breadth evolution of seed (or generated) instructions,
+  with its elimination rules (`stages/lib/generation/evol_instruct.py`);
+* `magpie`: the teacher writes the user query from its own chat template's pre-query
+  (`stages/lib/generation/magpie.py`; local backend or a completion endpoint).
+All share the teacher client, the response cache, the metrics and the output schema.
 
 Alpaca method: request i shows the teacher k seed tasks sampled with `Random(f"{seed}:{i}")` (so
 adding requests never changes earlier prompts, and the cache still answers them) in
@@ -26,11 +30,13 @@ import polars as pl
 from stages.lib.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
                            set_threads, write_json, write_shards)
 from stages.lib.formats import read_prompts
+from stages.lib.generation.evol_instruct import EvolParams
+from stages.lib.generation.magpie import MagpieParams
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
 from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
 
-METHODS = ("alpaca", "self_instruct", "responses")
+METHODS = ("alpaca", "self_instruct", "responses", "evol_instruct", "magpie")
 
 
 PRICES = {  # USD per million tokens; check your provider's current prices
@@ -43,7 +49,8 @@ PRICES = {  # USD per million tokens; check your provider's current prices
 @dataclass
 class GenerateParams:
     method: str = "alpaca"
-    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)."""
+    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)
+    | evol_instruct (WizardLM evolution of instructions) | magpie (the teacher writes the queries)."""
     backend: str = "local"
     """Teacher backend: `local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint)."""
     model: str = "models/teacher"
@@ -101,11 +108,17 @@ class GenerateParams:
     """Method self_instruct (and responses from bootstrap): see `SelfInstructParams`."""
     responses: dict = field(default_factory=lambda: asdict(ResponsesParams()))
     """Method responses: see `ResponsesParams`."""
+    evol_instruct: dict = field(default_factory=lambda: asdict(EvolParams()))
+    """Method evol_instruct: see `EvolParams`."""
+    magpie: dict = field(default_factory=lambda: asdict(MagpieParams()))
+    """Method magpie: see `MagpieParams`."""
 
     def __post_init__(self):
         check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
         self.si = params_from_dict(SelfInstructParams, self.self_instruct, "generate.self_instruct")
         self.resp = params_from_dict(ResponsesParams, self.responses, "generate.responses")
+        self.evol = params_from_dict(EvolParams, self.evol_instruct, "generate.evol_instruct")
+        self.mp = params_from_dict(MagpieParams, self.magpie, "generate.magpie")
         check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.resp.prompts != "bootstrap"),
               "batch_api: each self-instruct step needs the previous one's answers; use it with method alpaca, "
               "or responses from a prompt file")
@@ -228,10 +241,12 @@ UNPARSED_SCHEMA = {
 
 
 def main() -> None:
-    from stages.lib.generation import responses, self_instruct
+    from stages.lib.generation import evol_instruct, magpie, responses, self_instruct
     from stages.lib.llm.openai_api import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
+    if p.method == "magpie":
+        magpie.check_endpoint(p.backend, p.prompt_form)  # before anything is loaded or paid
     set_threads()
     seeds = read_shards("data/seeds").to_dicts()
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
@@ -254,6 +269,26 @@ def main() -> None:
         steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
     elif p.method == "self_instruct":
         tasks, unparsed, steps = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.si, p.seed)
+    elif p.method == "evol_instruct":
+        unparsed = []
+        if p.evol.prompts == "seeds":
+            pool = [{"id": s["id"], "instruction": s["instruction"], "input": s["instances"][0]["input"]}
+                    for s in seeds[: p.num_requests]]
+        elif p.evol.prompts == "bootstrap":
+            machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
+                                                                          sampling, p.si, p.seed)
+            pool = [{"id": m["id"], "instruction": m["instruction"], "input": ""} for m in machine]
+        else:
+            pool = [{"id": f"{p.evol.prompts}:{i + 1}", **x} for i, x in enumerate(read_prompts(p.evol.prompts,
+                                                                                                  p.num_requests))]
+        tasks, drops, steps["evol_instruct"] = evol_instruct.run(session.ask, pool, p.evol, sampling, p.prompt_form,
+                                                                 p.seed)
+        unparsed += drops
+    elif p.method == "magpie":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(p.mp.tokenizer or p.model)
+        tasks, unparsed, steps["magpie"] = magpie.run(session.ask, tok, p.num_requests, p.mp, sampling)
     else:
         if p.resp.prompts == "bootstrap":
             machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
@@ -302,8 +337,10 @@ def main() -> None:
         raise StageError(f"generate: {stats.failed} of {stats.requests} requests failed {stats.failed_by_reason} "
                          f"(more than max_failure_rate={p.max_failure_rate}); rerun to retry only those")
     with atomic_dir(p.out_dir) as tmp:
-        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
-        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
+        extra = {"evol_instruct": evol_instruct.EXTRA_COLUMNS, "magpie": magpie.EXTRA_COLUMNS}.get(p.method, {})
+        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA | extra), tmp, "tasks", p.rows_per_shard)
+        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA | (extra if p.method == "evol_instruct" else {})),
+                     tmp, "unparsed", p.rows_per_shard)
     log(f"generate ({p.method}): {len(tasks)} tasks, {len(unparsed)} dropped {errors}; {stats.teacher_calls} teacher "
         f"calls, {stats.cache_hits} cache hits, {stats.failed} failed")
 
