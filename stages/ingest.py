@@ -23,6 +23,7 @@ counted with its reason (datatrove style: pure steps, stats and drop reasons):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,9 @@ def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tu
     fmt, licence = src["format"], src.get("licence", "unknown")
     if fmt == "generated":
         items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], "data/selected"
+        # a multi-turn generated row (magpie turns > 1) carries its whole conversation
+        items = [(pos, {**r, "messages": json.loads(r["messages_json"])} if r.get("messages_json") else r)
+                 for pos, r in items]
     else:
         path = Path(src["path"])
         if not path.is_file():
@@ -101,7 +105,8 @@ def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tu
     convs, bad = [], []
     for pos, rec in items:
         try:
-            for k, (oid, msgs) in enumerate(to_messages(rec, fmt, src.get("answers"))):
+            kind = "messages" if fmt == "generated" and isinstance(rec, dict) and "messages" in rec else fmt
+            for k, (oid, msgs) in enumerate(to_messages(rec, kind, src.get("answers"))):
                 oid = str(oid) if oid is not None else f"{pos}-{k}"
                 convs.append({"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
                               "origin": f"{where}{pos}", "messages": msgs})
