@@ -155,7 +155,7 @@ def choose(rows: list[dict], p: SelectParams) -> float | None:
                 rows[i].update(select_reason="ifd_at_or_above_max", select_score=rows[i]["ifd"])
         todo = [i for i in todo if rows[i]["select_reason"] is None]
     scores = [rows[i][pol.score] for i in todo]
-    keep, reasons, cut = apply(pol, scores, p.keep_unknown)
+    _, reasons, cut = apply(pol, scores, p.keep_unknown)
     for i, s, why in zip(todo, scores, reasons):
         rows[i].update(select_score=s, select_reason=why)
     return cut

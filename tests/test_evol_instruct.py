@@ -119,7 +119,7 @@ def test_each_rule_drops_with_its_reason_in_a_run():
     pool = [{"id": "cat", "instruction": "Describe a cat.", "input": ""},
             {"id": "sorry", "instruction": "Say sorry to a friend.", "input": ""},
             {"id": "ok", "instruction": "Describe a dog.", "input": ""}]
-    tasks, drops, m = run(Teacher(), pool, EvolParams(rounds=1, operations=["constraints"]),
+    tasks, drops, _ = run(Teacher(), pool, EvolParams(rounds=1, operations=["constraints"]),
                           Sampling(64, 0.7, 0.9, (), 1), "completion", seed=0)
     why = {d["parent_id"]: d["error"] for d in drops}
     assert why == {"cat": "copies_evolving_prompt", "sorry": "apology"}
@@ -134,3 +134,45 @@ def test_equality_judge_can_be_off():
                           "chat", seed=0)
     assert len(tasks) == 1 and not drops and not any(c[0].startswith("Here are two") for c in teacher.calls)
     assert EQUAL_PROMPT.startswith("Here are two Instructions")
+
+
+def test_generate_stage_writes_provenance_columns(in_tmp):
+    """`python -m stages.generate` with method evol_instruct against a loopback teacher: task and drop
+    shards carry parent id, operation and round."""
+    import shutil
+
+    import polars as pl
+
+    from stages import generate
+    from stages.lib.common import write_shards
+    from tests.conftest import ROOT, write_params
+    from tests.fake_openai import FakeOpenAI, _last_user_text
+
+    def reply(body):
+        text = _last_user_text(body)
+        if text.startswith("I want you act as a Prompt"):
+            inst = re.search(r"Prompt#:\n(.*)\n#(?:Rewritten|Created) Prompt#:\n$", text, re.S).group(1)
+            return "#Rewritten Prompt#: x" if "poem" in inst.lower() else inst + " Use exactly three sentences."
+        if text.startswith("Here are two Instructions"):
+            return "Not Equal"
+        return "A specific, useful answer."
+
+    seeds = [{"id": f"seed_{i}", "name": f"t{i}", "instruction": inst, "instances": [{"input": "", "output": "o"}],
+              "is_classification": False} for i, inst in enumerate(["Write a poem about rain.", "Explain tides.",
+                                                                     "List three prime numbers."])]
+    write_shards(pl.DataFrame(seeds), in_tmp / "data/seeds")
+    shutil.copytree(ROOT / "seeds/prompts", in_tmp / "seeds/prompts")
+    with FakeOpenAI(reply=reply) as srv:
+        write_params(in_tmp / "params.yaml", {"generate": {
+            "method": "evol_instruct", "backend": "openai", "model": "fake", "base_url": srv.base_url,
+            "prompt_form": "chat", "num_requests": 3, "evol_instruct": {"rounds": 2}}})
+        generate.main()
+    tasks = pl.read_parquet(in_tmp / "data/generated/tasks-00000.parquet")
+    drops = pl.read_parquet(in_tmp / "data/generated/unparsed-00000.parquet")
+    assert tasks.height == 4 and set(tasks["method"]) == {"evol_instruct"}
+    assert sorted(tasks.filter(pl.col("evol_round") == 1)["parent_id"]) == ["seed_1", "seed_2"]
+    r1_ids = set(tasks.filter(pl.col("evol_round") == 1)["id"])
+    assert set(tasks.filter(pl.col("evol_round") == 2)["parent_id"]) == r1_ids
+    assert set(drops["error"]) == {"copies_evolving_prompt"} and set(drops["parent_id"]) == {"seed_0"}
+    assert drops.height == 2 and sorted(drops["evol_round"]) == [1, 2]
+    assert all(op in OPERATIONS for op in tasks["evol_operation"])

@@ -191,13 +191,13 @@ def test_embedded_smollm2_writes_english_queries():
     model = ROOT / "models/teacher"
     if not (model / "config.json").is_file():
         pytest.skip("models/teacher not built")
-    from transformers import AutoTokenizer
-
     import tempfile
+
+    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
         s = TeacherSession(lambda form: make_backend("local", str(model), form, batch_size=4), ResponseCache(d))
-        tasks, drops, metrics = run(s.ask, AutoTokenizer.from_pretrained(model), 4,
+        tasks, drops, _ = run(s.ask, AutoTokenizer.from_pretrained(model), 4,
                                     MagpieParams(query_max_new_tokens=64, answer_max_new_tokens=64),
                                     Sampling(64, 0.7, 0.9, (), 0))
     assert len(tasks) + len({d["request_index"] for d in drops}) == 4
