@@ -285,9 +285,7 @@ def main() -> None:
                                                                  p.seed)
         unparsed += drops
     elif p.method == "magpie":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(p.mp.tokenizer or p.model)
+        tok = magpie.load_tokenizer(p.mp.tokenizer or p.model)
         tasks, unparsed, steps["magpie"] = magpie.run(session.ask, tok, p.num_requests, p.mp, sampling)
     else:
         if p.resp.prompts == "bootstrap":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="python -m stages.select", description=__doc__.split("\n\n")[0]).parse_args(argv)
     p = load_params(SelectParams, "select")
     set_threads()
+    Path(p.cache_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when no judge is asked
     df = read_shards("data/filtered", "kept")
     rows = df.to_dicts()
     judge = {"requests": 0, "cache_hits": 0, "calls": 0, "failed": 0, "unknown": 0, "prompt_tokens": 0,

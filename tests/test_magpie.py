@@ -216,3 +216,10 @@ def test_ingest_reads_a_multi_turn_generated_row_whole():
     assert not bad and [c["messages"] for c in convs] == [conv, [{"role": "user", "content": "Name a fruit."},
                                                                   {"role": "assistant", "content": "Apple."}]]
     assert convs[0]["origin"] == "data/selected[0]"
+
+
+def test_a_missing_tokenizer_names_the_param(tmp_path):
+    from stages.lib.generation.magpie import load_tokenizer
+
+    with pytest.raises(StageError, match="generate.magpie.tokenizer"):
+        load_tokenizer(str(tmp_path / "nowhere"))

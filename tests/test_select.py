@@ -181,3 +181,26 @@ def test_report_draws_the_selection_with_its_cut():
     fig = fig_selection(table, "rating", m["cut"], m["policy"])
     lines = [l for l in fig.axes[0].get_lines() if list(l.get_xdata()) == [4.5, 4.5]]
     assert len(lines) == 1 and "rating >= 4.5" in fig.axes[0].get_title()
+
+
+def test_stage_method_none_passes_the_filtered_rows_through(in_tmp):
+    """The default: ingest sees exactly the filter's kept rows, in order; no judge, no model; the cache
+    folder (a DVC output) exists all the same."""
+    import polars as pl
+
+    from stages.lib.common import write_shards
+    from stages.select import main
+    from tests.conftest import write_params
+
+    df = pl.DataFrame(rows(5)).with_columns(pl.lit(0.3).alias("rouge_max"))
+    write_shards(df, in_tmp / "data/filtered", "kept")
+    write_params(in_tmp / "params.yaml", {"select": {}})
+    main([])
+    kept = pl.read_parquet(in_tmp / "data/selected/kept-00000.parquet")
+    assert kept.select(df.columns).equals(df) and kept["rating"].null_count() == 5
+    assert pl.read_parquet(in_tmp / "data/selected/rejected-00000.parquet").height == 0
+    assert (in_tmp / "data/select_cache").is_dir()
+    import json
+
+    m = json.loads((in_tmp / "metrics/select.json").read_text())
+    assert (m["kept"], m["rejected"], m["judge"]["calls"], m["policy"]) == (5, 0, 0, None)

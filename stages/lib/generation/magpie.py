@@ -84,6 +84,17 @@ def pre_query_template(tok, history: list[dict] | None = None) -> tuple[str, str
     return pre, end
 
 
+def load_tokenizer(name: str):
+    """The teacher's tokenizer (its chat template), or a StageError naming the param to set."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise StageError(f"magpie: cannot load the teacher's tokenizer from {name!r} ({e}); set "
+                         "generate.magpie.tokenizer to its local dir or hub id") from None
+
+
 def raw_prompt(tok, text: str) -> str:
     """`text` as a completion prompt: without a leading BOS when the tokenizer adds one itself."""
     bos = tok.bos_token
@@ -147,8 +158,7 @@ def check_endpoint(backend: str, prompt_form: str) -> None:
         raise StageError("generate.method magpie: needs a raw prompt (the teacher's chat template opened at a user "
                          "turn), which a chat-only endpoint does not take; use the local backend or a completion "
                          "endpoint (vLLM, llama.cpp server) with prompt_form: completion and magpie.tokenizer set")
-    check_ok = backend in ("local", "openai")
-    if not check_ok:
+    if backend not in ("local", "openai"):
         raise StageError(f"generate.method magpie: unknown backend {backend!r}")
 
 
