@@ -3,7 +3,8 @@
 For every method, in a scratch copy of the project (fresh teacher cache, so every request is a
 real call): `stages.seeds`, `stages.generate` with `--requests` requests, `stages.filter`, with
 the default params otherwise. Teacher time is the time spent in teacher calls (generate's
-completion tokens / tokens per second); wall time includes loading the model. What counts as a
+completion tokens / tokens per second); wall time includes loading the model; CPU time is
+the generate process's user + system seconds (steadier than wall time on a shared machine). What counts as a
 request differs: alpaca and self_instruct bootstrap send `--requests` list prompts (self_instruct
 then 2 calls per kept instruction), evol_instruct evolves the first `--requests` seeds (3 calls
 per evolution and round), magpie writes `--requests` conversations (2 calls each).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,11 +42,13 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
         params["generate"].update(method=method, num_requests=requests, **extra)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        times = {}
+        times, cpu = {}, {}
         for stage in ("seeds", "generate", "filter"):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             r = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env, capture_output=True, text=True)
             times[stage] = time.perf_counter() - t
+            c2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[stage] = c2.ru_utime + c2.ru_stime - c.ru_utime - c.ru_stime
             if r.returncode:
                 raise SystemExit(f"{method}: stage {stage} failed:\n{r.stderr[-3000:]}")
         g = json.loads((repo / "metrics/generate.json").read_text())
@@ -53,11 +57,12 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
     teacher_s = g["completion_tokens_called"] / rate if rate else times["generate"]
     return {"method": method, "requests_param": requests, "teacher_calls": g["teacher_calls"],
             "completion_tokens": g["completion_tokens_called"], "teacher_s": round(teacher_s, 1),
-            "generate_wall_s": round(times["generate"], 1), "parsed": g["items_parsed"], "dropped": g["items_unparsed"],
+            "generate_wall_s": round(times["generate"], 1), "generate_cpu_s": round(cpu["generate"], 1), "parsed": g["items_parsed"], "dropped": g["items_unparsed"],
             "kept": f["kept"], "filter_rejected": f["rejected_by_reason"],
             "parsed_per_teacher_min": round(g["items_parsed"] / teacher_s * 60, 2) if teacher_s else None,
             "kept_per_teacher_min": round(f["kept"] / teacher_s * 60, 2) if teacher_s else None,
             "kept_per_wall_min": round(f["kept"] / times["generate"] * 60, 2),
+            "kept_per_cpu_min": round(f["kept"] / cpu["generate"] * 60, 2) if cpu["generate"] else None,
             "drops_by_reason": g["unparsed_by_reason"], "steps": g["steps"]}
 
 
@@ -74,14 +79,16 @@ def main() -> None:
         raise SystemExit(f"{model}: no teacher model (run `dvc repro teacher_model` first)")
     extra = {"evol_instruct": {"evol_instruct": {"rounds": args.evol_rounds}}}
     rows = []
-    print(f"{'method':>14} {'calls':>5} {'teacher s':>9} {'parsed':>6} {'kept':>5} {'parsed/min':>10} {'kept/min':>8}")
+    print(f"{'method':>14} {'calls':>5} {'teacher s':>9} {'cpu s':>6} {'parsed':>6} {'kept':>5} {'parsed/min':>10} "
+          f"{'kept/min':>8} {'kept/cpu-min':>12}")
     for m in args.methods:
         r = run_method(m, args.requests, model, extra.get(m, {}))
         rows.append(r)
-        print(f"{m:>14} {r['teacher_calls']:>5} {r['teacher_s']:>9} {r['parsed']:>6} {r['kept']:>5} "
-              f"{r['parsed_per_teacher_min']:>10} {r['kept_per_teacher_min']:>8}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"{m:>14} {r['teacher_calls']:>5} {r['teacher_s']:>9} {r['generate_cpu_s']:>6} {r['parsed']:>6} "
+              f"{r['kept']:>5} {r['parsed_per_teacher_min']:>10} {r['kept_per_teacher_min']:>8} "
+              f"{r['kept_per_cpu_min']:>12}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

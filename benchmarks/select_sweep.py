@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="+", default=[3.0, 4.0, 4.5, 5.0])
     ap.add_argument("--ifd", action="store_true", help="also score IFD with the student base model (top half kept)")
     ap.add_argument("--model", default=str(ROOT / "models/teacher"))
+    ap.add_argument("--teacher-cache", help="seed generate's teacher cache from this folder (e.g. a method_yield "
+                    "alpaca run's), so generate is served from it")
     ap.add_argument("--out", help="also write the rows as JSON here")
     args = ap.parse_args()
     if not (Path(args.model) / "config.json").is_file():
@@ -61,6 +63,8 @@ def main() -> None:
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["generate"]["num_requests"] = args.requests
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        if args.teacher_cache:
+            shutil.copytree(args.teacher_cache, repo / "data/teacher_cache")
         for name in ("seeds", "generate", "filter"):
             stage(repo, name)
         print(f"{'policy':>28} {'rows':>4} {'kept':>4} {'judge calls':>11} {'cached':>6} {'unknown':>7} {'seconds':>7}")
