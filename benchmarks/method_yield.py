@@ -41,7 +41,8 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["generate"].update(method=method, num_requests=requests, **extra)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # a fresh teacher store too: every request of this run is a real call
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "STILLHOUSE_TEACHER_STORE": str(repo / "store")}
         times, cpu = {}, {}
         for stage in ("seeds", "generate", "filter"):
             t, c = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -55,7 +56,7 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
         f = json.loads((repo / "metrics/filter.json").read_text())
     rate = g["completion_tokens_per_s"] or 0
     teacher_s = g["completion_tokens_called"] / rate if rate else times["generate"]
-    return {"method": method, "requests_param": requests, "teacher_calls": g["teacher_calls"],
+    return {"method": method, "requests_param": requests, "teacher_calls": g["teacher_calls"], "cache_hits": g["cache_hits"],
             "completion_tokens": g["completion_tokens_called"], "teacher_s": round(teacher_s, 1),
             "generate_wall_s": round(times["generate"], 1), "generate_cpu_s": round(cpu["generate"], 1), "parsed": g["items_parsed"], "dropped": g["items_unparsed"],
             "kept": f["kept"], "filter_rejected": f["rejected_by_reason"],

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def stage(repo: Path, name: str) -> float:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=repo, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STILLHOUSE_TEACHER_STORE": str(repo / "store")}
+    r = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=repo, env=env,
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"stage {name} failed:\n{r.stderr[-3000:]}")

@@ -74,6 +74,8 @@ class SelectParams:
     """Bins of the score histograms in metrics/select.json and the report."""
     cache_dir: str = "data/select_cache"
     """Content-addressed judge responses (persist output)."""
+    teacher_store: str | None = None
+    """The store outside the repository that also keeps every judge response (as `generate.teacher_store`)."""
     out_dir: str = "data/selected"
     """Output folder: `kept-*.parquet` (ingest reads these), `rejected-*.parquet`."""
     rows_per_shard: int = 50_000
@@ -116,13 +118,15 @@ def rate(rows: list[dict], ask, p: SelectParams) -> dict:
 def judge_session(p: SelectParams):
     """(ask, session) for the judge: one TeacherSession on the select cache, priced and budgeted."""
     from stages.lib.llm.openai_api import ApiLimits, Price
+    from stages.lib.llm.store import TeacherStore, store_dir
     from stages.lib.llm.teacher import ResponseCache, TeacherSession, make_backend
 
     e = {"backend": "local", "prompt_form": "chat", **p.judge}
     price = Price(**p.prices[e["model"]]) if e["model"] in p.prices else None
     limits = ApiLimits(concurrency=p.concurrency, max_cost_usd=p.max_cost_usd)
     session = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"), p.batch_size,
-                                                       p.dtype, limits, price), ResponseCache(p.cache_dir), price)
+                                                       p.dtype, limits, price),
+                             ResponseCache(p.cache_dir, store=TeacherStore(store_dir(p.teacher_store))), price)
     return (lambda prompts, sampling: session.ask(prompts, sampling, e["prompt_form"])), session, price
 
 
