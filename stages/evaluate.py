@@ -16,17 +16,54 @@ new calls, and an unchanged checkpoint is never asked twice.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from stages.lib.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
-                           write_json, write_shards)
+from stages.lib.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, progress, run_main,
+                           set_threads, write_json, write_shards)
+from stages.lib.llm.openai_api import FAMILIES, TeacherStop
 from stages.lib.tokens.arrays import TokenSplit, collate, masked_loss_sum
 
-ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
+
+@dataclass
+class EndpointParams:
+    """Who answers for a role (`evaluate.teacher`, `evaluate.judge`)."""
+
+    backend: str = "local"
+    """`local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint; key from OPENAI_API_KEY)."""
+    model: str = "models/teacher"
+    """Local model dir or hub id, or the endpoint's model name."""
+    base_url: str | None = None
+    """Endpoint for `openai` (null: api.openai.com)."""
+    prompt_form: str = "chat"
+    """`chat` (messages; every chat-only endpoint) or `completion` (a /completions endpoint)."""
+    system_prompt: str = ""
+    """Chat form: a system message before each prompt (empty: none)."""
+    extra_body: dict = field(default_factory=dict)
+    """`openai`: extra request body fields, e.g. {reasoning_effort: low}; part of the cache key."""
+    model_family: str = "auto"
+    """`openai`: auto (from the name) | standard | reasoning (max_completion_tokens, no sampling params)."""
+    reasoning_budget: int = 1024
+    """Reasoning models: hidden reasoning tokens allowed per request on top of the answer budget."""
+
+    def __post_init__(self):
+        check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
+        check(bool(self.model), "model: required")
+        check(self.prompt_form in ("chat", "completion"), f"prompt_form: expected chat or completion, got {self.prompt_form!r}")
+        check(self.model_family in FAMILIES, f"model_family: expected one of {FAMILIES}, got {self.model_family!r}")
+
+    def options(self):
+        from stages.lib.llm.openai_api import RequestOptions
+
+        return RequestOptions(self.model_family, self.extra_body, self.reasoning_budget)
+
+    def prompt(self, text: str):
+        """The prompt as sent: with the system message when one is set."""
+        return (self.system_prompt, text) if self.system_prompt and self.prompt_form == "chat" else text
 
 
 @dataclass
@@ -49,7 +86,8 @@ class EvaluateParams:
     seed: int = 0
     """Sampling seed and the seed of `random` judge order."""
     teacher: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
-    """Who writes `reference: teacher` answers: {backend: local|openai, model, base_url, prompt_form}."""
+    """Who writes `reference: teacher` answers: see `EndpointParams` (backend, model, base_url, prompt_form,
+    system_prompt, extra_body, model_family, reasoning_budget)."""
     judge: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
     """The pairwise judge, same keys as `teacher` (an OpenAI-compatible model for a real evaluation)."""
     judge_order: str = "both"
@@ -74,8 +112,11 @@ class EvaluateParams:
             check(int(s.get("limit", 0)) >= 0, f"sets.{name}.limit: must be >= 0")
         for role in ("teacher", "judge"):
             e = getattr(self, role)
-            check(isinstance(e, dict) and set(e) <= ENDPOINT_KEYS, f"{role}: keys must be among {sorted(ENDPOINT_KEYS)}")
-            check(e.get("backend", "local") in ("local", "openai") and bool(e.get("model")), f"{role}: backend local|openai and a model")
+            check(isinstance(e, dict), f"{role}: expected a mapping of {sorted(EndpointParams.__dataclass_fields__)}")
+            try:
+                setattr(self, f"{role}_endpoint", params_from_dict(EndpointParams, e, role))
+            except StageError as err:
+                raise ValueError(str(err)) from None
 
 
 # ---------------------------------------------------------------- validation loss
@@ -136,7 +177,7 @@ def read_eval_set(name: str, spec: dict) -> list[dict]:
 
 def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
     """Fill preference, verdicts and order in each row (reference and answer already set)."""
-    from stages.lib.judging.judge import combine, judge_prompt, parse_verdict, preference, student_first
+    from stages.lib.judging.judge import combine, pairwise_judge_prompt, parse_verdict, preference, student_first
 
     todo, prompts = [], []
     for r in rows:
@@ -151,7 +192,7 @@ def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
         for o in orders:
             pair = (r["reference"], r["answer"]) if o == "ref_first" else (r["answer"], r["reference"])
             todo.append((r, o))
-            prompts.append(judge_prompt(q, *pair))
+            prompts.append(pairwise_judge_prompt(q, *pair))
     for (r, o), rec in zip(todo, ask_judge(prompts) if prompts else []):
         r[f"verdict_{o}"] = parse_verdict(rec["text"] if rec else None)
     for r in rows:
@@ -204,18 +245,18 @@ def make_sessions(p: EvaluateParams, cache):
     cache for all, one loaded model per distinct endpoint."""
     from stages.lib.llm.teacher import TeacherSession, make_backend
 
-    endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat"},
-                 "teacher": {"prompt_form": "chat", **p.teacher}, "judge": {"prompt_form": "chat", **p.judge}}
+    endpoints = {"student": EndpointParams("local", p.model), "teacher": p.teacher_endpoint, "judge": p.judge_endpoint}
     made: dict[tuple, TeacherSession] = {}
 
     def session(role: str):
         e = endpoints[role]
-        key = (e["backend"], e["model"], e.get("base_url"), e["prompt_form"])
+        key = (e.backend, e.model, e.base_url, e.prompt_form, json.dumps(e.extra_body, sort_keys=True), e.model_family,
+               e.reasoning_budget)
         if key not in made:
-            made[key] = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"),
-                                                                 p.batch_size), cache)
+            made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size,
+                                                                 options=e.options()), cache)
         s = made[key]
-        return lambda prompts, sampling: s.ask(prompts, sampling, e["prompt_form"])
+        return lambda prompts, sampling: s.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
 
     return session, made
 
@@ -232,7 +273,11 @@ def main() -> None:
         base = score(p.base_model, data, p.batch_size)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     sessions, made = make_sessions(p, ResponseCache(p.cache_dir, store=TeacherStore(store_dir(p.teacher_store))))
-    df, per_set = evaluate_sets(p, sessions)
+    try:
+        df, per_set = evaluate_sets(p, sessions)
+    except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too
+        write_json("metrics/eval.json", {**metrics, "error": str(stop)})
+        raise
     with atomic_dir(p.out_dir) as out:
         write_shards(df, out, "judgments")
     calls = {"requests": sum(s.stats.requests for s in made.values()),

@@ -17,7 +17,7 @@ import yaml
 
 from stages.lib.selection.rating import SYSTEM
 from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.test_e2e import ran, sh
+from tests.e2e import ran, sh
 from tests.test_e2e_methods import make_repo, reply
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.test_e2e import sh
+from tests.e2e import sh
 
 pytestmark = pytest.mark.e2e
 

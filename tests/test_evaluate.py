@@ -188,6 +188,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     import yaml
 
     from stages.evaluate import main
+    from stages.lib.llm.openai_api import TeacherStop
     from tests.fake_openai import FakeOpenAI, _last_user_text
     from tests.test_train import make_data
     from transformers import AutoTokenizer
@@ -202,7 +203,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     make_data(in_tmp / "data" / "tokens", AutoTokenizer.from_pretrained(tiny_model))
     write_set(in_tmp / "set.jsonl", [{"id": f"q{i}", "instruction": f"name a fruit {i}"} for i in range(3)])
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    with FakeOpenAI(reply=reply) as srv:
+    with FakeOpenAI(reply=reply, models=["judge-model"]) as srv:
         endpoint = {"backend": "openai", "model": "judge-model", "base_url": srv.base_url}
         params = {"evaluate": {"model": str(tiny_model), "base_model": None, "max_new_tokens": 4,
                                "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint}}
@@ -210,8 +211,17 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         main()
         calls = len(srv.requests)
         m = json.loads((in_tmp / "metrics/eval.json").read_text())
-        main()  # everything cached: no request
-        assert len(srv.requests) == calls == 3 + 2 * 3
+        main()  # everything cached: no request, not even the endpoint check
+        assert len(srv.requests) == calls == 1 + 3 + 2 * 3
+        assert srv.requests[0]["path"] == "/v1/models/judge-model"  # checked once, before the first paid request
+        # a misspelt judge: the stage stops with the server's words, in its error and its metrics
+        params["evaluate"]["judge"] = {**endpoint, "model": "judge-modle"}
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        with pytest.raises(TeacherStop, match="The model `judge-modle` does not exist"):
+            main()
+        assert "The model `judge-modle` does not exist" in json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        params["evaluate"]["judge"] = endpoint
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)
     s = m["judge"]["s"]
     assert (s["n"], s["wins"], s["win_rate"], s["standard_error"], s["position_flip_rate"]) == (3, 3, 100.0, 0.0, 0.0)

@@ -192,6 +192,7 @@ def test_first_step_is_the_same_for_8x1_and_1x8(tmp_path, tiny_model, packing):
         assert data.index[:, 1].max() < 80 and s1["padding_efficiency"] > 0.85
 
 
+@pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     """Kill -9 a run mid-way, rerun: it resumes from the last checkpoint (model, optimizer, RNG,
     data position) and its loss sequence equals an uninterrupted run's."""
