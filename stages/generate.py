@@ -3,8 +3,12 @@
 * `alpaca`: Alpaca's single prompt; the teacher continues a numbered list of
   instruction / input / output tasks (below);
 * `self_instruct`: self-instruct's four steps with a growing pool (`stages/self_instruct.py`);
-* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`).
-All three share the teacher client, the response cache, the metrics and the output schema.
+* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`);
+* `evol_instruct`: WizardLM's in-depth and in-breadth evolution of seed (or generated) instructions,
+  with its elimination rules (`stages/lib/generation/evol_instruct.py`);
+* `magpie`: the teacher writes the user query from its own chat template's pre-query
+  (`stages/lib/generation/magpie.py`; local backend or a completion endpoint).
+All share the teacher client, the response cache, the metrics and the output schema.
 
 Alpaca method: request i shows the teacher k seed tasks sampled with `Random(f"{seed}:{i}")` (so
 adding requests never changes earlier prompts, and the cache still answers them) in
@@ -30,6 +34,8 @@ from stages.lib.common import (StageError, atomic_dir, check, convert_fields, lo
                                set_threads, write_json, write_shards)
 from stages.lib.formats import read_prompts
 from stages.lib.generation.chat import clean
+from stages.lib.generation.evol_instruct import EvolParams
+from stages.lib.generation.magpie import MagpieParams
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
 from stages.lib.llm.openai_api import FAMILIES, RequestOptions, TeacherStop
@@ -38,7 +44,7 @@ from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make
 from stages.lib.text.clean import read_text
 from stages.lib.text.rules import RuleParams
 
-METHODS = ("alpaca", "self_instruct", "responses")
+METHODS = ("alpaca", "self_instruct", "responses", "evol_instruct", "magpie")
 
 
 @dataclass
@@ -61,7 +67,8 @@ PRICES = {
 @dataclass
 class GenerateParams:
     method: str = "alpaca"
-    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)."""
+    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)
+    | evol_instruct (WizardLM evolution of instructions) | magpie (the teacher writes the queries)."""
     backend: str = "local"
     """Teacher backend: `local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint)."""
     model: str = "models/teacher"
@@ -137,6 +144,10 @@ class GenerateParams:
     `filter.min_words`, `filter.max_words` and `filter.blacklist`."""
     responses: ResponsesParams = field(default_factory=ResponsesParams)
     """Method responses."""
+    evol_instruct: EvolParams = field(default_factory=EvolParams)
+    """Method evol_instruct."""
+    magpie: MagpieParams = field(default_factory=MagpieParams)
+    """Method magpie."""
 
     def __post_init__(self):
         convert_fields(self, "generate")
@@ -319,7 +330,7 @@ def run_method(p: GenerateParams, session: TeacherSession, seeds: list[dict], sa
                rules: RuleParams | None = None):
     """Ask the teacher by `p.method`; returns (task rows, dropped rows) and fills `steps` with per-step metrics.
     `rules`: filter's rule params for self-instruct's bootstrap."""
-    from stages.lib.generation import responses, self_instruct
+    from stages.lib.generation import evol_instruct, magpie, responses, self_instruct
 
     if p.method == "alpaca":
         header = read_text(p.prompt_file)
@@ -332,6 +343,25 @@ def run_method(p: GenerateParams, session: TeacherSession, seeds: list[dict], sa
         tasks, unparsed, got = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.self_instruct, p.seed,
                                                  p.prompt_form, rules)
         steps.update(got)
+        return tasks, unparsed
+    if p.method == "evol_instruct":
+        unparsed = []
+        if p.evol_instruct.prompts == "seeds":
+            pool = [{"id": s["id"], "instruction": s["instruction"], "input": s["instances"][0]["input"]}
+                    for s in seeds[: p.num_requests]]
+        elif p.evol_instruct.prompts == "bootstrap":
+            machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
+                                                                          sampling, p.self_instruct, p.seed, p.prompt_form, rules)
+            pool = [{"id": m["id"], "instruction": m["instruction"], "input": ""} for m in machine]
+        else:
+            pool = [{"id": f"{p.evol_instruct.prompts}:{i + 1}", **x} for i, x in enumerate(read_prompts(p.evol_instruct.prompts,
+                                                                                                  p.num_requests))]
+        tasks, drops, steps["evol_instruct"] = evol_instruct.run(session.ask, pool, p.evol_instruct, sampling, p.prompt_form,
+                                                                 p.seed)
+        return tasks, unparsed + drops
+    if p.method == "magpie":
+        tok = magpie.load_tokenizer(p.magpie.tokenizer or p.model)
+        tasks, unparsed, steps["magpie"] = magpie.run(session.ask, tok, p.num_requests, p.magpie, sampling)
         return tasks, unparsed
     if p.responses.prompts == "bootstrap":
         machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
@@ -371,10 +401,12 @@ def call_metrics(session: TeacherSession, price) -> dict:
 
 
 def main() -> None:
-    from stages.lib.generation import self_instruct
+    from stages.lib.generation import evol_instruct, magpie, self_instruct
     from stages.lib.llm.openai_api import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
+    if p.method == "magpie":
+        magpie.check_endpoint(p.backend, p.prompt_form)  # before anything is loaded or paid
     rules = load_params(RuleParams, "filter", only_own_keys=True)  # self-instruct's bootstrap filters as `filter` does
     set_threads()
     seeds = read_shards(paths.SEEDS).to_dicts()
@@ -424,8 +456,10 @@ def main() -> None:
                          f"(more than max_failure_rate={p.max_failure_rate}); rerun to retry only those"
                          + (f"; the server said: {said}" if said else ""))
     with atomic_dir(paths.GENERATED) as tmp:
-        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
-        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
+        extra = {"evol_instruct": evol_instruct.EXTRA_COLUMNS, "magpie": magpie.EXTRA_COLUMNS}.get(p.method, {})
+        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA | extra), tmp, "tasks", p.rows_per_shard)
+        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA | (extra if p.method == "evol_instruct" else {})),
+                     tmp, "unparsed", p.rows_per_shard)
     log(f"generate ({p.method}): {len(tasks)} tasks, {len(unparsed)} dropped {errors}; {stats.teacher_calls} teacher "
         f"calls, {stats.cache_hits} cache hits, {stats.failed} failed")
 

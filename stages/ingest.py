@@ -25,6 +25,7 @@ counted with its reason (datatrove style: pure steps, stats and drop reasons):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,10 @@ def read_source(name: str, src: SourceParams, generated: list[dict] | None = Non
     message over `max_chars` are reported as `too_long` (`stages.lib.formats.records`); `stats` counts both."""
     fmt, licence = src.format, src.licence
     if fmt == "generated":
-        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], paths.FILTERED
+        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], paths.SELECTED
+        # a multi-turn generated row (magpie turns > 1) carries its whole conversation
+        items = [(pos, {**r, "messages": json.loads(r["messages_json"])} if r.get("messages_json") else r)
+                 for pos, r in items]
     else:
         path = Path(src.path)
         if not path.is_file():
@@ -128,7 +132,8 @@ def read_source(name: str, src: SourceParams, generated: list[dict] | None = Non
     convs, bad = [], []
     for pos, rec in items:
         try:
-            for k, (oid, msgs) in enumerate(to_messages(rec, fmt, src.answers)):
+            kind = "messages" if fmt == "generated" and isinstance(rec, dict) and "messages" in rec else fmt
+            for k, (oid, msgs) in enumerate(to_messages(rec, kind, src.answers)):
                 oid = str(oid) if oid is not None else f"{pos}-{k}"
                 convs.append({"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
                               "origin": f"{where}{pos}", "messages": msgs})
@@ -375,7 +380,7 @@ def main() -> None:
     p = load_params(IngestParams, "ingest")
     generated = None
     if any(p.sources[s].format == "generated" for s in p.mixtures[p.mixture]):
-        generated = read_shards(paths.FILTERED, "kept").to_dicts()
+        generated = read_shards(paths.SELECTED, "kept").to_dicts()
     eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
     rows, dropped, metrics = build(p, generated, eval_sets)
     for b in (d for d in dropped if d["step"] == "read"):

@@ -3,7 +3,7 @@
 What the teacher produced and what the filters kept, as self-instruct and Alpaca judged their
 data: the verb-noun structure of the kept instructions (spaCy dependency parse), their max
 ROUGE-L against the seeds, filter scores around the threshold, lengths in student tokens, the
-filter funnel, ingest sources and languages, tokens lost to splitting, teacher spend, training
+filter funnel, the selection's score distribution and cut, ingest sources and languages, tokens lost to splitting, teacher spend, training
 curves, the judge's win rate, and 20 random kept and rejected examples with their reasons.
 
 The stage first writes every figure's numbers as small CSV series (plus `summary.json`) to
@@ -38,7 +38,7 @@ from stages.lib.common import StageError, atomic_dir, atomic_file, check, load_p
 from stages.lib.report.page import render, render_compare
 
 SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in rd.LENGTH_FIELDS), "funnel",
-          "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
+          "selection", "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
 """Series files `{name}.csv` in `series_dir`, one per figure (training: every dvclive series by step)."""
 
 
@@ -100,6 +100,7 @@ def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: 
             near_duplicate=[r["rouge_max"] for r in scored if r["reason"] == "near_duplicate"]),
         **{f"lengths_{f}": rd.histogram(v, rd.length_edges(v, p.length_bins)) for f, v in lengths.items()},
         "funnel": rd.funnel(fm),
+        "selection": rd.selection(metrics.get("select", {})),
         "ingest_sources": rd.ingest_sources(metrics["ingest"]),
         "languages": rd.languages([rd.language_of(c["messages"]) for c in convs], lang_drops),
         "splitting": rd.splitting(metrics["tokenize"]),
@@ -112,6 +113,8 @@ def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: 
         "rouge_threshold": threshold, "rouge_seeds_mean": round(float(seeds_score.mean()), 4) if len(kept) else None,
         "share_with_input": round(len(lengths["input"]) / len(kept), 4) if kept else 0.0,
         "mixture": metrics["ingest"].get("mixture", ""), "judge": bool(tables["judge"]),
+        "select_score": metrics.get("select", {}).get("score"), "select_cut": metrics.get("select", {}).get("cut"),
+        "select_policy": metrics.get("select", {}).get("policy"), "select_kept": metrics.get("select", {}).get("kept"),
         "val_loss": em.get("val_loss"), "base_val_loss": em.get("base_val_loss"),
     }
     return tables, summary
@@ -125,7 +128,7 @@ def samples(p: ReportParams, kept: list[dict], rejected: list[dict]) -> tuple[li
 # ---------------------------------------------------------------- series files
 
 
-EMPTY_COLUMNS = {"training": ["step"],
+EMPTY_COLUMNS = {"training": ["step"], "selection": ["bin_start", "bin_end", "kept", "rejected"],
                  "judge": ["eval_set", "win_rate", "standard_error", "low", "high", "n", *rd.JUDGE_EXTRA]}
 """Header of a series with no rows (no training metrics, no judge): DVC's plots still find their fields."""
 
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers import AutoTokenizer
 
-    metrics = {k: _json(paths.metrics(s)) for k, s in (("generate", "generate"), ("filter", "filter"), ("ingest", "ingest"),
+    metrics = {k: _json(paths.metrics(s)) for k, s in (("generate", "generate"), ("filter", "filter"), ("select", "select"), ("ingest", "ingest"),
                                                          ("tokenize", "tokenize"), ("eval", "evaluate"))}
     for k in ("generate", "filter", "ingest", "tokenize"):
         if not metrics[k]:

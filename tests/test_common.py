@@ -144,7 +144,7 @@ def test_every_stage_params_default_matches_params_yaml():
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"), ("generate", "GenerateParams"),
-                         ("filter", "FilterParams"), ("ingest", "IngestParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
+                         ("filter", "FilterParams"), ("select", "SelectParams"), ("ingest", "IngestParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
                          ("evaluate", "EvaluateParams"), ("report", "ReportParams")]:
         klass = getattr(importlib.import_module(f"stages.{section}"), cls)
         assert load_params(klass, section, ROOT / "params.yaml") == klass(), section

@@ -18,6 +18,10 @@ TEACHER_CACHE = "data/teacher_cache"
 """Content-addressed teacher responses (append-only, persist output; no stage depends on it)."""
 FILTERED = "data/filtered"
 """Kept (`kept-*.parquet`) and rejected (`rejected-*.parquet`) tasks."""
+SELECTED = "data/selected"
+"""The selected tasks (`kept-*.parquet`, what ingest reads) and the rest (`rejected-*.parquet`), with scores."""
+SELECT_CACHE = "data/select_cache"
+"""Content-addressed judge ratings of `select` (append-only, persist output)."""
 CONVERSATIONS = "data/conversations"
 """The mixture's conversations (`conversations-*.parquet`) and the drops (`dropped-*.parquet`)."""
 TOKENS = "data/tokens"
@@ -48,6 +52,7 @@ OUTPUTS: dict[str, list[str]] = {
     "teacher_model": [TEACHER],
     "generate": [GENERATED, TEACHER_CACHE, metrics("generate")],
     "filter": [FILTERED, metrics("filter")],
+    "select": [SELECTED, SELECT_CACHE, metrics("select")],
     "ingest": [CONVERSATIONS, metrics("ingest")],
     "tokenize": [TOKENS, metrics("tokenize")],
     "train": [STUDENT, TRAIN_LOG],
@@ -61,11 +66,12 @@ INPUTS: dict[str, list[str]] = {
     "teacher_model": [],
     "generate": [SEEDS, TEACHER],
     "filter": [SEEDS, GENERATED],
-    "ingest": [FILTERED],
+    "select": [FILTERED, TEACHER],
+    "ingest": [SELECTED],
     "tokenize": [CONVERSATIONS, TEACHER],
     "train": [TOKENS, TEACHER],
     "evaluate": [TOKENS, STUDENT, TEACHER],
-    "report": [SEEDS, FILTERED, CONVERSATIONS, TEACHER, metrics("generate"), metrics("filter"), metrics("ingest"),
+    "report": [SEEDS, FILTERED, SELECTED, CONVERSATIONS, TEACHER, metrics("generate"), metrics("filter"), metrics("select"), metrics("ingest"),
                metrics("tokenize"), TRAIN_LOG, metrics("evaluate")],
 }
 """Which other stages' outputs each DVC stage reads (its data deps in dvc.yaml, besides `seeds/` files)."""

@@ -45,6 +45,28 @@ def render_prompt(instruction: str, input: str, template: str, tok=None) -> str:
 # ---------------------------------------------------------------- conversations
 
 
+def encode_example(instruction: str, input: str, output: str, template: str, tok) -> tuple[list[int], list[int]]:
+    """Token ids of (prompt, response); the response ends with the tokenizer's EOS token.
+
+    The two parts are tokenized separately, so the prompt ids are exactly what the
+    student is fed at inference time and the loss mask boundary is exact.
+    """
+    prompt = render_prompt(instruction, input, template, tok)
+    if template == "chat":
+        msgs = [{"role": "user", "content": user_message(instruction, input)}, {"role": "assistant", "content": output}]
+        full = tok.apply_chat_template(msgs, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("chat template: the full conversation does not start with the generation prompt")
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tok(full[len(prompt) :].rstrip("\n"), add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        response_ids = tok(output, add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] != tok.eos_token_id:
+        response_ids = response_ids + [tok.eos_token_id]
+    return prompt_ids, response_ids
+
+
 def conversation_segments(messages: list[dict], template: str, tok) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) segments, in order; concatenated, they are
     exactly the rendered text. Trained: each assistant turn with its end-of-turn marker.
