@@ -97,10 +97,10 @@ def main() -> None:
         if a.synthetic:
             data = f"{tmp}/tokens"
             synthetic_tokens(Path(data), AutoTokenizer.from_pretrained(a.model), a.synthetic, a.seq_len)
-        p = TrainParams(base_model=a.model, method=a.method, max_steps=a.steps, batch_size=a.batch_size,
+        p = TrainParams(method=a.method, max_steps=a.steps, batch_size=a.batch_size,
                         packing=True, mixed_precision="auto", warmup_ratio=0.0, checkpoint_every=0,
                         gradient_checkpointing=a.gradient_checkpointing, out_dir=f"{tmp}/student", log_dir=f"{tmp}/log")
-        summary = train(p, data)
+        summary = train(p, data, student=a.model)
         rows = (Path(tmp) / "log/plots/metrics/tokens_per_s.tsv").read_text().splitlines()[1:]
         per_step = [float(r.split("\t")[1]) for r in rows][a.warmup_steps:] or [summary["tokens_per_s"]]
         width = json.loads((Path(data) / "meta.json").read_text()).get("max_seq_len", a.seq_len)

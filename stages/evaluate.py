@@ -24,7 +24,9 @@ import polars as pl
 
 from stages.lib.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
                            write_json, write_shards)
+from stages.lib.student import load_student
 from stages.lib.tokens.arrays import TokenSplit, collate, masked_loss_sum
+from stages.lib.training.precision import resolve_dtype
 
 ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
 
@@ -33,8 +35,13 @@ ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
 class EvaluateParams:
     model: str = "models/student"
     """Checkpoint to evaluate."""
-    base_model: str | None = "models/teacher"
-    """Also score this model's validation loss for comparison (null: skip)."""
+    score_base: bool = True
+    """Also score the validation loss of the student's base model (`student.model`) for comparison."""
+    dtype: str = "auto"
+    """Weights dtype of the student and base model: `auto` (bfloat16 on a GPU that has it, else
+    float32), `float32`, `bfloat16` or `float16`."""
+    device: str = "auto"
+    """Where they run: `auto` (cuda, then mps, else cpu), `cpu`, `cuda`, `cuda:1`, `mps`."""
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
     sets: dict = field(default_factory=lambda: {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "reference": "teacher"}})
@@ -65,6 +72,7 @@ class EvaluateParams:
         check(self.batch_size >= 1, "batch_size: must be >= 1")
         check(self.max_new_tokens >= 1 and self.judge_max_new_tokens >= 1, "max_new_tokens: must be >= 1")
         check(self.temperature >= 0, "temperature: must be >= 0")
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown {self.dtype!r}")
         check(self.judge_order in ("random", "both"), f"judge_order: expected random or both, got {self.judge_order!r}")
         for name, s in self.sets.items():
             check(isinstance(s, dict) and isinstance(s.get("path"), str), f"sets.{name}: needs a path")
@@ -94,10 +102,10 @@ def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[floa
     return (total / count if count else None), count
 
 
-def score(path: str, data: TokenSplit, batch_size: int) -> dict:
+def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", device: str = "auto") -> dict:
     from stages.lib.llm.local import load_model
 
-    model, tok = load_model(path)
+    model, tok = load_model(path, dtype, device)
     loss, n = validation_loss(model, tok, data, batch_size)
     if loss is None:
         log(f"evaluate: the validation split is empty, no loss for {path}")
@@ -197,21 +205,21 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     return df, metrics
 
 
-def make_sessions(p: EvaluateParams, cache):
+def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
     """role -> ask(prompts, sampling): the student locally, teacher and judge as configured; one
     cache for all, one loaded model per distinct endpoint."""
     from stages.lib.llm.teacher import TeacherSession, make_backend
 
-    endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat"},
+    endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat", "dtype": dtype},
                  "teacher": {"prompt_form": "chat", **p.teacher}, "judge": {"prompt_form": "chat", **p.judge}}
     made: dict[tuple, TeacherSession] = {}
 
     def session(role: str):
         e = endpoints[role]
-        key = (e["backend"], e["model"], e.get("base_url"), e["prompt_form"])
+        key = (e["backend"], e["model"], e.get("base_url"), e["prompt_form"], e.get("dtype"))
         if key not in made:
             made[key] = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"),
-                                                                 p.batch_size), cache)
+                                                                 p.batch_size, e.get("dtype", "float32")), cache)
         s = made[key]
         return lambda prompts, sampling: s.ask(prompts, sampling, e["prompt_form"])
 
@@ -224,11 +232,12 @@ def main() -> None:
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
     data = TokenSplit("data/tokens", "val")
-    metrics = score(p.model, data, p.batch_size)
-    if p.base_model:
-        base = score(p.base_model, data, p.batch_size)
+    dtype = resolve_dtype(p.dtype, p.device)
+    metrics = score(p.model, data, p.batch_size, dtype, p.device)
+    if p.score_base:
+        base = score(load_student().model, data, p.batch_size, dtype, p.device)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(p.cache_dir))
+    sessions, made = make_sessions(p, ResponseCache(p.cache_dir), dtype)
     df, per_set = evaluate_sets(p, sessions)
     with atomic_dir(p.out_dir) as out:
         write_shards(df, out, "judgments")

