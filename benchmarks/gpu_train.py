@@ -98,7 +98,7 @@ def main() -> None:
             data = f"{tmp}/tokens"
             synthetic_tokens(Path(data), AutoTokenizer.from_pretrained(a.model), a.synthetic, a.seq_len)
         p = TrainParams(method=a.method, max_steps=a.steps, batch_size=a.batch_size,
-                        packing=True, mixed_precision="auto", warmup_ratio=0.0, checkpoint_every=0,
+                        packing=True, dtype="auto", warmup_ratio=0.0, checkpoint_every=0,
                         gradient_checkpointing=a.gradient_checkpointing, out_dir=f"{tmp}/student", log_dir=f"{tmp}/log")
         summary = train(p, data, student=a.model)
         rows = (Path(tmp) / "log/plots/metrics/tokens_per_s.tsv").read_text().splitlines()[1:]

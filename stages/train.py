@@ -24,6 +24,7 @@ import numpy as np
 
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 from stages.lib.student import load_student
+from stages.lib.training.precision import DTYPES, resolve_dtype, torch_dtype
 from stages.lib.tokens.templates import export_tokenizer
 from stages.lib.tokens.arrays import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
 
@@ -31,7 +32,8 @@ from stages.lib.tokens.arrays import TokenSplit, collate, collate_packed, masked
 @dataclass
 class TrainParams:
     method: str = "lora"
-    """`lora` (peft adapters, merged at the end) or `full` fine-tuning."""
+    """`lora` (peft adapters over the frozen base, merged at the end), `qlora` (LoRA over a 4-bit NF4
+    base; needs `bitsandbytes` and a CUDA GPU; single process or DDP) or `full` fine-tuning."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -58,9 +60,11 @@ class TrainParams:
     """`cosine`, `linear` or `constant` after warm-up."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
-    mixed_precision: str = "auto"
-    """`auto` (bf16 on a GPU that supports it, else full float32), `no`, `bf16` or `fp16`; master
-    weights and optimizer state stay float32 either way."""
+    dtype: str = "auto"
+    """Training dtype: `auto` (bfloat16 on a GPU that has it, float32 on the CPU), `float32`,
+    `bfloat16` or `float16`. Compute runs under autocast in it; LoRA loads the frozen base in it and
+    keeps float32 adapters; full fine-tuning keeps float32 master weights and optimizer state. The
+    student is saved in it (recorded in the model card and config.json)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory on long sequences."""
     packing: bool = False
@@ -85,13 +89,13 @@ class TrainParams:
     when params and data are unchanged, and it is removed when training completes."""
 
     def __post_init__(self):
-        check(self.method in ("lora", "full"), f"method: expected lora or full, got {self.method!r}")
+        check(self.method in ("lora", "qlora", "full"), f"method: expected lora, qlora or full, got {self.method!r}")
         check(self.max_steps > 0 or self.epochs > 0, "set max_steps > 0 or epochs > 0")
         check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum: must be >= 1")
         check(self.learning_rate > 0, "learning_rate: must be > 0")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio: must be in [0, 1)")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
-        check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
+        check(self.dtype in DTYPES, f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
 
@@ -189,7 +193,7 @@ def lineage(lock_path: str = "dvc.lock") -> list[tuple[str, str, str]]:
     return rows
 
 
-def model_card(p: TrainParams, student: str, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
+def model_card(p: TrainParams, student: str, dtype: str, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
     """README.md for the student: what it is, how it was made, and the hashes from seeds to weights."""
     table = "\n".join(f"| `{s}` | `{o}` | `{h}` |" for s, o, h in lines) or "| (no dvc.lock found) | | |"
     params = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(asdict(p).items()))
@@ -203,6 +207,7 @@ tags: [stillhouse, distillation, {p.method}]
 
 Fine-tuned from `{student}` ({p.method}) on {n_examples} teacher-written examples
 ({n_tokens} tokens, template `{meta.get("template")}`, max length {meta.get("max_seq_len")}).
+Weights dtype: `{dtype}` (the dtype it was trained in).
 The tokenizer's chat template is the training template, so `apply_chat_template` gives the
 model its training format; try it with `python -m stages.tools.chat --model <this folder>`.
 
@@ -233,21 +238,55 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def build_model(p: TrainParams, student: str):
+def load_kwargs(p: TrainParams, dtype: str, device_index: int | None = None) -> dict:
+    """`from_pretrained` arguments: full fine-tuning loads float32 master weights (compute runs under
+    autocast); LoRA loads the frozen base in the training dtype; QLoRA quantises it to 4-bit NF4
+    (bitsandbytes) with compute in the training dtype."""
+    import importlib.util
+
+    import torch
+
+    if p.method == "full":
+        return {"dtype": torch.float32}
+    if p.method == "lora":
+        return {"dtype": torch_dtype(dtype)}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise StageError("train.method=qlora needs the `bitsandbytes` package (and a CUDA GPU): pip install "
+                         "bitsandbytes, or use method=lora (a bf16 base on a 24 GB GPU fits models up to ~8B)")
+    if not torch.cuda.is_available():
+        raise StageError("train.method=qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method=lora on the CPU")
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch_dtype(dtype))
+    return {"dtype": torch_dtype(dtype), "quantization_config": q, "device_map": {"": device_index or 0}}
+
+
+def build_model(p: TrainParams, student: str, dtype: str = "float32", device_index: int | None = None):
+    """The student to train: full (float32 master weights) or wrapped in LoRA adapters, which are
+    float32 whatever the dtype of the frozen base."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(student, **load_kwargs(p, dtype, device_index))
+    if p.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA), FSDP and no_sync
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if p.method == "lora":
+    if p.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                          target_modules=p.lora_target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
+        for x in model.parameters():
+            if x.requires_grad:
+                x.data = x.data.float()  # adapters (and their Adam state) in float32 over a bf16 / 4-bit base
     return model
 
 
@@ -269,16 +308,11 @@ def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc) -> float
     return total / max(1, count)
 
 
-def resolve_precision(setting: str) -> str:
-    """`auto` becomes bf16 on a CUDA device with bf16 support, else `no`."""
-    import torch
-
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+AUTOCAST = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+"""accelerate's `mixed_precision` for each training dtype."""
 
 
-def export_model(acc, model, p: TrainParams, student: str):
+def export_model(acc, model, p: TrainParams, student: str, dtype: str):
     """The trained student as a plain transformers model on the main process (None elsewhere), and
     its LoRA adapter state. Every process must call this: under FSDP the full weights are gathered
     from the shards (`get_state_dict`) and loaded into a fresh copy on the CPU before merging;
@@ -290,13 +324,29 @@ def export_model(acc, model, p: TrainParams, student: str):
         return None
     model = acc.unwrap_model(model)
     if state is not None:
-        model = rebuild(p, student, state)
+        model = rebuild(p, student, dtype, state)
     return model
 
 
-def rebuild(p: TrainParams, student: str, state: dict):
+def merged(model, p: TrainParams, student: str, dtype: str):
+    """The LoRA student with its adapters merged into plain weights. A QLoRA base is 4-bit: the adapters
+    are merged into the base reloaded in the training dtype instead (the 4-bit rounding is not saved)."""
+    if p.method == "lora":
+        return model.merge_and_unload()
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        base = AutoModelForCausalLM.from_pretrained(student, dtype=torch_dtype(dtype))
+        return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+
+
+def rebuild(p: TrainParams, student: str, dtype: str, state: dict):
     """A fresh student (same LoRA wrapping) on the CPU holding a gathered full state dict."""
-    model = build_model(p, student)
+    model = build_model(p, student, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embed_tokens) may be absent from a gathered state dict
     missing = [k for k in missing if "lm_head" not in k]
@@ -314,7 +364,11 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
 
     from stages.lib.tokens.arrays import tokenizer_id
 
-    acc = Accelerator(mixed_precision=resolve_precision(p.mixed_precision))
+    from accelerate.state import AcceleratorState
+
+    dtype = resolve_dtype(p.dtype)
+    AcceleratorState._reset_state()  # a second run in one process (tests, benchmarks) may use another precision
+    acc = Accelerator(mixed_precision=AUTOCAST[dtype])
     torch.manual_seed(p.seed)
     data = TokenSplit(data_dir, "train")
     val = TokenSplit(data_dir, "val")
@@ -325,9 +379,11 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
         raise StageError(f"student.model {student!r} has a different tokenizer than the one {data_dir} was tokenized "
                          f"with ({data.meta['tokenizer']!r}): rerun tokenize (`dvc repro` does)")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = build_model(p, student)
+    model = build_model(p, student, dtype, acc.local_process_index if acc.device.type == "cuda" else None)
     params = [x for x in model.parameters() if x.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
+    if p.method == "qlora" and acc.distributed_type.value == "FSDP":
+        raise StageError("train.method=qlora runs in one process or under DDP, not FSDP: use configs/accelerate/ddp.yaml")
     model, opt = acc.prepare(model, opt)
     model.train()
     per_step = p.batch_size * p.grad_accum * acc.num_processes
@@ -417,17 +473,17 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
         for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb"):
             live.summary[k] = summary[k]
     acc.wait_for_everyone()
-    model = export_model(acc, model, p, student)
+    model = export_model(acc, model, p, student, dtype)
     if acc.is_main_process:
         with atomic_dir(p.out_dir) as out:
-            if p.method == "lora":
+            if p.method in ("lora", "qlora"):
                 model.save_pretrained(out / "adapter")
-                model = model.merge_and_unload()
-            model.save_pretrained(out, safe_serialization=True)
+                model = merged(model, p, student, dtype)
+            model.to(torch_dtype(dtype)).save_pretrained(out, safe_serialization=True)  # in the dtype it was trained in
             export_tokenizer(tok, data.meta.get("template", "chat")).save_pretrained(out)
-            (out / "README.md").write_text(model_card(p, student, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
+            (out / "README.md").write_text(model_card(p, student, dtype, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
             # no timings here: the checkpoint dir should depend only on params and data
-            (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "data": data.meta}, indent=2, sort_keys=True))
+            (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "dtype": dtype, "data": data.meta}, indent=2, sort_keys=True))
         live.end()
         import shutil
 

@@ -55,7 +55,9 @@ def test_batches_cover_each_epoch_and_are_seeded():
 
 def test_params_are_checked():
     with pytest.raises(ValueError):
-        TrainParams(method="qlora")
+        TrainParams(method="dora")
+    with pytest.raises(ValueError):
+        TrainParams(dtype="bf16")
     with pytest.raises(ValueError):
         TrainParams(max_steps=0, epochs=0)
 
@@ -257,7 +259,7 @@ def test_model_card_carries_the_lineage(tmp_path, tiny_model):
         "train": {"outs": [{"path": "models/student", "md5": "ccc.dir"}]}}}))
     rows = lineage(str(lock))
     assert rows == [("seeds", "data/seeds", "aaa.dir"), ("tokenize", "data/tokens", "bbb.dir")]
-    card = model_card(TrainParams(), "models/teacher", {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
+    card = model_card(TrainParams(), "models/teacher", "float32", {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
     assert "| `seeds` | `data/seeds` | `aaa.dir` |" in card and "tid" in card and card.startswith("---\nbase_model:")
     assert lineage(str(tmp_path / "missing.lock")) == []
     # the trained student folder has its card
@@ -299,3 +301,65 @@ def test_validation_loss_is_logged_and_leaves_training_alone(tmp_path, tiny_mode
     vals = [float(r.split("\t")[1]) for r in rows]
     assert steps == [3, 7, 9] and all(math.isfinite(v) for v in vals) and vals[-1] < vals[0]
     assert not (tmp_path / "log-noval" / "plots/metrics/val_loss.tsv").exists()
+
+
+# ---------------------------------------------------------------- bf16
+
+
+def test_lora_loads_a_bf16_base_with_float32_adapters(tiny_model):
+    from stages.train import build_model
+
+    model = build_model(TrainParams(method="lora", lora_r=4), str(tiny_model), "bfloat16")
+    frozen = {x.dtype for x in model.parameters() if not x.requires_grad}
+    trained = {x.dtype for x in model.parameters() if x.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    full = build_model(TrainParams(method="full"), str(tiny_model), "bfloat16")
+    assert {x.dtype for x in full.parameters()} == {torch.float32}  # master weights; compute under autocast
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bf16_training_saves_a_bf16_student_with_its_dtype_on_the_card(tmp_path, tiny_model, method):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok)
+    summary, p = run_train(tmp_path, tiny_model, method, method=method, dtype="bfloat16", max_steps=3, batch_size=2,
+                           lora_r=4, learning_rate=1e-2)
+    assert all(math.isfinite(x) for x in summary["losses"])
+    weights = load_file(f"{p.out_dir}/model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / method / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "Weights dtype: `bfloat16`" in (tmp_path / method / "README.md").read_text()
+    if method == "lora":
+        adapter = load_file(f"{p.out_dir}/adapter/adapter_model.safetensors")
+        assert {t.dtype for t in adapter.values()} == {torch.float32}
+    # evaluate loads it in bf16 on the CPU, and the loss agrees with a float32 load
+    model = AutoModelForCausalLM.from_pretrained(p.out_dir, dtype=torch.bfloat16)
+    val = TokenSplit(tmp_path / "tokens", "val")
+    bf, _ = validation_loss(model, tok, val, 4)
+    f32, _ = validation_loss(model.float(), tok, val, 4)
+    assert bf == pytest.approx(f32, rel=0.03)
+
+
+def test_the_cpu_default_stays_float32(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from stages.lib.training.precision import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    _, p = run_train(tmp_path, tiny_model, "auto", method="full", max_steps=1)
+    assert {t.dtype for t in load_file(f"{p.out_dir}/model.safetensors").values()} == {torch.float32}
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model, monkeypatch):
+    import importlib.util
+
+    from stages.train import build_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(StageError, match="bitsandbytes"):
+        build_model(TrainParams(method="qlora"), str(tiny_model), "bfloat16")
