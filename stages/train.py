@@ -68,8 +68,20 @@ class TrainParams:
     gradient_checkpointing: bool = False
     """Trade compute for memory on long sequences."""
     packing: bool = False
-    """Bin-pack examples into rows of `tokenize.max_seq_len` tokens (block-diagonal attention, position
-    ids restart per example); `batch_size` then counts rows. Off: dynamic padding per micro-batch."""
+    """Bin-pack examples into rows of `tokenize.max_seq_len` tokens (position ids restart per example,
+    no attention across examples); `batch_size` then counts rows. Off: dynamic padding per micro-batch."""
+    packing_mask: str = "auto"
+    """How packed examples are kept apart: `position_ids` (no attention mask: transformers' packed-sequence
+    path, varlen flash attention 2, SDPA or flex attention), `dense` (a [rows, 1, L, L] block-diagonal
+    mask, memory quadratic in L: the fallback), `auto` (position_ids for transformers' own model
+    classes, dense for remote-code models)."""
+    attn_implementation: str = "auto"
+    """`auto` (flash_attention_2 on a CUDA GPU where `flash_attn` is installed and the dtype is 16-bit,
+    else the model's default, SDPA for most), `sdpa`, `flash_attention_2`, `flex_attention` or `eager`."""
+    loss_chunk_tokens: int = 0
+    """0: the plain loss over full-vocabulary float32 logits. N > 0: chunked cross-entropy over the
+    supervised tokens, N tokens' logits at a time (same loss and gradients, far less memory at a
+    large vocabulary; e.g. 2048)."""
     seed: int = 0
     """Seeds the data order, LoRA init and dropout."""
     accelerate_config: str = "configs/accelerate/single.yaml"
@@ -96,6 +108,9 @@ class TrainParams:
         check(0 <= self.warmup_ratio < 1, "warmup_ratio: must be in [0, 1)")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
         check(self.dtype in DTYPES, f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        check(self.packing_mask in ("auto", "position_ids", "dense"), f"packing_mask: unknown {self.packing_mask!r}")
+        check(self.attn_implementation in ATTENTION, f"attn_implementation: expected one of {ATTENTION}")
+        check(self.loss_chunk_tokens >= 0, "loss_chunk_tokens: must be >= 0")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
 
@@ -268,7 +283,9 @@ def build_model(p: TrainParams, student: str, dtype: str = "float32", device_ind
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(student, **load_kwargs(p, dtype, device_index))
+    attention = resolve_attention(p.attn_implementation, dtype)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(student, **load_kwargs(p, dtype, device_index), **extra)
     if p.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -290,7 +307,7 @@ def build_model(p: TrainParams, student: str, dtype: str = "float32", device_ind
     return model
 
 
-def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc) -> float:
+def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc, loss_chunk: int = 0) -> float:
     """Mean cross-entropy per supervised token of the validation split. Every process computes it
     (under FSDP each forward needs them all); dropout is off and no random state is drawn, so
     the training run is the same with or without it."""
@@ -302,10 +319,35 @@ def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc) -> float
         for i in range(0, len(val), batch_size):
             b = collate([val[j] for j in range(i, min(i + batch_size, len(val)))], pad_id)
             with acc.autocast():
-                s, n = masked_loss_sum(model, {k: v.to(acc.device) for k, v in b.items()})
+                s, n = masked_loss_sum(model, {k: v.to(acc.device) for k, v in b.items()}, loss_chunk)
             total, count = total + s.item(), count + n
     model.train()
     return total / max(1, count)
+
+
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
+
+
+def resolve_attention(setting: str, dtype: str) -> str | None:
+    """The attention implementation to ask transformers for (None: the model's default)."""
+    import importlib.util
+
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and dtype in ("bfloat16", "float16") and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return None
+
+
+def dense_packing(p: TrainParams, model) -> bool:
+    """Whether packed rows need the dense block mask: asked for, or `auto` with a model class from
+    outside transformers (remote code may ignore packed position ids)."""
+    if p.packing_mask != "auto":
+        return p.packing_mask == "dense"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not type(inner).__module__.startswith("transformers.")
 
 
 AUTOCAST = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -380,6 +422,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
                          f"with ({data.meta['tokenizer']!r}): rerun tokenize (`dvc repro` does)")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = build_model(p, student, dtype, acc.local_process_index if acc.device.type == "cuda" else None)
+    dense = dense_packing(p, model)
     params = [x for x in model.parameters() if x.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
     if p.method == "qlora" and acc.distributed_type.value == "FSDP":
@@ -392,7 +435,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
         units = pack(data.index[:, 1], width)
 
         def make(idx):
-            return collate_packed([[data[i] for i in units[u]] for u in idx], width, pad_id)
+            return collate_packed([[data[i] for i in units[u]] for u in idx], width, pad_id, dense_mask=dense)
     else:
         units = list(range(len(data)))
 
@@ -401,7 +444,8 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
     total = p.max_steps or math.ceil(p.epochs * len(units) / per_step)
     stream = batches(len(units), p.batch_size, p.seed)
     unit = "packed rows" if p.packing else "examples"
-    log(f"train: {len(data)} examples{f' in {len(units)} packed rows' if p.packing else ''}, {total} steps of "
+    layout = f" in {len(units)} packed rows ({'dense mask' if dense else 'position ids'})" if p.packing else ""
+    log(f"train: {len(data)} examples{layout}, {total} steps of "
         f"{per_step} {unit}, method={p.method}, "
         f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
     fingerprint = run_fingerprint(p, data, acc.num_processes)
@@ -433,7 +477,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
             # gradients are synchronised across processes only on the last micro-batch
             sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                loss_sum, _ = masked_loss_sum(model, b)
+                loss_sum, _ = masked_loss_sum(model, b, p.loss_chunk_tokens)
                 # DDP averages gradients over processes; scale so the result is sum / n_global.
                 acc.backward(loss_sum * acc.num_processes / max(1, n_global))
             step_loss += loss_sum.item()
@@ -452,7 +496,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
                "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
                "padding_efficiency": tokens / max(1, slots)}
         if len(val) and p.eval_every and ((step + 1) % p.eval_every == 0 or step + 1 == total):
-            row["val_loss"] = val_loss(model, val, p.batch_size, pad_id, acc)
+            row["val_loss"] = val_loss(model, val, p.batch_size, pad_id, acc, p.loss_chunk_tokens)
         history.append(row)
         if live:
             for k, v in row.items():
