@@ -82,6 +82,9 @@ class TrainParams:
     """0: the plain loss over full-vocabulary float32 logits. N > 0: chunked cross-entropy over the
     supervised tokens, N tokens' logits at a time (same loss and gradients, far less memory at a
     large vocabulary; e.g. 2048)."""
+    max_memory_gb: float = 0
+    """The memory plan's limit per process (stages/lib/training/memory.py): 0 is the GPU's memory (on
+    the CPU, the machine's RAM / processes); > 0 this many GiB; -1 prints the plan and starts anyway."""
     seed: int = 0
     """Seeds the data order, LoRA init and dropout."""
     accelerate_config: str = "configs/accelerate/single.yaml"
@@ -111,6 +114,7 @@ class TrainParams:
         check(self.packing_mask in ("auto", "position_ids", "dense"), f"packing_mask: unknown {self.packing_mask!r}")
         check(self.attn_implementation in ATTENTION, f"attn_implementation: expected one of {ATTENTION}")
         check(self.loss_chunk_tokens >= 0, "loss_chunk_tokens: must be >= 0")
+        check(self.max_memory_gb >= 0 or self.max_memory_gb == -1, "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
 
@@ -397,6 +401,43 @@ def rebuild(p: TrainParams, student: str, dtype: str, state: dict):
     return model
 
 
+def device_memory(acc) -> float:
+    """Bytes one process may use: the GPU's memory, or on the CPU the machine's RAM shared by the processes."""
+    import os
+
+    import torch
+
+    if acc.device.type == "cuda":
+        return torch.cuda.get_device_properties(acc.device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, acc.num_processes)
+
+
+def plan_memory(p: TrainParams, student: str, dtype: str, acc, seq_len: int):
+    """The memory plan of this run (per process), logged; a StageError when it exceeds the limit."""
+    import resource
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
+
+    from stages.lib.training import memory
+
+    on_gpu = acc.device.type == "cuda"
+    baseline = 1 * memory.GIB if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    plan = memory.estimate(AutoConfig.from_pretrained(student), p.method, dtype, p.batch_size, seq_len,
+                           p.gradient_checkpointing, acc.num_processes, fsdp, "adamw", p.lora_r, p.lora_target_modules,
+                           p.lora_dropout, p.loss_chunk_tokens, resolve_attention(p.attn_implementation, dtype) or "sdpa",
+                           overhead=baseline)
+    limit = p.max_memory_gb * memory.GIB if p.max_memory_gb > 0 else device_memory(acc)
+    if acc.is_main_process:
+        log(f"train: memory plan per process: {plan.table()} (limit {limit / memory.GIB:.1f} GiB)")
+    problem = memory.check(plan, limit, p.method, fsdp, acc.num_processes, p.batch_size, p.gradient_checkpointing,
+                           p.loss_chunk_tokens)
+    if problem and p.max_memory_gb != -1:
+        raise StageError(f"train: {problem}")
+    return plan
+
+
 def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dict:
     """Fine-tune `student` (a model dir or hub id: params.yaml `student.model`) on the token arrays in `data_dir`."""
     import torch
@@ -421,6 +462,8 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
         raise StageError(f"student.model {student!r} has a different tokenizer than the one {data_dir} was tokenized "
                          f"with ({data.meta['tokenizer']!r}): rerun tokenize (`dvc repro` does)")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    seq_len = int(data.meta.get("max_seq_len") or data.index[:, 1].max()) if p.packing else int(data.index[:, 1].max())
+    plan = plan_memory(p, student, dtype, acc, seq_len)
     model = build_model(p, student, dtype, acc.local_process_index if acc.device.type == "cuda" else None)
     dense = dense_packing(p, model)
     params = [x for x in model.parameters() if x.requires_grad]
@@ -512,9 +555,9 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
                "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1),
                "supervised_tokens_per_s": round(seen_supervised * acc.num_processes / seconds, 1),
                "padding_efficiency": round(seen_tokens / max(1, seen_slots), 4),
-               "peak_memory_mb": peak_memory_mb()}
+               "peak_memory_mb": peak_memory_mb(), "planned_memory_mb": round(plan.total / 2**20, 1)}
     if live:
-        for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb"):
+        for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb", "planned_memory_mb"):
             live.summary[k] = summary[k]
     acc.wait_for_everyone()
     model = export_model(acc, model, p, student, dtype)
