@@ -65,6 +65,8 @@ class EvaluateParams:
     """Length budget of a verdict."""
     cache_dir: str = "data/eval_cache"
     """Content-addressed responses of student, teacher and judge (persist output)."""
+    teacher_store: str | None = None
+    """The store outside the repository that also keeps every response (as `generate.teacher_store`)."""
     out_dir: str = "data/eval"
     """Output folder: `judgments-*.parquet`, one row per (set, prompt)."""
 
@@ -227,6 +229,7 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
 
 
 def main() -> None:
+    from stages.lib.llm.store import TeacherStore, store_dir
     from stages.lib.llm.teacher import ResponseCache
 
     p = load_params(EvaluateParams, "evaluate")
@@ -237,7 +240,7 @@ def main() -> None:
     if p.score_base:
         base = score(load_student().model, data, p.batch_size, dtype, p.device)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(p.cache_dir), dtype)
+    sessions, made = make_sessions(p, ResponseCache(p.cache_dir, store=TeacherStore(store_dir(p.teacher_store))), dtype)
     df, per_set = evaluate_sets(p, sessions)
     with atomic_dir(p.out_dir) as out:
         write_shards(df, out, "judgments")

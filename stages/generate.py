@@ -19,7 +19,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import polars as pl
 
@@ -28,7 +27,9 @@ from stages.lib.common import (StageError, atomic_dir, check, load_params, log, 
 from stages.lib.formats import read_prompts
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
+from stages.lib.llm.store import TeacherStore, store_dir
 from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
+from stages.lib.text.clean import read_text
 
 METHODS = ("alpaca", "self_instruct", "responses")
 
@@ -93,6 +94,13 @@ class GenerateParams:
     """Local backend weights dtype (bfloat16 on a GPU)."""
     cache_dir: str = "data/teacher_cache"
     """Content-addressed teacher responses; a persist DVC output no other stage depends on."""
+    teacher_store: str | None = None
+    """Absolute folder outside the repository that also keeps every response and Batch job id, so a failed
+    `dvc exp run --temp`/`--queue` loses nothing; null: $STILLHOUSE_TEACHER_STORE, else
+    $XDG_CACHE_HOME/stillhouse/teacher (docs/teacher-cache.md)."""
+    teacher_id: str | None = None
+    """Explicit teacher identity in the cache keys instead of `openai:<model>` / the local weights' hash
+    (null: those); set it to keep answers of two servers serving one model name apart."""
     out_dir: str = "data/generated"
     """Output folder: `tasks-*.parquet`, `unparsed-*.parquet`, `stats.json`."""
     rows_per_shard: int = 50_000
@@ -244,10 +252,10 @@ def main() -> None:
                        timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd, transport=p.api_transport)
     session = TeacherSession(
         lambda form: make_backend(p.backend, p.model, form, p.base_url, p.batch_size, p.dtype, limits, price),
-        ResponseCache(p.cache_dir), price, p.batch_api)
+        ResponseCache(p.cache_dir, store=TeacherStore(store_dir(p.teacher_store))), price, p.batch_api, p.teacher_id)
     steps: dict = {}
     if p.method == "alpaca":
-        header = Path(p.prompt_file).read_text(encoding="utf-8")
+        header = read_text(p.prompt_file)
         prompts, shown = build_prompts(seeds, header, p)
         records = session.ask(prompts, sampling, p.prompt_form)
         tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1)
@@ -261,7 +269,8 @@ def main() -> None:
             prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
                         "in_context_ids": m["in_context_ids"]} for m in machine]
         else:
-            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts), []
+            steps["prompt_file"] = {}  # text repaired, records over the size cap skipped
+            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts, steps["prompt_file"]), []
         tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.resp, sampling)
         unparsed += drops
     for t in tasks:

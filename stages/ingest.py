@@ -7,7 +7,9 @@ counted with its reason (datatrove style: pure steps, stats and drop reasons):
 
 1. read: ShareGPT JSON/JSONL, Alpaca JSON/JSONL, HC3 JSONL (`answers: chatgpt` or `human`),
    OpenAI-messages JSONL, and this pipeline's filtered tasks (`format: generated`); a malformed
-   record is reported with source, file and position and never stops the others;
+   record is reported with source, file and position and never stops the others; text from the
+   wild is repaired (invalid UTF-8, lone surrogates, NULs: `text_repaired`) and a record with a
+   message over `max_message_chars` is dropped as `too_long`;
 2. clean text: HTML to markdown, "Copy code" artefacts, regenerate counters;
 3. roles: a leading system message is kept, leading assistant messages and a trailing user
    message are dropped, consecutive same-role messages are merged, an empty message ends the
@@ -31,6 +33,7 @@ import polars as pl
 
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json, write_shards
 from stages.lib.formats import Malformed, records, to_messages
+from stages.lib.text.clean import MAX_TEXT_CHARS
 
 FORMATS = ("sharegpt", "alpaca", "hc3", "messages", "generated")
 BLOCKED = "Too many requests in 1 hour. Try again later."
@@ -67,8 +70,11 @@ class IngestParams:
     """Output folder: `conversations-*.parquet`, `dropped-*.parquet`."""
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
+    max_message_chars: int = MAX_TEXT_CHARS
+    """A record holding a message longer than this (characters) is dropped as `too_long` (0: no cap)."""
 
     def __post_init__(self):
+        check(self.max_message_chars >= 0, "max_message_chars: must be >= 0 (0: no cap)")
         check(self.mixture in self.mixtures, f"mixture: {self.mixture!r} is not in mixtures {sorted(self.mixtures)}")
         for name, src in self.sources.items():
             check(isinstance(src, dict) and src.get("format") in FORMATS,
@@ -88,8 +94,10 @@ class IngestParams:
 # ---------------------------------------------------------------- 1. read
 
 
-def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
-    """(conversations, malformed reports) of one source, in file order."""
+def read_source(name: str, src: dict, generated: list[dict] | None = None, max_chars: int = MAX_TEXT_CHARS,
+                stats: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(conversations, malformed reports) of one source, in file order. Text is repaired and records with a
+    message over `max_chars` are reported as `too_long` (`stages.lib.formats.records`); `stats` counts both."""
     fmt, licence = src["format"], src.get("licence", "unknown")
     if fmt == "generated":
         items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], "data/filtered"
@@ -97,7 +105,7 @@ def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tu
         path = Path(src["path"])
         if not path.is_file():
             raise StageError(f"sources.{name}.path: {path} not found")
-        items, where = records(path), str(path)
+        items, where = records(path, max_chars, stats), str(path)
     convs, bad = [], []
     for pos, rec in items:
         try:
@@ -106,7 +114,7 @@ def read_source(name: str, src: dict, generated: list[dict] | None = None) -> tu
                 convs.append({"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
                               "origin": f"{where}{pos}", "messages": msgs})
         except Malformed as e:
-            bad.append({"source": name, "origin": f"{where}{pos}", "reason": str(e)})
+            bad.append({"source": name, "origin": f"{where}{pos}", "reason": str(e), "kind": e.reason})
     return convs, bad
 
 
@@ -319,9 +327,9 @@ DROPPED_SCHEMA = {"id": pl.String, "source": pl.String, "origin": pl.String, "st
 def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, list[str]]):
     """The whole stage without file writes: (rows, dropped, metrics)."""
     weights = p.mixtures[p.mixture]
-    convs, malformed = [], []
+    convs, malformed, read_stats = [], [], {}
     for name in weights:  # only the mixture's sources are read
-        got, bad = read_source(name, p.sources[name], generated)
+        got, bad = read_source(name, p.sources[name], generated, p.max_message_chars, read_stats)
         convs += got
         malformed += bad
     decon = Decontaminator(eval_sets, p.decontam_ngram) if eval_sets else None
@@ -340,14 +348,16 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
                 rows.append({**c, "copy": k})
                 n += 1
         per_source[name] = {"read": sum(x["source"] == name for x in convs), "clean": len(mine), "in_mixture": n,
-                            "weight": w, "malformed": sum(b["source"] == name for b in malformed)}
+                            "weight": w, "malformed": sum(b["source"] == name and b["kind"] == "malformed" for b in malformed)}
     for b in malformed:
-        dropped.append({"id": None, "source": b["source"], "origin": b["origin"], "step": "read", "reason": "malformed",
+        dropped.append({"id": None, "source": b["source"], "origin": b["origin"], "step": "read", "reason": b["kind"],
                         "detail": b["reason"]})
     reasons: dict[str, int] = {}
     for d in dropped:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-    metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs), "malformed": len(malformed),
+    metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs),
+               "malformed": sum(b["kind"] == "malformed" for b in malformed),
+               "text_repaired": read_stats.get("repaired", 0),
                "dropped_by_reason": dict(sorted(reasons.items())), **counts, "sources": per_source}
     return rows, dropped, metrics
 
@@ -361,8 +371,8 @@ def main() -> None:
         generated = read_shards("data/filtered", "kept").to_dicts()
     eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
     rows, dropped, metrics = build(p, generated, eval_sets)
-    for b in (d for d in dropped if d["reason"] == "malformed"):
-        log(f"ingest: {b['origin']}: malformed record ({b['source']}): {b['detail']}")
+    for b in (d for d in dropped if d["step"] == "read"):
+        log(f"ingest: {b['origin']}: {b['reason']} record ({b['source']}): {b['detail']}")
     with atomic_dir(p.out_dir) as tmp:
         write_shards(pl.DataFrame(rows, schema=SCHEMA), tmp, "conversations", p.rows_per_shard)
         write_shards(pl.DataFrame(dropped, schema=DROPPED_SCHEMA), tmp, "dropped", p.rows_per_shard)

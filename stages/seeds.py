@@ -3,7 +3,9 @@
 Schema of one line: {"id": str, "name": str, "instruction": str,
 "instances": [{"input": str, "output": str}, ...], "is_classification": bool}.
 Any bad line stops the stage with `file:line: field: problem`; nothing is written,
-so nothing downstream runs on bad seeds.
+so nothing downstream runs on bad seeds. Text from the wild is not a bad line: invalid UTF-8,
+lone surrogates and NULs are repaired, and a task over the size cap is dropped (both logged
+and counted in `stats.json`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, write_json, write_shards
+from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
 
 MAX_ERRORS = 20
 
@@ -70,23 +73,34 @@ def _check_record(rec: object) -> list[str]:
     return errs
 
 
-def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str]) -> tuple[list[dict], list[str]]:
-    """Parse and check one seed file's bytes. Returns (records, errors as 'file:line: ...')."""
+def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str], counts: dict | None = None,
+                    max_chars: int = MAX_TEXT_CHARS) -> tuple[list[dict], list[str]]:
+    """Parse and check one seed file's bytes. Returns (records, errors as 'file:line: ...').
+
+    Text from the wild is repaired, not refused (`stages.lib.text.clean`: invalid UTF-8 bytes and lone
+    surrogates become U+FFFD, NULs go), counted in `counts["repaired"]`; a task holding a text over
+    `max_chars` is dropped (logged, `counts["too_long"]`) so it never reaches a teacher prompt."""
+    counts = {} if counts is None else counts
     if not data.strip():
         return [], [f"{path}: empty file (no seed tasks)"]
     records, errors = [], []
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
+        text = decode(raw)
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.append(f"{path}:{lineno}: line: not valid UTF-8 (byte {e.start})")
-            continue
-        try:
-            rec = json.loads(text)
+            parsed = json.loads(text)
         except json.JSONDecodeError as e:
             errors.append(f"{path}:{lineno}: line: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        rec = clean_json(parsed)
+        if rec != parsed or text != raw.decode("utf-8", "surrogateescape"):
+            counts["repaired"] = counts.get("repaired", 0) + 1
+            log(f"seeds: {path}:{lineno}: text repaired (invalid UTF-8, lone surrogates or NULs)")
+        why = too_long(rec, max_chars)
+        if why:
+            counts["too_long"] = counts.get("too_long", 0) + 1
+            log(f"seeds: {path}:{lineno}: task dropped, {why}")
             continue
         problems = _check_record(rec)
         if not problems:
@@ -109,8 +123,9 @@ def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str]) -> tuple[
     return records, errors
 
 
-def load_seeds(files: list[str | Path]) -> pl.DataFrame:
-    """Read and validate every seed file; raise StageError listing the problems."""
+def load_seeds(files: list[str | Path], counts: dict | None = None) -> pl.DataFrame:
+    """Read and validate every seed file; raise StageError listing the problems. `counts`: repaired and
+    too_long tasks (see `parse_seed_file`)."""
     records, errors, seen = [], [], {}
     for f in files:
         path = Path(f)
@@ -119,7 +134,7 @@ def load_seeds(files: list[str | Path]) -> pl.DataFrame:
         except OSError as e:
             errors.append(f"{path}: cannot read ({e.strerror})")
             continue
-        recs, errs = parse_seed_file(path, data, seen)
+        recs, errs = parse_seed_file(path, data, seen, counts)
         records += recs
         errors += errs
     if errors:
@@ -140,10 +155,13 @@ def load_seeds(files: list[str | Path]) -> pl.DataFrame:
 
 def main() -> None:
     p = load_params(SeedsParams, "seeds")
-    df = load_seeds(p.files)
+    counts: dict = {}
+    df = load_seeds(p.files, counts)
     with atomic_dir(p.out_dir) as tmp:
         write_shards(df, tmp)
-        write_json(tmp / "stats.json", {"tasks": df.height, "classification": int(df["is_classification"].sum())})
+        # repaired / too_long only when there were some: clean seeds keep the stats (and output hash) they had
+        write_json(tmp / "stats.json", {"tasks": df.height, "classification": int(df["is_classification"].sum()),
+                                        **{f"text_{k}": v for k, v in sorted(counts.items())}})
     log(f"seeds: {df.height} tasks ({int(df['is_classification'].sum())} classification) -> {p.out_dir}")
 
 

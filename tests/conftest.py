@@ -65,6 +65,15 @@ def make_tiny_model(path: Path, tok=None, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def teacher_store(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own teacher store (stages/lib/llm/store.py), never the user's ~/.cache:
+    the variable reaches the stages that tests run in subprocesses and through DVC."""
+    path = tmp_path_factory.mktemp("teacher-store")
+    monkeypatch.setenv("STILLHOUSE_TEACHER_STORE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -151,3 +151,33 @@ def test_rows_carry_provenance(tmp_path):
     assert t["cache_key"] == reqs[0].key and t["teacher_model"] == "fake" and t["in_context_ids"] == ["s1", "s2", "s3"]
     assert json.loads(t["sampling"]) == {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": [], "seed": 0}
 
+
+
+def test_prompt_files_from_the_wild_are_repaired_and_oversized_prompts_skipped(tmp_path):
+    """generate's prompt files (and evaluate's eval sets, ingest's decontamination sets) read through here."""
+    import pytest as _pytest
+
+    from stages.lib.common import StageError
+    from stages.lib.formats import read_prompts
+    from stages.lib.text.clean import read_text
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\n".join([
+        json.dumps({"instruction": "Name a \ud800 colour."}).encode(),   # lone surrogate as a JSON escape
+        json.dumps({"instruction": "Name a fruit."}).encode().replace(b"fruit", b"fr\xffuit"),  # invalid UTF-8
+        json.dumps({"instruction": "Name\u0000 a tree."}).encode(),      # NUL
+        json.dumps({"instruction": "x " * 2_600_000}).encode(),          # a 5 MB prompt
+        json.dumps({"instruction": "Name a river."}, ensure_ascii=False).encode(),
+    ]) + b"\n")
+    stats = {}
+    got = read_prompts(path, stats=stats)
+    assert [g["instruction"] for g in got] == ["Name a \ufffd colour.", "Name a fr\ufffduit.", "Name a tree.", "Name a river."]
+    assert [g["source"].rsplit(":", 1)[1] for g in got] == ["1", "2", "3", "5"]
+    assert stats == {"repaired": 3, "too_long": 1}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "ok"}\n{"nope": 1}\n')
+    with _pytest.raises(StageError, match=r"bad.jsonl:2"):  # a structural error still names file and line
+        read_prompts(bad)
+    header = tmp_path / "prompt.txt"
+    header.write_bytes(b"\xef\xbb\xbfList tasks\x00 \xff.\n")  # BOM, NUL, invalid byte
+    assert read_text(header) == "List tasks \ufffd.\n"

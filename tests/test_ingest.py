@@ -198,3 +198,73 @@ def test_params_are_checked():
         IngestParams(sources={"h": {"format": "hc3", "path": "x"}}, mixtures={"m": {"h": 1}}, mixture="m")
     with pytest.raises(Exception, match="not in mixtures"):
         IngestParams(mixture="other")
+
+
+# ---------------------------------------------------------------- text from the wild
+
+
+def test_every_reader_repairs_wild_text_and_drops_an_oversized_record(tmp_path):
+    ok = [{"from": "human", "value": "Name a red fruit, please."}, {"from": "gpt", "value": "A strawberry is red."}]
+    # ShareGPT JSON: a lone surrogate as a JSON escape, a NUL, and a 5 MB message
+    sg = tmp_path / "sg.json"
+    sg.write_text(json.dumps([
+        {"id": "sur", "conversations": [ok[0], {"from": "gpt", "value": "Broken \ud800 emoji."}]},
+        {"id": "nul", "conversations": [{"from": "human", "value": "Hi\u0000 there"}, ok[1]]},
+        {"id": "big", "conversations": [ok[0], {"from": "gpt", "value": "word " * 1_000_000}]},
+        {"id": "ok", "conversations": ok}]))
+    assert "\\ud800" in sg.read_text()  # written the way real dumps have it
+    stats = {}
+    convs, bad = read_source("sg", {"format": "sharegpt", "path": str(sg)}, max_chars=100_000, stats=stats)
+    assert [c["id"] for c in convs] == ["sg:sur", "sg:nul", "sg:ok"]
+    assert convs[0]["messages"][1]["content"] == "Broken \ufffd emoji."
+    assert convs[1]["messages"][0]["content"] == "Hi there"
+    assert [(b["origin"].rsplit("[", 1)[1], b["kind"]) for b in bad] == [("2]", "too_long")]
+    assert stats == {"repaired": 2, "too_long": 1}
+    # JSONL: invalid UTF-8 bytes in one line, U+2028 inside another (not a line break in JSONL)
+    path = tmp_path / "m.jsonl"
+    good = {"messages": [{"role": "user", "content": "Say hi\u2028now."}, {"role": "assistant", "content": "Hi!"}]}
+    path.write_bytes(json.dumps(good, ensure_ascii=False).encode() + b"\n" +
+                     json.dumps(good).encode().replace(b"Hi!", b"H\xffi!") + b"\n")
+    stats = {}
+    convs, bad = read_source("oai", {"format": "messages", "path": str(path)}, stats=stats)
+    assert not bad and [c["messages"][1]["content"] for c in convs] == ["Hi!", "H\ufffdi!"]
+    assert stats == {"repaired": 1, "too_long": 0}
+    assert convs[0]["messages"][0]["content"] == "Say hi\u2028now."
+
+
+def test_ingest_end_to_end_on_real_sharegpt_with_a_lone_surrogate(in_tmp):
+    """The issue's case: one lone surrogate in real ShareGPT data stopped ingest with UnicodeEncodeError."""
+    import polars as pl
+    import yaml
+
+    from stages.ingest import main
+
+    recs = json.loads(shared("sharegpt", "dialogstudio_original_example.json").read_text())
+    recs[2]["conversations"][1]["value"] += " \ud800"
+    (in_tmp / "seeds").mkdir()
+    (in_tmp / "seeds/sg.json").write_text(json.dumps(recs))  # ensure_ascii: the surrogate as "\ud800"
+    params = {"sources": {"sg": {"format": "sharegpt", "path": "seeds/sg.json"}}, "mixtures": {"m": {"sg": 1}},
+              "mixture": "m", "languages": [], "decontaminate": []}
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"ingest": params}))
+    main()
+    m = json.loads((in_tmp / "metrics/ingest.json").read_text())
+    rows = pl.read_parquet(in_tmp / "data/conversations/conversations-00000.parquet")
+    assert m["read"] == 5 and m["text_repaired"] == 1 and rows.height == m["conversations"] > 0
+    assert m["malformed"] == 0 and "too_long" not in m["dropped_by_reason"]
+    repaired = rows.filter(pl.col("original_id") == recs[2]["id"])["messages"][0]
+    assert any(msg["content"].endswith("\ufffd") for msg in repaired)
+
+
+def test_oversized_message_is_dropped_as_too_long_and_counted(tmp_path):
+    sg = tmp_path / "sg.json"
+    long_en = "Here is a detailed answer that explains the topic step by step in plain English words."
+    sg.write_text(json.dumps([
+        {"id": "big", "conversations": [{"from": "human", "value": "Explain recursion to a child."},
+                                        {"from": "gpt", "value": long_en * 60_000}]},  # 5.2 MB
+        {"id": "ok", "conversations": [{"from": "human", "value": "Explain recursion to a child."},
+                                       {"from": "gpt", "value": long_en}]}]))
+    p = params(sources={"sg": {"format": "sharegpt", "path": str(sg)}}, mixtures={"m": {"sg": 1}}, languages=[])
+    rows, dropped, m = build(p, None, {})
+    assert [r["id"] for r in rows] == ["sg:ok"] and m["dropped_by_reason"] == {"too_long": 1}
+    assert m["malformed"] == 0 and m["sources"]["sg"]["malformed"] == 0
+    assert dropped[0]["origin"].endswith("sg.json[0]") and f"{len(long_en) * 60_000} chars" in dropped[0]["detail"]

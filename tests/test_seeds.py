@@ -75,9 +75,20 @@ def test_duplicate_id_across_files(tmp_path):
     assert f"{b}:1: id: duplicate 't1' (first at {a}:1)" in str(e.value)
 
 
-def test_non_utf8(tmp_path):
-    p = write(tmp_path, [GOOD, json.dumps({**GOOD, "id": "t2"}).encode().replace(b"hi", b"h\xff")])
-    assert f"{p}:2: line: not valid UTF-8" in error_of(p)
+def test_text_from_the_wild_is_repaired_and_an_oversized_task_dropped(tmp_path):
+    lines = [
+        json.dumps({**GOOD, "id": "bytes"}).encode().replace(b"hi", b"h\xff"),       # invalid UTF-8 in a JSONL line
+        json.dumps({**GOOD, "id": "surrogate", "instruction": "Say \ud800 hi."}).encode(),  # lone surrogate, JSON escape
+        json.dumps({**GOOD, "id": "nul", "instruction": "Say\u0000 hi."}).encode(),   # NUL
+        json.dumps({**GOOD, "id": "huge", "instruction": "word " * 1_000_000}).encode(),  # a 5 MB message
+        json.dumps({**GOOD, "id": "fine"}).encode(),
+    ]
+    counts = {}
+    df = load_seeds([write(tmp_path, lines)], counts)
+    assert df["id"].to_list() == ["bytes", "surrogate", "nul", "fine"]
+    assert df["instruction"].to_list()[:3] == ["Say h\ufffd to the user.", "Say \ufffd hi.", "Say hi."]
+    assert counts == {"repaired": 3, "too_long": 1}
+    df.write_parquet(tmp_path / "out.parquet")  # encodable: nothing left that UTF-8 refuses
 
 
 def test_empty_file(tmp_path):

@@ -258,8 +258,8 @@ def test_expired_batch_is_resubmitted(tmp_path):
         assert len([r for r in server.requests if r["path"] == "/v1/batches" and r["method"] == "POST"]) == 2
 
 
-def test_default_endpoint_is_the_one_in_the_cache_key():
+def test_default_endpoint_is_used_and_the_cache_key_names_only_the_model():
     b = OpenAIBackend("gpt-4o-mini", None, "chat")
-    assert b.teacher_id == "openai:https://api.openai.com/v1:gpt-4o-mini"
+    assert b.teacher_id == "openai:gpt-4o-mini"  # the URL is not part of a request's identity
     assert str(b.batch_client().base_url).rstrip("/") == "https://api.openai.com/v1"
     assert b.api.base_url == "https://api.openai.com/v1"

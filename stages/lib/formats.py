@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.lib.common import StageError
+from stages.lib.common import StageError, log
+from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
 
 PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
@@ -17,47 +18,86 @@ ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assista
 
 
 class Malformed(Exception):
-    """One bad record; the caller decides whether it stops the file."""
+    """One bad record; the caller decides whether it stops the file. `reason`: the drop reason to count."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
-def records(path: Path):
-    """(position, record or Malformed) of a JSON array (`[i]`) or a JSONL file (`:line`)."""
-    text = path.read_text(encoding="utf-8")
+def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = None):
+    """(position, record or Malformed) of a JSON array (`[i]`) or a JSONL file (`:line`).
+
+    Text from the wild is repaired (`stages.lib.text.clean`: invalid UTF-8, lone surrogates, NULs)
+    and counted in `stats["repaired"]`; a record holding a string over `max_chars` (0: no cap) comes
+    as Malformed with reason `too_long`, counted in `stats["too_long"]`."""
+    stats = {} if stats is None else stats
+    stats.setdefault("repaired", 0)
+    stats.setdefault("too_long", 0)
+    data = path.read_bytes()
+
+    def checked(rec, bytes_repaired: bool = False):
+        fixed = clean_json(rec)
+        stats["repaired"] += bytes_repaired or fixed != rec
+        why = too_long(fixed, max_chars)
+        if why:
+            stats["too_long"] += 1
+            return Malformed(why, "too_long")
+        return fixed
+
     if path.suffix == ".json":
+        text = decode(data)
+        if not _is_utf8(data):  # counted once for the file: its bytes cannot be told apart by record
+            stats["repaired"] += 1
+            log(f"{path}: invalid UTF-8 bytes replaced by U+FFFD")
         try:
             recs = json.loads(text)
         except json.JSONDecodeError as e:
             raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(recs, list):
             raise StageError(f"{path}: expected a JSON array of records")
-        yield from ((f"[{i}]", r) for i, r in enumerate(recs))
+        yield from ((f"[{i}]", checked(r)) for i, r in enumerate(recs))
         return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    for n, raw in enumerate(data.split(b"\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if raw.strip():
             try:
-                yield f":{n}", json.loads(line)
+                rec = json.loads(decode(raw))
             except json.JSONDecodeError as e:
                 yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
+                continue
+            yield f":{n}", checked(rec, not _is_utf8(raw))
 
 
-def read_prompts(path: str | Path, limit: int = 0) -> list[dict]:
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def read_prompts(path: str | Path, limit: int = 0, stats: dict | None = None) -> list[dict]:
     """[{instruction, input, source}] from an Alpaca / ShareGPT JSON array or a JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: prompt file not found")
     out = []
-    for where, _, prompt in prompt_records(path):
+    for where, _, prompt in prompt_records(path, stats):
         out.append({**prompt, "source": where})
         if limit and len(out) >= limit:
             break
     return out
 
 
-def prompt_records(path: Path):
+def prompt_records(path: Path, stats: dict | None = None):
     """(position as `file:line` or `file[i]`, record, {instruction, input}) of each record; a
-    malformed record stops with its position."""
-    for pos, rec in records(path):
+    malformed record stops with its position, one over the size cap is skipped (logged, counted
+    in `stats["too_long"]`)."""
+    for pos, rec in records(path, stats=stats):
         if isinstance(rec, Malformed):
+            if rec.reason == "too_long":
+                log(f"{path}{pos}: skipped, {rec}")
+                continue
             raise StageError(f"{path}{pos}: {rec}")
         yield f"{path}{pos}", rec, prompt_of(rec, f"{path}{pos}")
 

@@ -1,14 +1,18 @@
 """The teacher: backends (local transformers, OpenAI-compatible) behind one content-addressed cache.
 
-Every request gets a key: sha256 over the teacher's identity (local model fingerprint, or
-endpoint URL + model name), the prompt form (so the exact messages), the exact prompt,
-every sampling param including the seed, and the draw number (how many identical
-requests came before it in this run). Each response is appended to this run's
-`responses-*.jsonl` file in the cache folder (a `persist: true` DVC output) and flushed
-as it arrives, so a crash, even `kill -9`, loses at most the requests in flight, and a
-rerun never pays twice for the same request. Requests that ran out of attempts go to
-`failures-*.jsonl` with their reason and are tried again by the next run. API keys come
-only from the environment and never enter a key, a record or a log line.
+Every request gets a key: sha256 over the teacher's identity (local model fingerprint, the
+endpoint's model name, or an explicit `teacher_id`; never the URL), the prompt form (so the
+exact messages), the exact prompt, every sampling param including the seed, the draw number
+(how many identical requests came before it in this run) and any extra request fields
+(docs/teacher-cache.md). Each response is appended to this run's `responses-*.jsonl` file in
+the cache folder (a `persist: true` DVC output) and flushed as it arrives, and written to the
+teacher store outside the repository (`stages/lib/llm/store.py`), which outlives DVC's temporary
+experiment workspaces; so a crash, even `kill -9`, or a failed `dvc exp run --temp` loses at
+most the requests in flight, and a rerun never pays twice for the same request. An answer cached
+under another `max_new_tokens` is reused when it stopped on its own within the new limit.
+Requests that ran out of attempts go to `failures-*.jsonl` with their reason and are tried
+again by the next run. API keys come only from the environment and never enter a key, a
+record or a log line.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Callable
 from stages.lib.common import Progress, StageError, log
 from stages.lib.llm.local import Completion
 from stages.lib.llm.openai_api import DEFAULT_BASE_URL
+from stages.lib.text.clean import clean_json, clean_text
 
 
 @dataclass(frozen=True)
@@ -40,35 +45,100 @@ class Request:
     prompt: str
     key: str = ""
     draw: int = 0
+    identity: str = ""
+    """The key without the token limit: answers to the same request under another max_new_tokens share it."""
+    form: str = ""
+    max_new_tokens: int = 0
 
 
-def request_key(teacher_id: str, prompt_form: str, prompt: str, sampling: Sampling, draw: int) -> str:
-    payload = {"teacher": teacher_id, "form": prompt_form, "prompt": prompt, "sampling": asdict(sampling), "draw": draw}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+def _digest(payload: dict) -> str:
+    # surrogatepass: a key never fails on text that slipped past the cleaning (valid text hashes as before)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def assign_keys(prompts: list[str], teacher_id: str, prompt_form: str, sampling: Sampling) -> list[Request]:
+def _key(teacher_id: str, prompt_form: str, prompt: str, sampling: dict, draw: int, fields: dict | None) -> str:
+    payload = {"teacher": teacher_id, "form": prompt_form, "prompt": prompt, "sampling": sampling, "draw": draw}
+    if fields:  # only when set, so keys made without extra request fields are the keys of earlier versions
+        payload["fields"] = fields
+    return _digest(payload)
+
+
+def request_key(teacher_id: str, prompt_form: str, prompt: str, sampling: Sampling, draw: int,
+                fields: dict | None = None) -> str:
+    """The cache key of one request: its teacher identity, form, prompt, every sampling param, draw and
+    any extra request `fields` (system prompt, extra body). docs/teacher-cache.md lists what is in it."""
+    return _key(teacher_id, prompt_form, prompt, asdict(sampling), draw, fields)
+
+
+def identity_key(teacher_id: str, prompt_form: str, prompt: str, sampling: dict, draw: int,
+                 fields: dict | None = None) -> str:
+    """`request_key` without `max_new_tokens`: the same question under any token limit."""
+    rest = {k: v for k, v in sampling.items() if k != "max_new_tokens"}
+    return _digest({"identity": 1, "teacher": teacher_id, "form": prompt_form, "prompt": prompt, "sampling": rest,
+                    "draw": draw, **({"fields": fields} if fields else {})})
+
+
+def assign_keys(prompts: list[str], teacher_id: str, prompt_form: str, sampling: Sampling,
+                fields: dict | None = None) -> list[Request]:
     """Key each prompt; the n-th repeat of an identical prompt gets draw=n (a new sample)."""
     seen: dict[str, int] = {}
     out = []
+    s = asdict(sampling)
     for p in prompts:
         draw = seen.get(p, 0)
         seen[p] = draw + 1
-        out.append(Request(p, request_key(teacher_id, prompt_form, p, sampling, draw), draw))
+        out.append(Request(p, _key(teacher_id, prompt_form, p, s, draw, fields), draw,
+                           identity_key(teacher_id, prompt_form, p, s, draw, fields), prompt_form, sampling.max_new_tokens))
     return out
 
 
-class ResponseCache:
-    """Append-only store: one `responses-<time>-<pid>.jsonl` (and `failures-...`) per run, never rewritten."""
+def _legacy_identity(rec: dict) -> str | None:
+    """The identity of a record written before records carried one (found by re-deriving its key).
 
-    def __init__(self, path: str | os.PathLike, fsync_every_s: float = 1.0):
+    Such records were keyed with `openai:<base_url>:<model>`; their identity uses `openai:<model>`,
+    so they answer requests to the same model at any URL."""
+    try:
+        tid, prompt, sampling, draw = rec["teacher_id"], rec["prompt"], rec["sampling"], rec["draw"]
+        for form in ("completion", "chat"):
+            if _key(tid, form, prompt, sampling, draw, None) == rec["key"]:
+                model = rec.get("teacher")
+                if tid.startswith("openai:") and model and tid.endswith(f":{model}"):
+                    tid = f"openai:{model}"
+                return identity_key(tid, form, prompt, sampling, draw)
+    except (KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def reusable(rec: dict, max_new_tokens: int) -> bool:
+    """May a cached answer serve a request that differs only in its token limit (or its endpoint URL)?
+
+    Yes when it was asked with this very limit, or when it finished on its own (`stop`) within it;
+    an answer cut at its limit (`length`) is asked again under another limit."""
+    if (rec.get("sampling") or {}).get("max_new_tokens") == max_new_tokens:
+        return True
+    return rec.get("finish_reason") == "stop" and int(rec.get("completion_tokens") or 0) <= max_new_tokens
+
+
+class ResponseCache:
+    """Append-only store: one `responses-<time>-<pid>.jsonl` (and `failures-...`) per run, never rewritten.
+
+    With a `store` (`stages.lib.llm.store.TeacherStore`, outside the repository), every response and
+    Batch job id is written there too, and a request missing here is looked up there before the
+    teacher is called (what is found is copied here). `lookup` also reuses an answer to the same
+    request under another `max_new_tokens` or endpoint URL (`reusable`)."""
+
+    def __init__(self, path: str | os.PathLike, fsync_every_s: float = 1.0, store=None):
         self.dir = Path(path)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = store
         self.entries: dict[str, dict] = {}
         self.failures: dict[str, dict] = {}
         self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
         self._files: dict[str, object] = {}
         self._fsync_every_s, self._synced = fsync_every_s, time.monotonic()
+        self._by_identity: dict[str, list[dict]] | None = None  # built on the first miss
+        self._store_failed = False
         self.batches: list[dict] = []  # Batch API jobs: {batch_id, input_file_id, custom_ids, created}
         self.batches_done: set[str] = set()
         for kind in ("failures", "responses", "batches"):
@@ -77,10 +147,16 @@ class ResponseCache:
                     self.batches_done.add(rec["batch_id"]) if rec.get("done") else self.batches.append(rec)
                 else:
                     (self.failures if kind == "failures" else self.entries)[rec["key"]] = rec
+        if store is not None:  # jobs bought in a run whose workspace is gone
+            known = {b["batch_id"] for b in self.batches} | self.batches_done
+            self.batches += [b for b in store.batches() if b["batch_id"] not in known]
 
     def _read(self, kind: str):
         for f in sorted(self.dir.glob(f"{kind}-*.jsonl")):
-            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            text = f.read_bytes().decode("utf-8", "replace")
+            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a line
+                if not line.strip():
+                    continue
                 try:
                     rec = json.loads(line)
                     if not isinstance(rec, dict) or not ("key" in rec or "batch_id" in rec):
@@ -88,10 +164,49 @@ class ResponseCache:
                 except ValueError:  # a line cut short by a crash
                     log(f"teacher cache: {f}:{lineno}: incomplete entry skipped")
                     continue
-                yield rec
+                yield clean_json(rec)
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
+
+    def lookup(self, req: Request) -> dict | None:
+        """The answer to `req`: from this cache, else the store, else a reusable answer under another
+        token limit or URL (recorded under `req.key`, with `reused_from`). None: ask the teacher."""
+        rec = self.entries.get(req.key)
+        if rec is not None or not req.identity:
+            return rec
+        if self.store is not None:
+            rec = self.store.get(req.identity, req.key)
+            if rec is not None:
+                self._keep(rec)
+                self._append("responses", rec)
+                return rec
+        candidates = list(self._identity_index().get(req.identity, []))
+        if self.store is not None:
+            candidates += self.store.candidates(req.identity)
+        usable = [r for r in candidates if r.get("key") != req.key and reusable(r, req.max_new_tokens)]
+        if not usable:
+            return None
+        # the same limit first (an answer from another URL), then any answer that stopped on its own
+        old = min(usable, key=lambda r: ((r.get("sampling") or {}).get("max_new_tokens") != req.max_new_tokens,
+                                         r.get("created", ""), r["key"]))
+        rec = {**old, "key": req.key, "identity": req.identity, "reused_from": old.get("reused_from", old["key"])}
+        self.put(rec)
+        return rec
+
+    def _identity_index(self) -> dict[str, list[dict]]:
+        if self._by_identity is None:
+            self._by_identity = {}
+            for rec in self.entries.values():
+                ident = rec.get("identity") or _legacy_identity(rec)
+                if ident:
+                    self._by_identity.setdefault(ident, []).append(rec)
+        return self._by_identity
+
+    def _keep(self, rec: dict) -> None:
+        self.entries[rec["key"]] = rec
+        if self._by_identity is not None and rec.get("identity"):
+            self._by_identity.setdefault(rec["identity"], []).append(rec)
 
     def _append(self, kind: str, rec: dict) -> None:
         f = self._files.get(kind)
@@ -102,12 +217,28 @@ class ResponseCache:
         if time.monotonic() - self._synced > self._fsync_every_s:
             self.sync()
 
-    def put(self, rec: dict) -> None:
-        self.entries[rec["key"]] = rec
+    def _to_store(self, method: str, *args) -> None:
+        """Write to the store; a failing store is reported once and never loses the answer (it is here)."""
+        if self.store is None:
+            return
+        try:
+            getattr(self.store, method)(*args)
+        except OSError as e:
+            if not self._store_failed:
+                log(f"teacher store {self.store.root}: cannot write ({e}); answers are kept in {self.dir} only")
+            self._store_failed = True
+
+    def put(self, rec: dict, req: Request | None = None) -> None:
+        """Record an answer (text repaired: see `stages.lib.text.clean`), here and in the store."""
+        if req is not None:
+            rec = {**rec, "identity": rec.get("identity") or req.identity, "form": rec.get("form") or req.form}
+        rec = clean_json(rec)
+        self._keep(rec)
         self._append("responses", rec)
+        self._to_store("put", rec)
 
     def fail(self, key: str, reason: str) -> None:
-        rec = {"key": key, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        rec = {"key": key, "reason": clean_text(reason), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.failures[key] = rec
         self._append("failures", rec)
 
@@ -115,10 +246,12 @@ class ResponseCache:
         self.batches.append(rec)
         self._append("batches", rec)
         self.sync()  # a submitted job is money committed: make its record durable now
+        self._to_store("add_batch", rec)
 
     def batch_done(self, batch_id: str) -> None:
         self.batches_done.add(batch_id)
         self._append("batches", {"batch_id": batch_id, "done": True})
+        self._to_store("batch_done", batch_id)
 
     def sync(self) -> None:
         for f in self._files.values():
@@ -206,7 +339,7 @@ class OpenAIBackend:
         if key is None:
             raise StageError("backend openai: set OPENAI_API_KEY in the environment (never in params.yaml)")
         self.name = model
-        self.teacher_id = f"openai:{(base_url or DEFAULT_BASE_URL).rstrip('/')}:{model}"
+        self.teacher_id = f"openai:{model}"  # not the URL: the same model behind another host or proxy
         self.prompt_form = prompt_form
         self.api = ApiTeacher(model, base_url, prompt_form, key, limits or ApiLimits(), price)
         self._key, self._base_url = key, base_url
@@ -260,7 +393,7 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
     then lists the jobs still running.
     """
     stats = CallStats(requests=len(requests))
-    misses = [r for r in requests if cache.get(r.key) is None]
+    misses = [r for r in requests if cache.lookup(r) is None]
     stats.cache_hits = len(requests) - len(misses)
     log(f"teacher: {len(requests)} requests, {stats.cache_hits} cached, {len(misses)} to call")
     def extra() -> dict:
@@ -282,7 +415,7 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
                 "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
                 "response_id": getattr(comp, "response_id", None) or f"local-{req.key[:16]}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
+            }, req)
             stats.teacher_calls += 1
             stats.prompt_tokens += comp.prompt_tokens
             stats.completion_tokens += comp.completion_tokens
@@ -322,8 +455,12 @@ class TeacherSession:
     self-instruct's prompts, chat for response distillation).
     """
 
-    def __init__(self, backend_for: Callable[[str], object], cache: ResponseCache, price=None, batch_api: bool = False):
+    def __init__(self, backend_for: Callable[[str], object], cache: ResponseCache, price=None, batch_api: bool = False,
+                 teacher_id: str | None = None):
+        """`teacher_id`: an explicit teacher identity for the cache keys instead of the backend's
+        (`local:<weights hash>`, `openai:<model>`); see docs/teacher-cache.md."""
         self.backend_for, self.cache, self.price, self.batch_api = backend_for, cache, price, batch_api
+        self.teacher_id = teacher_id
         self.backends: dict[str, object] = {}
         self.stats = CallStats()
         self.waiting = 0  # requests still in running Batch API jobs
@@ -334,7 +471,8 @@ class TeacherSession:
         if form not in self.backends:
             self.backends[form] = self.backend_for(form)
         backend = self.backends[form]
-        requests = assign_keys(prompts, backend.teacher_id, form, sampling)
+        requests = assign_keys(prompts, f"id:{self.teacher_id}" if self.teacher_id else backend.teacher_id, form,
+                               sampling, getattr(backend, "request_fields", None))
         records, st = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api)
         s = self.stats
         for name in ("requests", "cache_hits", "teacher_calls", "failed", "prompt_tokens", "completion_tokens", "seconds"):
