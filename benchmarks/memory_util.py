@@ -14,6 +14,28 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> float:
+    """Reset this process's peak RSS (Linux: `5` to /proc/self/clear_refs resets VmHWM) and return the
+    current RSS in MiB: measure a step as `peak_since_reset_mb() - reset_peak()`, free of earlier peaks."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def peak_since_reset_mb() -> float:
+    return _status_mb("VmHWM")
+
+
 def run_arm(module: str, args: list[str], threads: int = 2) -> dict:
     """`python -m module --arm-json ... args` in a fresh process (its own peak RSS); its last stdout line as JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
