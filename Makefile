@@ -1,11 +1,13 @@
 # stillhouse. `make repro`: set everything up and build the whole pipeline on the embedded
-# default (no API key, no network, no GPU). `make test`: set everything up and run the tests.
+# default (no API key, no network, no GPU). `make test`: set everything up and run every test
+# (what CI runs: .ci/run); `make test-fast` / `make test-e2e`: only the unit tests / only the
+# end-to-end tests (marker `e2e`). PYTEST_ARGS passes more options, e.g. PYTEST_ARGS="-k novelty".
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: setup repro test browser clean-venv
+.PHONY: setup repro test test-fast test-e2e browser clean-venv
 
 setup: $(VENV)/.installed
 
@@ -21,8 +23,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 repro: setup
 	PATH="$(BIN):$$PATH" dvc repro
 
+# pytest's exit status is make's: a failure, and also "no tests collected" (exit 5), fails the target
 test: setup browser
-	PATH="$(BIN):$$PATH" python -m pytest -q
+	PATH="$(BIN):$$PATH" python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	PATH="$(BIN):$$PATH" python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+test-e2e: setup browser
+	PATH="$(BIN):$$PATH" python -m pytest -q -m e2e $(PYTEST_ARGS)
 
 # the data report's end-to-end test opens the page in Debian's chromium: root (CI) installs it,
 # anyone else is told, and that one test is skipped

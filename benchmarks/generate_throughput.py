@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from stages.lib import paths
 from stages.lib.common import read_shards, set_threads
 from stages.generate import GenerateParams, build_prompts
 from stages.lib.llm.local import load_model
@@ -28,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     set_threads(args.threads)
     model, tok = load_model(args.model)
-    seeds = read_shards("data/seeds").to_dicts()
+    seeds = read_shards(paths.SEEDS).to_dicts()
     header = open(GenerateParams().prompt_file, encoding="utf-8").read()
     prompts, _ = build_prompts(seeds, header, GenerateParams(num_requests=max(args.batches)))
     print(f"threads={torch.get_num_threads()} new_tokens={args.tokens} model={args.model}")

@@ -121,9 +121,8 @@ def main() -> None:
             taken = ("method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dtype", "packing",
                      "gradient_checkpointing", "loss_chunk_tokens", "learning_rate", "weight_decay", "lr_scheduler")
             kw.update({k: v for k, v in load_recipe(a.recipe).get("train", {}).items() if k in taken})
-        p = TrainParams(max_steps=a.steps, batch_size=a.batch_size, warmup_ratio=0.0, checkpoint_every=0, eval_every=0,
-                        out_dir=f"{tmp}/student", log_dir=f"{tmp}/log", **kw)
-        summary = train(p, data, student=a.model)
+        p = TrainParams(max_steps=a.steps, batch_size=a.batch_size, warmup_ratio=0.0, checkpoint_every=0, eval_every=0, **kw)
+        summary = train(p, data, f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint", student=a.model)
         saved = saved_dtypes(Path(tmp) / "student") if int(os.environ.get("RANK", 0)) == 0 else {}
         rows = (Path(tmp) / "log/plots/metrics/tokens_per_s.tsv").read_text().splitlines()[1:]
         per_step = [float(r.split("\t")[1]) for r in rows][a.warmup_steps:] or [summary["tokens_per_s"]]

@@ -52,7 +52,6 @@ def arm(a) -> dict:
 
 
 def main(argv=None) -> None:
-    import torch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=128256)

@@ -41,9 +41,8 @@ def arm(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_tokens(Path(tmp) / "tokens", AutoTokenizer.from_pretrained(a.model), 64, a.seq_len)
         p = TrainParams(method=a.method, max_steps=a.steps, batch_size=a.batch_size, packing=True, warmup_ratio=0.0,
-                        checkpoint_every=0, eval_every=0, max_memory_gb=-1, lora_dropout=0.05,
-                        out_dir=f"{tmp}/student", log_dir=f"{tmp}/log")
-        s = train(p, f"{tmp}/tokens", student=a.model)
+                        checkpoint_every=0, eval_every=0, max_memory_gb=-1, lora_dropout=0.05)
+        s = train(p, f"{tmp}/tokens", f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint", student=a.model)
     return {"planned_mb": s["planned_memory_mb"], "measured_mb": s["peak_memory_mb"]}
 
 

@@ -9,26 +9,80 @@
    position-flip and longer-answer-wins rates.
 
 Every model call goes through the teacher client and one content-addressed cache
-(`evaluate.cache_dir`, a persist output): a student answer is keyed by the checkpoint's
+(`data/eval_cache`, a persist output): a student answer is keyed by the checkpoint's
 content hash, the decoding params and the prompt, so a new eval set or judge costs only the
 new calls, and an unchanged checkpoint is never asked twice.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from stages.lib.common import (StageError, atomic_dir, check, load_params, log, progress, run_main, set_threads,
-                           write_json, write_shards)
+from stages.lib import paths
+from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, run_main, set_threads,
+                               write_json, write_shards)
+from stages.lib.llm.openai_api import FAMILIES, TeacherStop
 from stages.lib.student import load_student
-from stages.lib.tokens.arrays import TokenSplit, collate, masked_loss_sum
+from stages.lib.tokens.arrays import TokenSplit, validation_loss
 from stages.lib.training.precision import resolve_dtype
 
-ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
+
+@dataclass
+class EvalSetParams:
+    """One eval set (`evaluate.sets.<name>`)."""
+
+    path: str
+    """JSON/JSONL prompts: Alpaca, ShareGPT, Vicuna `turns`, or a prompt/question/text field."""
+    reference: str = "teacher"
+    """`teacher` (the teacher answers each prompt) or the field holding reference answers (e.g. `response`
+    in self-instruct's text-davinci-003 predictions)."""
+    limit: int = 0
+    """Use the first N prompts (0: all)."""
+
+    def __post_init__(self):
+        check(self.limit >= 0, "limit: must be >= 0")
+
+
+@dataclass
+class EndpointParams:
+    """Who answers for a role (`evaluate.teacher`, `evaluate.judge`)."""
+
+    backend: str = "local"
+    """`local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint; key from OPENAI_API_KEY)."""
+    model: str = "models/teacher"
+    """Local model dir or hub id, or the endpoint's model name."""
+    base_url: str | None = None
+    """Endpoint for `openai` (null: api.openai.com)."""
+    prompt_form: str = "chat"
+    """`chat` (messages; every chat-only endpoint) or `completion` (a /completions endpoint)."""
+    system_prompt: str = ""
+    """Chat form: a system message before each prompt (empty: none)."""
+    extra_body: dict = field(default_factory=dict)
+    """`openai`: extra request body fields, e.g. {reasoning_effort: low}; part of the cache key."""
+    model_family: str = "auto"
+    """`openai`: auto (from the name) | standard | reasoning (max_completion_tokens, no sampling params)."""
+    reasoning_budget: int = 1024
+    """Reasoning models: hidden reasoning tokens allowed per request on top of the answer budget."""
+
+    def __post_init__(self):
+        check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
+        check(bool(self.model), "model: required")
+        check(self.prompt_form in ("chat", "completion"), f"prompt_form: expected chat or completion, got {self.prompt_form!r}")
+        check(self.model_family in FAMILIES, f"model_family: expected one of {FAMILIES}, got {self.model_family!r}")
+
+    def options(self):
+        from stages.lib.llm.openai_api import RequestOptions
+
+        return RequestOptions(self.model_family, self.extra_body, self.reasoning_budget)
+
+    def prompt(self, text: str):
+        """The prompt as sent: with the system message when one is set."""
+        return (self.system_prompt, text) if self.system_prompt and self.prompt_form == "chat" else text
 
 
 @dataclass
@@ -44,71 +98,45 @@ class EvaluateParams:
     """Where they run: `auto` (cuda, then mps, else cpu), `cpu`, `cuda`, `cuda:1`, `mps`."""
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
-    sets: dict = field(default_factory=lambda: {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "reference": "teacher"}})
-    """Eval sets: name -> {path, reference, limit}. `path`: JSON/JSONL prompts (Alpaca, ShareGPT, Vicuna
-    `turns`, a prompt/question/text field); `reference`: `teacher` (default: the teacher answers) or the
-    field holding reference answers (e.g. `response` in self-instruct's text-davinci-003 predictions);
-    `limit`: first N prompts (0: all)."""
+    sets: dict[str, EvalSetParams] = field(
+        default_factory=lambda: {"stillhouse": EvalSetParams(path="seeds/eval/eval_prompts.jsonl", reference="teacher")})
+    """Eval sets: name -> {path, reference, limit}."""
     max_new_tokens: int = 96
     """Answer length budget of the student and of teacher references."""
     temperature: float = 0.0
     """0 means greedy decoding."""
     seed: int = 0
     """Sampling seed and the seed of `random` judge order."""
-    teacher: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
-    """Who writes `reference: teacher` answers: {backend: local|openai, model, base_url, prompt_form}."""
-    judge: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher"})
+    teacher: EndpointParams = field(default_factory=lambda: EndpointParams(backend="local", model="models/teacher"))
+    """Who writes `reference: teacher` answers (backend, model, base_url, prompt_form, system_prompt, extra_body,
+    model_family, reasoning_budget)."""
+    judge: EndpointParams = field(default_factory=lambda: EndpointParams(backend="local", model="models/teacher"))
     """The pairwise judge, same keys as `teacher` (an OpenAI-compatible model for a real evaluation)."""
     judge_order: str = "both"
     """`random` (one seeded order per prompt) or `both` (two calls; a disagreement is a draw)."""
     judge_max_new_tokens: int = 16
     """Length budget of a verdict."""
-    cache_dir: str = "data/eval_cache"
-    """Content-addressed responses of student, teacher and judge (persist output)."""
     teacher_store: str | None = None
     """The store outside the repository that also keeps every response (as `generate.teacher_store`)."""
-    out_dir: str = "data/eval"
-    """Output folder: `judgments-*.parquet`, one row per (set, prompt)."""
 
     def __post_init__(self):
+        convert_fields(self, "evaluate")
         check(self.batch_size >= 1, "batch_size: must be >= 1")
         check(self.max_new_tokens >= 1 and self.judge_max_new_tokens >= 1, "max_new_tokens: must be >= 1")
         check(self.temperature >= 0, "temperature: must be >= 0")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown {self.dtype!r}")
         check(self.judge_order in ("random", "both"), f"judge_order: expected random or both, got {self.judge_order!r}")
-        for name, s in self.sets.items():
-            check(isinstance(s, dict) and isinstance(s.get("path"), str), f"sets.{name}: needs a path")
-            check(set(s) <= {"path", "reference", "limit"}, f"sets.{name}: unknown keys {sorted(set(s) - {'path', 'reference', 'limit'})}")
-            check(int(s.get("limit", 0)) >= 0, f"sets.{name}.limit: must be >= 0")
-        for role in ("teacher", "judge"):
-            e = getattr(self, role)
-            check(isinstance(e, dict) and set(e) <= ENDPOINT_KEYS, f"{role}: keys must be among {sorted(ENDPOINT_KEYS)}")
-            check(e.get("backend", "local") in ("local", "openai") and bool(e.get("model")), f"{role}: backend local|openai and a model")
 
 
 # ---------------------------------------------------------------- validation loss
-
-
-def validation_loss(model, tok, data: TokenSplit, batch_size: int) -> tuple[float | None, int]:
-    """Mean cross-entropy per supervised token over a split (None when it is empty), and the token count."""
-    import torch
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in progress(range(0, len(data), batch_size), desc="val loss"):
-            b = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad)
-            b = {k: v.to(model.device) for k, v in b.items()}
-            s, n = masked_loss_sum(model, b)
-            total, count = total + s.item(), count + n
-    return (total / count if count else None), count
 
 
 def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", device: str = "auto") -> dict:
     from stages.lib.llm.local import load_model
 
     model, tok = load_model(path, dtype, device)
-    loss, n = validation_loss(model, tok, data, batch_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    loss, n = validation_loss(model, data, batch_size, pad, desc="val loss")
     if loss is None:
         log(f"evaluate: the validation split is empty, no loss for {path}")
         return {"val_loss": None, "val_perplexity": None, "val_tokens": 0}
@@ -118,11 +146,11 @@ def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", 
 # ---------------------------------------------------------------- eval sets
 
 
-def read_eval_set(name: str, spec: dict) -> list[dict]:
+def read_eval_set(name: str, spec: EvalSetParams) -> list[dict]:
     """[{set, id, instruction, input, reference (None: the teacher writes it)}] of one eval set."""
     from stages.lib.formats import prompt_records
 
-    path, ref, limit = Path(spec["path"]), spec.get("reference", "teacher"), int(spec.get("limit", 0))
+    path, ref, limit = Path(spec.path), spec.reference, spec.limit
     if not path.is_file():
         raise StageError(f"evaluate.sets.{name}: {path}: file not found")
     rows = []
@@ -144,7 +172,7 @@ def read_eval_set(name: str, spec: dict) -> list[dict]:
 
 def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
     """Fill preference, verdicts and order in each row (reference and answer already set)."""
-    from stages.lib.judging.judge import combine, judge_prompt, parse_verdict, preference, student_first
+    from stages.lib.judging.judge import combine, pairwise_judge_prompt, parse_verdict, preference, student_first
 
     todo, prompts = [], []
     for r in rows:
@@ -159,7 +187,7 @@ def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
         for o in orders:
             pair = (r["reference"], r["answer"]) if o == "ref_first" else (r["answer"], r["reference"])
             todo.append((r, o))
-            prompts.append(judge_prompt(q, *pair))
+            prompts.append(pairwise_judge_prompt(q, *pair))
     for (r, o), rec in zip(todo, ask_judge(prompts) if prompts else []):
         r[f"verdict_{o}"] = parse_verdict(rec["text"] if rec else None)
     for r in rows:
@@ -195,7 +223,7 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
             raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} (see the cache's failures)")
         r.update(reference=ref["text"].strip(), reference_source="teacher")
     for r in rows:
-        r.setdefault("reference_source", p.sets[r["set"]].get("reference", "teacher"))
+        r.setdefault("reference_source", p.sets[r["set"]].reference)
     verdict = Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)
     judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
@@ -212,18 +240,20 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
     cache for all, one loaded model per distinct endpoint."""
     from stages.lib.llm.teacher import TeacherSession, make_backend
 
-    endpoints = {"student": {"backend": "local", "model": p.model, "prompt_form": "chat", "dtype": dtype},
-                 "teacher": {"prompt_form": "chat", **p.teacher}, "judge": {"prompt_form": "chat", **p.judge}}
+    endpoints = {"student": EndpointParams("local", p.model), "teacher": p.teacher, "judge": p.judge}
+    dtypes = {"student": dtype}  # `evaluate.dtype` is the student's; local teachers and judges load in float32
     made: dict[tuple, TeacherSession] = {}
 
     def session(role: str):
         e = endpoints[role]
-        key = (e["backend"], e["model"], e.get("base_url"), e["prompt_form"], e.get("dtype"))
+        d = dtypes.get(role, "float32") if e.backend == "local" else None
+        key = (e.backend, e.model, e.base_url, e.prompt_form, json.dumps(e.extra_body, sort_keys=True), e.model_family,
+               e.reasoning_budget, d)
         if key not in made:
-            made[key] = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"),
-                                                                 p.batch_size, e.get("dtype", "float32")), cache)
+            made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size,
+                                                                 d or "float32", options=e.options()), cache)
         s = made[key]
-        return lambda prompts, sampling: s.ask(prompts, sampling, e["prompt_form"])
+        return lambda prompts, sampling: s.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
 
     return session, made
 
@@ -234,22 +264,26 @@ def main() -> None:
 
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
-    data = TokenSplit("data/tokens", "val")
+    data = TokenSplit(paths.TOKENS, "val")
     dtype = resolve_dtype(p.dtype, p.device)
     metrics = score(p.model, data, p.batch_size, dtype, p.device)
     if p.score_base:
         base = score(load_student().model, data, p.batch_size, dtype, p.device)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(p.cache_dir, store=TeacherStore(store_dir(p.teacher_store))), dtype)
-    df, per_set = evaluate_sets(p, sessions)
-    with atomic_dir(p.out_dir) as out:
+    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store))), dtype)
+    try:
+        df, per_set = evaluate_sets(p, sessions)
+    except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too
+        write_json(paths.metrics("evaluate"), {**metrics, "error": str(stop)})
+        raise
+    with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")
     calls = {"requests": sum(s.stats.requests for s in made.values()),
              "cache_hits": sum(s.stats.cache_hits for s in made.values()),
              "model_calls": sum(s.stats.teacher_calls for s in made.values())}
     metrics.update({"stop_rate": round(float((df["finish_reason"] == "stop").mean()), 4) if df.height else None,
                     "judge": per_set, "calls": calls})
-    write_json("metrics/eval.json", metrics)
+    write_json(paths.metrics("evaluate"), metrics)
     for name, m in per_set.items():
         log(f"evaluate: {name}: student win rate {m['win_rate']} ± {m['standard_error']} over {m['n']} prompts "
             f"(stop rate {m['stop_rate']}, position flips {m['position_flip_rate']})")
@@ -257,4 +291,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EvaluateParams, "evaluate")

@@ -15,23 +15,23 @@ counts per reason go to `metrics/filter.json`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import polars as pl
 
+from stages.lib import paths
 from stages.lib.common import atomic_dir, check, load_params, log, progress, read_shards, run_main, write_json, write_shards
+from stages.lib.text.dedup import NearDuplicates, word_shingles
 from stages.lib.text.novelty import TOKENIZERS, novelty
-from stages.lib.text.rules import BLACKLIST, REASONS, blacklist_regex, rule_reason, shingles
+from stages.lib.text.rules import REASONS, RuleParams, blacklist_regex, rule_reason
+
 
 @dataclass
-class FilterParams:
-    min_words: int = 4
-    """Reject instructions with fewer words (Alpaca drops <= 3)."""
-    max_words: int = 150
-    """Reject instructions with more words (Alpaca: > 150)."""
-    blacklist: list[str] = field(default_factory=lambda: list(BLACKLIST))
-    """Whole words (case-insensitive) that mark tasks a text-only model cannot do."""
+class FilterParams(RuleParams):
+    """The rule filters' `min_words`, `max_words` and `blacklist` (`RuleParams`, also read by generate's
+    self-instruct bootstrap), then the novelty and near-duplicate settings."""
+
     rouge_threshold: float = 0.7
     """Reject when ROUGE-L F1 with the seeds or an earlier kept instruction is above this."""
     rouge_tokenizer: str = "rouge_score"
@@ -44,8 +44,6 @@ class FilterParams:
     """Word n-gram shingles for MinHash."""
     minhash_seed: int = 1
     """Seed of the MinHash permutations."""
-    out_dir: str = "data/filtered"
-    """Output folder: `kept-*.parquet`, `rejected-*.parquet`."""
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
 
@@ -64,8 +62,6 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
                 seed_ids: list[str] | None = None) -> Iterator[dict]:
     """Yield every row, in order, with `reason` (None when kept), `detail`, `rouge_max`,
     `rouge_nearest` (the most similar earlier instruction), `rouge_nearest_id` and `minhash_twin_id`."""
-    from datasketch import MinHash, MinHashLSH
-
     bl = blacklist_regex(p.blacklist)
     reasons = [rule_reason(r, p, bl) for r in rows]
     # Novelty is decided once per task: the instances of one self-instruct task (same instruction,
@@ -88,7 +84,7 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
         near_row = None if near < n_seeds else rows[passed[near - n_seeds]]
         decided[task(i)] = (bool(nov.kept[j]), float(nov.score[j]), near, near_row)
     by_row = {i: decided[task(i)] for i, r in enumerate(reasons) if r is None}
-    lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm)
+    dedup = NearDuplicates(p.minhash_threshold, p.minhash_num_perm, p.minhash_seed)
     for k, row in enumerate(rows):
         out = {**row, "reason": reasons[k], "detail": None, "rouge_max": None, "rouge_nearest": None,
                "rouge_nearest_id": None, "minhash_twin_id": None}
@@ -103,22 +99,18 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
                 out["reason"] = "too_similar"
                 out["detail"] = f"ROUGE-L {score:.3f} with {out['rouge_nearest_id']}: {out['rouge_nearest']}"
             else:
-                mh = MinHash(num_perm=p.minhash_num_perm, seed=p.minhash_seed)
-                mh.update_batch(sorted(shingles(row, p.minhash_ngram)))
-                twins = lsh.query(mh)
-                if twins:
-                    twin = rows[min(twins)]
-                    out["reason"], out["minhash_twin_id"] = "near_duplicate", twin.get("id", str(min(twins)))
-                    out["detail"] = f"near duplicate of {out['minhash_twin_id']}: {twin['instruction']}"
-                else:
-                    lsh.insert(k, mh)
+                text = " ".join([row["instruction"] or "", row["input"] or "", row["output"] or ""])
+                t = dedup.twin(k, word_shingles(text, p.minhash_ngram))
+                if t is not None:
+                    out["reason"], out["minhash_twin_id"] = "near_duplicate", rows[t].get("id", str(t))
+                    out["detail"] = f"near duplicate of {out['minhash_twin_id']}: {rows[t]['instruction']}"
         yield out
 
 
 def main() -> None:
     p = load_params(FilterParams, "filter")
-    seeds = read_shards("data/seeds")
-    gen = read_shards("data/generated", "tasks").sort(["request_index", "item_index"])
+    seeds = read_shards(paths.SEEDS)
+    gen = read_shards(paths.GENERATED, "tasks").sort(["request_index", "item_index"])
     seed_ids = seeds["id"].to_list()
     rows = list(progress(filter_rows(gen.to_dicts(), seeds["instruction"].to_list(), p, seed_ids), gen.height, "filter"))
     df = pl.DataFrame(rows, schema={**gen.schema, "reason": pl.String, "detail": pl.String, "rouge_max": pl.Float64,
@@ -126,12 +118,12 @@ def main() -> None:
                                     "minhash_twin_id": pl.String})
     kept = df.filter(pl.col("reason").is_null()).drop("reason", "detail", "minhash_twin_id")
     rejected = df.filter(pl.col("reason").is_not_null())
-    unparsed = read_shards("data/generated", "unparsed").height
+    unparsed = read_shards(paths.GENERATED, "unparsed").height
     by_reason = dict.fromkeys(REASONS, 0) | dict(rejected["reason"].value_counts().iter_rows())
-    with atomic_dir(p.out_dir) as tmp:
+    with atomic_dir(paths.FILTERED) as tmp:
         write_shards(kept, tmp, "kept", p.rows_per_shard)
         write_shards(rejected, tmp, "rejected", p.rows_per_shard)
-    write_json("metrics/filter.json", {
+    write_json(paths.metrics("filter"), {
         "generated": gen.height + unparsed,
         "unparsed": unparsed,
         "parsed": gen.height,
@@ -147,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, FilterParams, "filter")

@@ -3,15 +3,21 @@
 * `alpaca`: Alpaca's single prompt; the teacher continues a numbered list of
   instruction / input / output tasks (below);
 * `self_instruct`: self-instruct's four steps with a growing pool (`stages/self_instruct.py`);
-* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`).
-All three share the teacher client, the response cache, the metrics and the output schema.
+* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`);
+* `evol_instruct`: WizardLM's in-depth and in-breadth evolution of seed (or generated) instructions,
+  with its elimination rules (`stages/lib/generation/evol_instruct.py`);
+* `magpie`: the teacher writes the user query from its own chat template's pre-query
+  (`stages/lib/generation/magpie.py`; local backend or a completion endpoint).
+All share the teacher client, the response cache, the metrics and the output schema.
 
 Alpaca method: request i shows the teacher k seed tasks sampled with `Random(f"{seed}:{i}")` (so
 adding requests never changes earlier prompts, and the cache still answers them) in
 Alpaca's numbered `Instruction:/Input:/Output:` format and asks it to continue the
 list. Each item of a response is parsed on its own: one malformed item is recorded with
 its reason and never discards the rest. Rows carry provenance: prompt hash, cache key,
-teacher, sampling params, response id.
+teacher, sampling params, response id, and the model and system fingerprint an API said
+it served. With `prompt_form: chat` every method asks as chat models expect (a system
+message, an explicit ask) and reads replies as they write them (`stages/lib/generation/chat.py`).
 """
 
 from __future__ import annotations
@@ -22,29 +28,47 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
-from stages.lib.common import (StageError, atomic_dir, check, load_params, log, params_from_dict, read_shards, run_main,
-                           set_threads, write_json, write_shards)
+from stages.lib import paths
+from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, params_from_dict,
+                               read_shards, run_main,
+                               set_threads, write_json, write_shards)
 from stages.lib.formats import read_prompts
+from stages.lib.generation.chat import clean
+from stages.lib.generation.evol_instruct import EvolParams
+from stages.lib.generation.magpie import MagpieParams
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
+from stages.lib.llm.openai_api import FAMILIES, RequestOptions, TeacherStop
 from stages.lib.llm.store import TeacherStore, store_dir
 from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
 from stages.lib.text.clean import read_text
+from stages.lib.text.rules import RuleParams
 
-METHODS = ("alpaca", "self_instruct", "responses")
+METHODS = ("alpaca", "self_instruct", "responses", "evol_instruct", "magpie")
 
 
-PRICES = {  # USD per million tokens; check your provider's current prices
-    "gpt-4o-mini": {"input_per_million": 0.15, "output_per_million": 0.6},
-    "gpt-4.1-mini": {"input_per_million": 0.4, "output_per_million": 1.6},
-    "gpt-4o": {"input_per_million": 2.5, "output_per_million": 10.0},
+@dataclass
+class ModelPrice:
+    """USD per million tokens of one model (check your provider's current prices)."""
+
+    input_per_million: float = 0.0
+    """USD per million prompt tokens."""
+    output_per_million: float = 0.0
+    """USD per million completion tokens."""
+
+
+PRICES = {
+    "gpt-4o-mini": ModelPrice(0.15, 0.6),
+    "gpt-4.1-mini": ModelPrice(0.4, 1.6),
+    "gpt-4o": ModelPrice(2.5, 10.0),
 }
 
 
 @dataclass
 class GenerateParams:
     method: str = "alpaca"
-    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)."""
+    """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)
+    | evol_instruct (WizardLM evolution of instructions) | magpie (the teacher writes the queries)."""
     backend: str = "local"
     """Teacher backend: `local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint)."""
     model: str = "models/teacher"
@@ -52,7 +76,21 @@ class GenerateParams:
     base_url: str | None = None
     """Endpoint for `openai` (e.g. http://localhost:8000/v1 for vLLM); null means api.openai.com. The key comes from OPENAI_API_KEY."""
     prompt_form: str = "completion"
-    """`completion`: plain-text continuation (best yield for small local models); `chat`: one user message."""
+    """`completion`: plain-text continuation (best yield for small local models; needs a /completions
+    endpoint); `chat`: chat messages with prompts and parsers written for chat models (OpenAI's chat and
+    reasoning models, any chat-only endpoint)."""
+    system_prompt: str = ""
+    """Chat form: the system message of method responses' answer requests (empty: none). The other
+    requests (alpaca's list, self-instruct's steps, the judge) carry their own."""
+    extra_body: dict = field(default_factory=dict)
+    """API backend: extra request body fields sent as given, e.g. {reasoning_effort: low} for OpenAI's
+    reasoning models, {top_k: 20} for vLLM. Part of every request's cache key."""
+    model_family: str = "auto"
+    """API backend: `auto` (from the model name), `standard` (max_tokens, temperature, top_p, stop) or
+    `reasoning` (o1/o3/o4-mini/gpt-5: max_completion_tokens and no sampling params)."""
+    reasoning_budget: int = 1024
+    """Reasoning models: hidden reasoning tokens allowed per request on top of the answer budget
+    (billed as output; counted in cost and in the max_cost_usd check)."""
     prompt_file: str = "seeds/prompts/generate_prompt.txt"
     """Instructions to the teacher, put before the numbered examples."""
     num_requests: int = 48
@@ -80,7 +118,7 @@ class GenerateParams:
     batch_api: bool = False
     """API backend: send uncached requests through the OpenAI Batch API (half price, results within 24 h);
     `dvc repro` submits the jobs and stops, a later `dvc repro` collects them."""
-    prices: dict = field(default_factory=lambda: {m: dict(v) for m, v in PRICES.items()})
+    prices: dict[str, ModelPrice] = field(default_factory=lambda: {m: ModelPrice(**asdict(v)) for m, v in PRICES.items()})
     """USD per million tokens by model: {model: {input_per_million: x, output_per_million: y}}."""
     max_new_tokens: int = 192
     """Completion budget per request (Alpaca: 3072 with a strong teacher)."""
@@ -92,8 +130,6 @@ class GenerateParams:
     """Seeds the in-context sampling and local decoding."""
     dtype: str = "float32"
     """Local backend weights dtype (bfloat16 on a GPU)."""
-    cache_dir: str = "data/teacher_cache"
-    """Content-addressed teacher responses; a persist DVC output no other stage depends on."""
     teacher_store: str | None = None
     """Absolute folder outside the repository that also keeps every response and Batch job id, so a failed
     `dvc exp run --temp`/`--queue` loses nothing; null: $STILLHOUSE_TEACHER_STORE, else
@@ -101,24 +137,29 @@ class GenerateParams:
     teacher_id: str | None = None
     """Explicit teacher identity in the cache keys instead of `openai:<model>` / the local weights' hash
     (null: those); set it to keep answers of two servers serving one model name apart."""
-    out_dir: str = "data/generated"
-    """Output folder: `tasks-*.parquet`, `unparsed-*.parquet`, `stats.json`."""
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
-    self_instruct: dict = field(default_factory=lambda: asdict(SelfInstructParams()))
-    """Method self_instruct (and responses from bootstrap): see `SelfInstructParams`."""
-    responses: dict = field(default_factory=lambda: asdict(ResponsesParams()))
-    """Method responses: see `ResponsesParams`."""
+    self_instruct: SelfInstructParams = field(default_factory=SelfInstructParams)
+    """Method self_instruct (and responses from bootstrap); its bootstrap's rule filter takes
+    `filter.min_words`, `filter.max_words` and `filter.blacklist`."""
+    responses: ResponsesParams = field(default_factory=ResponsesParams)
+    """Method responses."""
+    evol_instruct: EvolParams = field(default_factory=EvolParams)
+    """Method evol_instruct."""
+    magpie: MagpieParams = field(default_factory=MagpieParams)
+    """Method magpie."""
 
     def __post_init__(self):
+        convert_fields(self, "generate")
         check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
-        self.si = params_from_dict(SelfInstructParams, self.self_instruct, "generate.self_instruct")
-        self.resp = params_from_dict(ResponsesParams, self.responses, "generate.responses")
-        check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.resp.prompts != "bootstrap"),
+        check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.responses.prompts != "bootstrap"),
               "batch_api: each self-instruct step needs the previous one's answers; use it with method alpaca, "
               "or responses from a prompt file")
         check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
         check(self.prompt_form in ("completion", "chat"), f"prompt_form: expected completion or chat, got {self.prompt_form!r}")
+        check(self.model_family in FAMILIES, f"model_family: expected one of {FAMILIES}, got {self.model_family!r}")
+        self.options = params_from_dict(RequestOptions, {"model_family": self.model_family, "extra_body": self.extra_body,
+                                                         "reasoning_budget": self.reasoning_budget}, "generate")
         check(self.num_requests >= 0, "num_requests: must be >= 0")
         check(1 <= self.num_prompt_instructions <= 19, "num_prompt_instructions: must be in 1..19")
         check(self.batch_size >= 1 and self.max_new_tokens >= 1, "batch_size and max_new_tokens: must be >= 1")
@@ -128,8 +169,6 @@ class GenerateParams:
         check(not self.batch_api or self.backend == "openai", "batch_api: needs backend openai")
         check(self.api_transport in ("direct", "sdk"), f"api_transport: expected direct or sdk, got {self.api_transport!r}")
         check(0 <= self.max_failure_rate <= 1 and self.max_cost_usd >= 0, "0 <= max_failure_rate <= 1, max_cost_usd >= 0")
-        for model, price in self.prices.items():
-            check(set(price) <= {"input_per_million", "output_per_million"}, f"prices.{model}: unknown keys {sorted(price)}")
 
 
 # ---------------------------------------------------------------- prompt
@@ -144,6 +183,19 @@ def encode_prompt(header: str, tasks: list[dict]) -> str:
         parts.append(f"###\n{i}. Instruction: {inst}\n{i}. Input:\n{x['input'] or '<noinput>'}\n{i}. Output:\n{x['output']}\n")
     parts.append(f"###\n{len(tasks) + 1}. Instruction:")
     return "".join(parts)
+
+
+ALPACA_SYSTEM = ("You write diverse tasks for training a language model. Reply with the tasks only, in exactly "
+                 "the format of the examples, and nothing else.")
+ALPACA_TOTAL = 20  # the prompt file asks for a list of 20 tasks
+
+
+def encode_chat_prompt(header: str, tasks: list[dict]) -> tuple[str, str]:
+    """(system, user): Alpaca's header and numbered examples, then an explicit ask for the rest of the list."""
+    user = encode_prompt(header, tasks).rsplit("###\n", 1)[0]
+    k = len(tasks) + 1
+    return ALPACA_SYSTEM, (f"{user}###\n\nContinue the list with tasks {k} to {max(k, ALPACA_TOTAL)} in exactly the same "
+                           f"format ({k}. Instruction: ..., {k}. Input: ..., {k}. Output: ...), separated by ###.")
 
 
 def sample_examples(seeds: list[dict], k: int, seed: int, request_index: int) -> list[dict]:
@@ -192,26 +244,64 @@ def parse_response(text: str, first_index: int, finish_reason: str) -> list[dict
     return items
 
 
+_CHAT_LABEL = re.compile(r"^[ \t]*(?:[-*\u2022][ \t]+)?(?:(\d+)[ \t]*[.)][ \t]*)?(instruction|input|output)[ \t]*(\d+)?[ \t]*:",
+                         re.I)
+
+
+_CHAT_HEADING = re.compile(r"^[ \t]*(?:task|item|example)[ \t]*#?[ \t]*(\d+)[ \t]*[:.]?[ \t]*$", re.I)
+
+
+def parse_chat_response(text: str, first_index: int, finish_reason: str) -> list[dict]:
+    """`parse_response` for a chat model's reply: markdown and commentary removed, a preamble before
+    the first item dropped, labels normalised ("**Instruction 5:**", "Input:" without a number, "- Output:")
+    to `N. Label:`, whatever numbers the model used. A reply with no item at all is one `no_items` row."""
+    lines, n, heading = [], first_index - 1, None
+    for line in clean(text).split("\n"):
+        h = _CHAT_HEADING.match(line)
+        if h:  # "Task 5" / "Task 5:" over an unnumbered item: a heading, not part of the item above
+            heading = int(h.group(1))
+            continue
+        m = _CHAT_LABEL.match(line)
+        if m:
+            label = m.group(2).capitalize()
+            if label == "Instruction":
+                n = int(m.group(1) or m.group(3) or heading or n + 1)
+                heading = None
+            line = f"{n}. {label}:{line[m.end():]}"
+        lines.append(line)
+    body = "\n".join(lines)
+    first = _ITEM.search(body)
+    if first is None:
+        return [{"instruction": None, "input": None, "output": None, "error": "no_items", "raw": text}]
+    items = parse_response(body[first.start():].lstrip("\n"), first_index, finish_reason)
+    for item in items:  # "Input: None" / "N/A": a chat model's way of writing <noinput>
+        if item["input"] is not None and item["input"].strip(" .()").lower() in {"none", "n/a", "na", "no input", "-", ""}:
+            item["input"] = ""
+    return items
+
+
 # ---------------------------------------------------------------- stage
 
 
-def build_prompts(seeds: list[dict], header: str, p: GenerateParams) -> tuple[list[str], list[list[str]]]:
+def build_prompts(seeds: list[dict], header: str, p: GenerateParams) -> tuple[list, list[list[str]]]:
     prompts, shown = [], []
+    encode = encode_chat_prompt if p.prompt_form == "chat" else encode_prompt
     for i in range(p.num_requests):
         ex = sample_examples(seeds, p.num_prompt_instructions, p.seed, i)
-        prompts.append(encode_prompt(header, ex))
+        prompts.append(encode(header, ex))
         shown.append([t["id"] for t in ex])
     return prompts, shown
 
 
-def rows_from_records(records: list[dict], shown: list[list[str]], first_index: int):
+def rows_from_records(records: list[dict], shown: list[list[str]], first_index: int, form: str = "completion"):
     """Turn cached teacher records into (task rows, unparsed rows), in request order."""
     tasks, unparsed = [], []
+    parse = parse_chat_response if form == "chat" else parse_response
     for i, rec in enumerate(records):
         if rec is None:  # failed this run; retried by the next one
             continue
         base = {"request_index": i, **provenance(rec)}
-        for j, item in enumerate(parse_response(rec["text"], first_index, rec["finish_reason"])):
+        for j, item in enumerate(parse(rec["text"], first_index, rec["finish_reason"])):
             if item["error"]:
                 unparsed.append({**base, "item_index": j, "step": "alpaca", "error": item["error"], "raw": item["raw"]})
             else:
@@ -226,24 +316,102 @@ TASK_SCHEMA = {
     "id": pl.String, "request_index": pl.Int64, "item_index": pl.Int64, "instruction": pl.String, "input": pl.String,
     "output": pl.String, "in_context_ids": pl.List(pl.String), "prompt_hash": pl.String, "cache_key": pl.String,
     "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String, "finish_reason": pl.String,
+    "served_model": pl.String, "system_fingerprint": pl.String,
     "method": pl.String, "is_classification": pl.Boolean, "source": pl.String,
 }
 UNPARSED_SCHEMA = {
     "request_index": pl.Int64, "item_index": pl.Int64, "step": pl.String, "error": pl.String, "raw": pl.String, "prompt_hash": pl.String,
     "cache_key": pl.String, "response_id": pl.String, "teacher_model": pl.String, "sampling": pl.String,
-    "finish_reason": pl.String,
+    "finish_reason": pl.String, "served_model": pl.String, "system_fingerprint": pl.String,
 }
 
 
+def run_method(p: GenerateParams, session: TeacherSession, seeds: list[dict], sampling: Sampling, steps: dict,
+               rules: RuleParams | None = None):
+    """Ask the teacher by `p.method`; returns (task rows, dropped rows) and fills `steps` with per-step metrics.
+    `rules`: filter's rule params for self-instruct's bootstrap."""
+    from stages.lib.generation import evol_instruct, magpie, responses, self_instruct
+
+    if p.method == "alpaca":
+        header = read_text(p.prompt_file)
+        prompts, shown = build_prompts(seeds, header, p)
+        records = session.ask(prompts, sampling, p.prompt_form)
+        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, p.prompt_form)
+        steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
+        return tasks, unparsed
+    if p.method == "self_instruct":
+        tasks, unparsed, got = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.self_instruct, p.seed,
+                                                 p.prompt_form, rules)
+        steps.update(got)
+        return tasks, unparsed
+    if p.method == "evol_instruct":
+        unparsed = []
+        if p.evol_instruct.prompts == "seeds":
+            pool = [{"id": s["id"], "instruction": s["instruction"], "input": s["instances"][0]["input"]}
+                    for s in seeds[: p.num_requests]]
+        elif p.evol_instruct.prompts == "bootstrap":
+            machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
+                                                                          sampling, p.self_instruct, p.seed, p.prompt_form, rules)
+            pool = [{"id": m["id"], "instruction": m["instruction"], "input": ""} for m in machine]
+        else:
+            pool = [{"id": f"{p.evol_instruct.prompts}:{i + 1}", **x} for i, x in enumerate(read_prompts(p.evol_instruct.prompts,
+                                                                                                  p.num_requests))]
+        tasks, drops, steps["evol_instruct"] = evol_instruct.run(session.ask, pool, p.evol_instruct, sampling, p.prompt_form,
+                                                                 p.seed)
+        return tasks, unparsed + drops
+    if p.method == "magpie":
+        tok = magpie.load_tokenizer(p.magpie.tokenizer or p.model)
+        tasks, unparsed, steps["magpie"] = magpie.run(session.ask, tok, p.num_requests, p.magpie, sampling)
+        return tasks, unparsed
+    if p.responses.prompts == "bootstrap":
+        machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
+                                                                      sampling, p.self_instruct, p.seed, p.prompt_form, rules)
+        prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
+                    "in_context_ids": m["in_context_ids"]} for m in machine]
+    else:
+        steps["prompt_file"] = {}  # text repaired, records over the size cap skipped
+        prompts, unparsed = read_prompts(p.responses.prompts, p.responses.max_prompts, steps["prompt_file"]), []
+    tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.responses, sampling, p.system_prompt)
+    return tasks, unparsed + drops
+
+
+def call_metrics(session: TeacherSession, price) -> dict:
+    """What the teacher calls did and cost, and what the server said when it refused."""
+    stats = session.stats
+    return {
+        "requests": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "teacher_calls": stats.teacher_calls,
+        "failed": stats.failed,
+        "failed_by_reason": stats.failed_by_reason,
+        "failure_messages": stats.failure_messages,
+        "finish_reasons": stats.by_finish,
+        "prompt_tokens_called": stats.prompt_tokens,
+        "completion_tokens_called": stats.completion_tokens,
+        "reasoning_tokens_called": stats.reasoning_tokens,
+        "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
+        # completion tokens include reasoning tokens (billed as output, as OpenAI reports them)
+        "cost_usd_called": round(price.cost(stats.prompt_tokens, stats.completion_tokens), 6) if price else 0.0,
+        "api_requests_sent": stats.api.get("sent", 0),
+        "api_retries": stats.api.get("retries", 0),
+        "api_errors": stats.api.get("errors", {}),
+        "api_error_messages": stats.api.get("messages", {}),
+        "api_not_sent": stats.api.get("not_sent", 0),
+    }
+
+
 def main() -> None:
-    from stages.lib.generation import responses, self_instruct
+    from stages.lib.generation import evol_instruct, magpie, self_instruct
     from stages.lib.llm.openai_api import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
+    if p.method == "magpie":
+        magpie.check_endpoint(p.backend, p.prompt_form)  # before anything is loaded or paid
+    rules = load_params(RuleParams, "filter", only_own_keys=True)  # self-instruct's bootstrap filters as `filter` does
     set_threads()
-    seeds = read_shards("data/seeds").to_dicts()
+    seeds = read_shards(paths.SEEDS).to_dicts()
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
-    price = Price(**p.prices[p.model]) if p.model in p.prices else None
+    price = Price(**asdict(p.prices[p.model])) if p.model in p.prices else None
     if price and p.batch_api:  # the Batch API bills half the synchronous price
         price = Price(price.input_per_million / 2, price.output_per_million / 2)
     if p.backend == "openai" and price is None:
@@ -251,56 +419,31 @@ def main() -> None:
     limits = ApiLimits(p.concurrency, p.requests_per_minute, p.tokens_per_minute, p.max_attempts,
                        timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd, transport=p.api_transport)
     session = TeacherSession(
-        lambda form: make_backend(p.backend, p.model, form, p.base_url, p.batch_size, p.dtype, limits, price),
-        ResponseCache(p.cache_dir, store=TeacherStore(store_dir(p.teacher_store))), price, p.batch_api, p.teacher_id)
+        lambda form: make_backend(p.backend, p.model, form, p.base_url, p.batch_size, p.dtype, limits, price, p.options),
+        ResponseCache(paths.TEACHER_CACHE, store=TeacherStore(store_dir(p.teacher_store))), price, p.batch_api,
+        p.teacher_id)
     steps: dict = {}
-    if p.method == "alpaca":
-        header = read_text(p.prompt_file)
-        prompts, shown = build_prompts(seeds, header, p)
-        records = session.ask(prompts, sampling, p.prompt_form)
-        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1)
-        steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
-    elif p.method == "self_instruct":
-        tasks, unparsed, steps = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.si, p.seed)
-    else:
-        if p.resp.prompts == "bootstrap":
-            machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
-                                                                          sampling, p.si, p.seed)
-            prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
-                        "in_context_ids": m["in_context_ids"]} for m in machine]
-        else:
-            steps["prompt_file"] = {}  # text repaired, records over the size cap skipped
-            prompts, unparsed = read_prompts(p.resp.prompts, p.resp.max_prompts, steps["prompt_file"]), []
-        tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.resp, sampling)
-        unparsed += drops
+    try:
+        tasks, unparsed = run_method(p, session, seeds, sampling, steps, rules)
+    except TeacherStop as stop:  # a wrong URL, key, model or parameter: say so in the metrics too, then stop
+        write_json(paths.metrics("generate"), {**call_metrics(session, price), "error": str(stop), "steps": steps})
+        raise
     for t in tasks:
         t["method"] = p.method
     stats = session.stats
     errors = self_instruct.count(u["error"] for u in unparsed)
     metrics = {
         "method": p.method,
-        "requests": stats.requests,
-        "cache_hits": stats.cache_hits,
-        "teacher_calls": stats.teacher_calls,
-        "failed": stats.failed,
-        "failed_by_reason": stats.failed_by_reason,
         "items_parsed": len(tasks),
         "items_unparsed": len(unparsed),
         "unparsed_by_reason": errors,
         "steps": steps,
-        "finish_reasons": stats.by_finish,
-        "prompt_tokens_called": stats.prompt_tokens,
-        "completion_tokens_called": stats.completion_tokens,
-        "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
-        "cost_usd_called": round(price.cost(stats.prompt_tokens, stats.completion_tokens), 6) if price else 0.0,
-        "api_requests_sent": stats.api.get("sent", 0),
-        "api_retries": stats.api.get("retries", 0),
-        "api_errors": stats.api.get("errors", {}),
+        **call_metrics(session, price),
     }
     if p.batch_api:
         metrics["batch"] = {k: stats.batch.get(k, 0) for k in ("collected", "submitted")}
         metrics["batch"]["running_jobs"] = len(stats.batch.get("running", {}))
-    write_json("metrics/generate.json", metrics)
+    write_json(paths.metrics("generate"), metrics)
     if stats.batch.get("running"):
         raise StageError(f"generate: {session.waiting} requests wait in {len(stats.batch['running'])} Batch API job(s) "
                          f"{sorted(stats.batch['running'])}; run `dvc repro` again later to collect them")
@@ -308,14 +451,18 @@ def main() -> None:
         raise StageError(f"generate: budget max_cost_usd={p.max_cost_usd} reached; {stats.failed_by_reason['budget']} "
                          "requests were not sent (raise the budget or lower num_requests; paid responses are cached)")
     if stats.requests and stats.failed / stats.requests > p.max_failure_rate:
+        said = "; ".join(f"{k}: {v}" for k, v in sorted(stats.failure_messages.items()))
         raise StageError(f"generate: {stats.failed} of {stats.requests} requests failed {stats.failed_by_reason} "
-                         f"(more than max_failure_rate={p.max_failure_rate}); rerun to retry only those")
-    with atomic_dir(p.out_dir) as tmp:
-        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA), tmp, "tasks", p.rows_per_shard)
-        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA), tmp, "unparsed", p.rows_per_shard)
+                         f"(more than max_failure_rate={p.max_failure_rate}); rerun to retry only those"
+                         + (f"; the server said: {said}" if said else ""))
+    with atomic_dir(paths.GENERATED) as tmp:
+        extra = {"evol_instruct": evol_instruct.EXTRA_COLUMNS, "magpie": magpie.EXTRA_COLUMNS}.get(p.method, {})
+        write_shards(pl.DataFrame(tasks, schema=TASK_SCHEMA | extra), tmp, "tasks", p.rows_per_shard)
+        write_shards(pl.DataFrame(unparsed, schema=UNPARSED_SCHEMA | (extra if p.method == "evol_instruct" else {})),
+                     tmp, "unparsed", p.rows_per_shard)
     log(f"generate ({p.method}): {len(tasks)} tasks, {len(unparsed)} dropped {errors}; {stats.teacher_calls} teacher "
         f"calls, {stats.cache_hits} cache hits, {stats.failed} failed")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, GenerateParams, "generate")

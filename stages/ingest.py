@@ -25,15 +25,20 @@ counted with its reason (datatrove style: pure steps, stats and drop reasons):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
-from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json, write_shards
+from stages.lib import paths
+from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, read_shards, run_main,
+                               write_json, write_shards)
 from stages.lib.formats import Malformed, records, to_messages
 from stages.lib.text.clean import MAX_TEXT_CHARS
+from stages.lib.text.dedup import NearDuplicates, word_shingles
 
 FORMATS = ("sharegpt", "alpaca", "hc3", "messages", "generated")
 BLOCKED = "Too many requests in 1 hour. Try again later."
@@ -41,10 +46,32 @@ TEACHER_NAMES = ["openai", "chatgpt", "gpt-3", "gpt3", "gpt-4", "gpt4", "chat-gp
 
 
 @dataclass
+class SourceParams:
+    """One source of conversations (`ingest.sources.<name>`)."""
+
+    format: Literal["sharegpt", "alpaca", "hc3", "messages", "generated"]
+    """sharegpt (JSON/JSONL) | alpaca (JSON/JSONL) | hc3 (JSONL) | messages (OpenAI JSONL) | generated (data/filtered)."""
+    path: str | None = None
+    """The file (required for every format but `generated`)."""
+    licence: str = "unknown"
+    """Licence recorded on each row."""
+    cap: int = 0
+    """Keep at most this many clean conversations of the source (0: all)."""
+    answers: Literal["chatgpt", "human"] | None = None
+    """hc3: which answers become the assistant turn."""
+
+    def __post_init__(self):
+        check(self.format == "generated" or bool(self.path), "path: required")
+        check(self.format != "hc3" or self.answers in ("chatgpt", "human"), "answers: chatgpt or human (hc3)")
+        check(self.cap >= 0, "cap: must be >= 0")
+
+
+@dataclass
 class IngestParams:
-    sources: dict = field(default_factory=lambda: {"generated": {"format": "generated", "licence": "teacher-terms"}})
+    sources: dict[str, SourceParams] = field(
+        default_factory=lambda: {"generated": SourceParams(format="generated", licence="teacher-terms")})
     """name -> {format, path, licence, cap (0: all), answers (hc3: chatgpt | human)}."""
-    mixtures: dict = field(default_factory=lambda: {"distill": {"generated": 1.0}})
+    mixtures: dict[str, dict[str, float]] = field(default_factory=lambda: {"distill": {"generated": 1.0}})
     """name -> {source: weight}; weight < 1 keeps that share (seeded by id), 2 repeats twice."""
     mixture: str = "distill"
     """The mixture to build."""
@@ -60,56 +87,53 @@ class IngestParams:
     """MinHash permutations."""
     minhash_ngram: int = 5
     """Word n-gram shingles."""
+    minhash_seed: int = 1
+    """Seed of the MinHash permutations."""
     decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval/eval_prompts.jsonl"])
     """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must not share."""
     decontam_ngram: int = 8
     """Word n-gram length for decontamination (a shorter eval prompt must not appear whole)."""
     seed: int = 0
     """Seeds mixture sampling."""
-    out_dir: str = "data/conversations"
-    """Output folder: `conversations-*.parquet`, `dropped-*.parquet`."""
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
     max_message_chars: int = MAX_TEXT_CHARS
     """A record holding a message longer than this (characters) is dropped as `too_long` (0: no cap)."""
 
     def __post_init__(self):
+        convert_fields(self, "ingest")
         check(self.max_message_chars >= 0, "max_message_chars: must be >= 0 (0: no cap)")
         check(self.mixture in self.mixtures, f"mixture: {self.mixture!r} is not in mixtures {sorted(self.mixtures)}")
-        for name, src in self.sources.items():
-            check(isinstance(src, dict) and src.get("format") in FORMATS,
-                  f"sources.{name}.format: expected one of {FORMATS}")
-            unknown = set(src) - {"format", "path", "licence", "cap", "answers"}
-            check(not unknown, f"sources.{name}: unknown keys {sorted(unknown)}")
-            check(src["format"] == "generated" or bool(src.get("path")), f"sources.{name}.path: required")
-            check(src["format"] != "hc3" or src.get("answers") in ("chatgpt", "human"),
-                  f"sources.{name}.answers: chatgpt or human (hc3)")
         for mix, weights in self.mixtures.items():
             for s, w in weights.items():
                 check(s in self.sources, f"mixtures.{mix}: unknown source {s!r}")
-                check(isinstance(w, (int, float)) and w >= 0, f"mixtures.{mix}.{s}: weight must be >= 0")
+                check(w >= 0, f"mixtures.{mix}.{s}: weight must be >= 0")
         check(0 <= self.minhash_threshold <= 1 and self.decontam_ngram >= 1, "minhash_threshold in [0, 1], decontam_ngram >= 1")
 
 
 # ---------------------------------------------------------------- 1. read
 
 
-def read_source(name: str, src: dict, generated: list[dict] | None = None, max_chars: int = MAX_TEXT_CHARS,
+def read_source(name: str, src: SourceParams, generated: list[dict] | None = None, max_chars: int = MAX_TEXT_CHARS,
                 stats: dict | None = None) -> tuple[list[dict], list[dict]]:
     """(conversations, malformed reports) of one source, in file order. Text is repaired and records with a
     message over `max_chars` are reported as `too_long` (`stages.lib.formats.records`); `stats` counts both."""
-    fmt, licence = src["format"], src.get("licence", "unknown")
+    fmt, licence = src.format, src.licence
     if fmt == "generated":
-        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], "data/filtered"
+        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], paths.SELECTED
+        # a multi-turn generated row (magpie turns > 1) carries its whole conversation
+        items = [(pos, {**r, "messages": json.loads(r["messages_json"])} if r.get("messages_json") else r)
+                 for pos, r in items]
     else:
-        path = Path(src["path"])
+        path = Path(src.path)
         if not path.is_file():
             raise StageError(f"sources.{name}.path: {path} not found")
         items, where = records(path, max_chars, stats), str(path)
     convs, bad = [], []
     for pos, rec in items:
         try:
-            for k, (oid, msgs) in enumerate(to_messages(rec, fmt, src.get("answers"))):
+            kind = "messages" if fmt == "generated" and isinstance(rec, dict) and "messages" in rec else fmt
+            for k, (oid, msgs) in enumerate(to_messages(rec, kind, src.answers)):
                 oid = str(oid) if oid is not None else f"{pos}-{k}"
                 convs.append({"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
                               "origin": f"{where}{pos}", "messages": msgs})
@@ -207,12 +231,6 @@ def first_pair(msgs: list[dict]) -> tuple[str, str]:
     return _norm(user), _norm(bot)
 
 
-def conversation_shingles(msgs: list[dict], n: int) -> list[bytes]:
-    words = " ".join(m["content"] for m in msgs).lower().split()
-    grams = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
-    return sorted(g.encode() for g in grams)
-
-
 # ---------------------------------------------------------------- 7. decontamination
 
 
@@ -267,13 +285,11 @@ def keep_share(conv_id: str, weight: float, seed: int) -> int:
 
 def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> tuple[list[dict], list[dict], dict]:
     """Steps 2-7 over conversations in order: (kept, dropped with reasons, counters)."""
-    from datasketch import MinHash, MinHashLSH
-
     kept, dropped = [], []
     counts = {"html_or_artefacts_cleaned": 0, "roles_repaired": 0}
     seen_pairs: dict[tuple[str, str], str] = {}
     seen_ids: set[str] = set()
-    lsh = MinHashLSH(threshold=p.minhash_threshold, num_perm=p.minhash_num_perm) if p.minhash_threshold > 0 else None
+    dedup = NearDuplicates(p.minhash_threshold, p.minhash_num_perm, p.minhash_seed) if p.minhash_threshold > 0 else None
     for c in convs:
         msgs = []
         for m in c["messages"]:
@@ -299,14 +315,10 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
         if why is None and decon is not None:
             hit = next((h for m in msgs if m["role"] in ("user", "system") for h in [decon.check(m["content"])] if h), None)
             why, detail = ("contaminated", hit) if hit else (None, None)
-        if why is None and lsh is not None:
-            mh = MinHash(num_perm=p.minhash_num_perm, seed=1)
-            mh.update_batch(conversation_shingles(msgs, p.minhash_ngram))
-            twins = lsh.query(mh)
-            if twins:
-                why, detail = "near_duplicate", min(twins)
-            else:
-                lsh.insert(c["id"], mh)
+        if why is None and dedup is not None:
+            twin = dedup.twin(c["id"], word_shingles(" ".join(m["content"] for m in msgs), p.minhash_ngram))
+            if twin is not None:
+                why, detail = "near_duplicate", twin
         if why is not None:
             seen_ids.add(c["id"])
             dropped.append({"id": c["id"], "source": c["source"], "origin": c["origin"], "step": "clean",
@@ -336,7 +348,7 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
     kept, dropped, counts = clean(convs, p, decon)
     rows, per_source = [], {}
     for name, w in weights.items():
-        cap = int(p.sources[name].get("cap") or 0)
+        cap = p.sources[name].cap
         mine = [c for c in kept if c["source"] == name]
         for c in mine[cap:] if cap else []:
             dropped.append({"id": c["id"], "source": name, "origin": c["origin"], "step": "cap", "reason": "over_cap",
@@ -367,18 +379,18 @@ def main() -> None:
 
     p = load_params(IngestParams, "ingest")
     generated = None
-    if any(p.sources[s]["format"] == "generated" for s in p.mixtures[p.mixture]):
-        generated = read_shards("data/filtered", "kept").to_dicts()
+    if any(p.sources[s].format == "generated" for s in p.mixtures[p.mixture]):
+        generated = read_shards(paths.SELECTED, "kept").to_dicts()
     eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
     rows, dropped, metrics = build(p, generated, eval_sets)
     for b in (d for d in dropped if d["step"] == "read"):
         log(f"ingest: {b['origin']}: {b['reason']} record ({b['source']}): {b['detail']}")
-    with atomic_dir(p.out_dir) as tmp:
+    with atomic_dir(paths.CONVERSATIONS) as tmp:
         write_shards(pl.DataFrame(rows, schema=SCHEMA), tmp, "conversations", p.rows_per_shard)
         write_shards(pl.DataFrame(dropped, schema=DROPPED_SCHEMA), tmp, "dropped", p.rows_per_shard)
-    write_json("metrics/ingest.json", metrics)
+    write_json(paths.metrics("ingest"), metrics)
     log(f"ingest ({p.mixture}): {len(rows)} conversations; dropped {metrics['dropped_by_reason']}")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, IngestParams, "ingest")

@@ -3,16 +3,18 @@
 What the teacher produced and what the filters kept, as self-instruct and Alpaca judged their
 data: the verb-noun structure of the kept instructions (spaCy dependency parse), their max
 ROUGE-L against the seeds, filter scores around the threshold, lengths in student tokens, the
-filter funnel, ingest sources and languages, tokens lost to splitting, teacher spend, training
+filter funnel, the selection's score distribution and cut, ingest sources and languages, tokens lost to splitting, teacher spend, training
 curves, the judge's win rate, and 20 random kept and rejected examples with their reasons.
 
 The stage first writes every figure's numbers as small CSV series (plus `summary.json`) to
-`series_dir` (`metrics/report/`, kept in git: `dvc plots show` / `dvc plots diff` draw them),
+`metrics/report/` (kept in git: `dvc plots show` / `dvc plots diff` draw them),
 then draws the page from those files alone, so the page and DVC's plots show the same numbers.
 The page embeds its figures as SVG data URIs: no script, no font or network fetch.
 
     python -m stages.report                           # the stage (dvc repro report)
     python -m stages.report --compare EXP_A EXP_B     # both experiments' figures side by side
+        [--out report-compare.html]                   # (A, B: git revisions, DVC experiments, `workspace`
+                                                      #  or series folders)
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from typing import Callable
 
 import numpy as np
 
+from stages.lib import paths
 from stages.lib.report import data as rd
 from stages.lib.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
 from stages.lib.report.page import render, render_compare
 from stages.lib.student import load_student
 
 SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in rd.LENGTH_FIELDS), "funnel",
-          "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
+          "selection", "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
 """Series files `{name}.csv` in `series_dir`, one per figure (training: every dvclive series by step)."""
 
 
@@ -60,10 +63,6 @@ class ReportParams:
     """Random kept and random rejected examples shown (each)."""
     seed: int = 0
     """Seed of the example samples."""
-    out_dir: str = "data/report"
-    """Output folder of the page (`index.html`)."""
-    series_dir: str = "metrics/report"
-    """Output folder of the CSV series and `summary.json` (small, kept in git for `dvc plots`)."""
 
     def __post_init__(self):
         check(self.top_verbs >= 1 and self.top_nouns >= 1, "top_verbs and top_nouns: must be >= 1")
@@ -100,6 +99,7 @@ def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: 
             near_duplicate=[r["rouge_max"] for r in scored if r["reason"] == "near_duplicate"]),
         **{f"lengths_{f}": rd.histogram(v, rd.length_edges(v, p.length_bins)) for f, v in lengths.items()},
         "funnel": rd.funnel(fm),
+        "selection": rd.selection(metrics.get("select", {})),
         "ingest_sources": rd.ingest_sources(metrics["ingest"]),
         "languages": rd.languages([rd.language_of(c["messages"]) for c in convs], lang_drops),
         "splitting": rd.splitting(metrics["tokenize"]),
@@ -112,6 +112,8 @@ def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: 
         "rouge_threshold": threshold, "rouge_seeds_mean": round(float(seeds_score.mean()), 4) if len(kept) else None,
         "share_with_input": round(len(lengths["input"]) / len(kept), 4) if kept else 0.0,
         "mixture": metrics["ingest"].get("mixture", ""), "judge": bool(tables["judge"]),
+        "select_score": metrics.get("select", {}).get("score"), "select_cut": metrics.get("select", {}).get("cut"),
+        "select_policy": metrics.get("select", {}).get("policy"), "select_kept": metrics.get("select", {}).get("kept"),
         "val_loss": em.get("val_loss"), "base_val_loss": em.get("base_val_loss"),
     }
     return tables, summary
@@ -125,7 +127,7 @@ def samples(p: ReportParams, kept: list[dict], rejected: list[dict]) -> tuple[li
 # ---------------------------------------------------------------- series files
 
 
-EMPTY_COLUMNS = {"training": ["step"],
+EMPTY_COLUMNS = {"training": ["step"], "selection": ["bin_start", "bin_end", "kept", "rejected"],
                  "judge": ["eval_set", "win_rate", "standard_error", "low", "high", "n", *rd.JUDGE_EXTRA]}
 """Header of a series with no rows (no training metrics, no judge): DVC's plots still find their fields."""
 
@@ -202,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(ReportParams, "report")
     if args.compare:
         a, b = args.compare
-        sa, sb = read_series(reader(a, p.series_dir)), read_series(reader(b, p.series_dir))
+        sa, sb = read_series(reader(a, paths.REPORT_SERIES)), read_series(reader(b, paths.REPORT_SERIES))
         if sa is None and sb is None:
-            raise StageError(f"--compare: neither {a} nor {b} has {p.series_dir}/summary.json (run the report stage)")
+            raise StageError(f"--compare: neither {a} nor {b} has {paths.REPORT_SERIES}/summary.json (run the report stage)")
         text = render_compare(a, b, sa, sb)
         with atomic_file(args.out) as f:
             f.write(text)
@@ -212,26 +214,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers import AutoTokenizer
 
-    metrics = {k: _json(f"metrics/{k}.json") for k in ("generate", "filter", "ingest", "tokenize", "eval")}
+    metrics = {k: _json(paths.metrics(s)) for k, s in (("generate", "generate"), ("filter", "filter"), ("select", "select"), ("ingest", "ingest"),
+                                                         ("tokenize", "tokenize"), ("eval", "evaluate"))}
     for k in ("generate", "filter", "ingest", "tokenize"):
         if not metrics[k]:
-            raise StageError(f"metrics/{k}.json: missing (run `dvc repro {k}` first)")
-    kept = read_shards("data/filtered", "kept").to_dicts()
-    rejected = read_shards("data/filtered", "rejected").to_dicts()
-    convs = read_shards("data/conversations", "conversations").to_dicts()
-    dropped = read_shards("data/conversations", "dropped").to_dicts()
-    seeds = read_shards("data/seeds")["instruction"].to_list()
+            raise StageError(f"{paths.metrics(k)}: missing (run `dvc repro {k}` first)")
+    kept = read_shards(paths.FILTERED, "kept").to_dicts()
+    rejected = read_shards(paths.FILTERED, "rejected").to_dicts()
+    convs = read_shards(paths.CONVERSATIONS, "conversations").to_dicts()
+    dropped = read_shards(paths.CONVERSATIONS, "dropped").to_dicts()
+    seeds = read_shards(paths.SEEDS)["instruction"].to_list()
     tables, summary = build_tables(p, seeds, kept, rejected, convs, dropped, metrics,
-                                   rd.dvclive_series("metrics/train/plots/metrics"), rd.load_parser(p.parser),
+                                   rd.dvclive_series(f"{paths.TRAIN_LOG}/plots/metrics"), rd.load_parser(p.parser),
                                    AutoTokenizer.from_pretrained(load_student().model))
-    with atomic_dir(p.series_dir) as tmp:
+    with atomic_dir(paths.REPORT_SERIES) as tmp:
         write_series(tmp, tables, summary)
-    tables, summary = read_series(reader("workspace", p.series_dir))  # the page shows what DVC's plots show
-    with atomic_dir(p.out_dir) as tmp:
+    tables, summary = read_series(reader("workspace", paths.REPORT_SERIES))  # the page shows what DVC's plots show
+    with atomic_dir(paths.REPORT) as tmp:
         (tmp / "index.html").write_text(render(tables, summary, *samples(p, kept, rejected)), encoding="utf-8")
-    log(f"report: {p.out_dir}/index.html ({summary['kept']} kept, {summary['verb_noun_pairs']} verb-noun pairs); "
-        f"series in {p.series_dir}")
+    log(f"report: {paths.REPORT}/index.html ({summary['kept']} kept, {summary['verb_noun_pairs']} verb-noun pairs); "
+        f"series in {paths.REPORT_SERIES}")
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:]), ReportParams, "report")

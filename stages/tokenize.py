@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import tokenizer_id, write_split
@@ -40,8 +41,6 @@ class TokenizeParams:
     """Share of examples held out for validation (at least one when there are two or more)."""
     split_seed: int = 0
     """Salt of the split hash."""
-    out_dir: str = "data/tokens"
-    """Output folder."""
 
     def __post_init__(self):
         check(self.template in TEMPLATES, f"template: expected one of {TEMPLATES}, got {self.template!r}")
@@ -141,10 +140,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(student)
     if tok.eos_token_id is None:
         raise StageError(f"{student} (student.model): tokenizer has no EOS token")
-    convs = read_shards("data/conversations", "conversations").to_dicts()
+    convs = read_shards(paths.CONVERSATIONS, "conversations").to_dicts()
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
     by_split, stats = tokenize_conversations(convs, tok, p)
-    with atomic_dir(p.out_dir) as out:
+    with atomic_dir(paths.TOKENS) as out:
         for split, enc in by_split.items():
             stats[split] = write_split(out, split, enc, dtype)
         write_json(out / "meta.json", {
@@ -152,11 +151,11 @@ def main() -> None:
             "eos_token_id": tok.eos_token_id, "dtype": np.dtype(dtype).name, "template": p.template,
             "max_seq_len": p.max_seq_len,
         })
-    write_json("metrics/tokenize.json", stats)
+    write_json(paths.metrics("tokenize"), stats)
     log(f"tokenize: {len(convs)} conversations -> {stats['train']['examples']} train / {stats['val']['examples']} val "
         f"examples, {stats['train']['tokens'] + stats['val']['tokens']} tokens; {stats['split_conversations']} split, "
         f"{stats['truncated']} truncated, {stats['prompt_too_long']} dropped, {stats['tokens_dropped']} tokens dropped")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, TokenizeParams, "tokenize")

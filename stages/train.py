@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 from stages.lib.student import load_student
 from stages.lib.training.precision import DTYPES, resolve_dtype, torch_dtype
 from stages.lib.tokens.templates import export_tokenizer
-from stages.lib.tokens.arrays import TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of
+from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
+                                      validation_loss)
 
 
 @dataclass
@@ -90,18 +92,13 @@ class TrainParams:
     accelerate_config: str = "configs/accelerate/single.yaml"
     """How dvc.yaml launches this stage (`accelerate launch --config_file ...`): `single.yaml` (CPU or
     one GPU), `ddp.yaml`, `fsdp.yaml` or `multinode.yaml` in configs/accelerate."""
-    out_dir: str = "models/student"
-    """Output: Hugging Face model dir."""
-    log_dir: str = "metrics/train"
-    """dvclive folder (metrics.json and plots/)."""
     eval_every: int = 8
     """Validation loss on the held-out split every this many steps and after the last (0: never);
     logged as `val_loss` next to the training loss."""
     checkpoint_every: int = 8
-    """Save a resumable checkpoint (model, optimizer, RNG states, step) every this many steps (0: never)."""
-    checkpoint_dir: str = "models/checkpoint"
-    """Where the last checkpoint lives (a persist DVC output); an interrupted run resumes from it
-    when params and data are unchanged, and it is removed when training completes."""
+    """Save a resumable checkpoint (model, optimizer, RNG states, step) to `models/checkpoint` every this
+    many steps (0: never); an interrupted run resumes from it when params and data are unchanged, and
+    it is removed when training completes."""
 
     def __post_init__(self):
         check(self.method in ("lora", "qlora", "full"), f"method: expected lora, qlora or full, got {self.method!r}")
@@ -144,19 +141,19 @@ def run_fingerprint(p: TrainParams, data: TokenSplit, num_processes: int) -> str
     """What a checkpoint must match to be resumed: every param that shapes the run, and the data."""
     import hashlib
 
-    skip = ("checkpoint_every", "checkpoint_dir", "log_dir", "out_dir", "accelerate_config", "eval_every")
+    skip = ("checkpoint_every", "accelerate_config", "eval_every")
     keep = {k: v for k, v in asdict(p).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, data.meta, num_processes], sort_keys=True).encode())
     h.update(np.ascontiguousarray(data.index).tobytes())
     return h.hexdigest()
 
 
-def save_checkpoint(acc, p: TrainParams, step: int, fingerprint: str, history: list[dict]) -> None:
+def save_checkpoint(acc, checkpoint_dir: str, step: int, fingerprint: str, history: list[dict]) -> None:
     """accelerate state (model, optimizer, RNG) + step and logged metrics, swapped in atomically."""
     import shutil
     from pathlib import Path
 
-    final = Path(p.checkpoint_dir)
+    final = Path(checkpoint_dir)
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -173,11 +170,11 @@ def save_checkpoint(acc, p: TrainParams, step: int, fingerprint: str, history: l
     acc.wait_for_everyone()
 
 
-def load_checkpoint(acc, p: TrainParams, fingerprint: str) -> tuple[int, list[dict]]:
+def load_checkpoint(acc, checkpoint_dir: str, fingerprint: str) -> tuple[int, list[dict]]:
     """(steps done, logged metrics) from a matching checkpoint, or (0, [])."""
     from pathlib import Path
 
-    path = Path(p.checkpoint_dir)
+    path = Path(checkpoint_dir)
     meta = path / "progress.json"
     if not meta.exists():
         return 0, []
@@ -206,7 +203,7 @@ def lineage(lock_path: str = "dvc.lock") -> list[tuple[str, str, str]]:
         for out in (lock.get("stages", {}).get(stage) or {}).get("outs", []):
             # data and models only: metrics files and the append-only teacher cache (which grows
             # with every other experiment) would change the card without changing the model
-            if out["path"].startswith("metrics/") or out["path"].rstrip("/").endswith("teacher_cache"):
+            if out["path"].startswith("metrics/") or out["path"].rstrip("/") == paths.TEACHER_CACHE:
                 continue
             rows.append((stage, out["path"], out.get("md5") or out.get("hash", "")))
     return rows
@@ -284,7 +281,6 @@ def load_kwargs(p: TrainParams, dtype: str, device_index: int | None = None) -> 
 def build_model(p: TrainParams, student: str, dtype: str = "float32", device_index: int | None = None):
     """The student to train: full (float32 master weights) or wrapped in LoRA adapters, which are
     float32 whatever the dtype of the frozen base."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     attention = resolve_attention(p.attn_implementation, dtype)
@@ -309,24 +305,6 @@ def build_model(p: TrainParams, student: str, dtype: str = "float32", device_ind
             if x.requires_grad:
                 x.data = x.data.float()  # adapters (and their Adam state) in float32 over a bf16 / 4-bit base
     return model
-
-
-def val_loss(model, val: TokenSplit, batch_size: int, pad_id: int, acc, loss_chunk: int = 0) -> float:
-    """Mean cross-entropy per supervised token of the validation split. Every process computes it
-    (under FSDP each forward needs them all); dropout is off and no random state is drawn, so
-    the training run is the same with or without it."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(val), batch_size):
-            b = collate([val[j] for j in range(i, min(i + batch_size, len(val)))], pad_id)
-            with acc.autocast():
-                s, n = masked_loss_sum(model, {k: v.to(acc.device) for k, v in b.items()}, loss_chunk)
-            total, count = total + s.item(), count + n
-    model.train()
-    return total / max(1, count)
 
 
 ATTENTION = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
@@ -438,8 +416,11 @@ def plan_memory(p: TrainParams, student: str, dtype: str, acc, seq_len: int):
     return plan
 
 
-def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dict:
-    """Fine-tune `student` (a model dir or hub id: params.yaml `student.model`) on the token arrays in `data_dir`."""
+def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STUDENT, log_dir: str = paths.TRAIN_LOG,
+          checkpoint_dir: str = paths.CHECKPOINT, *, student: str) -> dict:
+    """Fine-tune `student` (a model dir or hub id: params.yaml `student.model`) on the token arrays in
+    `data_dir` and save it to `out_dir` (dvclive logs in `log_dir`); the paths are paths.py's unless a
+    test gives others."""
     import torch
     from accelerate import Accelerator
     from dvclive import Live
@@ -492,10 +473,10 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
         f"{per_step} {unit}, method={p.method}, "
         f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
     fingerprint = run_fingerprint(p, data, acc.num_processes)
-    done, history = load_checkpoint(acc, p, fingerprint) if p.checkpoint_every else (0, [])
+    done, history = load_checkpoint(acc, checkpoint_dir, fingerprint) if p.checkpoint_every else (0, [])
     for _ in range(done * p.grad_accum * acc.num_processes):  # the data position: replay the seeded stream
         next(stream)
-    live = Live(dir=p.log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
+    live = Live(dir=log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
     if live:
         for row in history:  # the steps before the interruption, as they were logged
             for k, v in row.items():
@@ -539,7 +520,9 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
                "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
                "padding_efficiency": tokens / max(1, slots)}
         if len(val) and p.eval_every and ((step + 1) % p.eval_every == 0 or step + 1 == total):
-            row["val_loss"] = val_loss(model, val, p.batch_size, pad_id, acc, p.loss_chunk_tokens)
+            # every process computes it (under FSDP each forward needs them all)
+            row["val_loss"] = validation_loss(model, val, p.batch_size, pad_id, acc.device, acc.autocast,
+                                              loss_chunk=p.loss_chunk_tokens)[0] or 0.0
         history.append(row)
         if live:
             for k, v in row.items():
@@ -549,7 +532,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
             log(f"train: step {step + 1}/{total} loss {last_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{tokens / dt:.0f} tok/s" + (f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
         if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(acc, p, step + 1, fingerprint, history)
+            save_checkpoint(acc, checkpoint_dir, step + 1, fingerprint, history)
     seconds = time.monotonic() - start
     summary = {"steps": total, "final_loss": last_loss, "seconds": round(seconds, 1),
                "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1),
@@ -562,7 +545,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
     acc.wait_for_everyone()
     model = export_model(acc, model, p, student, dtype)
     if acc.is_main_process:
-        with atomic_dir(p.out_dir) as out:
+        with atomic_dir(out_dir) as out:
             if p.method in ("lora", "qlora"):
                 model.save_pretrained(out / "adapter")
                 model = merged(model, p, student, dtype)
@@ -574,7 +557,7 @@ def train(p: TrainParams, data_dir: str = "data/tokens", *, student: str) -> dic
         live.end()
         import shutil
 
-        shutil.rmtree(p.checkpoint_dir, ignore_errors=True)  # the run is complete: nothing to resume
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete: nothing to resume
     summary["losses"] = [h["loss"] for h in history]
     summary["resumed_from_step"] = done
     return summary
@@ -588,4 +571,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, TrainParams, "train")

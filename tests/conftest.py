@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# the reference data beside the checkout (../shared/data), or where STILLHOUSE_SHARED_DATA points;
-# a clone elsewhere on the development machine finds it at /work/shared/data
-SHARED = next((p for p in (Path(os.environ.get("STILLHOUSE_SHARED_DATA", ROOT.parent / "shared" / "data")),
-                           Path("/work/shared/data")) if p.is_dir()), ROOT.parent / "shared" / "data")
+# The public reference data (docs/reference-data.md; `python -m tests.reference_data fetch DIR`):
+# the folder STILLHOUSE_SHARED_DATA names, else ../shared/data beside the checkout. Nothing else.
+SHARED_ENV = "STILLHOUSE_SHARED_DATA"
+SHARED = Path(os.environ.get(SHARED_ENV) or ROOT.parent / "shared" / "data")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 def shared(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"reference data not found: {path}")
+        pytest.skip(f"reference data not found: {path} (set {SHARED_ENV} or fetch it: docs/reference-data.md)")
     return path
 
 
@@ -95,3 +95,39 @@ def write_params(path: Path, sections: dict) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
+
+
+# ---------------------------------------------------------------- end to end (tests/e2e.py)
+
+# pytest-timeout (pyproject.toml `timeout`) for the fast tests; an e2e test gets this instead,
+# fixture setup included: the first one builds the shared tiny pipeline (about 4 min on 2 idle
+# cores) and the interrupted S3 push may wait 5 min by design. On a machine shared with other
+# heavy jobs, raise it with STILLHOUSE_E2E_TIMEOUT_S (the build took over 20 min at load 12).
+E2E_TIMEOUT_S = int(os.environ.get("STILLHOUSE_E2E_TIMEOUT_S") or 1200)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+
+
+@pytest.fixture(scope="session")
+def e2e_build(tmp_path_factory):
+    """The tiny project after one full `dvc repro` on the embedded teacher and a tiny random student,
+    committed: built once per session, shared by tests/test_e2e.py and tests/test_e2e_remote.py.
+    Read it only; a test that changes the project takes `e2e_copy`."""
+    from tests.e2e import build_e2e
+
+    # its own teacher store: the per-test `teacher_store` is not set up yet for a session fixture
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STILLHOUSE_TEACHER_STORE", str(tmp_path_factory.mktemp("e2e-teacher-store")))
+        return build_e2e(tmp_path_factory.mktemp("e2e") / "project")
+
+
+@pytest.fixture
+def e2e_copy(e2e_build, tmp_path) -> Path:
+    """This test's own full copy of the shared build (git, DVC cache, workspace)."""
+    from tests.e2e import copy_project
+
+    return copy_project(e2e_build.repo, tmp_path / "project")

@@ -10,6 +10,25 @@ ephemeral port, speaks HTTP/1.1 with keep-alive and serves (under /v1):
     with FakeOpenAI(latency=0.01, faults={3: "429"}) as srv:
         client = AsyncOpenAI(api_key="test", base_url=srv.base_url, max_retries=0)
 
+Strict mode (`FakeOpenAI.strict(...)`, or the arguments one by one) behaves as the real OpenAI API does,
+as reported in ../shared/reference/real-endpoint-behaviour.md (the messages are OpenAI's own):
+- `chat_only`: a chat model on POST /v1/completions gets 404 "This is a chat model and not supported in
+  the v1/completions endpoint..." (tmc/langchaingo#201, hegelai/prompttools#115); a legacy completion model
+  (gpt-3.5-turbo-instruct, davinci-002, babbage-002) on /v1/chat/completions gets 404 "This is not a chat
+  model..." (run-llama/llama_index#1332);
+- reasoning-model names (o1, o3, o3-mini, o4-mini, gpt-5...), always: `max_tokens` -> 400
+  `unsupported_parameter` ("Use 'max_completion_tokens' instead", teilomillet/gollm#33); a temperature or
+  top_p other than 1 -> 400 `unsupported_value` ("Only the default (1) value is supported."); their usage
+  reports `completion_tokens_details.reasoning_tokens` (inside completion_tokens, billed as output);
+- `models`: GET /v1/models lists them and GET /v1/models/{id} retrieves one; any other model name gets
+  404 `model_not_found` ("The model `X` does not exist or you do not have access to it."). None: every
+  name is served, GET /v1/models/{id} answers for any name and GET /v1/models is 404; in strict mode
+  both are 404 then (a server without a models API, as the chat-only test server);
+- `api_key`: any other bearer token gets 401 "Incorrect API key provided: sk-abc***...wxyz" (the key shown
+  masked, as OpenAI does);
+- `served_suffix` / `system_fingerprint`: the response's `model` names the snapshot served
+  (gpt-4o-mini -> gpt-4o-mini-2024-07-18) and `system_fingerprint` the backend configuration.
+
 Fault kinds (per completion request n, counting from 0 over all /chat/completions and /completions requests):
 "429", "500", "503", "timeout", "invalid_json", "truncated_json", "drop", "missing_choices",
 "empty_content", "length". Batch lines are answered with `reply` and never get faults (use `batch_fail`).
@@ -29,14 +48,28 @@ __all__ = ["FakeOpenAI", "FAULT_KINDS"]
 FAULT_KINDS = ("429", "500", "503", "timeout", "invalid_json", "truncated_json", "drop", "missing_choices",
                "empty_content", "length")
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
 _JSON = "application/json"
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
-    return _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+def _error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return _dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+LEGACY_COMPLETION_MODELS = ("gpt-3.5-turbo-instruct", "davinci-002", "babbage-002")
+CHAT_MODEL_ON_COMPLETIONS = ("This is a chat model and not supported in the v1/completions endpoint. "
+                             "Did you mean to use v1/chat/completions?")
+NOT_A_CHAT_MODEL = ("This is not a chat model and thus not supported in the v1/chat/completions endpoint. "
+                    "Did you mean to use v1/completions?")
+
+
+def is_reasoning_model(model: str) -> bool:
+    """o1, o3, o3-mini, o4-mini, gpt-5, gpt-5.4-...: the names OpenAI's reasoning-model rules apply to."""
+    import re
+
+    return bool(re.match(r"^(o\d+(-.*)?|gpt-5.*)$", str(model).rsplit("/", 1)[-1].lower()))
 
 
 def _last_user_text(body: dict) -> str:
@@ -111,7 +144,17 @@ class FakeOpenAI:
     def __init__(self, latency: float = 0.0, faults: Callable[[int, dict], str | None] | dict | None = None,
                  reply: Callable[[dict], str] | None = None, retry_after: float = 0.5,
                  usage: tuple[int, int] = (11, 7), batch_polls_until_done: int = 1,
-                 batch_fail: Callable[[str], bool] | None = None, batch_expire: bool = False):
+                 batch_fail: Callable[[str], bool] | None = None, batch_expire: bool = False,
+                 chat_only: bool = False, models: list[str] | None = None, api_key: str | None = None,
+                 served_suffix: str = "", system_fingerprint: str | None = None, reasoning_tokens: int = 64,
+                 model_info: bool = True):
+        self.chat_only = chat_only
+        self.model_info = model_info  # with models=None: GET /v1/models/{id} answers for any name
+        self.models = list(models) if models is not None else None
+        self.api_key = api_key
+        self.served_suffix = served_suffix
+        self.system_fingerprint = system_fingerprint
+        self.reasoning_tokens = reasoning_tokens
         self.latency = float(latency)
         self.faults = faults
         self.reply = reply or default_reply
@@ -137,6 +180,13 @@ class FakeOpenAI:
         self._conns: set[asyncio.Task] = set()
         self._open: dict[socket.socket, asyncio.StreamWriter | None] = {}  # accepted sockets not yet closed
         self._error: BaseException | None = None
+
+    @classmethod
+    def strict(cls, models: list[str] | None = None, api_key: str | None = None, **kw) -> "FakeOpenAI":
+        """As OpenAI behaves: chat-only, served snapshot and fingerprint in each answer; see the module doc."""
+        kw = {"chat_only": True, "served_suffix": "-2024-07-18", "system_fingerprint": "fp_fake0001",
+              "model_info": False, **kw}
+        return cls(models=models, api_key=api_key, **kw)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -319,11 +369,32 @@ class FakeOpenAI:
         self.requests.append({"path": path, "method": method, "headers": headers, "body": body,
                               "t": time.monotonic()})
         try:
+            if self.api_key is not None and path.startswith("/v1/"):
+                token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if token != self.api_key:  # OpenAI shows the key masked: first 8 and last 4 characters
+                    shown = f"{token[:8]}{'*' * 20}{token[-4:]}" if len(token) > 12 else token
+                    return 401, _JSON, _error_body(f"Incorrect API key provided: {shown}. You can find your API key "
+                                                   "at https://platform.openai.com/account/api-keys.",
+                                                   "invalid_request_error", "invalid_api_key"), ()
+            if path == "/v1/models" and method == "GET" and self.models is not None:
+                return 200, _JSON, _dumps({"object": "list", "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in self.models]}).encode(), ()
+            if path.startswith("/v1/models/") and method == "GET" and (self.models is not None or self.model_info):
+                from urllib.parse import unquote
+
+                model = unquote(path[len("/v1/models/"):])
+                if self.models is not None and model not in self.models:
+                    return 404, _JSON, _error_body(f"The model `{model}` does not exist or you do not have access to "
+                                                   "it.", "invalid_request_error", "model_not_found"), ()
+                return 200, _JSON, _dumps({"id": model, "object": "model", "created": 0, "owned_by": "system"}).encode(), ()
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     return 405, _JSON, _error_body("method not allowed", "invalid_request_error"), ()
                 if not isinstance(body, dict):
                     return 400, _JSON, _error_body("body must be a JSON object", "invalid_request_error"), ()
+                refused = self._refuse(path == "/v1/chat/completions", body)
+                if refused is not None:
+                    return refused
                 n = self.n_completions
                 self.n_completions = n + 1
                 return await self._completion(n, path == "/v1/chat/completions", body)
@@ -337,6 +408,29 @@ class FakeOpenAI:
 
     # ---------------------------------------------------------------- completions
 
+    def _refuse(self, chat: bool, body: dict):
+        """The strict checks, in OpenAI's order: model exists, endpoint fits the model, parameters fit it."""
+        model = str(body.get("model"))
+        if self.models is not None and model not in self.models:
+            return 404, _JSON, _error_body(f"The model `{model}` does not exist or you do not have access to it.",
+                                           "invalid_request_error", "model_not_found"), ()
+        legacy = model in LEGACY_COMPLETION_MODELS
+        if self.chat_only and not chat and not legacy:
+            return 404, _JSON, _error_body(CHAT_MODEL_ON_COMPLETIONS, "invalid_request_error", None, "model"), ()
+        if self.chat_only and chat and legacy:
+            return 404, _JSON, _error_body(NOT_A_CHAT_MODEL, "invalid_request_error", None, "model"), ()
+        if is_reasoning_model(model):
+            if "max_tokens" in body:
+                return 400, _JSON, _error_body("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                               "Use 'max_completion_tokens' instead.", "invalid_request_error",
+                                               "unsupported_parameter", "max_tokens"), ()
+            for name in ("temperature", "top_p"):
+                if body.get(name) is not None and body[name] != 1:
+                    return 400, _JSON, _error_body(f"Unsupported value: '{name}' does not support {body[name]} with "
+                                                   "this model. Only the default (1) value is supported.",
+                                                   "invalid_request_error", "unsupported_value", name), ()
+        return None
+
     def _fault(self, n: int, body: dict) -> str | None:
         faults = self.faults
         if faults is None:
@@ -348,14 +442,21 @@ class FakeOpenAI:
     def _completion_json(self, chat: bool, body: dict, rid: str, text: str, finish: str = "stop") -> dict:
         u0, u1 = self.usage
         usage = {"prompt_tokens": u0, "completion_tokens": u1, "total_tokens": u0 + u1}
+        model = body.get("model")
+        if is_reasoning_model(str(model)):  # hidden reasoning: billed inside completion_tokens
+            r = self.reasoning_tokens
+            usage = {"prompt_tokens": u0, "completion_tokens": u1 + r, "total_tokens": u0 + u1 + r,
+                     "completion_tokens_details": {"reasoning_tokens": r}}
+        served = f"{model}{self.served_suffix}" if model is not None else None
+        extra = {"system_fingerprint": self.system_fingerprint} if self.system_fingerprint else {}
         if chat:
-            return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": 0, "model": body.get("model"),
+            return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": 0, "model": served,
                     "choices": [{"index": 0, "finish_reason": finish,
                                  "message": {"role": "assistant", "content": text}}],
-                    "usage": usage}
-        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": 0, "model": body.get("model"),
+                    "usage": usage, **extra}
+        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": 0, "model": served,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                "usage": usage}
+                "usage": usage, **extra}
 
     async def _completion(self, n: int, chat: bool, body: dict):
         fault = self._fault(n, body)

@@ -34,6 +34,7 @@ def test_chat_template_is_kept_for_chat_training():
     assert export_tokenizer(tok, "chat").chat_template == before
 
 
+@pytest.mark.e2e  # runs the chat tool in a subprocess on a tiny model: 30 s to 2 min on 2 cores
 def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
     import shutil
 

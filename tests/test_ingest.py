@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stages.lib.common import StageError
-from stages.ingest import (Decontaminator, IngestParams, build, clean_text, fix_roles, keep_share, language_reason,
+from stages.ingest import (Decontaminator, SourceParams, IngestParams, build, clean_text, fix_roles, keep_share, language_reason,
                            names_teacher, read_source)
 from tests.conftest import shared
 
@@ -42,8 +42,8 @@ def write_jsonl(path, recs, extra=""):
 
 
 def test_real_sharegpt_conversations():
-    convs, bad = read_source("sharegpt", {"format": "sharegpt", "path": str(shared("sharegpt", "dialogstudio_original_example.json")),
-                                          "licence": "sharegpt-terms"})
+    convs, bad = read_source("sharegpt", SourceParams(**{"format": "sharegpt", "path": str(shared("sharegpt", "dialogstudio_original_example.json")),
+                                          "licence": "sharegpt-terms"}))
     assert len(convs) == 5 and not bad
     assert convs[0]["id"] == "sharegpt:QWJhYvA_0" and convs[0]["licence"] == "sharegpt-terms"
     assert convs[0]["origin"].endswith("dialogstudio_original_example.json[0]")
@@ -51,7 +51,7 @@ def test_real_sharegpt_conversations():
 
 
 def test_real_alpaca_slice():
-    convs, bad = read_source("alpaca", {"format": "alpaca", "path": str(shared("alpaca", "alpaca_data_first1727_flashmodels.json"))})
+    convs, bad = read_source("alpaca", SourceParams(**{"format": "alpaca", "path": str(shared("alpaca", "alpaca_data_first1727_flashmodels.json"))}))
     assert len(convs) == 1727 and not bad
     with_input = next(c for c in convs if "\n\n" in c["messages"][0]["content"])
     assert with_input["messages"][1]["role"] == A
@@ -59,10 +59,10 @@ def test_real_alpaca_slice():
 
 def test_hc3_both_answer_kinds_and_malformed(tmp_path):
     path = write_jsonl(tmp_path / "hc3.jsonl", HC3, extra="{not json\n")
-    gpt, bad = read_source("hc3_chatgpt", {"format": "hc3", "path": str(path), "answers": "chatgpt"})
+    gpt, bad = read_source("hc3_chatgpt", SourceParams(**{"format": "hc3", "path": str(path), "answers": "chatgpt"}))
     assert [c["original_id"] for c in gpt] == ["7-0", "7-1"]  # record 8 has no ChatGPT answers: nothing to add
     assert [b["origin"] for b in bad] == [f"{path}:3"] and "invalid JSON" in bad[0]["reason"]
-    human, bad = read_source("hc3_human", {"format": "hc3", "path": str(path), "answers": "human"})
+    human, bad = read_source("hc3_human", SourceParams(**{"format": "hc3", "path": str(path), "answers": "human"}))
     assert len(human) == 1 and human[0]["messages"][1]["content"].startswith("Because of Rayleigh")
     assert [(b["origin"], b["reason"]) for b in bad] == [(f"{path}:2", "human_answers: expected a list of strings"),
                                                          (f"{path}:3", bad[1]["reason"])]
@@ -74,7 +74,7 @@ def test_malformed_records_are_reported_and_the_rest_kept(tmp_path):
             {"messages": "nope"},
             {"messages": [{"role": "user", "content": 3}]}]
     path = write_jsonl(tmp_path / "m.jsonl", recs)
-    convs, bad = read_source("oai", {"format": "messages", "path": str(path)})
+    convs, bad = read_source("oai", SourceParams(**{"format": "messages", "path": str(path)}))
     assert len(convs) == 1
     assert [(b["origin"].rsplit(":", 1)[1], b["reason"]) for b in bad] == [
         ("2", "messages[0].role: expected system, user or assistant"), ("3", "messages: expected a list"),
@@ -82,16 +82,16 @@ def test_malformed_records_are_reported_and_the_rest_kept(tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps([{"id": "a", "conversations": [{"from": "alien", "value": "x"}]},
                                 {"id": "b", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}]))
-    convs, bad = read_source("sg", {"format": "sharegpt", "path": str(path)})
+    convs, bad = read_source("sg", SourceParams(**{"format": "sharegpt", "path": str(path)}))
     assert [c["id"] for c in convs] == ["sg:b"] and bad[0]["origin"].endswith("s.json[0]")
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"instruction": "Add.", "input": "", "output": "3"}, {"instruction": 5, "output": "x"},
                                 {"instruction": "Go.", "input": ["x"], "output": "ok"}, "text"]))
-    convs, bad = read_source("alp", {"format": "alpaca", "path": str(path)})
+    convs, bad = read_source("alp", SourceParams(**{"format": "alpaca", "path": str(path)}))
     assert len(convs) == 1 and [b["reason"] for b in bad] == ["instruction: expected a string", "input: expected a string",
                                                             "expected an object"]
     with pytest.raises(StageError, match="not found"):
-        read_source("x", {"format": "alpaca", "path": str(tmp_path / "missing.json")})
+        read_source("x", SourceParams(**{"format": "alpaca", "path": str(tmp_path / "missing.json")}))
 
 
 # ---------------------------------------------------------------- cleaning steps
@@ -200,6 +200,34 @@ def test_params_are_checked():
         IngestParams(mixture="other")
 
 
+def test_ingest_and_filter_share_one_minhash_dedup_with_the_seed_a_param(monkeypatch):
+    """One MinHash implementation (stages/lib/text/dedup.py); ingest's seed is `ingest.minhash_seed`
+    (default 1, the value it had hard-coded, so the default build's data is unchanged)."""
+    import stages.ingest as ingest
+    from stages.filter import FilterParams
+    from stages.lib.text.dedup import NearDuplicates, word_shingles
+
+    assert word_shingles("The cat  sat on\nthe mat", 3) == [b"cat sat on", b"on the mat", b"sat on the", b"the cat sat"]
+    assert word_shingles("Too short", 3) == [b"too short"] and word_shingles("", 3) == [b""]
+    d = NearDuplicates(0.5, 64, seed=1)
+    text = "one two three four five six seven eight nine ten"
+    assert d.twin("b", word_shingles(text, 2)) is None and d.twin("a", word_shingles("eleven twelve thirteen", 2)) is None
+    assert d.twin("c", word_shingles(text + " eleven", 2)) == "b"
+    assert IngestParams().minhash_seed == 1 == FilterParams().minhash_seed
+    seeds = []
+
+    class Spy(NearDuplicates):
+        def __init__(self, threshold, num_perm, seed):
+            seeds.append(seed)
+            super().__init__(threshold, num_perm, seed)
+
+    monkeypatch.setattr(ingest, "NearDuplicates", Spy)
+    msgs = [{"role": "user", "content": "a question here"}, {"role": "assistant", "content": "an answer"}]
+    conv = {"id": "s:1", "source": "s", "origin": "x", "messages": msgs}
+    ingest.clean([conv], IngestParams(languages=[], minhash_seed=7), None)
+    assert seeds == [7]
+
+
 # ---------------------------------------------------------------- text from the wild
 
 
@@ -214,7 +242,7 @@ def test_every_reader_repairs_wild_text_and_drops_an_oversized_record(tmp_path):
         {"id": "ok", "conversations": ok}]))
     assert "\\ud800" in sg.read_text()  # written the way real dumps have it
     stats = {}
-    convs, bad = read_source("sg", {"format": "sharegpt", "path": str(sg)}, max_chars=100_000, stats=stats)
+    convs, bad = read_source("sg", SourceParams(format="sharegpt", path=str(sg)), max_chars=100_000, stats=stats)
     assert [c["id"] for c in convs] == ["sg:sur", "sg:nul", "sg:ok"]
     assert convs[0]["messages"][1]["content"] == "Broken \ufffd emoji."
     assert convs[1]["messages"][0]["content"] == "Hi there"
@@ -226,7 +254,7 @@ def test_every_reader_repairs_wild_text_and_drops_an_oversized_record(tmp_path):
     path.write_bytes(json.dumps(good, ensure_ascii=False).encode() + b"\n" +
                      json.dumps(good).encode().replace(b"Hi!", b"H\xffi!") + b"\n")
     stats = {}
-    convs, bad = read_source("oai", {"format": "messages", "path": str(path)}, stats=stats)
+    convs, bad = read_source("oai", SourceParams(format="messages", path=str(path)), stats=stats)
     assert not bad and [c["messages"][1]["content"] for c in convs] == ["Hi!", "H\ufffdi!"]
     assert stats == {"repaired": 1, "too_long": 0}
     assert convs[0]["messages"][0]["content"] == "Say hi\u2028now."

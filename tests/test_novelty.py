@@ -14,8 +14,9 @@ from rapidfuzz.distance import LCSseq
 from rouge_score import rouge_scorer, tokenize
 from rouge_score.rouge_scorer import _score_lcs
 
-from stages.lib.text.novelty import f1_from_lcs, novelty, novelty_decisions, rouge_l_f1, rouge_tokens, unicode_tokens
+from stages.lib.text.novelty import novelty, novelty_decisions, rouge_tokens, unicode_tokens
 from tests.conftest import ROOT, shared
+from tests.helpers import f1_from_lcs, rouge_l_f1
 
 
 def brute_force(seeds, candidates, threshold=0.7, score=None):
@@ -144,6 +145,42 @@ def test_ties_at_the_threshold_are_kept():
     assert score == 0.5 and kept and near == "a b c d"
     (kept, _, _), = novelty_decisions(["a b c d"], ["a b e f"], threshold=0.49)
     assert not kept
+
+
+# Exact ties at Alpaca's 0.7: F1 = 2 L / (m + n) in real numbers, but rouge_score computes
+# 2 p r / (p + r) in floats. (10, 10) tokens with LCS 7 give exactly 0.7 (kept: not > 0.7); (8, 12)
+# and (9, 11) with LCS 7 give 0.7000000000000001 (rejected). The shared 7 tokens are spread out.
+SEVEN = "describe the quiet harbor town at dawn".split()
+
+
+def spread(extra: list[str], every: int) -> str:
+    """SEVEN in order with the extra words inserted after every `every`-th shared token."""
+    out, rest = [], list(extra)
+    for k, w in enumerate(SEVEN, 1):
+        out.append(w)
+        if rest and k % every == 0:
+            out.append(rest.pop(0))
+    return " ".join(out + rest)
+
+
+@pytest.mark.parametrize("seed_extra, cand_extra, want", [
+    (["for", "young", "readers"], ["in", "three", "lines"], 0.7),                       # (10, 10)
+    (["briefly"], ["in", "three", "short", "vivid", "plain"], 0.7000000000000001),       # (8, 12)
+    (["in", "three", "short", "vivid", "plain"], ["briefly"], 0.7000000000000001),       # (12, 8)
+    (["for", "young"], ["in", "three", "short", "lines"], 0.7000000000000001),           # (9, 11)
+])
+def test_exact_ties_at_0_7(seed_extra, cand_extra, want):
+    seed, cand = spread(seed_extra, 2), spread(cand_extra, 3)
+    assert len(rouge_tokens(seed)) + len(rouge_tokens(cand)) == 20
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    assert scorer.score(seed, cand)["rougeL"].fmeasure == want == scorer.score(cand, seed)["rougeL"].fmeasure
+    assert rouge_l_f1(rouge_tokens(seed), rouge_tokens(cand)) == want
+    kept = want <= 0.7
+    assert list(novelty_decisions([seed], [cand], 0.7)) == [(kept, want, seed)]
+    # kept at the tie, the candidate joins the pool and its copy is rejected against it at 1.0;
+    # rejected, it does not, and the copy meets the seed alone again
+    _, second = novelty_decisions([seed], [cand, cand.upper()], 0.7)
+    assert second == ((False, 1.0, cand) if kept else (False, want, seed))
 
 
 def test_ties_in_score_go_to_the_earliest_instruction():

@@ -79,3 +79,126 @@ def test_openai_backend_needs_a_key_for_the_public_endpoint(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(StageError, match="OPENAI_API_KEY"):
         make_backend("openai", "gpt-4o-mini", "chat", None)
+
+
+# ---------------------------------------------------------------- against servers that behave like OpenAI's
+
+from stages.lib.llm.openai_api import (ApiLimits, RequestOptions, TeacherStop, error_message,  # noqa: E402
+                                       is_reasoning_model, request_body)
+from stages.lib.llm.teacher import provenance  # noqa: E402
+from tests.fake_openai import FakeOpenAI  # noqa: E402
+
+KEY = "sk-proj-" + "q7" * 24
+FAST = ApiLimits(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+
+
+def completions(srv):
+    return [r for r in srv.requests if r["path"].endswith("completions")]
+
+
+def test_one_request_builder_per_model_family():
+    assert [is_reasoning_model(m) for m in ["o1", "o3-mini", "o4-mini", "gpt-5", "gpt-5.4-mini", "openai/o3",
+                                            "gpt-4o-mini", "gpt-4.1", "llama3.1:8b", "Qwen/Qwen2.5-7B", "omni"]] == \
+        [True] * 6 + [False] * 5
+    path, body = request_body("gpt-4o-mini", "chat", ("Be brief.", "Hi"), 64, 0.7, 0.9, ("\n",), 5)
+    assert path == "/chat/completions" and body == {
+        "model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": ["\n"], "seed": 5,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    opts = RequestOptions(extra_body={"reasoning_effort": "low"}, reasoning_budget=100)
+    path, body = request_body("o4-mini", "chat", "Hi", 64, 0.7, 0.9, ("\n",), 5, opts)
+    assert body == {"model": "o4-mini", "max_completion_tokens": 164, "seed": 5, "reasoning_effort": "low",
+                    "messages": [{"role": "user", "content": "Hi"}]}
+    # an explicit family wins over the name; vLLM's extra sampling fields go as given
+    _, body = request_body("my-proxy-name", "completion", "Hi", 8, 0.7, 1.0, (), 0,
+                           RequestOptions("reasoning", reasoning_budget=0))
+    assert "max_tokens" not in body and body["max_completion_tokens"] == 8 and body["prompt"] == "Hi"
+    _, body = request_body("Qwen/Qwen2.5-7B", "completion", "Hi", 8, 0.7, 1.0, (), 0, RequestOptions(extra_body={"top_k": 20}))
+    assert body["top_k"] == 20 and body["max_tokens"] == 8 and body["temperature"] == 0.7
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        RequestOptions(extra_body={"messages": []})
+
+
+def test_a_reasoning_model_gets_requests_it_accepts_and_its_reasoning_is_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    s = Sampling(64, 0.7, 0.9, ("\n",), seed=1)
+    with FakeOpenAI.strict(models=["o4-mini"], api_key=KEY, reasoning_tokens=50) as srv:
+        b = make_backend("openai", "o4-mini", "chat", srv.base_url, limits=FAST,
+                         options=RequestOptions(extra_body={"reasoning_effort": "low"}, reasoning_budget=256))
+        from stages.lib.llm.teacher import TeacherSession
+
+        session = TeacherSession(lambda form: b, ResponseCache(tmp_path))
+        recs = session.ask(["p1", ("You are terse.", "p2")], s, "chat")
+    assert all(recs) and session.stats.failed == 0 and session.stats.teacher_calls == 2
+    sent = completions(srv)
+    assert len(sent) == 2 and srv.requests[0]["path"] == "/v1/models/o4-mini"  # checked, for free
+    for r in sent:
+        body = r["body"]
+        assert body["max_completion_tokens"] == 64 + 256 and body["reasoning_effort"] == "low"
+        assert not {"max_tokens", "temperature", "top_p", "stop"} & set(body)
+    by_user = {r["body"]["messages"][-1]["content"]: r["body"]["messages"] for r in sent}  # sent concurrently
+    assert by_user["p2"][0] == {"role": "system", "content": "You are terse."} and len(by_user["p1"]) == 1
+    # reasoning tokens: counted apart and inside the billed completion tokens
+    assert session.stats.reasoning_tokens == 100 and session.stats.completion_tokens == 2 * (7 + 50)
+    prov = provenance(recs[1])
+    assert prov["served_model"] == "o4-mini-2024-07-18" and prov["system_fingerprint"] == "fp_fake0001"
+    assert recs[0]["reasoning_tokens"] == 50
+
+
+def test_the_old_request_shape_is_what_openai_refuses_for_o4_mini(tmp_path, monkeypatch):
+    """Forcing the standard family on o4-mini sends max_tokens and temperature: the endpoint check's tiny
+    request is refused with OpenAI's message, and the stage stops before any paid request."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FakeOpenAI.strict(api_key=KEY) as srv:  # no models list: the check sends one tiny request
+        b = make_backend("openai", "o4-mini", "chat", srv.base_url, limits=FAST, options=RequestOptions("standard"))
+        reqs = assign_keys(["p1", "p2", "p3"], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
+        with pytest.raises(TeacherStop, match="HTTP 400 .*Unsupported parameter: 'max_tokens'"):
+            run_requests(reqs, b, ResponseCache(tmp_path), Sampling(16, 0.7, 1.0), check=True)
+    assert len(completions(srv)) == 1 and completions(srv)[0]["body"]["max_tokens"] == 1
+
+
+@pytest.mark.parametrize("case", ["model", "key", "url"])
+def test_the_endpoint_check_names_a_wrong_model_key_or_url(tmp_path, monkeypatch, case):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY if case != "key" else "sk-wrong-" + "w" * 30)
+    with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
+        url = srv.base_url if case != "url" else "http://127.0.0.1:9/v1"
+        model = "gpt-4o-mnii" if case == "model" else "gpt-4o-mini"
+        b = make_backend("openai", model, "chat", url, limits=FAST)
+        reqs = assign_keys(["p1", "p2"], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
+        with pytest.raises(TeacherStop) as e:
+            run_requests(reqs, b, ResponseCache(tmp_path), Sampling(16, 0.7, 1.0), check=True)
+    want = {"model": "HTTP 404 on GET /models/gpt-4o-mnii: The model `gpt-4o-mnii` does not exist or you do not have "
+                     "access to it.",
+            "key": "Incorrect API key provided: sk-[redacted]", "url": "cannot reach the endpoint"}[case]
+    assert want in str(e.value), str(e.value)
+    assert "w" * 30 not in str(e.value)
+    assert not completions(srv)  # nothing was paid for
+
+
+@pytest.mark.parametrize("transport", ["direct", "sdk"])
+def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch, transport):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
+        b = make_backend("openai", "gpt-4o-mnii", "chat", srv.base_url,
+                         limits=ApiLimits(concurrency=2, backoff_base_s=0.01, timeout_s=5.0, transport=transport))
+        reqs = assign_keys([f"p{i}" for i in range(20)], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
+        cache = ResponseCache(tmp_path)
+        with pytest.raises(TeacherStop) as e:  # no check: the run itself meets the 404
+            run_requests(reqs, b, cache, Sampling(16, 0.7, 1.0))
+    assert len(completions(srv)) <= 2  # in flight when the first 404 came back; none retried, the rest unsent
+    assert "HTTP 404 The model `gpt-4o-mnii` does not exist" in str(e.value) and "not sent" in str(e.value)
+    failures = ResponseCache(tmp_path).failures
+    assert 1 <= len(failures) <= 2
+    assert {f["reason"] for f in failures.values()} == {"http_404"}
+    assert all("does not exist" in f["message"] for f in failures.values())
+    assert all(KEY not in p.read_text() for p in tmp_path.iterdir())
+
+
+def test_error_messages_are_truncated_and_keys_redacted():
+    body = json.dumps({"error": {"message": "Incorrect API key provided: sk-abc123456789xyz. " + "x" * 500}})
+    msg = error_message(body.encode(), "sk-abc123456789xyz")
+    assert "abc123456789xyz" not in msg and msg.startswith("Incorrect API key provided: [redacted]. xxx")
+    assert error_message(b'{"error": {"message": "key sk-proj-ABCDEF123456 is revoked"}}') == \
+        "key sk-[redacted] is revoked"  # a key that is not ours is redacted too
+    assert len(msg) <= 300
+    assert error_message(b"<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
+    assert "secret-token-1234" not in error_message(b"Authorization: Bearer secret-token-1234 refused")

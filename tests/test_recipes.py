@@ -13,6 +13,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from stages.lib import paths
 from stages.lib.common import StageError, params_from_dict
 from stages.tools.recipe import RECIPES, apply, load_recipe, write_recipe
 from tests.conftest import ROOT
@@ -77,10 +78,9 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path, tiny_model, nam
     p = apply(params(), load_recipe(name))
     p["student"]["model"] = str(tiny_model)
     # two steps; accumulation cut to 2 micro-batches (the global batch is checked above): CPU time
-    p["train"].update(max_steps=2, grad_accum=min(2, p["train"]["grad_accum"]), out_dir="student", log_dir="log",
-                      checkpoint_dir="ck")
+    p["train"].update(max_steps=2, grad_accum=min(2, p["train"]["grad_accum"]))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    make_data(tmp_path / "data" / "tokens", AutoTokenizer.from_pretrained(tiny_model), ROWS8 * 8,
+    make_data(tmp_path / paths.TOKENS, AutoTokenizer.from_pretrained(tiny_model), ROWS8 * 8,
               max_seq_len=p["tokenize"]["max_seq_len"])
     n = min(2, processes(p["train"]["accelerate_config"]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -91,8 +91,8 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path, tiny_model, nam
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert "memory plan per process" in r.stderr
-    rows = (tmp_path / "log" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    rows = (tmp_path / paths.TRAIN_LOG / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
     assert len(rows) == 2
-    saved = json.loads((tmp_path / "student" / "stillhouse_train.json").read_text())
+    saved = json.loads((tmp_path / paths.STUDENT / "stillhouse_train.json").read_text())
     assert saved["dtype"] == p["train"]["dtype"] and saved["params"]["method"] == p["train"]["method"]
-    assert (tmp_path / "student" / "model.safetensors").exists()
+    assert (tmp_path / paths.STUDENT / "model.safetensors").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from stages.lib.common import StageError
 from stages.lib.formats import read_prompts
-from stages.lib.generation.responses import ResponsesParams, chat_prompt, judge_prompt, parse_judge, run
+from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, run
 from stages.lib.llm.teacher import Sampling
 from tests.conftest import shared
 
@@ -58,7 +58,7 @@ class Teacher:
 
     def __call__(self, prompts, sampling, form):
         self.calls.append((list(prompts), sampling, form))
-        if prompts and prompts[0].startswith("Which response"):
+        if prompts and isinstance(prompts[0], str) and prompts[0].startswith("Which response"):
             return [rec(p, self.verdict) for p in prompts]
         return [self.answers(i, p) for i, p in enumerate(prompts)]
 
@@ -89,8 +89,18 @@ def test_judge_picks_and_falls_back_when_unparseable():
     t = Teacher(lambda i, p: rec(p, f"answer {i}"), verdict=" 2")
     tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 1", "answer 3"] and m["judged"] == 2
-    assert t.calls[1][0][0] == judge_prompt(PROMPTS[0], ["answer 0", "answer 1"])
+    assert t.calls[1][0][0] == pick_best_prompt(PROMPTS[0], ["answer 0", "answer 1"])
     t = Teacher(lambda i, p: rec(p, f"answer {i}"), verdict="both are fine")
     tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 0", "answer 2"] and m["judge_unparsed"] == 2
     assert [parse_judge(x, 3) for x in ["3", "Response 1", "4", "", None]] == [2, 0, None, None, None]
+
+
+def test_system_prompt_goes_with_every_answer_request_and_chat_verdicts_read():
+    t = Teacher(lambda i, p: rec(p, f"answer {i}"))
+    run(t, PROMPTS, ResponsesParams(), S, system="You are a helpful assistant.")
+    assert t.calls[0][0] == [("You are a helpful assistant.", chat_prompt(p)) for p in PROMPTS]
+    t = Teacher(lambda i, p: rec(p, f"answer {i}"))
+    run(t, PROMPTS, ResponsesParams(), S)  # no system prompt: the prompt string alone, as before
+    assert t.calls[0][0] == [chat_prompt(p) for p in PROMPTS]
+    assert [parse_judge(x, 3) for x in ["**Response 2**", "Response 3 is the best.", "The best is **1**."]] == [1, 2, 0]

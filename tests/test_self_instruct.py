@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER,
@@ -163,3 +164,146 @@ def test_failed_classification_request_is_unknown():
     _, _, m = run(Failing([" Tell whether a number is odd or even."]), SEEDS, 1, S,
                   SelfInstructParams(num_prompt_instructions=4), seed=0)
     assert m["classify"] == {"unknown": 1}
+
+
+def test_filter_blacklist_reaches_the_bootstrap(in_tmp, monkeypatch):
+    """`-S filter.blacklist=...` changes what self-instruct's pool takes: generate reads filter's rule
+    params from params.yaml and passes them to the bootstrap (not RuleParams() defaults)."""
+    import polars as pl
+    import pytest
+
+    import stages.lib.generation.self_instruct as si_module
+    from stages.generate import main
+    from stages.lib import paths
+    from stages.lib.common import write_shards
+    from stages.lib.text.rules import RuleParams
+    from tests.conftest import write_params
+
+    texts = [" Compose a lullaby for a sleepy baby dragon.\n6. Write a sonnet about lost umbrellas."]
+    kept = bootstrap(ScriptedTeacher(texts), SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)[0]
+    assert len(kept) == 2  # the default blacklist lets both through
+    write_shards(pl.DataFrame(SEEDS), in_tmp / paths.SEEDS)
+    write_params(in_tmp / "params.yaml", {
+        "generate": {"method": "self_instruct", "num_requests": 1, "self_instruct": {"num_prompt_instructions": 4}},
+        "filter": {"blacklist": ["lullaby"], "min_words": 2, "rouge_threshold": 0.5}})  # filter's own keys are its own
+
+    seen = {}
+
+    def run_spy(ask, seeds, num_requests, sampling, si, seed, form="completion", rules=None):
+        seen["rules"] = rules
+        raise RuntimeError("stop before any teacher call")
+
+    monkeypatch.setattr(si_module, "run", run_spy)
+    with pytest.raises(RuntimeError, match="stop before"):
+        main()
+    assert seen["rules"] == RuleParams(min_words=2, max_words=150, blacklist=["lullaby"])
+    machine, drops, m = bootstrap(ScriptedTeacher(texts), SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4),
+                                  seed=0, rules=seen["rules"])
+    assert [x["instruction"] for x in machine] == ["Write a sonnet about lost umbrellas."]
+    assert [(d["error"], d["raw"]) for d in drops] == [("blacklist", "Compose a lullaby for a sleepy baby dragon.")]
+
+
+# ---------------------------------------------------------------- chat form: prompts for chat models, replies as they write them
+
+from stages.lib.generation.self_instruct import (BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM,  # noqa: E402
+                                                 bootstrap_chat_prompt, classify_chat_prompt, instance_chat_prompt,
+                                                 parse_classification_chat, parse_instances_chat,
+                                                 parse_instructions_chat)
+
+
+def test_chat_prompts_keep_the_examples_and_ask_explicitly():
+    system, user = bootstrap_chat_prompt(["Do  this\nthing.", "Do that."])
+    assert system == BOOTSTRAP_SYSTEM
+    assert user == (f"{BOOTSTRAP_HEADER}1. Do this thing.\n2. Do that.\n\nWrite 13 more tasks like these, each "
+                    "different from the ones above and from each other, numbered 3 to 15.")
+    ex = classify_examples(SEEDS, 6, seed=0)
+    assert classify_chat_prompt("Is it odd?", ex) == (CLASSIFY_SYSTEM, classify_prompt("Is it odd?", ex))
+    system, user = instance_chat_prompt("Is the number odd or even?", True, SEEDS, 2)
+    assert system == INSTANCES_SYSTEM and user.startswith(instance_prompt("Is the number odd or even?", True, SEEDS, 2))
+    assert "Class label: ..., then Input: ..." in user
+    _, user = instance_chat_prompt("Write a haiku.", False, SEEDS, 2, max_instances=3)
+    assert "Write up to 3 examples for this last task" in user
+
+
+CHAT_LISTS = [
+    # restarted numbering, a preamble and commentary
+    ("Here are 7 more tasks:\n\n1. Name three rivers in Europe.\n2. Write a limerick about a cat.\n\n"
+     "Let me know if you need more!", ["Name three rivers in Europe.", "Write a limerick about a cat."]),
+    # continued numbering with markdown, a wrapped line, a quoted item, "Task 11:" and bullets
+    ("9. **Explain tides** to a child.\n10. Summarize the plot of\nHamlet in two sentences.\n"
+     "Task 11: \"Plan a picnic menu.\"\n- Suggest a name for a bakery.",
+     ["Explain tides to a child.", "Summarize the plot of Hamlet in two sentences.", "Plan a picnic menu.",
+      "Suggest a name for a bakery."]),
+    ("```\n9) Describe a sunset.\n10) Compare cats and dogs.\n```", ["Describe a sunset.", "Compare cats and dogs."]),
+    ("### New tasks\n\n**9.** Instruction: Rewrite the sentence in the passive voice.",
+     ["Rewrite the sentence in the passive voice."]),
+]
+
+
+def test_chat_bootstrap_replies():
+    for text, want in CHAT_LISTS:
+        assert [i for i, why in parse_instructions_chat(text, "stop")] == want, text
+    got = parse_instructions_chat("9. Describe a sunset.\n10. Compare cats and", "length")
+    assert got == [("Describe a sunset.", "ok"), (None, "truncated")]
+    assert parse_instructions_chat("I can't help with that.", "stop") == [(None, "empty")]
+    # the completion parser would keep the numbers and the preamble inside instructions
+    assert any("Here are" in (i or "") or "1." in (i or "")
+               for i, _ in parse_instructions(CHAT_LISTS[0][0], "stop"))
+
+
+def test_chat_classification_replies():
+    yes = ["Yes", "Yes.", "Yes, it is.", "yes - it has finite labels", "**Yes**", "Answer: Yes", "Is it classification? Yes"]
+    no = ["No", "No.", "No, it is not.", "**No.**", "Answer: no"]
+    assert [parse_classification_chat(t) for t in yes] == [True] * len(yes)
+    assert [parse_classification_chat(t) for t in no] == [False] * len(no)
+    assert [parse_classification_chat(t) for t in ["It depends.", "", None]] == [None, None, None]
+
+
+def test_chat_instance_replies():
+    text = ("Here are some examples:\n\n**Example 1:**\n**Input:** 2 + 2\n**Output:** 4\n\n### Example 2\n"
+            "- Input: None\n- Output: A fact.\n\nThese examples cover the task well.")
+    got = parse_instances_chat(text, False, "stop", 5)
+    assert [g[0] for g in got] == [{"input": "2 + 2", "output": "4"}, {"input": "", "output": "A fact."}]
+    text = ("Task: Is the number odd or even?\n- **Class label:** odd\n  **Input:** 7\n- **Class label:** even\n"
+            "  **Input:** 10\n\nI hope this helps!")
+    got = parse_instances_chat(text, True, "stop", 5)
+    assert [g[0] for g in got] == [{"input": "7", "output": "odd"}, {"input": "10", "output": "even"}]
+    assert parse_instances_chat("Sorry, no.", True, "stop", 5)[0][:2] == (None, "no_class_label")
+
+
+class ChatTeacher:
+    """Replies as a chat model does; records (prompt, form) of every request."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, prompts, sampling, form):
+        out = []
+        for p in prompts:
+            self.asked.append((p, form, sampling))
+            system, user = p
+            if system == BOOTSTRAP_SYSTEM:
+                text = "Sure! Here are more tasks:\n\n1. **Tell** whether a number is odd or even.\n" \
+                       "2. Write a short story about a brave ant.\n\nI hope these help!"
+            elif system == CLASSIFY_SYSTEM:
+                text = "Yes, it is." if "odd" in user.split("Task:")[-1] else "No."
+            elif "Class label:" in user.split("Task:")[-1]:
+                text = "**Class label:** odd\n**Input:** 3\n\n**Class label:** even\n**Input:** 4"
+            else:
+                text = "Example 1:\nInput: hello there\nOutput: general kenobi\n\nExample 2:\nOutput: done\n\nEnjoy!"
+            out.append(record(json.dumps(p), text))
+        return out
+
+
+def test_run_all_four_steps_in_chat_form():
+    teacher = ChatTeacher()
+    tasks, drops, m = run(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0, form="chat")
+    assert {form for _, form, _ in teacher.asked} == {"chat"}
+    assert all(s.stop == () for _, _, s in teacher.asked)  # chat replies are not cut by completion stop sequences
+    by_inst = {}
+    for t in tasks:
+        by_inst.setdefault(t["instruction"], []).append((t["input"], t["output"], t["is_classification"]))
+    assert by_inst == {"Tell whether a number is odd or even.": [("3", "odd", True), ("4", "even", True)],
+                       "Write a short story about a brave ant.": [("hello there", "general kenobi", False),
+                                                                  ("", "done", False)]}
+    assert m["classify"] == {"no": 1, "yes": 1} and not drops

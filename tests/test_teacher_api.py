@@ -176,25 +176,30 @@ def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
     for f in ("seed_tasks.jsonl", "prompts/generate_prompt.txt"):
         (tmp_path / "seeds" / f).write_bytes((ROOT / "seeds" / f).read_bytes())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["generate"].update(backend="openai", model="teacher-x", base_url=base_url, prompt_form="chat", **generate)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seeds": params["seeds"], "generate": params["generate"]}))
+    params["generate"].update({"backend": "openai", "model": "teacher-x", "base_url": base_url, "prompt_form": "chat",
+                               **generate})
+    # generate also reads filter's rule params (self-instruct's bootstrap)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate", "filter")}))
     subprocess.run([sys.executable, "-m", "stages.seeds"], cwd=tmp_path, env=stage_env(), check=True, capture_output=True)
     return tmp_path
 
 
 def cached_prompts(cache: Path) -> set[str]:
+    """The user message of every cached answer (chat prompts are cached as [system, user])."""
     out = set()
     for f in cache.glob("responses-*.jsonl"):
         for line in f.read_text().splitlines():
             try:
-                out.add(json.loads(line)["prompt"])
+                prompt = json.loads(line)["prompt"]
+                out.add(prompt if isinstance(prompt, str) else prompt[-1])
             except (json.JSONDecodeError, KeyError):
                 pass
     return out
 
 
+@pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
-    with FakeOpenAI(latency=0.1) as server:
+    with FakeOpenAI(latency=0.1, models=["teacher-x"]) as server:  # a models list: the endpoint check sends no completion
         proj = setup_project(tmp_path, server.base_url, num_requests=60, concurrency=4)
         proc = subprocess.Popen([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -214,7 +219,7 @@ def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
                              text=True)
         assert out.returncode == 0, out.stderr
         resent = completion_requests(server)[sent_before:]
-        resent_prompts = [r["body"]["messages"][0]["content"] for r in resent]
+        resent_prompts = [r["body"]["messages"][-1]["content"] for r in resent]
     assert not set(resent_prompts) & answered
     assert len(resent_prompts) == 60 - len(answered)
     metrics = json.loads((proj / "metrics" / "generate.json").read_text())
@@ -230,15 +235,17 @@ def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_stage_fails_above_the_failure_rate_then_retries_only_the_failed(tmp_path):
-    with FakeOpenAI(faults=lambda n, body: "500") as bad:
+    with FakeOpenAI(faults=lambda n, body: "500", models=["teacher-x"]) as bad:
         proj = setup_project(tmp_path, bad.base_url, num_requests=5, max_attempts=2, max_failure_rate=0.2)
         out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
                              text=True)
     assert out.returncode == 1
     assert "5 of 5 requests failed {'http_500': 5}" in out.stderr and "rerun to retry only those" in out.stderr
+    assert "the server said: http_500: injected 500" in out.stderr  # the server's words reach the error line
     assert not (proj / "data" / "generated").exists()
-    with FakeOpenAI() as good:
+    with FakeOpenAI(models=["teacher-x"]) as good:
         params = yaml.safe_load((proj / "params.yaml").read_text())
         params["generate"]["base_url"] = good.base_url
         (proj / "params.yaml").write_text(yaml.safe_dump(params))
@@ -263,3 +270,78 @@ def test_default_endpoint_is_used_and_the_cache_key_names_only_the_model():
     assert b.teacher_id == "openai:gpt-4o-mini"  # the URL is not part of a request's identity
     assert str(b.batch_client().base_url).rstrip("/") == "https://api.openai.com/v1"
     assert b.api.base_url == "https://api.openai.com/v1"
+
+
+# ---------------------------------------------------------------- errors users can act on, and reasoning models, at the stage
+
+
+def no_secret_on_disk(proj: Path) -> None:
+    for path in proj.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("case", ["model", "key"])
+def test_a_wrong_model_or_key_stops_the_stage_with_the_servers_words(tmp_path, case):
+    """The stage stops at the endpoint check, before any paid request; its error line and its metrics
+    carry the server's message, and the key is in no file."""
+    key = SECRET if case == "model" else "sk-other-" + "o" * 30
+    with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=key) as srv:
+        proj = setup_project(tmp_path, srv.base_url, num_requests=8)
+        params = yaml.safe_load((proj / "params.yaml").read_text())
+        params["generate"]["model"] = "gpt-4o-mnii" if case == "model" else "gpt-4o-mini"
+        (proj / "params.yaml").write_text(yaml.safe_dump(params))
+        out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
+                             text=True)
+    assert out.returncode == 1
+    error_line = [ln for ln in out.stderr.splitlines() if "ERROR" in ln]
+    want = ("The model `gpt-4o-mnii` does not exist or you do not have access to it." if case == "model"
+            else "Incorrect API key provided: sk-[redacted]")
+    assert len(error_line) == 1 and want in error_line[0], out.stderr
+    metrics = json.loads((proj / "metrics/generate.json").read_text())
+    assert want in metrics["error"] and metrics["teacher_calls"] == 0
+    assert not completion_requests(srv)  # nothing paid: GET /models/{model} settled it
+    assert SECRET not in out.stderr and SECRET not in out.stdout
+    no_secret_on_disk(proj)
+
+
+def test_a_fatal_error_mid_run_stops_before_spending_on_the_rest(tmp_path):
+    """The check passes (the model is listed), then the endpoint refuses the first request with 400 (the
+    standard request shape forced on o4-mini): not retried, the rest never sent, the message in the
+    stage's error line and metrics."""
+    with FakeOpenAI.strict(models=["o4-mini"], api_key=SECRET) as srv:
+        proj = setup_project(tmp_path, srv.base_url, num_requests=12, concurrency=1, model="o4-mini",
+                             model_family="standard")
+        out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
+                             text=True)
+    assert out.returncode == 1, out.stderr
+    assert len(completion_requests(srv)) == 1  # the first 400: not retried, the other 11 never sent
+    line = [ln for ln in out.stderr.splitlines() if "ERROR" in ln][0]
+    assert "HTTP 400 Unsupported parameter: 'max_tokens' is not supported with this model." in line
+    assert "11 queued requests were not sent" in line
+    metrics = json.loads((proj / "metrics/generate.json").read_text())
+    assert "Unsupported parameter" in metrics["error"] and metrics["api_errors"] == {"http_400": 1}
+    assert "Unsupported parameter" in metrics["api_error_messages"]["http_400"]
+    failures = [json.loads(ln) for f in (proj / "data/teacher_cache").glob("failures-*.jsonl")
+                for ln in f.read_text().splitlines()]
+    assert len(failures) == 1 and "Use 'max_completion_tokens' instead." in failures[0]["message"]
+    no_secret_on_disk(proj)
+
+
+def test_the_stage_on_a_reasoning_model(tmp_path):
+    """generate with model o4-mini against a server that refuses max_tokens and temperature as OpenAI does."""
+    with FakeOpenAI.strict(models=["o4-mini"], api_key=SECRET, reasoning_tokens=40) as srv:
+        proj = setup_project(tmp_path, srv.base_url, num_requests=4, model="o4-mini",
+                             extra_body={"reasoning_effort": "low"}, reasoning_budget=500,
+                             prices={"o4-mini": {"input_per_million": 1.1, "output_per_million": 4.4}})
+        out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
+                             text=True)
+    assert out.returncode == 0, out.stderr
+    sent = completion_requests(srv)
+    assert len(sent) == 4
+    for r in sent:
+        assert r["body"]["max_completion_tokens"] == 192 + 500 and r["body"]["reasoning_effort"] == "low"
+        assert not {"max_tokens", "temperature", "top_p", "stop"} & set(r["body"])
+    m = json.loads((proj / "metrics/generate.json").read_text())
+    assert m["reasoning_tokens_called"] == 4 * 40 and m["completion_tokens_called"] == 4 * (7 + 40)
+    assert m["cost_usd_called"] == round((4 * 11 * 1.1 + 4 * 47 * 4.4) / 1e6, 6)  # reasoning billed as output

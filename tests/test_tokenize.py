@@ -6,10 +6,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, encode_example, render_prompt, user_message
+from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, render_prompt, user_message
 from stages.lib.tokens.arrays import IGNORE_INDEX, TokenSplit, collate
 from stages.lib.tokens.arrays import tokenizer_id, write_split
 from stages.tokenize import TokenizeParams, assign_splits, example_texts, pieces, tokenize_conversations
+from tests.helpers import encode_example
 
 
 def conv(*turns, system=None):

@@ -11,8 +11,7 @@ import torch
 import yaml
 
 from stages.lib.common import StageError, write_json
-from stages.evaluate import validation_loss
-from stages.lib.tokens.arrays import TokenSplit
+from stages.lib.tokens.arrays import TokenSplit, validation_loss
 from stages.lib.tokens.templates import encode_conversation, user_message
 from stages.lib.tokens.arrays import tokenizer_id, write_split
 from stages.tokenize import example_texts
@@ -62,9 +61,16 @@ def test_params_are_checked():
         TrainParams(max_steps=0, epochs=0)
 
 
-def run_train(tmp_path, tiny_model, name, **kw):
-    p = TrainParams(out_dir=str(tmp_path / name), log_dir=str(tmp_path / f"log-{name}"), warmup_ratio=0.0, **kw)
-    return train(p, str(tmp_path / "tokens"), student=str(tiny_model)), p
+def run_train(tmp_path, tiny_model, name, checkpoint_dir=None, **kw):
+    """train() into tmp_path/name (logs in tmp_path/log-name); returns (summary, the student folder)."""
+    p = TrainParams(warmup_ratio=0.0, **kw)
+    out = str(tmp_path / name)
+    return train(p, str(tmp_path / "tokens"), out, str(tmp_path / f"log-{name}"),
+                 checkpoint_dir or str(tmp_path / f"ck-{name}"), student=str(tiny_model)), out
+
+
+def val_loss(model, tok, val, batch_size):
+    return validation_loss(model, val, batch_size, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
 def test_full_training_lowers_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
@@ -74,10 +80,10 @@ def test_full_training_lowers_loss_and_saves_a_loadable_model(tmp_path, tiny_mod
     make_data(tmp_path / "tokens", tok)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     val = TokenSplit(tmp_path / "tokens", "val")
-    before, _ = validation_loss(base, tok, val, 4)
-    summary, p = run_train(tmp_path, tiny_model, "full", method="full", max_steps=30, batch_size=3, learning_rate=3e-3)
-    model = AutoModelForCausalLM.from_pretrained(p.out_dir)
-    after, n = validation_loss(model, tok, val, 4)
+    before, _ = val_loss(base, tok, val, 4)
+    summary, out = run_train(tmp_path, tiny_model, "full", method="full", max_steps=30, batch_size=3, learning_rate=3e-3)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    after, n = val_loss(model, tok, val, 4)
     assert n > 0 and after < before - 0.5, (before, after)
     assert summary["steps"] == 30 and math.isfinite(summary["final_loss"])
     logged = json.loads((tmp_path / "log-full" / "metrics.json").read_text())
@@ -90,9 +96,9 @@ def test_lora_saves_merged_weights_and_adapter(tmp_path, tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok)
-    _, p = run_train(tmp_path, tiny_model, "lora", method="lora", max_steps=3, batch_size=2, lora_r=4,
-                     learning_rate=1e-2)
-    merged = AutoModelForCausalLM.from_pretrained(p.out_dir)  # plain model, no peft needed
+    _, out = run_train(tmp_path, tiny_model, "lora", method="lora", max_steps=3, batch_size=2, lora_r=4,
+                       learning_rate=1e-2)
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain model, no peft needed
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     diff = (merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight).abs().max()
     assert diff > 0
@@ -108,8 +114,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model):
     s1, p1 = run_train(tmp_path, tiny_model, "big", method="full", max_steps=1, batch_size=4, grad_accum=1)
     s2, p2 = run_train(tmp_path, tiny_model, "acc", method="full", max_steps=1, batch_size=1, grad_accum=4)
     assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(p1.out_dir).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(p2.out_dir).state_dict()
+    a = AutoModelForCausalLM.from_pretrained(p1).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(p2).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
@@ -193,8 +199,8 @@ def test_first_step_is_the_same_for_8x1_and_1x8(tmp_path, tiny_model, packing):
     s1, p1 = run_train(tmp_path, tiny_model, "big", batch_size=8, grad_accum=1, **kw)
     s2, p2 = run_train(tmp_path, tiny_model, "acc", batch_size=1, grad_accum=8, **kw)
     assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(p1.out_dir).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(p2.out_dir).state_dict()
+    a = AutoModelForCausalLM.from_pretrained(p1).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(p2).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     logged = json.loads((tmp_path / "log-big" / "metrics.json").read_text())
@@ -205,6 +211,7 @@ def test_first_step_is_the_same_for_8x1_and_1x8(tmp_path, tiny_model, packing):
         assert data.index[:, 1].max() < 80 and s1["padding_efficiency"] > 0.85
 
 
+@pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     """Kill -9 a run mid-way, rerun: it resumes from the last checkpoint (model, optimizer, RNG,
     data position) and its loss sequence equals an uninterrupted run's."""
@@ -226,11 +233,11 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     ref, _ = run_train(tmp_path, tiny_model, "ref", checkpoint_dir=str(tmp_path / "ck-ref"), **kw)
     assert not (tmp_path / "ck-ref").exists()  # removed once complete
 
-    p = TrainParams(out_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log-run"),
-                    warmup_ratio=0.0, checkpoint_dir=str(tmp_path / "ck"), **kw)
+    p = TrainParams(warmup_ratio=0.0, **kw)
+    where = [str(tmp_path / "tokens"), str(tmp_path / "run"), str(tmp_path / "log-run"), str(tmp_path / "ck")]
     code = ("import json, sys; from stages.train import TrainParams, train; "
-            "train(TrainParams(**json.loads(sys.argv[1])), sys.argv[2], student=sys.argv[3])")
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tmp_path / "tokens"), str(tiny_model)], cwd=ROOT,
+            "train(TrainParams(**json.loads(sys.argv[1])), *sys.argv[3:], student=sys.argv[2])")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tiny_model), *where], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "ck" / "progress.json"
     deadline = time.monotonic() + 120
@@ -241,7 +248,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     proc.wait()
     stopped_at = json.loads(progress.read_text())["step"]
     assert 6 <= stopped_at < 60
-    resumed = train(p, str(tmp_path / "tokens"), student=str(tiny_model))
+    resumed = train(p, *where, student=str(tiny_model))
     assert resumed["resumed_from_step"] == stopped_at and ref["resumed_from_step"] == 0
     assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
     assert len(resumed["losses"]) == 60
@@ -255,9 +262,8 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "progress.json").write_text(json.dumps({"step": 5, "fingerprint": "abc", "history": [{"loss": 1.0}]}))
-    p = TrainParams(checkpoint_dir=str(ck))
-    assert load_checkpoint(None, p, "different") == (0, [])
-    assert load_checkpoint(None, TrainParams(checkpoint_dir=str(tmp_path / "none")), "abc") == (0, [])
+    assert load_checkpoint(None, str(ck), "different") == (0, [])
+    assert load_checkpoint(None, str(tmp_path / "none"), "abc") == (0, [])
 
 
 def test_model_card_carries_the_lineage(tmp_path, tiny_model):
@@ -293,7 +299,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model):
     assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     from safetensors.torch import load_file
 
-    a, b = load_file(f"{p1.out_dir}/model.safetensors"), load_file(f"{p2.out_dir}/model.safetensors")
+    a, b = load_file(f"{p1}/model.safetensors"), load_file(f"{p2}/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
@@ -336,21 +342,21 @@ def test_bf16_training_saves_a_bf16_student_with_its_dtype_on_the_card(tmp_path,
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok)
-    summary, p = run_train(tmp_path, tiny_model, method, method=method, dtype="bfloat16", max_steps=3, batch_size=2,
+    summary, out = run_train(tmp_path, tiny_model, method, method=method, dtype="bfloat16", max_steps=3, batch_size=2,
                            lora_r=4, learning_rate=1e-2)
     assert all(math.isfinite(x) for x in summary["losses"])
-    weights = load_file(f"{p.out_dir}/model.safetensors")
+    weights = load_file(f"{out}/model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / method / "config.json").read_text())["dtype"] == "bfloat16"
     assert "Weights dtype: `bfloat16`" in (tmp_path / method / "README.md").read_text()
     if method == "lora":
-        adapter = load_file(f"{p.out_dir}/adapter/adapter_model.safetensors")
+        adapter = load_file(f"{out}/adapter/adapter_model.safetensors")
         assert {t.dtype for t in adapter.values()} == {torch.float32}
     # evaluate loads it in bf16 on the CPU, and the loss agrees with a float32 load
-    model = AutoModelForCausalLM.from_pretrained(p.out_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     val = TokenSplit(tmp_path / "tokens", "val")
-    bf, _ = validation_loss(model, tok, val, 4)
-    f32, _ = validation_loss(model.float(), tok, val, 4)
+    bf, _ = val_loss(model, tok, val, 4)
+    f32, _ = val_loss(model.float(), tok, val, 4)
     assert bf == pytest.approx(f32, rel=0.03)
 
 
@@ -362,8 +368,8 @@ def test_the_cpu_default_stays_float32(tmp_path, tiny_model):
 
     assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
     make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
-    _, p = run_train(tmp_path, tiny_model, "auto", method="full", max_steps=1)
-    assert {t.dtype for t in load_file(f"{p.out_dir}/model.safetensors").values()} == {torch.float32}
+    _, out = run_train(tmp_path, tiny_model, "auto", method="full", max_steps=1)
+    assert {t.dtype for t in load_file(f"{out}/model.safetensors").values()} == {torch.float32}
 
 
 def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model, monkeypatch):
@@ -406,3 +412,25 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(tmp_path, tiny_model, pa
         for k in g0:
             torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * float(g0[k].abs().max()))
     assert model.lm_head.forward.__func__ is type(model.lm_head).forward  # the head is itself again
+
+
+def test_a_learning_rate_written_2e_5_trains(tmp_path, tiny_model):
+    """Alpaca's `learning_rate: 2e-5` is a string to PyYAML (and `dvc exp run -S` writes `2e-05`):
+    TrainParams loads it as a float and the stage trains with it."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.common import load_params
+
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  method: full\n  learning_rate: 2e-5\n  max_steps: '2'\n"
+                 "  warmup_ratio: 0\n  lr_scheduler: constant\n  checkpoint_every: 0\n")
+    assert yaml.safe_load(f.read_text())["train"]["learning_rate"] == "2e-5"
+    p = load_params(TrainParams, "train", f)
+    assert p.learning_rate == 2e-05 and type(p.learning_rate) is float and p.max_steps == 2
+    assert type(p.warmup_ratio) is float
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    summary = train(p, str(tmp_path / "tokens"), str(tmp_path / "out"), str(tmp_path / "log"), str(tmp_path / "ck"),
+                    student=str(tiny_model))
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    rows = (tmp_path / "log" / "plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
+    assert [float(r.split("\t")[1]) for r in rows] == [2e-05, 2e-05]

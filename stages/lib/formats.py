@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stages.lib.common import StageError, log
 from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
+from stages.lib.tokens.templates import user_message
 
 PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
@@ -153,8 +154,7 @@ def to_messages(rec, fmt: str, answers: str | None = None) -> list[tuple[str | N
     if fmt in ("alpaca", "generated"):
         inst = _text(rec.get("instruction"), "instruction")
         inp = _text(rec.get("input") or "", "input")
-        user = inst.strip() + (f"\n\n{inp.strip()}" if inp.strip() else "")
-        return [(rec.get("id"), [{"role": "user", "content": user},
+        return [(rec.get("id"), [{"role": "user", "content": user_message(inst, inp)},
                                  {"role": "assistant", "content": _text(rec.get("output"), "output")}])]
     if fmt == "hc3":
         q = _text(rec.get("question"), "question")

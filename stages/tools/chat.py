@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from stages.lib import paths
+
 
 def load(model_dir: str):
     import torch
@@ -53,19 +55,21 @@ def reply(model, tok, messages: list[dict], max_new_tokens: int, temperature: fl
 def read_file(path: Path) -> list[str]:
     if path.suffix in (".jsonl", ".json"):
         from stages.lib.formats import read_prompts
+        from stages.lib.tokens.templates import user_message
 
-        return [p["instruction"] + (f"\n\n{p['input']}" if p["input"] else "") for p in read_prompts(path)]
+        return [user_message(p["instruction"], p["input"]) for p in read_prompts(path)]
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models/student")
+    ap = argparse.ArgumentParser(prog="python -m stages.tools.chat", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=paths.STUDENT, help="a model dir or hub id (default: models/student)")
     ap.add_argument("--file", type=Path, help="prompts to answer, one conversation each")
     ap.add_argument("--out", type=Path, help="with --file: write {prompt, answer} JSONL here")
     ap.add_argument("--system", default=None, help="a system message for every conversation")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="answer length budget (default: 256)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding (default)")
     args = ap.parse_args(argv)
     model, tok = load(args.model)
     head = [{"role": "system", "content": args.system}] if args.system else []

@@ -21,11 +21,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, atomic_file, check, log, read_shards, run_main
 from stages.lib.formats import Malformed
 
 FORMATS = ("alpaca", "sharegpt", "hf")
-SOURCES = {"filtered": ("data/filtered", "kept"), "conversations": ("data/conversations", "conversations")}
+SOURCES = {"filtered": (paths.FILTERED, "kept"), "conversations": (paths.CONVERSATIONS, "conversations")}
 SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -146,10 +147,13 @@ def export(args: ExportArgs, rows: list[dict]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--format", required=True, choices=FORMATS)
+    ap = argparse.ArgumentParser(prog="python -m stages.tools.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--format", required=True, choices=FORMATS,
+                    help="alpaca (JSON list of instruction/input/output) | sharegpt (JSON list of id + conversations) | hf")
     ap.add_argument("--out", required=True, help="a .json file (alpaca, sharegpt) or a directory (hf)")
-    ap.add_argument("--from", dest="source", default="filtered", choices=sorted(SOURCES))
+    ap.add_argument("--from", dest="source", default="filtered", choices=sorted(SOURCES),
+                    help="filtered: the kept tasks of data/filtered (default) | conversations: data/conversations")
     ap.add_argument("--in", dest="in_dir", help="the source's shard folder (default: data/filtered or data/conversations)")
     a = ap.parse_args(argv)
     try:

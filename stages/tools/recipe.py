@@ -105,7 +105,8 @@ def write_recipe(params_path: str | Path, overlay: dict, dry_run: bool = False) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.tools.recipe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stages.tools.recipe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", nargs="?", help="a name in configs/recipes (alpaca-7b, lora-24gb) or a .yaml path")
     ap.add_argument("--list", action="store_true", help="list the recipes")
     ap.add_argument("--dry-run", action="store_true", help="show the changes, write nothing")

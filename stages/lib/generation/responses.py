@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from stages.lib.common import check
 from stages.lib.llm.teacher import Sampling
+from stages.lib.tokens.templates import user_message
 
 SELECT = ("first", "longest", "judge")
 
@@ -40,28 +41,32 @@ class ResponsesParams:
 
 
 def chat_prompt(p: dict) -> str:
-    return p["instruction"].strip() + (f"\n\n{p['input'].strip()}" if p["input"].strip() else "")
+    return user_message(p["instruction"], p["input"])
 
 
-def judge_prompt(p: dict, answers: list[str]) -> str:
+def pick_best_prompt(p: dict, answers: list[str]) -> str:
+    """The prompt that asks the teacher which of n sampled answers to keep (`select: judge`)."""
     body = "".join(f"Response {i}:\n{a.strip()}\n\n" for i, a in enumerate(answers, 1))
     return (f"Which response answers the request best? Reply with its number only.\n\nRequest:\n{chat_prompt(p)}\n\n"
             f"{body}Best response number:")
 
 
 def parse_judge(text: str | None, n: int) -> int | None:
-    """0-based index of the chosen answer, or None."""
-    m = re.search(r"\d+", text or "")
+    """0-based index of the chosen answer, or None. Reads "2", "Response 2", "**Response 2** is best"."""
+    m = re.search(r"\d+", (text or "").replace("*", ""))
     return int(m.group()) - 1 if m and 1 <= int(m.group()) <= n else None
 
 
-def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling):
-    """Answer every prompt n times and keep one. Returns (task rows, drop rows, metrics)."""
+def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling, system: str = ""):
+    """Answer every prompt n times and keep one. Returns (task rows, drop rows, metrics).
+
+    `system`: the answers' system message (empty: none, the prompt is the only message)."""
     from stages.lib.generation.self_instruct import count
     from stages.lib.llm.teacher import provenance
 
     ans_sampling = Sampling(r.max_new_tokens, sampling.temperature, sampling.top_p, (), sampling.seed)
-    records = ask([chat_prompt(p) for p in prompts for _ in range(r.n)], ans_sampling, "chat")
+    asked = [(system, chat_prompt(p)) if system else chat_prompt(p) for p in prompts]
+    records = ask([a for a in asked for _ in range(r.n)], ans_sampling, "chat")
     tasks, drops, judged, judge_failed = [], [], 0, 0
     usable_by_prompt = []
     for k, p in enumerate(prompts):
@@ -84,7 +89,7 @@ def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling):
                  for u in usable_by_prompt]
     elif r.select == "judge":
         need = [k for k, u in enumerate(usable_by_prompt) if len(u) > 1]
-        verdicts = ask([judge_prompt(prompts[k], [rec["text"] for _, rec in usable_by_prompt[k]]) for k in need],
+        verdicts = ask([pick_best_prompt(prompts[k], [rec["text"] for _, rec in usable_by_prompt[k]]) for k in need],
                        Sampling(4, 0.0, 1.0, ("\n",), sampling.seed), "chat")
         for k, v in zip(need, verdicts):
             choice = parse_judge(v["text"] if v else None, len(usable_by_prompt[k]))

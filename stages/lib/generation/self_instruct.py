@@ -10,6 +10,13 @@
 4. instance filters: empty output, input equal to output, input or output ending in a colon,
    a task whose instances share an input with different outputs, exact duplicates.
 The driver that talks to the teacher is in `stages.generate`.
+
+Each step has two prompt forms. `completion` (the default, for a local model or a legacy
+completions endpoint) is self-instruct's original text, continued by the model and cut by stop
+sequences. `chat` (for a chat-only endpoint such as OpenAI's chat models) sends the same
+examples as a user message after a system message, asks explicitly for what the
+continuation would have produced, and parses the reply as a chat model writes it
+(`stages.lib.generation.chat`): preambles, restarted numbering, markdown, commentary.
 """
 
 from __future__ import annotations
@@ -19,10 +26,18 @@ import re
 from dataclasses import dataclass
 
 from stages.lib.common import check
+from stages.lib.generation.chat import clean, unmarkdown
 from stages.lib.llm.teacher import Sampling, provenance
 
+FORMS = ("completion", "chat")
 BOOTSTRAP_HEADER = "Come up with a series of tasks:\n"
 BOOTSTRAP_STOP = ("\n\n", "\n16", "16.", "16 .")
+BOOTSTRAP_LAST = 15  # the completion form stops at "16": the chat form asks for tasks up to 15
+BOOTSTRAP_SYSTEM = ("You write task instructions for training a language model. Reply with a numbered list of "
+                    "the new tasks only, one task per line, and nothing else.")
+CLASSIFY_SYSTEM = "Answer with Yes or No only."
+INSTANCES_SYSTEM = ("You write examples for tasks in exactly the format shown. Reply with the examples only, "
+                    "and nothing else.")
 
 CLASSIFY_HEADER = "Can the following task be regarded as a classification task with finite output labels?\n\n"
 OUTPUT_FIRST_HEADER = ("Given the classification task definition and the class labels, generate an input that "
@@ -53,6 +68,53 @@ def bootstrap_prompt(instructions: list[str]) -> str:
     return f"{BOOTSTRAP_HEADER}{lines}{len(instructions) + 1}."
 
 
+def bootstrap_chat_prompt(instructions: list[str]) -> tuple[str, str]:
+    """(system, user): the same numbered examples, and an explicit ask for the tasks after them."""
+    k = len(instructions)
+    lines = "".join(f"{i}. {_ws(t)}\n" for i, t in enumerate(instructions, 1))
+    n = max(1, BOOTSTRAP_LAST - k)
+    return BOOTSTRAP_SYSTEM, (f"{BOOTSTRAP_HEADER}{lines}\nWrite {n} more tasks like these, each different from the "
+                              f"ones above and from each other, numbered {k + 1} to {k + n}.")
+
+
+_NUMBERED_LINE = re.compile(r"^\s*(?:[-*\u2022]\s+)?(?:(?:task|instruction)\s*)?\d+\s*[.):]\s*(?P<text>.*?)\s*$", re.I)
+_BULLET_LINE = re.compile(r"^\s*[-*\u2022]\s+(?P<text>.*?)\s*$")
+_LABEL = re.compile(r"^(?:task|instruction)\s*\d*\s*:\s*", re.I)
+
+
+def parse_instructions_chat(text: str, finish_reason: str) -> list[tuple[str | None, str]]:
+    """(instruction or None, reason) per item of a chat model's list of tasks.
+
+    Items are numbered lines ("8. ...", "1) ...", "Task 9: ...", whatever the numbers) or
+    bullets; a line that is neither continues the item above it when no blank line is
+    between them. A preamble before the list and commentary after it are not items.
+    With finish_reason "length" the last item is dropped.
+    """
+    items: list[str] = []
+    after_blank = False
+    for line in clean(text).split("\n"):
+        m = _NUMBERED_LINE.match(line) or _BULLET_LINE.match(line)
+        if m:
+            items.append(m.group("text"))
+            after_blank = False
+        elif not line.strip():
+            after_blank = bool(items)
+        elif items and not after_blank:
+            items[-1] += " " + line.strip()
+    out: list[tuple[str | None, str]] = []
+    for j, raw in enumerate(items):
+        inst = _LABEL.sub("", _ws(raw))
+        if len(inst) > 1 and inst[0] == inst[-1] and inst[0] in "\"'":
+            inst = inst[1:-1].strip()
+        if finish_reason == "length" and j == len(items) - 1:
+            out.append((None, "truncated"))
+        elif not inst:
+            out.append((None, "empty"))
+        else:
+            out.append((inst, "ok"))
+    return out or [(None, "empty")]
+
+
 def parse_instructions(text: str, finish_reason: str) -> list[tuple[str | None, str]]:
     """(instruction or None, reason) per numbered item of a continuation of `bootstrap_prompt`.
 
@@ -80,6 +142,10 @@ def classify_prompt(instruction: str, examples: list[tuple[str, bool]]) -> str:
     return f"{CLASSIFY_HEADER}{demo}Task: {_ws(instruction)}\nIs it classification?"
 
 
+def classify_chat_prompt(instruction: str, examples: list[tuple[str, bool]]) -> tuple[str, str]:
+    return CLASSIFY_SYSTEM, classify_prompt(instruction, examples)
+
+
 def classify_examples(seeds: list[dict], n: int = 12, seed: int = 0) -> list[tuple[str, bool]]:
     """n few-shot examples from the project's seeds, half Yes and half No, interleaved."""
     rng = random.Random(f"{seed}:classify")
@@ -100,6 +166,17 @@ def parse_classification(text: str | None) -> bool | None:
     word = re.match(r"\W*(\w+)", text)
     answer = word.group(1).lower() if word else ""
     return True if answer == "yes" else False if answer == "no" else None
+
+
+def parse_classification_chat(text: str | None) -> bool | None:
+    """As `parse_classification`, after markdown and an echoed "Is it classification?" or "Answer:"
+    are removed: "Yes.", "Yes, it is.", "**No**", "Answer: yes" all read."""
+    if text is None:
+        return None
+    t = unmarkdown(text).strip()
+    t = re.sub(r"^(?:task\s*:.*\n\s*)?(?:is it classification\s*\??|answer\s*:|classification\s*:)\s*", "", t,
+               flags=re.I)
+    return parse_classification(t)
 
 
 # ---------------------------------------------------------------- step 3: instances
@@ -129,6 +206,38 @@ def instance_prompt(instruction: str, is_classification: bool | None, seeds: lis
             body += f"Output: {inst['output'].strip()}\n"
         body += "\n"
     return f"{INPUT_FIRST_HEADER}{body}Task: {_ws(instruction)}\n"
+
+
+def instance_chat_prompt(instruction: str, is_classification: bool | None, seeds: list[dict], n_demos: int = 4,
+                         seed: int = 0, max_instances: int = 3) -> tuple[str, str]:
+    """(system, user): the completion prompt's demonstrations, and an explicit ask for the last task's."""
+    body = instance_prompt(instruction, is_classification, seeds, n_demos, seed)
+    if is_classification:
+        ask = ("\nFor this last task, write each possible class label followed by an input of that class, in the "
+               "same format (Class label: ..., then Input: ...).")
+    else:
+        ask = (f"\nWrite up to {max_instances} examples for this last task in the same format (Example 1, then "
+               "Input: ... and Output: ...). Leave out the Input line when the task needs no input.")
+    return INSTANCES_SYSTEM, body + ask
+
+
+_NO_INPUT = re.compile(r"(?im)^([ \t]*input\s*\d*\s*:)[ \t]*(?:none|n/?a|\(none\)|<noinput>|no input|-)[ \t]*\.?[ \t]*$")
+
+
+def parse_instances_chat(text: str, is_classification: bool | None, finish_reason: str,
+                         max_instances: int) -> list[tuple[dict | None, str, str]]:
+    """As `parse_instances`, for a chat model's reply: markdown, bullets before labels, "Example 1:"
+    headings, an echoed "Task: ..." line, a preamble, commentary and "Input: None" are undone first."""
+    t = clean(text)
+    t = re.sub(r"^\s*Task\s*:.*\n", "", t)
+    first = re.search(r"(?im)^[ \t]*(?:[-*\u2022][ \t]+)?(?:class label\s*:|example\b|input\s*\d*\s*:|output\s*\d*\s*:)", t)
+    t = t[first.start():] if first else t
+    t = re.sub(r"(?im)^[ \t]*[-*\u2022][ \t]+(?=(?:class label|example|input|output)\b)", "", t)
+    t = re.sub(r"(?im)^([ \t]*)example(\s*\d+)\s*[:.)]?[ \t]*$", r"\1Example\2", t)
+    t = re.sub(r"(?im)^([ \t]*)(class label|input|output)(\s*\d*\s*:)",
+               lambda m: m.group(1) + m.group(2).capitalize() + m.group(3), t)
+    t = _NO_INPUT.sub(r"\1", t)
+    return parse_instances(t, is_classification, finish_reason, max_instances)
 
 
 def _strip_label(text: str, label: str) -> str:
@@ -230,30 +339,37 @@ class SelfInstructParams:
         check(self.max_instances >= 1 and self.instance_max_new_tokens >= 1, "max_instances, instance_max_new_tokens >= 1")
 
 
-def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int):
-    """Step 1. Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
+def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int,
+              form: str = "completion", rules=None):
+    """Step 1, in prompt form `form` (completion | chat). `rules`: the rule filter's params (`RuleParams`;
+    generate reads them from the `filter` section, so the pool takes only tasks that `filter` would keep).
+    Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
     drops [{step, request_index, item_index, error, raw, provenance}], metrics)."""
     from stages.lib.text.rules import RuleParams, blacklist_regex, rule_reason
     from stages.lib.text.novelty import novelty
 
-    rules = RuleParams()
+    rules = rules if rules is not None else RuleParams()
     bl = blacklist_regex(rules.blacklist)
     seed_inst = [s["instruction"] for s in seeds]
     id_of = {s["instruction"]: s["id"] for s in seeds}
     machine: list[dict] = []
     drops: list[dict] = []
     parsed = 0
-    sampling = Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, BOOTSTRAP_STOP, sampling.seed)
+    check(form in FORMS, f"prompt form: expected one of {FORMS}, got {form!r}")
+    chat = form == "chat"
+    stop = () if chat else BOOTSTRAP_STOP  # a chat reply is asked for its tasks only
+    sampling = Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, stop, sampling.seed)
+    prompt_of, parse = (bootstrap_chat_prompt, parse_instructions_chat) if chat else (bootstrap_prompt, parse_instructions)
     for start in range(0, num_requests, si.requests_per_round):
         idx = list(range(start, min(num_requests, start + si.requests_per_round)))
         shown = [sample_in_context(seed_inst, [m["instruction"] for m in machine], si.num_prompt_instructions,
                                    random.Random(f"{seed}:bootstrap:{i}")) for i in idx]
-        records = ask([bootstrap_prompt(s) for s in shown], sampling, "completion")
+        records = ask([prompt_of(s) for s in shown], sampling, form)
         cands = []
         for i, rec, sh in zip(idx, records, shown):
             if rec is None:
                 continue
-            for j, (inst, why) in enumerate(parse_instructions(rec["text"], rec["finish_reason"])):
+            for j, (inst, why) in enumerate(parse(rec["text"], rec["finish_reason"])):
                 row = {"request_index": i, "item_index": j, **provenance(rec)}
                 why = why if inst is None else rule_reason({"instruction": inst, "input": "", "output": "-"}, rules, bl)
                 if inst is not None:
@@ -284,27 +400,42 @@ def count(items) -> dict:
     return dict(sorted(out.items()))
 
 
-def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int):
-    """All four steps. Returns (task rows, drop rows, per-step metrics)."""
-    machine, drops, m_boot = bootstrap(ask, seeds, num_requests, sampling, si, seed)
+def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int,
+        form: str = "completion", rules=None):
+    """All four steps, in prompt form `form` (completion | chat); `rules`: see `bootstrap`. Returns (task rows,
+    drop rows, per-step metrics)."""
+    chat = form == "chat"
+    machine, drops, m_boot = bootstrap(ask, seeds, num_requests, sampling, si, seed, form, rules)
     # step 2: classification or not
     examples = classify_examples(seeds, si.classify_examples, seed)
-    clf_sampling = Sampling(3, 0.0, 1.0, ("\n", "Task"), sampling.seed)
-    answers = ask([classify_prompt(m["instruction"], examples) for m in machine], clf_sampling, "completion")
+    if chat:  # room for "Yes, it is." and no stop sequences
+        clf_sampling = Sampling(16, 0.0, 1.0, (), sampling.seed)
+        answers = ask([classify_chat_prompt(m["instruction"], examples) for m in machine], clf_sampling, form)
+    else:
+        clf_sampling = Sampling(3, 0.0, 1.0, ("\n", "Task"), sampling.seed)
+        answers = ask([classify_prompt(m["instruction"], examples) for m in machine], clf_sampling, form)
+    parse_clf = parse_classification_chat if chat else parse_classification
     for m, rec in zip(machine, answers):
-        m["is_classification"] = parse_classification(rec["text"] if rec else None)
+        m["is_classification"] = parse_clf(rec["text"] if rec else None)
     m_clf = count({True: "yes", False: "no", None: "unknown"}[m["is_classification"]] for m in machine)
     # step 3: instances, output-first for classification tasks
-    inst_sampling = Sampling(si.instance_max_new_tokens, 0.0, 1.0, (f"Example {si.max_instances + 1}", "Task:"),
-                             sampling.seed)
-    prompts = [instance_prompt(m["instruction"], m["is_classification"], seeds, si.instance_demos, seed) for m in machine]
-    records = ask(prompts, inst_sampling, "completion")
+    if chat:
+        inst_sampling = Sampling(si.instance_max_new_tokens, 0.0, 1.0, (), sampling.seed)
+        prompts = [instance_chat_prompt(m["instruction"], m["is_classification"], seeds, si.instance_demos, seed,
+                                        si.max_instances) for m in machine]
+    else:
+        inst_sampling = Sampling(si.instance_max_new_tokens, 0.0, 1.0, (f"Example {si.max_instances + 1}", "Task:"),
+                                 sampling.seed)
+        prompts = [instance_prompt(m["instruction"], m["is_classification"], seeds, si.instance_demos, seed)
+                   for m in machine]
+    records = ask(prompts, inst_sampling, form)
+    parse_inst = parse_instances_chat if chat else parse_instances
     tasks, parsed = [], 0
     for k, (m, rec) in enumerate(zip(machine, records)):
         if rec is None:
             continue
         prov = provenance(rec)
-        got = parse_instances(rec["text"], m["is_classification"], rec["finish_reason"], si.max_instances)
+        got = parse_inst(rec["text"], m["is_classification"], rec["finish_reason"], si.max_instances)
         good = [inst for inst, why, _ in got if inst is not None]
         parsed += len(good)
         reasons = iter(filter_instances(good))  # step 4

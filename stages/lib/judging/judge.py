@@ -39,7 +39,8 @@ _VERDICT = re.compile(r"output\s*\(?\s*([ab])\s*\)?", re.IGNORECASE)
 _BARE = re.compile(r"^\W*\(?([ab])\)?(?:\W|$)", re.IGNORECASE)
 
 
-def judge_prompt(instruction: str, first: str, second: str) -> str:
+def pairwise_judge_prompt(instruction: str, first: str, second: str) -> str:
+    """The evaluation judge's prompt: which of two outputs (reference and student, in the order given) is better."""
     return JUDGE_PROMPT.format(instruction=instruction.strip(), a=first.strip(), b=second.strip())
 
 

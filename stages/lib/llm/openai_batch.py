@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from stages.lib.common import log
-from stages.lib.llm.openai_api import completion_from_body
+from stages.lib.llm.openai_api import completion_from_body, error_message, request_body
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
@@ -30,20 +30,11 @@ class BatchRound:
     running: dict = field(default_factory=dict)  # batch id -> status line
 
 
-def request_body(req, sampling, prompt_form: str, model: str, seed: int) -> dict:
-    body = dict(model=model, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                top_p=sampling.top_p, seed=seed)
-    if sampling.stop:
-        body["stop"] = list(sampling.stop)
-    if prompt_form == "chat":
-        body["messages"] = [{"role": "user", "content": req.prompt}]
-    else:
-        body["prompt"] = req.prompt
-    return body
+def batch_round(client, requests, sampling, cache, prompt_form: str, model: str, on_done, max_per_job: int = 50_000,
+                options=None) -> BatchRound:
+    """Collect finished jobs into the cache (through `on_done`), submit what is left; see the module doc.
 
-
-def batch_round(client, requests, sampling, cache, prompt_form: str, model: str, on_done, max_per_job: int = 50_000) -> BatchRound:
-    """Collect finished jobs into the cache (through `on_done`), submit what is left; see the module doc."""
+    Each line's body is built by `openai_api.request_body`, as the synchronous client builds it."""
     out = BatchRound()
     by_key = {r.key: r for r in requests}
     waiting = {k for k in by_key if cache.get(k) is None}
@@ -79,8 +70,10 @@ def batch_round(client, requests, sampling, cache, prompt_form: str, model: str,
                         on_done(by_key[key], None, reason)
                         out.failed[reason] = out.failed.get(reason, 0) + 1
                 else:
+                    err = rec.get("error") or (resp.get("body") or {}).get("error") or {}
                     reason = "batch:" + ((rec.get("error") or {}).get("code") or f"http_{resp.get('status_code')}")
-                    on_done(by_key[key], None, reason)
+                    message = error_message({"error": err}) if err else ""
+                    on_done(by_key[key], None, f"{reason}: {message}" if message else reason)
                     out.failed[reason] = out.failed.get(reason, 0) + 1
                 keys.discard(key)
         for key in keys:  # neither in the output nor in the error file
@@ -93,7 +86,9 @@ def batch_round(client, requests, sampling, cache, prompt_form: str, model: str,
     for i in range(0, len(todo), max_per_job):
         chunk = todo[i : i + max_per_job]
         lines = [json.dumps({"custom_id": r.key, "method": "POST", "url": endpoint,
-                             "body": request_body(r, sampling, prompt_form, model, sampling.seed + r.draw)})
+                             "body": request_body(model, prompt_form, r.prompt, sampling.max_new_tokens,
+                                                  sampling.temperature, sampling.top_p, sampling.stop,
+                                                  sampling.seed + r.draw, options)[1]})
                  for r in chunk]
         f = client.files.create(file=("requests.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
         b = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")

@@ -27,7 +27,7 @@ from typing import Callable
 
 from stages.lib.common import Progress, StageError, log
 from stages.lib.llm.local import Completion
-from stages.lib.llm.openai_api import DEFAULT_BASE_URL
+from stages.lib.llm.openai_api import DEFAULT_BASE_URL, RequestOptions, chat_messages, prompt_text
 from stages.lib.text.clean import clean_json, clean_text
 
 
@@ -42,7 +42,7 @@ class Sampling:
 
 @dataclass
 class Request:
-    prompt: str
+    prompt: "str | tuple[str, str]"  # a string, or a (system, user) pair for chat form
     key: str = ""
     draw: int = 0
     identity: str = ""
@@ -237,8 +237,10 @@ class ResponseCache:
         self._append("responses", rec)
         self._to_store("put", rec)
 
-    def fail(self, key: str, reason: str) -> None:
+    def fail(self, key: str, reason: str, message: str | None = None) -> None:
         rec = {"key": key, "reason": clean_text(reason), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if message:
+            rec["message"] = clean_text(message)  # the server's words (truncated, keys redacted)
         self.failures[key] = rec
         self._append("failures", rec)
 
@@ -301,11 +303,10 @@ class LocalBackend:
             self._loaded = load_model(*self._load_args)
         return self._loaded
 
-    def render(self, prompt: str) -> str:
+    def render(self, prompt) -> str:
         if self.prompt_form == "chat":
-            msgs = [{"role": "user", "content": prompt}]
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return prompt
+            return self.tok.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return prompt_text(prompt)
 
     def complete(self, prompts: list[str], sampling: Sampling, seed: int) -> list[Completion]:
         from stages.lib.llm.local import generate
@@ -326,23 +327,31 @@ class LocalBackend:
 class OpenAIBackend:
     """Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama), through `ApiTeacher`.
 
-    `chat` form sends the prompt as one user message to Chat Completions; `completion`
-    form sends it to the Completions endpoint. The key is read from OPENAI_API_KEY.
+    `chat` form sends the prompt as messages (a user message, after a system message when the
+    prompt is a (system, user) pair) to Chat Completions; `completion` form sends it to the
+    Completions endpoint. `options` (RequestOptions): model family, extra body fields. The key
+    is read from OPENAI_API_KEY.
     """
 
     kind = "openai"
 
-    def __init__(self, model: str, base_url: str | None, prompt_form: str, limits=None, price=None):
+    def __init__(self, model: str, base_url: str | None, prompt_form: str, limits=None, price=None, options=None):
         from stages.lib.llm.openai_api import ApiLimits, ApiTeacher
 
         key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if base_url else None)
         if key is None:
             raise StageError("backend openai: set OPENAI_API_KEY in the environment (never in params.yaml)")
         self.name = model
+        self.options = options or RequestOptions()
         self.teacher_id = f"openai:{model}"  # not the URL: the same model behind another host or proxy
+        self.request_fields = self.options.fields(model)  # extra body, reasoning budget: in the key when set
         self.prompt_form = prompt_form
-        self.api = ApiTeacher(model, base_url, prompt_form, key, limits or ApiLimits(), price)
+        self.api = ApiTeacher(model, base_url, prompt_form, key, limits or ApiLimits(), price, self.options)
         self._key, self._base_url = key, base_url
+
+    def check_endpoint(self) -> None:
+        """A cheap check of URL, key and model before the first paid request (see ApiTeacher.check_endpoint)."""
+        self.api.check_endpoint()
 
     def batch_client(self):
         """A synchronous client for the Batch API (files and batches endpoints)."""
@@ -356,12 +365,13 @@ class OpenAIBackend:
 
 
 def make_backend(backend: str, model: str, prompt_form: str, base_url: str | None = None, batch_size: int = 8,
-                 dtype: str = "float32", limits=None, price=None):
-    """`batch_size`: the local generation batch. `limits`/`price`: the API client's (ApiLimits, Price)."""
+                 dtype: str = "float32", limits=None, price=None, options=None):
+    """`batch_size`: the local generation batch. `limits`/`price`/`options`: the API client's
+    (ApiLimits, Price, RequestOptions)."""
     if backend == "local":
         return LocalBackend(model, prompt_form, dtype, batch_size)
     if backend == "openai":
-        return OpenAIBackend(model, base_url, prompt_form, limits, price)
+        return OpenAIBackend(model, base_url, prompt_form, limits, price, options)
     raise StageError(f"unknown teacher backend {backend!r} (local or openai)")
 
 
@@ -376,28 +386,33 @@ class CallStats:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
     seconds: float = 0.0
     by_finish: dict = field(default_factory=dict)
     failed_by_reason: dict = field(default_factory=dict)
+    failure_messages: dict = field(default_factory=dict)  # reason -> the server's last message for it
     api: dict = field(default_factory=dict)
     batch: dict = field(default_factory=dict)
 
 
 def run_requests(requests: list[Request], backend, cache: ResponseCache, sampling: Sampling,
-                 price=None, batch_api: bool = False) -> tuple[list[dict | None], CallStats]:
+                 price=None, batch_api: bool = False, check: bool = False) -> tuple[list[dict | None], CallStats]:
     """Return the cached record of every request (None where it failed or still waits) and the call stats.
 
     The teacher is called only for requests whose key is not in the cache yet; each
     response is written to the cache the moment it arrives. With `batch_api`, misses go
     through the OpenAI Batch API instead (`stages/openai_batch.py`); `stats.batch["running"]`
-    then lists the jobs still running.
+    then lists the jobs still running. With `check`, the endpoint is checked (URL, key, model)
+    before the first miss is sent. A failure's reason is counted by kind (`http_500`); the
+    server's message goes into the failure record and `stats.failure_messages`. A fatal
+    error (400/401/403/404) raises `TeacherStop` after what was answered is on disk.
     """
     stats = CallStats(requests=len(requests))
     misses = [r for r in requests if cache.lookup(r) is None]
     stats.cache_hits = len(requests) - len(misses)
     log(f"teacher: {len(requests)} requests, {stats.cache_hits} cached, {len(misses)} to call")
     def extra() -> dict:
-        cost = price.cost(stats.prompt_tokens, stats.completion_tokens) if price else 0.0
+        cost = price.cost(stats.prompt_tokens, stats.completion_tokens) if price else 0.0  # reasoning included
         return {"hits": stats.cache_hits, "failed": stats.failed, "cost": f"${cost:.4f}"}
 
     bar = Progress(len(misses), "teacher", extra=extra)
@@ -405,28 +420,40 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
 
     def on_done(req: Request, comp: Completion | None, failure: str | None) -> None:
         if comp is None:
-            cache.fail(req.key, failure or "unknown")
+            reason, _, message = (failure or "unknown").partition(": ")
+            cache.fail(req.key, reason, message or None)
             stats.failed += 1
-            stats.failed_by_reason[failure] = stats.failed_by_reason.get(failure, 0) + 1
+            stats.failed_by_reason[reason] = stats.failed_by_reason.get(reason, 0) + 1
+            if message:
+                stats.failure_messages[reason] = message
         else:
-            cache.put({
-                "key": req.key, "teacher": backend.name, "teacher_id": backend.teacher_id, "prompt": req.prompt,
+            rec = {
+                "key": req.key, "teacher": backend.name, "teacher_id": backend.teacher_id,
+                "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
                 "sampling": sampling_dict, "draw": req.draw, "text": comp.text, "finish_reason": comp.finish_reason,
                 "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
                 "response_id": getattr(comp, "response_id", None) or f"local-{req.key[:16]}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }, req)
+            }
+            for name in ("served_model", "system_fingerprint", "reasoning_tokens"):  # API answers only
+                if getattr(comp, name, None) is not None:
+                    rec[name] = getattr(comp, name)
+            cache.put(rec, req)
             stats.teacher_calls += 1
             stats.prompt_tokens += comp.prompt_tokens
             stats.completion_tokens += comp.completion_tokens
+            stats.reasoning_tokens += getattr(comp, "reasoning_tokens", 0) or 0
         bar.update()
 
     start = time.monotonic()
     try:
+        if misses and check and hasattr(backend, "check_endpoint"):
+            backend.check_endpoint()
         if misses and batch_api:
             from stages.lib.llm.openai_batch import batch_round
 
-            rnd = batch_round(backend.batch_client(), misses, sampling, cache, backend.prompt_form, backend.name, on_done)
+            rnd = batch_round(backend.batch_client(), misses, sampling, cache, backend.prompt_form, backend.name, on_done,
+                              options=backend.options)
             stats.batch = asdict(rnd)
         elif misses:
             stats.api = backend.run_all(misses, sampling, on_done) or {}
@@ -442,10 +469,16 @@ def run_requests(requests: list[Request], backend, cache: ResponseCache, samplin
 
 
 def provenance(rec: dict) -> dict:
-    """The provenance columns every generated row carries, from its cached teacher record."""
-    return {"prompt_hash": hashlib.sha256(rec["prompt"].encode()).hexdigest()[:16], "cache_key": rec["key"],
+    """The provenance columns every generated row carries, from its cached teacher record.
+
+    `served_model` and `system_fingerprint` are what an API said it served (e.g.
+    gpt-4o-mini-2024-07-18 for gpt-4o-mini); None for a local teacher.
+    """
+    prompt = rec["prompt"] if isinstance(rec["prompt"], str) else json.dumps(rec["prompt"], ensure_ascii=False)
+    return {"prompt_hash": hashlib.sha256(prompt.encode()).hexdigest()[:16], "cache_key": rec["key"],
             "response_id": rec["response_id"], "teacher_model": rec["teacher"],
-            "sampling": json.dumps(rec["sampling"], sort_keys=True), "finish_reason": rec["finish_reason"]}
+            "sampling": json.dumps(rec["sampling"], sort_keys=True), "finish_reason": rec["finish_reason"],
+            "served_model": rec.get("served_model"), "system_fingerprint": rec.get("system_fingerprint")}
 
 
 class TeacherSession:
@@ -473,19 +506,18 @@ class TeacherSession:
         backend = self.backends[form]
         requests = assign_keys(prompts, f"id:{self.teacher_id}" if self.teacher_id else backend.teacher_id, form,
                                sampling, getattr(backend, "request_fields", None))
-        records, st = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api)
+        try:
+            records, st = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api, check=True)
+        finally:
+            self._add_api(getattr(getattr(backend, "api", None), "stats", None))
         s = self.stats
-        for name in ("requests", "cache_hits", "teacher_calls", "failed", "prompt_tokens", "completion_tokens", "seconds"):
+        for name in ("requests", "cache_hits", "teacher_calls", "failed", "prompt_tokens", "completion_tokens",
+                     "reasoning_tokens", "seconds"):
             setattr(s, name, getattr(s, name) + getattr(st, name))
+        s.failure_messages.update(st.failure_messages)
         for name in ("by_finish", "failed_by_reason"):
             for k, v in getattr(st, name).items():
                 getattr(s, name)[k] = getattr(s, name).get(k, 0) + v
-        for k, v in st.api.items():
-            if isinstance(v, (int, float)):
-                s.api[k] = s.api.get(k, 0) + v
-            elif isinstance(v, dict):
-                for kk, vv in v.items():
-                    s.api.setdefault(k, {})[kk] = s.api.get(k, {}).get(kk, 0) + vv
         for k, v in st.batch.items():
             if k == "running":
                 s.batch.setdefault("running", {}).update(v)
@@ -493,3 +525,19 @@ class TeacherSession:
                 s.batch[k] = s.batch.get(k, 0) + v
         self.waiting += sum(r is None for r in records) - st.failed
         return records
+
+    def _add_api(self, api_stats) -> None:
+        """Add what an API client did in one round (its stats are per round: a fresh ApiStats each time)."""
+        from stages.lib.llm.openai_api import ApiStats
+
+        if api_stats is None:
+            return
+        for k, v in asdict(api_stats).items():
+            if k == "messages":
+                self.stats.api.setdefault(k, {}).update(v)
+            elif isinstance(v, (int, float)):
+                self.stats.api[k] = self.stats.api.get(k, 0) + v
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    self.stats.api.setdefault(k, {})[kk] = self.stats.api.get(k, {}).get(kk, 0) + vv
+        api_stats.__dict__.update(asdict(ApiStats()))

@@ -161,6 +161,16 @@ def spend(generate_m: dict) -> list[dict]:
             {"item": "cost (USD)", "value": g.get("cost_usd_called", 0.0)}]
 
 
+def selection(select_m: dict) -> list[dict]:
+    """Kept and rejected rows per bin of the score the select policy used (empty: no selection)."""
+    d = (select_m.get("scores") or {}).get(select_m.get("score") or "")
+    if not d:
+        return []
+    e = d["edges"]
+    return [{"bin_start": e[i], "bin_end": e[i + 1], "kept": d["kept"][i], "rejected": d["rejected"][i]}
+            for i in range(len(e) - 1)]
+
+
 def ingest_sources(ingest_m: dict) -> list[dict]:
     """Per source of the mixture: rows read, clean, in the mixture (after caps and weights)."""
     return [{"source": name, "read": s.get("read", 0), "clean": s.get("clean", 0), "in_mixture": s.get("in_mixture", 0),

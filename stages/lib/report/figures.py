@@ -114,6 +114,17 @@ def fig_rouge_threshold(rows: list[dict], threshold: float):
     return fig
 
 
+def fig_selection(rows: list[dict], score: str, cut: float | None, policy: str):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _hist_axes(ax, rows, ["kept", "rejected"], [KEPT, REJECTED], ["kept", "rejected"],
+               f"Selection by {score}: {policy}", f"{score} (bin start)")
+    if cut is not None:
+        ax.axvline(cut, color="black", linestyle="--", linewidth=1.2)
+        ax.annotate(f"cut {cut:g}", (cut, 1), xycoords=("data", "axes fraction"), xytext=(4, -12),
+                    textcoords="offset points", fontsize=9)
+    return fig
+
+
 def fig_lengths(tables: dict[str, list[dict]], share_with_input: float, n: int):
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     colors = {"instruction": KEPT, "input": OTHER, "output": REJECTED}

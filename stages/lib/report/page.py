@@ -26,6 +26,10 @@ def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str
         ("rouge_threshold", "Novelty filter around its threshold",
          rf.fig_rouge_threshold(t["rouge_threshold"], s["rouge_threshold"]),
          "The filter's score: max ROUGE-L with the seeds and every earlier kept instruction; bins are (a, b]."),
+        *([("selection", "Selection", rf.fig_selection(t["selection"], s["select_score"], s["select_cut"],
+                                                         s["select_policy"]),
+             "From metrics/select.json: the deciding score of every row the policy scored; dashed: the cut.")]
+          if t.get("selection") else []),
         ("lengths", "Lengths",
          rf.fig_lengths({f: t[f"lengths_{f}"] for f in rd.LENGTH_FIELDS}, s["share_with_input"], s["kept"]),
          "Kept examples; the input histogram counts those with an input."),

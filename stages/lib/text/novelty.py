@@ -30,7 +30,6 @@ from typing import Callable, Iterable, Iterator
 
 import numba
 import numpy as np
-from rapidfuzz.distance import LCSseq
 
 EPS = 1e-9
 
@@ -57,21 +56,6 @@ def tokenizer(name: str) -> Callable[[str], list[str]]:
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}: use one of {TOKENIZERS}")
     return rouge_tokens if name == "rouge_score" else unicode_tokens
-
-
-def f1_from_lcs(lcs: int, m: int, n: int) -> float:
-    """rouge_score's `_score_lcs(...).fmeasure` for LCS length `lcs` and token counts m, n."""
-    if m == 0 or n == 0:
-        return 0.0
-    precision, recall = lcs / n, lcs / m
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
-def rouge_l_f1(target: list, prediction: list) -> float:
-    """ROUGE-L F1 of two token lists, exactly as rouge_score's `_score_lcs` computes it."""
-    if not target or not prediction:
-        return 0.0
-    return f1_from_lcs(LCSseq.similarity(target, prediction), len(target), len(prediction))
 
 
 # ---------------------------------------------------------------- the index (numpy arrays)

@@ -1,4 +1,4 @@
-"""Alpaca/self-instruct rule filters on one generated task, and the MinHash shingles of a task.
+"""Alpaca/self-instruct rule filters on one generated task.
 
 Used by the `filter` stage, by self-instruct's bootstrap (its pool takes only tasks that pass
 the same rules) and by the data report (the drop reasons, in order).
@@ -24,7 +24,8 @@ BLACKLIST = [
 
 @dataclass
 class RuleParams:
-    """The rule filters' settings (the `filter` section's `min_words`, `max_words`, `blacklist`)."""
+    """The rule filters' settings: the `filter` section's `min_words`, `max_words` and `blacklist`
+    (`FilterParams` extends this; `generate` reads just these keys for self-instruct's bootstrap)."""
 
     min_words: int = 4
     """Reject instructions with fewer words (Alpaca drops <= 3)."""
@@ -64,13 +65,3 @@ def blacklist_regex(words: list[str]) -> re.Pattern | None:
     if not words:
         return None
     return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
-
-
-# ---------------------------------------------------------------- MinHash near duplicates
-
-
-def shingles(row: dict, n: int) -> set[bytes]:
-    words = " ".join([row["instruction"] or "", row["input"] or "", row["output"] or ""]).lower().split()
-    if len(words) < n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}

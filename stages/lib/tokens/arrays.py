@@ -9,11 +9,13 @@ transformers reads restarting position ids as packed sequences when no attention
 block-diagonal mask is the fallback for models that do not (`dense_mask=True`);
 `masked_loss_sum` gives the summed cross-entropy over trained tokens and their count (plain,
 or chunked so the full-vocabulary logits never exist: stages/lib/training/loss.py), so callers
-can normalise by the number of supervised tokens of a whole batch.
+can normalise by the number of supervised tokens of a whole batch;
+`validation_loss` is the mean of it over a split (train's `val_loss` and evaluate's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stages.lib.common import atomic_file
+from stages.lib.common import atomic_file, progress
 from stages.lib.training.loss import loss_from_head
 
 IGNORE_INDEX = -100
@@ -161,6 +163,32 @@ def masked_loss_sum(model, batch: dict, loss_chunk: int = 0):
         logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, n
+
+
+def validation_loss(model, data: TokenSplit, batch_size: int, pad_id: int, device=None, autocast=None,
+                    desc: str | None = None, loss_chunk: int = 0) -> tuple[float | None, int]:
+    """Mean next-token cross-entropy per supervised token over a split (None when it has no supervised
+    token), and that token count. Dropout is off during the loop (the model's mode is restored after)
+    and no random state is drawn, so a training run is the same with or without it. `device`: where
+    batches go (default: the model's); `autocast`: a context factory (accelerate's `acc.autocast`);
+    `desc`: report progress under this name; `loss_chunk`: as `masked_loss_sum`'s (0: plain). Under FSDP
+    every process must call it."""
+    import torch
+
+    device = device if device is not None else next(model.parameters()).device
+    autocast = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = range(0, len(data), batch_size)
+    with torch.no_grad():
+        for i in progress(starts, len(starts), desc) if desc else starts:
+            b = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
+            with autocast():
+                s, n = masked_loss_sum(model, {k: v.to(device) for k, v in b.items()}, loss_chunk)
+            total, count = total + s.item(), count + n
+    model.train(was_training)
+    return (total / count if count else None), count
 
 
 def tokenizer_id(tok) -> str:

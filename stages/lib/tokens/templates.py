@@ -22,7 +22,12 @@ ALPACA_NO_INPUT = (
 )
 
 
-def user_message(instruction: str, input: str) -> str:
+def user_message(instruction: str, input: str | None = "") -> str:
+    """The user turn of a task: the instruction, then a blank line and the input when there is one,
+    each stripped. The one place this text is built: ingest (training conversations), evaluate
+    (eval prompts), generate's response distillation and the chat and export tools all call it,
+    so the student is evaluated on the prompt it was trained on."""
+    instruction, input = instruction.strip(), (input or "").strip()
     return f"{instruction}\n\n{input}" if input else instruction
 
 
@@ -35,6 +40,9 @@ def render_prompt(instruction: str, input: str, template: str, tok=None) -> str:
         msgs = [{"role": "user", "content": user_message(instruction, input)}]
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+# ---------------------------------------------------------------- conversations
 
 
 def encode_example(instruction: str, input: str, output: str, template: str, tok) -> tuple[list[int], list[int]]:
@@ -57,9 +65,6 @@ def encode_example(instruction: str, input: str, output: str, template: str, tok
     if not response_ids or response_ids[-1] != tok.eos_token_id:
         response_ids = response_ids + [tok.eos_token_id]
     return prompt_ids, response_ids
-
-
-# ---------------------------------------------------------------- conversations
 
 
 def conversation_segments(messages: list[dict], template: str, tok) -> list[tuple[str, bool]]:

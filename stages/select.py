@@ -1,0 +1,232 @@
+"""Stage `select`: score the filtered tasks and keep the best (AlpaGasus rating, Cherry-LLM IFD).
+
+`method` says which scores are computed: `none` (keep every filtered row: the default build's
+data are unchanged downstream), `rating` (a judge rates each example 0-5 with AlpaGasus's accuracy
+prompt, `stages.lib.selection.rating`), `ifd` (the student base model's instruction-following
+difficulty, `stages.lib.selection.ifd`) or `both`. `policy` picks the rows to keep by one score
+(`rating`, `ifd`, or `combined`: the mean percentile rank of both) with a threshold, top-k or a
+top fraction (`stages.lib.selection.policy`). Every row keeps every score as a column
+(`rating`, `rating_raw`, `ifd`, `loss_conditioned`, `loss_response`); rejected rows name the
+score and value that decided (`select_reason`, `select_score`).
+
+Judge calls go through the teacher client and its content-addressed cache (`data/select_cache`, a
+persist output), so changing only the policy reruns this stage with zero judge calls; a paid
+API judge is priced by `prices` and stopped by `max_cost_usd` before it overspends.
+Outputs: `kept-*.parquet` (what ingest reads) and `rejected-*.parquet` in `data/selected`, and
+`metrics/select.json` (counts, score distributions, the cut, judge calls and cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from stages.lib import paths
+from stages.lib.common import (StageError, atomic_dir, check, load_params, log, read_shards, run_main, set_threads,
+                               write_json, write_shards)
+from stages.lib.selection.policy import Policy, apply, combined
+
+METHODS = ("none", "rating", "ifd", "both")
+ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
+SCORE_COLUMNS = {"rating": pl.Float64, "rating_raw": pl.String, "ifd": pl.Float64, "loss_conditioned": pl.Float64,
+                 "loss_response": pl.Float64, "combined": pl.Float64, "select_score": pl.Float64,
+                 "select_reason": pl.String}
+
+
+@dataclass
+class SelectParams:
+    method: str = "none"
+    """Scores to compute: none (keep every filtered row) | rating (judge) | ifd (student base model) | both."""
+    policy: dict = field(default_factory=lambda: {"score": "rating", "threshold": 4.5})
+    """Which rows to keep: {score: rating|ifd|combined, and one of threshold: x (keep >= x), top_k: n,
+    top_fraction: f}. AlpaGasus: {score: rating, threshold: 4.5}; Cherry-LLM: {score: ifd, top_fraction: 0.1}."""
+    keep_unknown: bool = False
+    """Keep rows whose deciding score is unknown (an unreadable verdict, a failed call); false: rejected as unknown."""
+    ifd_max: float = 1.0
+    """With an IFD policy, reject rows with IFD >= this first (the instruction does not help; Cherry-LLM); 0: off."""
+    judge: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher", "prompt_form": "chat"})
+    """The rating judge: {backend: local|openai, model, base_url, prompt_form: chat|completion}; the key from OPENAI_API_KEY."""
+    judge_max_new_tokens: int = 32
+    """Length budget of a verdict (the score is asked for on the first line)."""
+    concurrency: int = 16
+    """API judge: requests in flight."""
+    max_cost_usd: float = 0
+    """API judge: hard budget for this run's calls, checked before each request (0: none)."""
+    prices: dict = field(default_factory=dict)
+    """API judge: USD per million tokens by judge model, as generate.prices ({} : cost reported as 0)."""
+    ifd_model: str = "models/teacher"
+    """The student's base model for IFD (keep equal to `student.model`)."""
+    ifd_template: str = "alpaca"
+    """Prompt template for IFD's conditioned loss (same as tokenize.template): alpaca | chat."""
+    max_seq_len: int = 512
+    """IFD: tokens per example (prompt + response); longer responses are cut."""
+    batch_size: int = 8
+    """IFD forward batch and local judge generation batch."""
+    dtype: str = "float32"
+    """Local models' weights dtype."""
+    seed: int = 0
+    """Seed of the judge's decoding (greedy by default)."""
+    histogram_bins: int = 20
+    """Bins of the score histograms in metrics/select.json and the report."""
+    teacher_store: str | None = None
+    """The store outside the repository that also keeps every judge response (as `generate.teacher_store`)."""
+    rows_per_shard: int = 50_000
+    """Rows per parquet shard."""
+
+    def __post_init__(self):
+        check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
+        self.pol = Policy.from_dict(self.policy)
+        need = {"rating": {"rating", "both"}, "ifd": {"ifd", "both"}, "combined": {"both"}}[self.pol.score]
+        check(self.method == "none" or self.method in need,
+              f"policy.score {self.pol.score}: needs method {' or '.join(sorted(need))}, got {self.method!r}")
+        check(isinstance(self.judge, dict) and set(self.judge) <= ENDPOINT_KEYS and bool(self.judge.get("model"))
+              and self.judge.get("backend", "local") in ("local", "openai")
+              and self.judge.get("prompt_form", "chat") in ("chat", "completion"),
+              f"judge: keys among {sorted(ENDPOINT_KEYS)}, backend local|openai, a model, prompt_form chat|completion")
+        check(self.ifd_template in ("alpaca", "chat"), f"ifd_template: alpaca or chat, got {self.ifd_template!r}")
+        check(self.judge_max_new_tokens >= 1 and self.batch_size >= 1 and self.max_seq_len >= 8, "sizes: must be >= 1")
+        check(self.concurrency >= 1 and self.max_cost_usd >= 0 and self.ifd_max >= 0, "concurrency >= 1, budgets >= 0")
+        check(self.histogram_bins >= 2, "histogram_bins: must be >= 2")
+
+
+# ---------------------------------------------------------------- scores
+
+
+def rate(rows: list[dict], ask, p: SelectParams) -> dict:
+    """Fill `rating` (None: unknown) and `rating_raw` in each row; `ask(prompts, sampling)` -> records."""
+    from stages.lib.llm.teacher import Sampling
+    from stages.lib.selection.rating import parse_rating, rating_prompt
+
+    prompts = [rating_prompt(r["instruction"], r.get("input") or "", r["output"]) for r in rows]
+    records = ask(prompts, Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)) if prompts else []
+    failed = 0
+    for r, rec in zip(rows, records):
+        failed += rec is None
+        r["rating_raw"] = rec["text"] if rec else None
+        r["rating"] = parse_rating(r["rating_raw"])
+    return {"failed": failed, "unknown": sum(r["rating"] is None for r in rows)}
+
+
+def judge_session(p: SelectParams):
+    """(ask, session) for the judge: one TeacherSession on the select cache, priced and budgeted."""
+    from stages.lib.llm.openai_api import ApiLimits, Price
+    from stages.lib.llm.store import TeacherStore, store_dir
+    from stages.lib.llm.teacher import ResponseCache, TeacherSession, make_backend
+
+    e = {"backend": "local", "prompt_form": "chat", **p.judge}
+    price = Price(**p.prices[e["model"]]) if e["model"] in p.prices else None
+    limits = ApiLimits(concurrency=p.concurrency, max_cost_usd=p.max_cost_usd)
+    session = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"), p.batch_size,
+                                                       p.dtype, limits, price),
+                             ResponseCache(paths.SELECT_CACHE, store=TeacherStore(store_dir(p.teacher_store))), price)
+    return (lambda prompts, sampling: session.ask(prompts, sampling, e["prompt_form"])), session, price
+
+
+def add_ifd(rows: list[dict], p: SelectParams) -> None:
+    from stages.lib.llm.local import load_model
+    from stages.lib.selection.ifd import ifd_scores
+
+    model, tok = load_model(p.ifd_model, p.dtype)
+    for r, (ifd, lc, la) in zip(rows, ifd_scores(rows, model, tok, p.ifd_template, p.max_seq_len, p.batch_size)):
+        r.update(ifd=ifd, loss_conditioned=lc, loss_response=la)
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def choose(rows: list[dict], p: SelectParams) -> float | None:
+    """Set `select_score` and `select_reason` (None: kept) on every row by the policy; returns the cut."""
+    for r in rows:
+        for c in SCORE_COLUMNS:
+            r.setdefault(c, None)
+    if p.method == "none":
+        return None
+    if p.method == "both":
+        for r, c in zip(rows, combined({"rating": [r["rating"] for r in rows], "ifd": [r["ifd"] for r in rows]})):
+            r["combined"] = c
+    pol = p.pol
+    todo = list(range(len(rows)))
+    if pol.score in ("ifd", "combined") and p.ifd_max > 0:
+        for i in todo:
+            if rows[i]["ifd"] is not None and rows[i]["ifd"] >= p.ifd_max:
+                rows[i].update(select_reason="ifd_at_or_above_max", select_score=rows[i]["ifd"])
+        todo = [i for i in todo if rows[i]["select_reason"] is None]
+    scores = [rows[i][pol.score] for i in todo]
+    _, reasons, cut = apply(pol, scores, p.keep_unknown)
+    for i, s, why in zip(todo, scores, reasons):
+        rows[i].update(select_score=s, select_reason=why)
+    return cut
+
+
+def distribution(values: list[float | None], lo: float, hi: float, bins: int, kept: list[bool]) -> dict:
+    known = [(v, k) for v, k in zip(values, kept) if v is not None]
+    edges = np.linspace(lo, hi, bins + 1)
+    def counts(vals):
+        idx = np.clip(np.searchsorted(edges, np.asarray(vals, dtype=float), side="right") - 1, 0, bins - 1)
+        return np.bincount(idx, minlength=bins).tolist() if len(vals) else [0] * bins
+    v = [x for x, _ in known]
+    return {"n": len(known), "unknown": len(values) - len(known),
+            "mean": round(float(np.mean(v)), 4) if v else None,
+            "quantiles": {q: round(float(np.quantile(v, float(q))), 4) for q in ("0.1", "0.5", "0.9")} if v else {},
+            "edges": [round(float(e), 6) for e in edges],
+            "kept": counts([x for x, k in known if k]), "rejected": counts([x for x, k in known if not k])}
+
+
+def metrics_of(rows: list[dict], p: SelectParams, cut: float | None) -> dict:
+    kept = [r["select_reason"] is None for r in rows]
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if r["select_reason"]:
+            reasons[r["select_reason"]] = reasons.get(r["select_reason"], 0) + 1
+    scores = {}
+    for name, lo, hi in (("rating", 0.0, 5.0), ("ifd", 0.0, 1.5), ("combined", 0.0, 1.0)):
+        vals = [r[name] for r in rows]
+        if any(v is not None for v in vals) or (name == "rating" and p.method in ("rating", "both")):
+            if name == "ifd":
+                hi = max(hi, max((v for v in vals if v is not None), default=hi))
+            scores[name] = distribution(vals, lo, hi, p.histogram_bins, kept)
+    return {"method": p.method, "policy": None if p.method == "none" else p.pol.describe(),
+            "score": None if p.method == "none" else p.pol.score, "cut": cut,
+            "rows": len(rows), "kept": sum(kept), "rejected": len(rows) - sum(kept),
+            "keep_rate": round(sum(kept) / len(rows), 4) if rows else 0.0,
+            "rejected_by_reason": dict(sorted(reasons.items())), "scores": scores}
+
+
+def main() -> None:
+    p = load_params(SelectParams, "select")
+    set_threads()
+    Path(paths.SELECT_CACHE).mkdir(parents=True, exist_ok=True)  # a DVC output even when no judge is asked
+    df = read_shards(paths.FILTERED, "kept")
+    rows = df.to_dicts()
+    judge = {"requests": 0, "cache_hits": 0, "calls": 0, "failed": 0, "unknown": 0, "prompt_tokens": 0,
+             "completion_tokens": 0, "cost_usd": 0.0}
+    if p.method in ("rating", "both"):
+        ask, session, price = judge_session(p)
+        got = rate(rows, ask, p)
+        s = session.stats
+        judge.update(requests=s.requests, cache_hits=s.cache_hits, calls=s.teacher_calls, failed=got["failed"],
+                     unknown=got["unknown"], prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+                     cost_usd=round(price.cost(s.prompt_tokens, s.completion_tokens), 6) if price else 0.0)
+        if s.failed_by_reason.get("budget"):
+            raise StageError(f"select: budget max_cost_usd={p.max_cost_usd} reached; {s.failed_by_reason['budget']} "
+                             "ratings not asked (raise the budget; paid verdicts are cached)")
+    if p.method in ("ifd", "both"):
+        add_ifd(rows, p)
+    cut = choose(rows, p)
+    out = pl.DataFrame(rows, schema={**df.schema, **SCORE_COLUMNS})
+    kept, rejected = out.filter(pl.col("select_reason").is_null()), out.filter(pl.col("select_reason").is_not_null())
+    with atomic_dir(paths.SELECTED) as tmp:
+        write_shards(kept, tmp, "kept", p.rows_per_shard)
+        write_shards(rejected, tmp, "rejected", p.rows_per_shard)
+    m = metrics_of(rows, p, cut) | {"judge": judge}
+    write_json(paths.metrics("select"), m)
+    log(f"select ({p.method}{', ' + m['policy'] if m['policy'] else ''}): kept {m['kept']} of {m['rows']}; "
+        f"rejected {m['rejected_by_reason']}; judge {judge['calls']} calls, {judge['cache_hits']} cached, "
+        f"{judge['unknown']} unknown")
+
+
+if __name__ == "__main__":
+    run_main(main, SelectParams, "select")
