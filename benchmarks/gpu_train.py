@@ -66,6 +66,21 @@ def synthetic_tokens(folder: Path, tok, n: int, seq_len: int, seed: int = 0) -> 
                                       "tokenizer": "synthetic", "max_seq_len": seq_len, "template": "alpaca"})
 
 
+def saved_dtypes(folder: Path) -> dict:
+    """The saved student's tensor dtypes against the dtype it was trained in (stillhouse_train.json)."""
+    from safetensors import safe_open
+
+    trained = json.loads((folder / "stillhouse_train.json").read_text())["dtype"]
+    dtypes = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st.keys()}
+    config = json.loads((folder / "config.json").read_text()).get("dtype")
+    names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+    return {"trained_dtype": trained, "tensor_dtypes": sorted(dtypes), "config_dtype": config,
+            "ok": dtypes == {names[trained]} and config == trained}
+
+
 def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -82,6 +97,8 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the median")
     ap.add_argument("--batch-size", type=int, default=4, help="packed rows per micro-batch per GPU")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--recipe", default=None, help="take method, dtype, LoRA, checkpointing, packing and loss settings "
+                    "from configs/recipes/NAME.yaml (steps, batch size and data from here)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke test; no MFU)")
     ap.add_argument("--out", default=None, help="also write the report as JSON here")
@@ -97,10 +114,16 @@ def main() -> None:
         if a.synthetic:
             data = f"{tmp}/tokens"
             synthetic_tokens(Path(data), AutoTokenizer.from_pretrained(a.model), a.synthetic, a.seq_len)
-        p = TrainParams(base_model=a.model, method=a.method, max_steps=a.steps, batch_size=a.batch_size,
-                        packing=True, mixed_precision="auto", warmup_ratio=0.0, checkpoint_every=0,
-                        gradient_checkpointing=a.gradient_checkpointing)
-        summary = train(p, data, f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint")
+        kw = {"method": a.method, "packing": True, "dtype": "auto", "gradient_checkpointing": a.gradient_checkpointing}
+        if a.recipe:
+            from stages.tools.recipe import load_recipe
+
+            taken = ("method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dtype", "packing",
+                     "gradient_checkpointing", "loss_chunk_tokens", "learning_rate", "weight_decay", "lr_scheduler")
+            kw.update({k: v for k, v in load_recipe(a.recipe).get("train", {}).items() if k in taken})
+        p = TrainParams(max_steps=a.steps, batch_size=a.batch_size, warmup_ratio=0.0, checkpoint_every=0, eval_every=0, **kw)
+        summary = train(p, data, f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint", student=a.model)
+        saved = saved_dtypes(Path(tmp) / "student") if int(os.environ.get("RANK", 0)) == 0 else {}
         rows = (Path(tmp) / "log/plots/metrics/tokens_per_s.tsv").read_text().splitlines()[1:]
         per_step = [float(r.split("\t")[1]) for r in rows][a.warmup_steps:] or [summary["tokens_per_s"]]
         width = json.loads((Path(data) / "meta.json").read_text()).get("max_seq_len", a.seq_len)
@@ -110,15 +133,19 @@ def main() -> None:
     with torch.device("meta"):
         n_params = sum(x.numel() for x in AutoModelForCausalLM.from_config(cfg).parameters())
     tps = statistics.median(per_step)
-    per_token = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, width, a.method == "lora")
+    per_token = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, width, p.method != "full")
     gpus = torch.cuda.device_count() if cuda else 0
     peak = a.peak_tflops or (peak_tflops(device_name) if cuda else None)
     report = {
         "device": device_name, "gpus_used": int(os.environ.get("WORLD_SIZE", 1)) if cuda else 0,
         "gpus_visible": gpus, "precision": "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32",
-        "model": a.model, "params": n_params, "method": a.method, "seq_len": width, "steps": a.steps,
+        "model": a.model, "recipe": a.recipe, "params": n_params, "method": p.method, "dtype": saved.get("trained_dtype"), "seq_len": width, "steps": a.steps,
         "tokens_per_s": round(tps, 1), "supervised_tokens_per_s": summary["supervised_tokens_per_s"],
         "padding_efficiency": summary["padding_efficiency"], "peak_memory_mb": summary["peak_memory_mb"],
+        "planned_memory_mb": summary["planned_memory_mb"],
+        "plan_error": round(summary["planned_memory_mb"] / summary["peak_memory_mb"] - 1, 3),
+        "saved_tensor_dtypes": saved.get("tensor_dtypes"), "saved_config_dtype": saved.get("config_dtype"),
+        "saved_in_training_dtype": saved.get("ok"),
         "flops_per_token": per_token, "peak_tflops_per_gpu": peak,
         "mfu": round(per_token * tps / (peak * 1e12), 4) if peak and cuda else None,
         "final_loss": round(summary["final_loss"], 4),

@@ -27,7 +27,9 @@ from stages.lib import paths
 from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, run_main, set_threads,
                                write_json, write_shards)
 from stages.lib.llm.openai_api import FAMILIES, TeacherStop
+from stages.lib.student import load_student
 from stages.lib.tokens.arrays import TokenSplit, validation_loss
+from stages.lib.training.precision import resolve_dtype
 
 
 @dataclass
@@ -87,8 +89,13 @@ class EndpointParams:
 class EvaluateParams:
     model: str = "models/student"
     """Checkpoint to evaluate."""
-    base_model: str | None = "models/teacher"
-    """Also score this model's validation loss for comparison (null: skip)."""
+    score_base: bool = True
+    """Also score the validation loss of the student's base model (`student.model`) for comparison."""
+    dtype: str = "auto"
+    """Weights dtype of the student and base model: `auto` (bfloat16 on a GPU that has it, else
+    float32), `float32`, `bfloat16` or `float16`."""
+    device: str = "auto"
+    """Where they run: `auto` (cuda, then mps, else cpu), `cpu`, `cuda`, `cuda:1`, `mps`."""
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
     sets: dict[str, EvalSetParams] = field(
@@ -117,16 +124,17 @@ class EvaluateParams:
         check(self.batch_size >= 1, "batch_size: must be >= 1")
         check(self.max_new_tokens >= 1 and self.judge_max_new_tokens >= 1, "max_new_tokens: must be >= 1")
         check(self.temperature >= 0, "temperature: must be >= 0")
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype: unknown {self.dtype!r}")
         check(self.judge_order in ("random", "both"), f"judge_order: expected random or both, got {self.judge_order!r}")
 
 
 # ---------------------------------------------------------------- validation loss
 
 
-def score(path: str, data: TokenSplit, batch_size: int) -> dict:
+def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", device: str = "auto") -> dict:
     from stages.lib.llm.local import load_model
 
-    model, tok = load_model(path)
+    model, tok = load_model(path, dtype, device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     loss, n = validation_loss(model, data, batch_size, pad, desc="val loss")
     if loss is None:
@@ -227,21 +235,23 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     return df, metrics
 
 
-def make_sessions(p: EvaluateParams, cache):
+def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
     """role -> ask(prompts, sampling): the student locally, teacher and judge as configured; one
     cache for all, one loaded model per distinct endpoint."""
     from stages.lib.llm.teacher import TeacherSession, make_backend
 
     endpoints = {"student": EndpointParams("local", p.model), "teacher": p.teacher, "judge": p.judge}
+    dtypes = {"student": dtype}  # `evaluate.dtype` is the student's; local teachers and judges load in float32
     made: dict[tuple, TeacherSession] = {}
 
     def session(role: str):
         e = endpoints[role]
+        d = dtypes.get(role, "float32") if e.backend == "local" else None
         key = (e.backend, e.model, e.base_url, e.prompt_form, json.dumps(e.extra_body, sort_keys=True), e.model_family,
-               e.reasoning_budget)
+               e.reasoning_budget, d)
         if key not in made:
             made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size,
-                                                                 options=e.options()), cache)
+                                                                 d or "float32", options=e.options()), cache)
         s = made[key]
         return lambda prompts, sampling: s.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
 
@@ -255,11 +265,12 @@ def main() -> None:
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
     data = TokenSplit(paths.TOKENS, "val")
-    metrics = score(p.model, data, p.batch_size)
-    if p.base_model:
-        base = score(p.base_model, data, p.batch_size)
+    dtype = resolve_dtype(p.dtype, p.device)
+    metrics = score(p.model, data, p.batch_size, dtype, p.device)
+    if p.score_base:
+        base = score(load_student().model, data, p.batch_size, dtype, p.device)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store))))
+    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store))), dtype)
     try:
         df, per_set = evaluate_sets(p, sessions)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too

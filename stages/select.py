@@ -58,7 +58,7 @@ class SelectParams:
     prices: dict = field(default_factory=dict)
     """API judge: USD per million tokens by judge model, as generate.prices ({} : cost reported as 0)."""
     ifd_model: str = "models/teacher"
-    """The student's base model for IFD (same as train.base_model)."""
+    """The student's base model for IFD (keep equal to `student.model`)."""
     ifd_template: str = "alpaca"
     """Prompt template for IFD's conditioned loss (same as tokenize.template): alpaca | chat."""
     max_seq_len: int = 512

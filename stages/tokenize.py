@@ -1,6 +1,7 @@
 """Stage `tokenize`: render conversations with the student template, tokenize, mask, split.
 
-Conversations (from `ingest`) are rendered with the template and tokenized segment by segment;
+Conversations (from `ingest`) are rendered with the template and tokenized segment by segment
+with the student's tokenizer (`student.model`);
 only assistant turns (with their end-of-turn token) are trained. A conversation longer than
 `max_seq_len` is split at round boundaries (each piece keeps the system message), never losing
 its final round; a single round that does not fit loses the end of its answer, and the tokens
@@ -25,14 +26,13 @@ import numpy as np
 
 from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json
+from stages.lib.student import load_student
 from stages.lib.tokens.arrays import tokenizer_id, write_split
 from stages.lib.tokens.templates import TEMPLATES, encode_conversation, render_prompt
 
 
 @dataclass
 class TokenizeParams:
-    tokenizer: str = "models/teacher"
-    """Student tokenizer (a model dir or hub id); must match `train.base_model`."""
     template: str = "alpaca"
     """Prompt template: `alpaca` (with-input / no-input) or `chat` (the student's chat template)."""
     max_seq_len: int = 512
@@ -136,9 +136,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     p = load_params(TokenizeParams, "tokenize")
-    tok = AutoTokenizer.from_pretrained(p.tokenizer)
+    student = load_student().model
+    tok = AutoTokenizer.from_pretrained(student)
     if tok.eos_token_id is None:
-        raise StageError(f"{p.tokenizer}: tokenizer has no EOS token")
+        raise StageError(f"{student} (student.model): tokenizer has no EOS token")
     convs = read_shards(paths.CONVERSATIONS, "conversations").to_dicts()
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
     by_split, stats = tokenize_conversations(convs, tok, p)
@@ -146,7 +147,7 @@ def main() -> None:
         for split, enc in by_split.items():
             stats[split] = write_split(out, split, enc, dtype)
         write_json(out / "meta.json", {
-            "tokenizer": p.tokenizer, "tokenizer_id": tokenizer_id(tok), "vocab_size": len(tok),
+            "tokenizer": student, "tokenizer_id": tokenizer_id(tok), "vocab_size": len(tok),
             "eos_token_id": tok.eos_token_id, "dtype": np.dtype(dtype).name, "template": p.template,
             "max_seq_len": p.max_seq_len,
         })

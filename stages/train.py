@@ -24,6 +24,8 @@ import numpy as np
 
 from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.lib.student import load_student
+from stages.lib.training.precision import DTYPES, resolve_dtype, torch_dtype
 from stages.lib.tokens.templates import export_tokenizer
 from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
                                       validation_loss)
@@ -31,10 +33,9 @@ from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, maske
 
 @dataclass
 class TrainParams:
-    base_model: str = "models/teacher"
-    """Student to fine-tune: a model dir or hub id (its tokenizer must be the one `tokenize` used)."""
     method: str = "lora"
-    """`lora` (peft adapters, merged at the end) or `full` fine-tuning."""
+    """`lora` (peft adapters over the frozen base, merged at the end), `qlora` (LoRA over a 4-bit NF4
+    base; needs `bitsandbytes` and a CUDA GPU; single process or DDP) or `full` fine-tuning."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -61,14 +62,31 @@ class TrainParams:
     """`cosine`, `linear` or `constant` after warm-up."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
-    mixed_precision: str = "auto"
-    """`auto` (bf16 on a GPU that supports it, else full float32), `no`, `bf16` or `fp16`; master
-    weights and optimizer state stay float32 either way."""
+    dtype: str = "auto"
+    """Training dtype: `auto` (bfloat16 on a GPU that has it, float32 on the CPU), `float32`,
+    `bfloat16` or `float16`. Compute runs under autocast in it; LoRA loads the frozen base in it and
+    keeps float32 adapters; full fine-tuning keeps float32 master weights and optimizer state. The
+    student is saved in it (recorded in the model card and config.json)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory on long sequences."""
     packing: bool = False
-    """Bin-pack examples into rows of `tokenize.max_seq_len` tokens (block-diagonal attention, position
-    ids restart per example); `batch_size` then counts rows. Off: dynamic padding per micro-batch."""
+    """Bin-pack examples into rows of `tokenize.max_seq_len` tokens (position ids restart per example,
+    no attention across examples); `batch_size` then counts rows. Off: dynamic padding per micro-batch."""
+    packing_mask: str = "auto"
+    """How packed examples are kept apart: `position_ids` (no attention mask: transformers' packed-sequence
+    path, varlen flash attention 2, SDPA or flex attention), `dense` (a [rows, 1, L, L] block-diagonal
+    mask, memory quadratic in L: the fallback), `auto` (position_ids for transformers' own model
+    classes, dense for remote-code models)."""
+    attn_implementation: str = "auto"
+    """`auto` (flash_attention_2 on a CUDA GPU where `flash_attn` is installed and the dtype is 16-bit,
+    else the model's default, SDPA for most), `sdpa`, `flash_attention_2`, `flex_attention` or `eager`."""
+    loss_chunk_tokens: int = 0
+    """0: the plain loss over full-vocabulary float32 logits. N > 0: chunked cross-entropy over the
+    supervised tokens, N tokens' logits at a time (same loss and gradients, far less memory at a
+    large vocabulary; e.g. 2048)."""
+    max_memory_gb: float = 0
+    """The memory plan's limit per process (stages/lib/training/memory.py): 0 is the GPU's memory (on
+    the CPU, the machine's RAM / processes); > 0 this many GiB; -1 prints the plan and starts anyway."""
     seed: int = 0
     """Seeds the data order, LoRA init and dropout."""
     accelerate_config: str = "configs/accelerate/single.yaml"
@@ -83,13 +101,17 @@ class TrainParams:
     it is removed when training completes."""
 
     def __post_init__(self):
-        check(self.method in ("lora", "full"), f"method: expected lora or full, got {self.method!r}")
+        check(self.method in ("lora", "qlora", "full"), f"method: expected lora, qlora or full, got {self.method!r}")
         check(self.max_steps > 0 or self.epochs > 0, "set max_steps > 0 or epochs > 0")
         check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum: must be >= 1")
         check(self.learning_rate > 0, "learning_rate: must be > 0")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio: must be in [0, 1)")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"lr_scheduler: unknown {self.lr_scheduler!r}")
-        check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision: unknown {self.mixed_precision!r}")
+        check(self.dtype in DTYPES, f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        check(self.packing_mask in ("auto", "position_ids", "dense"), f"packing_mask: unknown {self.packing_mask!r}")
+        check(self.attn_implementation in ATTENTION, f"attn_implementation: expected one of {ATTENTION}")
+        check(self.loss_chunk_tokens >= 0, "loss_chunk_tokens: must be >= 0")
+        check(self.max_memory_gb >= 0 or self.max_memory_gb == -1, "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
 
@@ -187,20 +209,21 @@ def lineage(lock_path: str = "dvc.lock") -> list[tuple[str, str, str]]:
     return rows
 
 
-def model_card(p: TrainParams, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
+def model_card(p: TrainParams, student: str, dtype: str, meta: dict, n_examples: int, n_tokens: int, lines: list[tuple[str, str, str]]) -> str:
     """README.md for the student: what it is, how it was made, and the hashes from seeds to weights."""
     table = "\n".join(f"| `{s}` | `{o}` | `{h}` |" for s, o, h in lines) or "| (no dvc.lock found) | | |"
     params = "\n".join(f"- `{k}`: `{v}`" for k, v in sorted(asdict(p).items()))
     return f"""---
-base_model: {p.base_model}
+base_model: {student}
 library_name: transformers
 tags: [stillhouse, distillation, {p.method}]
 ---
 
 # Student distilled with stillhouse
 
-Fine-tuned from `{p.base_model}` ({p.method}) on {n_examples} teacher-written examples
+Fine-tuned from `{student}` ({p.method}) on {n_examples} teacher-written examples
 ({n_tokens} tokens, template `{meta.get("template")}`, max length {meta.get("max_seq_len")}).
+Weights dtype: `{dtype}` (the dtype it was trained in).
 The tokenizer's chat template is the training template, so `apply_chat_template` gives the
 model its training format; try it with `python -m stages.tools.chat --model <this folder>`.
 
@@ -231,34 +254,89 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def build_model(p: TrainParams):
+def load_kwargs(p: TrainParams, dtype: str, device_index: int | None = None) -> dict:
+    """`from_pretrained` arguments: full fine-tuning loads float32 master weights (compute runs under
+    autocast); LoRA loads the frozen base in the training dtype; QLoRA quantises it to 4-bit NF4
+    (bitsandbytes) with compute in the training dtype."""
+    import importlib.util
+
     import torch
+
+    if p.method == "full":
+        return {"dtype": torch.float32}
+    if p.method == "lora":
+        return {"dtype": torch_dtype(dtype)}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise StageError("train.method=qlora needs the `bitsandbytes` package (and a CUDA GPU): pip install "
+                         "bitsandbytes, or use method=lora (a bf16 base on a 24 GB GPU fits models up to ~8B)")
+    if not torch.cuda.is_available():
+        raise StageError("train.method=qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method=lora on the CPU")
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch_dtype(dtype))
+    return {"dtype": torch_dtype(dtype), "quantization_config": q, "device_map": {"": device_index or 0}}
+
+
+def build_model(p: TrainParams, student: str, dtype: str = "float32", device_index: int | None = None):
+    """The student to train: full (float32 master weights) or wrapped in LoRA adapters, which are
+    float32 whatever the dtype of the frozen base."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(p.base_model, dtype=torch.float32)
+    attention = resolve_attention(p.attn_implementation, dtype)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(student, **load_kwargs(p, dtype, device_index), **extra)
+    if p.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA), FSDP and no_sync
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if p.method == "lora":
+    if p.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                          target_modules=p.lora_target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
+        for x in model.parameters():
+            if x.requires_grad:
+                x.data = x.data.float()  # adapters (and their Adam state) in float32 over a bf16 / 4-bit base
     return model
 
 
-def resolve_precision(setting: str) -> str:
-    """`auto` becomes bf16 on a CUDA device with bf16 support, else `no`."""
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
+
+
+def resolve_attention(setting: str, dtype: str) -> str | None:
+    """The attention implementation to ask transformers for (None: the model's default)."""
+    import importlib.util
+
     import torch
 
     if setting != "auto":
         return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available() and dtype in ("bfloat16", "float16") and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return None
 
 
-def export_model(acc, model, p: TrainParams):
+def dense_packing(p: TrainParams, model) -> bool:
+    """Whether packed rows need the dense block mask: asked for, or `auto` with a model class from
+    outside transformers (remote code may ignore packed position ids)."""
+    if p.packing_mask != "auto":
+        return p.packing_mask == "dense"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not type(inner).__module__.startswith("transformers.")
+
+
+AUTOCAST = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+"""accelerate's `mixed_precision` for each training dtype."""
+
+
+def export_model(acc, model, p: TrainParams, student: str, dtype: str):
     """The trained student as a plain transformers model on the main process (None elsewhere), and
     its LoRA adapter state. Every process must call this: under FSDP the full weights are gathered
     from the shards (`get_state_dict`) and loaded into a fresh copy on the CPU before merging;
@@ -270,13 +348,29 @@ def export_model(acc, model, p: TrainParams):
         return None
     model = acc.unwrap_model(model)
     if state is not None:
-        model = rebuild(p, state)
+        model = rebuild(p, student, dtype, state)
     return model
 
 
-def rebuild(p: TrainParams, state: dict):
+def merged(model, p: TrainParams, student: str, dtype: str):
+    """The LoRA student with its adapters merged into plain weights. A QLoRA base is 4-bit: the adapters
+    are merged into the base reloaded in the training dtype instead (the 4-bit rounding is not saved)."""
+    if p.method == "lora":
+        return model.merge_and_unload()
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        base = AutoModelForCausalLM.from_pretrained(student, dtype=torch_dtype(dtype))
+        return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+
+
+def rebuild(p: TrainParams, student: str, dtype: str, state: dict):
     """A fresh student (same LoRA wrapping) on the CPU holding a gathered full state dict."""
-    model = build_model(p)
+    model = build_model(p, student, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embed_tokens) may be absent from a gathered state dict
     missing = [k for k in missing if "lm_head" not in k]
@@ -285,10 +379,48 @@ def rebuild(p: TrainParams, state: dict):
     return model
 
 
+def device_memory(acc) -> float:
+    """Bytes one process may use: the GPU's memory, or on the CPU the machine's RAM shared by the processes."""
+    import os
+
+    import torch
+
+    if acc.device.type == "cuda":
+        return torch.cuda.get_device_properties(acc.device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, acc.num_processes)
+
+
+def plan_memory(p: TrainParams, student: str, dtype: str, acc, seq_len: int):
+    """The memory plan of this run (per process), logged; a StageError when it exceeds the limit."""
+    import resource
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
+
+    from stages.lib.training import memory
+
+    on_gpu = acc.device.type == "cuda"
+    baseline = 1 * memory.GIB if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    plan = memory.estimate(AutoConfig.from_pretrained(student), p.method, dtype, p.batch_size, seq_len,
+                           p.gradient_checkpointing, acc.num_processes, fsdp, "adamw", p.lora_r, p.lora_target_modules,
+                           p.lora_dropout, p.loss_chunk_tokens, resolve_attention(p.attn_implementation, dtype) or "sdpa",
+                           overhead=baseline)
+    limit = p.max_memory_gb * memory.GIB if p.max_memory_gb > 0 else device_memory(acc)
+    if acc.is_main_process:
+        log(f"train: memory plan per process: {plan.table()} (limit {limit / memory.GIB:.1f} GiB)")
+    problem = memory.check(plan, limit, p.method, fsdp, acc.num_processes, p.batch_size, p.gradient_checkpointing,
+                           p.loss_chunk_tokens)
+    if problem and p.max_memory_gb != -1:
+        raise StageError(f"train: {problem}")
+    return plan
+
+
 def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STUDENT, log_dir: str = paths.TRAIN_LOG,
-          checkpoint_dir: str = paths.CHECKPOINT) -> dict:
-    """Train and save the student to `out_dir` (dvclive logs in `log_dir`); the paths are paths.py's
-    unless a test gives others."""
+          checkpoint_dir: str = paths.CHECKPOINT, *, student: str) -> dict:
+    """Fine-tune `student` (a model dir or hub id: params.yaml `student.model`) on the token arrays in
+    `data_dir` and save it to `out_dir` (dvclive logs in `log_dir`); the paths are paths.py's unless a
+    test gives others."""
     import torch
     from accelerate import Accelerator
     from dvclive import Live
@@ -296,20 +428,29 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
 
     from stages.lib.tokens.arrays import tokenizer_id
 
-    acc = Accelerator(mixed_precision=resolve_precision(p.mixed_precision))
+    from accelerate.state import AcceleratorState
+
+    dtype = resolve_dtype(p.dtype)
+    AcceleratorState._reset_state()  # a second run in one process (tests, benchmarks) may use another precision
+    acc = Accelerator(mixed_precision=AUTOCAST[dtype])
     torch.manual_seed(p.seed)
     data = TokenSplit(data_dir, "train")
     val = TokenSplit(data_dir, "val")
     if len(data) == 0:
         raise StageError(f"{data_dir}: no training examples (did filter keep anything?)")
-    tok = AutoTokenizer.from_pretrained(p.base_model)
+    tok = AutoTokenizer.from_pretrained(student)
     if tokenizer_id(tok) != data.meta["tokenizer_id"]:
-        raise StageError(f"train.base_model {p.base_model!r} has a different tokenizer than tokenize.tokenizer "
-                         f"{data.meta['tokenizer']!r}: set both to the same student")
+        raise StageError(f"student.model {student!r} has a different tokenizer than the one {data_dir} was tokenized "
+                         f"with ({data.meta['tokenizer']!r}): rerun tokenize (`dvc repro` does)")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = build_model(p)
+    seq_len = int(data.meta.get("max_seq_len") or data.index[:, 1].max()) if p.packing else int(data.index[:, 1].max())
+    plan = plan_memory(p, student, dtype, acc, seq_len)
+    model = build_model(p, student, dtype, acc.local_process_index if acc.device.type == "cuda" else None)
+    dense = dense_packing(p, model)
     params = [x for x in model.parameters() if x.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
+    if p.method == "qlora" and acc.distributed_type.value == "FSDP":
+        raise StageError("train.method=qlora runs in one process or under DDP, not FSDP: use configs/accelerate/ddp.yaml")
     model, opt = acc.prepare(model, opt)
     model.train()
     per_step = p.batch_size * p.grad_accum * acc.num_processes
@@ -318,7 +459,7 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
         units = pack(data.index[:, 1], width)
 
         def make(idx):
-            return collate_packed([[data[i] for i in units[u]] for u in idx], width, pad_id)
+            return collate_packed([[data[i] for i in units[u]] for u in idx], width, pad_id, dense_mask=dense)
     else:
         units = list(range(len(data)))
 
@@ -327,7 +468,8 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
     total = p.max_steps or math.ceil(p.epochs * len(units) / per_step)
     stream = batches(len(units), p.batch_size, p.seed)
     unit = "packed rows" if p.packing else "examples"
-    log(f"train: {len(data)} examples{f' in {len(units)} packed rows' if p.packing else ''}, {total} steps of "
+    layout = f" in {len(units)} packed rows ({'dense mask' if dense else 'position ids'})" if p.packing else ""
+    log(f"train: {len(data)} examples{layout}, {total} steps of "
         f"{per_step} {unit}, method={p.method}, "
         f"{sum(x.numel() for x in params):,} trainable parameters, {acc.num_processes} process(es)")
     fingerprint = run_fingerprint(p, data, acc.num_processes)
@@ -359,7 +501,7 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
             # gradients are synchronised across processes only on the last micro-batch
             sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                loss_sum, _ = masked_loss_sum(model, b)
+                loss_sum, _ = masked_loss_sum(model, b, p.loss_chunk_tokens)
                 # DDP averages gradients over processes; scale so the result is sum / n_global.
                 acc.backward(loss_sum * acc.num_processes / max(1, n_global))
             step_loss += loss_sum.item()
@@ -379,7 +521,8 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
                "padding_efficiency": tokens / max(1, slots)}
         if len(val) and p.eval_every and ((step + 1) % p.eval_every == 0 or step + 1 == total):
             # every process computes it (under FSDP each forward needs them all)
-            row["val_loss"] = validation_loss(model, val, p.batch_size, pad_id, acc.device, acc.autocast)[0] or 0.0
+            row["val_loss"] = validation_loss(model, val, p.batch_size, pad_id, acc.device, acc.autocast,
+                                              loss_chunk=p.loss_chunk_tokens)[0] or 0.0
         history.append(row)
         if live:
             for k, v in row.items():
@@ -395,22 +538,22 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
                "tokens_per_s": round(seen_tokens * acc.num_processes / seconds, 1),
                "supervised_tokens_per_s": round(seen_supervised * acc.num_processes / seconds, 1),
                "padding_efficiency": round(seen_tokens / max(1, seen_slots), 4),
-               "peak_memory_mb": peak_memory_mb()}
+               "peak_memory_mb": peak_memory_mb(), "planned_memory_mb": round(plan.total / 2**20, 1)}
     if live:
-        for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb"):
+        for k in ("supervised_tokens_per_s", "padding_efficiency", "peak_memory_mb", "planned_memory_mb"):
             live.summary[k] = summary[k]
     acc.wait_for_everyone()
-    model = export_model(acc, model, p)
+    model = export_model(acc, model, p, student, dtype)
     if acc.is_main_process:
         with atomic_dir(out_dir) as out:
-            if p.method == "lora":
+            if p.method in ("lora", "qlora"):
                 model.save_pretrained(out / "adapter")
-                model = model.merge_and_unload()
-            model.save_pretrained(out, safe_serialization=True)
+                model = merged(model, p, student, dtype)
+            model.to(torch_dtype(dtype)).save_pretrained(out, safe_serialization=True)  # in the dtype it was trained in
             export_tokenizer(tok, data.meta.get("template", "chat")).save_pretrained(out)
-            (out / "README.md").write_text(model_card(p, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
+            (out / "README.md").write_text(model_card(p, student, dtype, data.meta, len(data), int(data.index[:, 1].sum()), lineage()))
             # no timings here: the checkpoint dir should depend only on params and data
-            (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "data": data.meta}, indent=2, sort_keys=True))
+            (out / "stillhouse_train.json").write_text(json.dumps({"params": asdict(p), "dtype": dtype, "data": data.meta}, indent=2, sort_keys=True))
         live.end()
         import shutil
 
@@ -423,7 +566,7 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
 def main() -> None:
     p = load_params(TrainParams, "train")
     set_threads()
-    summary = train(p)
+    summary = train(p, student=load_student().model)
     log(f"train: done { {k: v for k, v in summary.items() if k != 'losses'} }")
 
 

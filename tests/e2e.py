@@ -71,8 +71,9 @@ def make_e2e_repo(repo: Path) -> Path:
     set_params(
         repo,
         generate={"num_requests": 8, "batch_size": 8},
-        train={"base_model": "tiny_student", "max_steps": 4, "batch_size": 2},
-        evaluate={"base_model": "tiny_student", "max_new_tokens": 8,
+        student={"model": "tiny_student"},
+        train={"max_steps": 4, "batch_size": 2},
+        evaluate={"max_new_tokens": 8,
                   "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}}},
     )
     sh(repo, "git", "add", "-A")

@@ -72,7 +72,9 @@ def test_dvc_yaml_lists_every_imported_module_of_each_stage():
             assert section in params and (not field or field in params[section]), f"stage {name}: {key} not in params.yaml"
 
 
-SHARED_PARAMS = {"generate": ("filter.min_words", "filter.max_words", "filter.blacklist")}
+SHARED_PARAMS = {"generate": ("filter.min_words", "filter.max_words", "filter.blacklist"),
+                 # the one student setting (stages/lib/student.py)
+                 "tokenize": ("student",), "train": ("student",), "evaluate": ("student",), "report": ("student",)}
 """Keys (or whole sections) of params.yaml that a stage reads besides its own section, in the order dvc.yaml
 lists them after the stage's own section. Each must be one the stage really reads (tests below)."""
 
@@ -149,6 +151,9 @@ def test_every_stage_params_default_matches_params_yaml():
         klass = getattr(importlib.import_module(f"stages.{section}"), cls)
         assert load_params(klass, section, ROOT / "params.yaml") == klass(), section
         assert set(params[section]) == set(klass.__dataclass_fields__), section
+    from stages.lib.student import StudentParams, load_student
+
+    assert load_student(ROOT / "params.yaml") == StudentParams() and set(params["student"]) == {"model"}
 
 
 def test_atomic_dir_keeps_the_old_output_on_a_crash(tmp_path):
@@ -203,7 +208,7 @@ def test_stages_and_tools_name_no_path_between_stages_but_through_paths_py():
     dataclass defaults of model params) would be a second source of truth."""
     import re
 
-    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`base_model`, `tokenizer`, `model`)
+    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`student.model`, `ifd_model`, `model`)
     literal = re.compile(r'^[^#]*?[^`\w/]"((?:data|models|metrics)/[\w./-]+)"')
     for f in sorted((ROOT / "stages").rglob("*.py")):
         if f.name == "paths.py":
@@ -363,6 +368,7 @@ def help_targets() -> list[tuple[str, list[str]]]:
         out.append((module, flat_params(cls, name)))
     out.append(("stages.tools.chat", ["--model", "--file", "--out", "--system", "--max-new-tokens", "--temperature"]))
     out.append(("stages.tools.export", ["--format", "--out", "--from", "--in"]))
+    out.append(("stages.tools.recipe", ["--list", "--dry-run", "--run", "--params"]))
     return out
 
 

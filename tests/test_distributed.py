@@ -28,7 +28,8 @@ CONFIGS = ROOT / "configs" / "accelerate"
 
 def launch(tmp: Path, config: str, num_processes: int, **train) -> dict:
     """Run `accelerate launch ... -m stages.train` in `tmp` (params.yaml + data/tokens there)."""
-    params = {"train": {"base_model": train.pop("base_model"), "checkpoint_every": 0, "warmup_ratio": 0.0, **train}}
+    params = {"student": {"model": train.pop("base_model")},
+              "train": {"checkpoint_every": 0, "warmup_ratio": 0.0, **train}}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     # no GPU here: the processes join a gloo group on the CPU (`--cpu` would run a single process)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}

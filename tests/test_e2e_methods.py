@@ -210,7 +210,7 @@ def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
     make_tiny_model(repo / "models/teacher")  # the student's tokenizer and base (the teacher is the API)
     endpoint = {"backend": "openai", "model": "gpt-4o-mini", "base_url": chat_teacher.base_url}
     set_params(repo, train={"max_steps": 2, "batch_size": 2},
-               evaluate={"base_model": None, "max_new_tokens": 8,
+               evaluate={"score_base": False, "max_new_tokens": 8,
                          "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}},
                          "teacher": {**endpoint, "system_prompt": "Answer briefly."}, "judge": endpoint})
     sh(repo, "git", "add", "-A")  # train's dvclive needs a commit

@@ -205,7 +205,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with FakeOpenAI(reply=reply, models=["judge-model"]) as srv:
         endpoint = {"backend": "openai", "model": "judge-model", "base_url": srv.base_url}
-        params = {"evaluate": {"model": str(tiny_model), "base_model": None, "max_new_tokens": 4,
+        params = {"evaluate": {"model": str(tiny_model), "score_base": False, "max_new_tokens": 4,
                                "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint}}
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         main()

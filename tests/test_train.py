@@ -54,17 +54,19 @@ def test_batches_cover_each_epoch_and_are_seeded():
 
 def test_params_are_checked():
     with pytest.raises(ValueError):
-        TrainParams(method="qlora")
+        TrainParams(method="dora")
+    with pytest.raises(ValueError):
+        TrainParams(dtype="bf16")
     with pytest.raises(ValueError):
         TrainParams(max_steps=0, epochs=0)
 
 
 def run_train(tmp_path, tiny_model, name, checkpoint_dir=None, **kw):
     """train() into tmp_path/name (logs in tmp_path/log-name); returns (summary, the student folder)."""
-    p = TrainParams(base_model=str(tiny_model), warmup_ratio=0.0, **kw)
+    p = TrainParams(warmup_ratio=0.0, **kw)
     out = str(tmp_path / name)
     return train(p, str(tmp_path / "tokens"), out, str(tmp_path / f"log-{name}"),
-                 checkpoint_dir or str(tmp_path / f"ck-{name}")), out
+                 checkpoint_dir or str(tmp_path / f"ck-{name}"), student=str(tiny_model)), out
 
 
 def val_loss(model, tok, val, batch_size):
@@ -147,22 +149,34 @@ def test_pack_is_complete_deterministic_and_dense():
     assert pack([600, 10], 512) == [[0], [1]]  # too long for a row: a row of its own
 
 
-def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model):
+PACKED_PATHS = [(True, "sdpa"), (True, "eager"), (False, "sdpa"), (False, "eager"),
+                pytest.param(False, "flex_attention", marks=pytest.mark.e2e)]  # flex compiles for ~80 s on the CPU
+
+
+@pytest.mark.parametrize("dense_mask,attention", PACKED_PATHS)
+def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model, dense_mask, attention):
+    """The dense block mask (the fallback) and restarting position ids without a mask (transformers'
+    packed-sequence path, here under SDPA, eager and flex attention on the CPU)."""
+    import functools
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.tokens.arrays import collate, collate_packed, masked_loss_sum
+    from stages.lib.tokens.arrays import collate, masked_loss_sum
+    from stages.lib.tokens.arrays import collate_packed as packed
 
+    collate_packed = functools.partial(packed, dense_mask=dense_mask)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok, ROWS8)
     data = TokenSplit(tmp_path / "tokens", "train")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention).eval()
     with torch.no_grad():
         singles = [masked_loss_sum(model, collate([data[i]], tok.pad_token_id)) for i in range(len(data))]
         width = int(sum(data.index[:, 1][:5])) + 7  # 5 examples in row 0 plus padding, 3 in row 1
         packed = collate_packed([[data[i] for i in range(5)], [data[i] for i in range(5, 8)]], width, tok.pad_token_id)
         loss, n = masked_loss_sum(model, packed)
+    assert ("block" in packed) == dense_mask
     assert n == sum(k for _, k in singles)
-    assert float(loss) == pytest.approx(sum(float(s) for s, _ in singles), rel=1e-4)
+    assert float(loss) == pytest.approx(sum(float(s) for s, _ in singles), rel=1e-5)
     assert packed["attention_mask"].sum() == data.index[:, 1].sum()
     # and the examples really do not see each other: changing example 0 leaves example 1's loss alone
     other = collate_packed([[(data[0][0][::-1].copy(), data[0][1]), data[1]]], width, tok.pad_token_id)
@@ -170,7 +184,7 @@ def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model):
         alone = masked_loss_sum(model, collate_packed([[data[1]]], width, tok.pad_token_id))[0]
         both = masked_loss_sum(model, other)[0] - masked_loss_sum(model, collate([(data[0][0][::-1].copy(), data[0][1])],
                                                                                  tok.pad_token_id))[0]
-    assert float(both) == pytest.approx(float(alone), rel=1e-4)
+    assert float(both) == pytest.approx(float(alone), rel=1e-5)
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -219,11 +233,11 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     ref, _ = run_train(tmp_path, tiny_model, "ref", checkpoint_dir=str(tmp_path / "ck-ref"), **kw)
     assert not (tmp_path / "ck-ref").exists()  # removed once complete
 
-    p = TrainParams(base_model=str(tiny_model), warmup_ratio=0.0, **kw)
+    p = TrainParams(warmup_ratio=0.0, **kw)
     where = [str(tmp_path / "tokens"), str(tmp_path / "run"), str(tmp_path / "log-run"), str(tmp_path / "ck")]
     code = ("import json, sys; from stages.train import TrainParams, train; "
-            "train(TrainParams(**json.loads(sys.argv[1])), *sys.argv[2:])")
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), *where], cwd=ROOT,
+            "train(TrainParams(**json.loads(sys.argv[1])), *sys.argv[3:], student=sys.argv[2])")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tiny_model), *where], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "ck" / "progress.json"
     deadline = time.monotonic() + 120
@@ -234,7 +248,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     proc.wait()
     stopped_at = json.loads(progress.read_text())["step"]
     assert 6 <= stopped_at < 60
-    resumed = train(p, *where)
+    resumed = train(p, *where, student=str(tiny_model))
     assert resumed["resumed_from_step"] == stopped_at and ref["resumed_from_step"] == 0
     assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
     assert len(resumed["losses"]) == 60
@@ -263,7 +277,7 @@ def test_model_card_carries_the_lineage(tmp_path, tiny_model):
         "train": {"outs": [{"path": "models/student", "md5": "ccc.dir"}]}}}))
     rows = lineage(str(lock))
     assert rows == [("seeds", "data/seeds", "aaa.dir"), ("tokenize", "data/tokens", "bbb.dir")]
-    card = model_card(TrainParams(), {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
+    card = model_card(TrainParams(), "models/teacher", "float32", {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
     assert "| `seeds` | `data/seeds` | `aaa.dir` |" in card and "tid" in card and card.startswith("---\nbase_model:")
     assert lineage(str(tmp_path / "missing.lock")) == []
     # the trained student folder has its card
@@ -307,6 +321,99 @@ def test_validation_loss_is_logged_and_leaves_training_alone(tmp_path, tiny_mode
     assert not (tmp_path / "log-noval" / "plots/metrics/val_loss.tsv").exists()
 
 
+# ---------------------------------------------------------------- bf16
+
+
+def test_lora_loads_a_bf16_base_with_float32_adapters(tiny_model):
+    from stages.train import build_model
+
+    model = build_model(TrainParams(method="lora", lora_r=4), str(tiny_model), "bfloat16")
+    frozen = {x.dtype for x in model.parameters() if not x.requires_grad}
+    trained = {x.dtype for x in model.parameters() if x.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    full = build_model(TrainParams(method="full"), str(tiny_model), "bfloat16")
+    assert {x.dtype for x in full.parameters()} == {torch.float32}  # master weights; compute under autocast
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bf16_training_saves_a_bf16_student_with_its_dtype_on_the_card(tmp_path, tiny_model, method):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok)
+    summary, out = run_train(tmp_path, tiny_model, method, method=method, dtype="bfloat16", max_steps=3, batch_size=2,
+                           lora_r=4, learning_rate=1e-2)
+    assert all(math.isfinite(x) for x in summary["losses"])
+    weights = load_file(f"{out}/model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / method / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "Weights dtype: `bfloat16`" in (tmp_path / method / "README.md").read_text()
+    if method == "lora":
+        adapter = load_file(f"{out}/adapter/adapter_model.safetensors")
+        assert {t.dtype for t in adapter.values()} == {torch.float32}
+    # evaluate loads it in bf16 on the CPU, and the loss agrees with a float32 load
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    val = TokenSplit(tmp_path / "tokens", "val")
+    bf, _ = val_loss(model, tok, val, 4)
+    f32, _ = val_loss(model.float(), tok, val, 4)
+    assert bf == pytest.approx(f32, rel=0.03)
+
+
+def test_the_cpu_default_stays_float32(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from stages.lib.training.precision import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
+    _, out = run_train(tmp_path, tiny_model, "auto", method="full", max_steps=1)
+    assert {t.dtype for t in load_file(f"{out}/model.safetensors").values()} == {torch.float32}
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model, monkeypatch):
+    import importlib.util
+
+    from stages.train import build_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(StageError, match="bitsandbytes"):
+        build_model(TrainParams(method="qlora"), str(tiny_model), "bfloat16")
+
+
+# ---------------------------------------------------------------- chunked cross-entropy
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_loss_gives_the_same_loss_and_gradients(tmp_path, tiny_model, packed):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.tokens.arrays import collate, collate_packed, masked_loss_sum
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok, ROWS8)
+    data = TokenSplit(tmp_path / "tokens", "train")
+    examples = [data[i] for i in range(8)]
+    batch = collate_packed([examples[:5], examples[5:]], 256, tok.pad_token_id) if packed else collate(examples, tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+
+    def run(chunk):
+        model.zero_grad()
+        loss, n = masked_loss_sum(model, batch, chunk)
+        loss.backward()
+        return loss.item(), n, {k: x.grad.clone() for k, x in model.named_parameters()}
+
+    plain, n, g0 = run(0)
+    for chunk in (7, 64, 100_000):  # uneven chunks, and one chunk for everything
+        chunked, m, g = run(chunk)
+        assert m == n and chunked == pytest.approx(plain, rel=1e-5)
+        for k in g0:
+            torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-5 * float(g0[k].abs().max()))
+    assert model.lm_head.forward.__func__ is type(model.lm_head).forward  # the head is itself again
+
+
 def test_a_learning_rate_written_2e_5_trains(tmp_path, tiny_model):
     """Alpaca's `learning_rate: 2e-5` is a string to PyYAML (and `dvc exp run -S` writes `2e-05`):
     TrainParams loads it as a float and the stage trains with it."""
@@ -315,14 +422,15 @@ def test_a_learning_rate_written_2e_5_trains(tmp_path, tiny_model):
     from stages.lib.common import load_params
 
     f = tmp_path / "params.yaml"
-    f.write_text(f"train:\n  base_model: {tiny_model}\n  method: full\n  learning_rate: 2e-5\n  max_steps: '2'\n"
+    f.write_text("train:\n  method: full\n  learning_rate: 2e-5\n  max_steps: '2'\n"
                  "  warmup_ratio: 0\n  lr_scheduler: constant\n  checkpoint_every: 0\n")
     assert yaml.safe_load(f.read_text())["train"]["learning_rate"] == "2e-5"
     p = load_params(TrainParams, "train", f)
     assert p.learning_rate == 2e-05 and type(p.learning_rate) is float and p.max_steps == 2
     assert type(p.warmup_ratio) is float
     make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model))
-    summary = train(p, str(tmp_path / "tokens"), str(tmp_path / "out"), str(tmp_path / "log"), str(tmp_path / "ck"))
+    summary = train(p, str(tmp_path / "tokens"), str(tmp_path / "out"), str(tmp_path / "log"), str(tmp_path / "ck"),
+                    student=str(tiny_model))
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     rows = (tmp_path / "log" / "plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
     assert [float(r.split("\t")[1]) for r in rows] == [2e-05, 2e-05]

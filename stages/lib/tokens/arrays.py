@@ -3,10 +3,13 @@
 `TokenSplit` memory-maps one split; `collate` right-pads a list of examples into
 (input_ids, attention_mask, labels) with labels -100 on the prompt and the padding;
 `pack` bin-packs examples into fixed-width rows and `collate_packed` builds such rows with
-position ids that restart for each example and a block-diagonal causal mask, so packed
-examples never attend to each other;
-`masked_loss_sum` gives the summed cross-entropy over trained tokens and their count,
-so callers can normalise by the number of supervised tokens of a whole batch;
+position ids that restart for each example, so packed examples never attend to each other:
+transformers reads restarting position ids as packed sequences when no attention mask is given
+(flash-attention-2 varlen, SDPA and flex attention build no dense float mask), and a dense
+block-diagonal mask is the fallback for models that do not (`dense_mask=True`);
+`masked_loss_sum` gives the summed cross-entropy over trained tokens and their count (plain,
+or chunked so the full-vocabulary logits never exist: stages/lib/training/loss.py), so callers
+can normalise by the number of supervised tokens of a whole batch;
 `validation_loss` is the mean of it over a split (train's `val_loss` and evaluate's).
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from stages.lib.common import atomic_file, progress
+from stages.lib.training.loss import loss_from_head
 
 IGNORE_INDEX = -100
 
@@ -83,19 +87,23 @@ def pack(lengths, width: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int) -> dict:
-    """Packed rows: input_ids, labels, position_ids (restarting per example), `block` (bool
-    [rows, 1, width, width]: causal within an example, nothing across examples; a padding
-    position sees only itself) and attention_mask (1 on real tokens, for counting)."""
+def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int,
+                   dense_mask: bool = False) -> dict:
+    """Packed rows: input_ids, labels, position_ids (restarting per example, and for the padding at
+    the end of a row, which is one more sequence) and attention_mask (1 on real tokens, for
+    counting only). `dense_mask`: also `block` (bool [rows, 1, width, width]: causal within an
+    example, nothing across examples; a padding position sees only itself), the fallback for
+    models that do not read packed position ids."""
     import torch
 
     width = max(width, max(sum(len(ids) for ids, _ in row) for row in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.arange(width).repeat(len(rows), 1)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
-    block = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    if dense_mask:
+        block = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
     for r, row in enumerate(rows):
         pos = 0
         for ids, mask in row:
@@ -104,10 +112,14 @@ def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, 
             labels[r, pos : pos + n] = torch.where(torch.from_numpy(mask.astype(bool)), torch.from_numpy(ids), IGNORE_INDEX)
             position_ids[r, pos : pos + n] = torch.arange(n)
             attention[r, pos : pos + n] = 1
-            block[r, 0, pos : pos + n, pos : pos + n] = causal[:n, :n]
+            if dense_mask:
+                block[r, 0, pos : pos + n, pos : pos + n] = causal[:n, :n]
             pos += n
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "block": block,
-            "attention_mask": attention}
+        position_ids[r, pos:] = torch.arange(width - pos)
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention}
+    if dense_mask:
+        out["block"] = block
+    return out
 
 
 def targets_of(batch: dict):
@@ -119,35 +131,48 @@ def targets_of(batch: dict):
     return targets
 
 
-def masked_loss_sum(model, batch: dict):
+def masked_loss_sum(model, batch: dict, loss_chunk: int = 0):
     """(sum of next-token cross-entropy over trained tokens, number of trained tokens).
 
-    A packed batch (with `block`) runs with its block-diagonal mask and restarted position ids.
+    A packed batch runs with its restarted position ids and no attention mask (transformers masks
+    each packed example off from the others), or with its dense block-diagonal mask when it has
+    one (`block`). `loss_chunk` > 0: chunked cross-entropy, that many tokens' logits at a time.
     """
     import torch
     import torch.nn.functional as F
 
     if "block" in batch:
         dtype = next(model.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
         bias = torch.zeros(batch["block"].shape, dtype=dtype, device=batch["block"].device)
         bias = bias.masked_fill(~batch["block"], torch.finfo(dtype).min)
-        logits = model(input_ids=batch["input_ids"], attention_mask=bias, position_ids=batch["position_ids"]).logits
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": bias, "position_ids": batch["position_ids"]}
+    elif "position_ids" in batch:
+        # no mask and no KV cache: transformers then reads restarting position ids as packed sequences
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs["use_cache"] = False
     targets = targets_of(batch)
+    n = int((targets != IGNORE_INDEX).sum())
+    if loss_chunk:
+        with loss_from_head(model, targets, loss_chunk):
+            return model(**inputs).logits, n
+    logits = model(**inputs).logits
     loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss, n
 
 
 def validation_loss(model, data: TokenSplit, batch_size: int, pad_id: int, device=None, autocast=None,
-                    desc: str | None = None) -> tuple[float | None, int]:
+                    desc: str | None = None, loss_chunk: int = 0) -> tuple[float | None, int]:
     """Mean next-token cross-entropy per supervised token over a split (None when it has no supervised
     token), and that token count. Dropout is off during the loop (the model's mode is restored after)
     and no random state is drawn, so a training run is the same with or without it. `device`: where
     batches go (default: the model's); `autocast`: a context factory (accelerate's `acc.autocast`);
-    `desc`: report progress under this name. Under FSDP every process must call it."""
+    `desc`: report progress under this name; `loss_chunk`: as `masked_loss_sum`'s (0: plain). Under FSDP
+    every process must call it."""
     import torch
 
     device = device if device is not None else next(model.parameters()).device
@@ -160,7 +185,7 @@ def validation_loss(model, data: TokenSplit, batch_size: int, pad_id: int, devic
         for i in progress(starts, len(starts), desc) if desc else starts:
             b = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
             with autocast():
-                s, n = masked_loss_sum(model, {k: v.to(device) for k, v in b.items()})
+                s, n = masked_loss_sum(model, {k: v.to(device) for k, v in b.items()}, loss_chunk)
             total, count = total + s.item(), count + n
     model.train(was_training)
     return (total / count if count else None), count

@@ -1,0 +1,90 @@
+"""Plan accuracy: the memory plan (stages/lib/training/memory.py) against measured peak RSS.
+
+Each case runs the pipeline's own `stages.train.train` in a fresh process on synthetic packed
+rows (a few steps, AdamW, float32 on the CPU) and reports its planned and measured peak: the
+process's peak RSS, and the plan with the process's own baseline (its RSS when the plan is
+made, before the model loads) as overhead. Error = plan / measured - 1, per case; target within
+20%. Cases: SmolLM2-135M (the embedded teacher; materialised into a temporary folder when
+`--smollm` is not given) full and LoRA, and two tiny Llama-architecture models, full and LoRA.
+
+    python -m benchmarks.memory_plan [--smollm models/teacher]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks.memory_util import run_arm
+
+TINY = {"tiny-a (L4 H256 V32000)": dict(vocab=32000, hidden=256, layers=4),
+        "tiny-b (L8 H512 V16000)": dict(vocab=16000, hidden=512, layers=8)}
+
+
+def make_tiny(folder: Path, vocab: int, hidden: int, layers: int, tok) -> Path:
+    from benchmarks.memory_util import tiny_llama
+
+    model = tiny_llama(vocab, hidden, layers)
+    model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def arm(a) -> dict:
+    from benchmarks.gpu_train import synthetic_tokens
+    from stages.train import TrainParams, train
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_tokens(Path(tmp) / "tokens", AutoTokenizer.from_pretrained(a.model), 64, a.seq_len)
+        p = TrainParams(method=a.method, max_steps=a.steps, batch_size=a.batch_size, packing=True, warmup_ratio=0.0,
+                        checkpoint_every=0, eval_every=0, max_memory_gb=-1, lora_dropout=0.05)
+        s = train(p, f"{tmp}/tokens", f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint", student=a.model)
+    return {"planned_mb": s["planned_memory_mb"], "measured_mb": s["peak_memory_mb"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smollm", default=None, help="SmolLM2-135M model dir (default: materialise the embedded one)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.model:
+        print(json.dumps(arm(a)))
+        return
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        smollm = a.smollm
+        if not smollm:
+            from stages.teacher_model import EMBEDDED_FILE, EMBEDDED_PACKAGE, find_gguf, materialise
+
+            smollm = f"{tmp}/smollm2-135m"
+            materialise(find_gguf(EMBEDDED_PACKAGE, EMBEDDED_FILE), Path(smollm))
+        tok = AutoTokenizer.from_pretrained(smollm)
+        models = {"SmolLM2-135M": smollm}
+        for name, shape in TINY.items():
+            models[name] = str(make_tiny(Path(tmp) / name.split()[0], tok=tok, **shape))
+        common = [f"--seq-len={a.seq_len}", f"--batch-size={a.batch_size}", f"--steps={a.steps}"]
+        rows = []
+        for name, path in models.items():
+            for method in ("full", "lora"):
+                r = run_arm("benchmarks.memory_plan", common + [f"--model={path}", f"--method={method}"])
+                rows.append((name, method, r["planned_mb"], r["measured_mb"]))
+    print(f"micro-batch {a.batch_size} x {a.seq_len} tokens (packed), AdamW, float32, CPU, {a.steps} steps")
+    print("| model | method | planned MiB | measured peak RSS MiB | error |")
+    print("|---|---|---|---|---|")
+    for name, method, plan, meas in rows:
+        print(f"| {name} | {method} | {plan:.0f} | {meas:.0f} | {100 * (plan / meas - 1):+.1f}% |")
+    worst = max(abs(p / m - 1) for *_, p, m in rows)
+    print(f"worst error {100 * worst:.1f}% (target 20%: {'met' if worst <= 0.2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""A memory plan before launch: estimated peak memory per GPU (or per process on the CPU).
+
+From the model config (layers, hidden, intermediate, vocabulary, heads), the method (full, LoRA,
+QLoRA), the dtype, the optimizer, the micro-batch and sequence length, gradient checkpointing,
+the number of processes and FSDP sharding, `estimate` adds up, in bytes:
+
+- weights: full fine-tuning keeps float32 master weights (+ a 16-bit copy under autocast); LoRA the
+  frozen base in the training dtype; QLoRA 4-bit NF4 linears (0.5625 B/param with the quantisation
+  constants) and 16-bit embeddings; plus float32 adapters;
+- gradients (float32, trainable parameters) and optimizer state (AdamW: 8 B per trainable param);
+  under FSDP all three are divided by the number of processes, and two decoder layers (the one
+  computing and the one prefetched) plus the embeddings are held unsharded;
+- activations kept for backward per token and layer (Llama-style decoder: norms in float32,
+  q/k/v/o, the SwiGLU MLP; eager attention adds the score matrices), or one layer's input per layer
+  plus one layer recomputed with gradient checkpointing;
+- the loss: full-vocabulary logits (16-bit logits, their float32 copy, log-softmax and gradient),
+  or one chunk's with chunked cross-entropy;
+- a fixed overhead (CUDA context and allocator: 1 GiB; on the CPU, the process's own baseline).
+
+`check` compares the total with the device's memory and says what to change when it does not fit.
+The estimate is checked against measured peaks in benchmarks/memory_plan.py (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @classmethod
+    def of(cls, cfg) -> "Shape":
+        """From a transformers config (or a dict of its fields)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        heads = get("num_attention_heads")
+        return cls(layers=get("num_hidden_layers"), hidden=get("hidden_size"), intermediate=get("intermediate_size"),
+                   vocab=get("vocab_size"), heads=heads, kv_heads=get("num_key_value_heads") or heads,
+                   tied=bool(get("tie_word_embeddings", False)))
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear of one decoder layer."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden
+
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.embed_params()
+
+    def lora_params(self, r: int, targets=LORA_TARGETS) -> int:
+        return self.layers * sum(r * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets)
+
+
+@dataclass
+class Plan:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+    overhead: float
+    params: int
+    trainable: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.loss + self.overhead
+
+    def table(self) -> str:
+        rows = {**{k: v for k, v in asdict(self).items() if k not in ("params", "trainable")}, "total": self.total}
+        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in rows.items()) + " GiB"
+
+
+def estimate(cfg, method: str = "lora", dtype: str = "bfloat16", micro_batch: int = 1, seq_len: int = 512,
+             gradient_checkpointing: bool = False, processes: int = 1, fsdp: bool = False, optimizer: str = "adamw",
+             lora_r: int = 16, lora_targets=LORA_TARGETS, lora_dropout: float = 0.05, loss_chunk: int = 0,
+             attention: str = "sdpa", overhead: float = 1 * GIB) -> Plan:
+    """Peak memory per process of one training step (see the module docstring for the terms)."""
+    s = Shape.of(cfg)
+    b = DTYPE_BYTES[dtype]
+    n = s.params()
+    shard = processes if fsdp else 1
+    if method == "full":
+        trainable = n
+        weights = 4 * n + (2 * n if b == 2 and not fsdp else 0)
+    else:
+        trainable = s.lora_params(lora_r, lora_targets)
+        linear = s.layers * sum(a * c for a, c in s.linear_shapes().values())
+        base = 0.5625 * linear + b * (n - linear) if method == "qlora" else b * n
+        weights = base + 4 * trainable
+    gradients = 4 * trainable
+    optim = {"adamw": 8, "sgd": 0, "adamw8bit": 2}[optimizer] * trainable
+    if fsdp:
+        weights, gradients, optim = weights / shard, gradients / shard, optim / shard
+        unsharded = 2 * s.layer_params() + s.embed_params()  # the working set, gathered in 16-bit or float32
+        weights += (b if method == "full" else b) * unsharded
+    tokens = micro_batch * seq_len
+    h, i, kv = s.hidden, s.intermediate, s.kv_dim
+    per_layer = b * (8 * h + 2 * kv + 4 * i) + 4 * 4 * h  # stored tensors; RMSNorm upcasts to float32
+    if method != "full" and lora_dropout > 0:
+        per_layer += b * (6 * h + i)  # each adapted linear keeps its dropped-out input
+    if attention == "eager":
+        per_layer += 3 * b * s.heads * seq_len  # scores, softmax, dropout: quadratic in seq_len
+    if gradient_checkpointing:
+        activations = tokens * (s.layers * b * h + per_layer)
+    else:
+        activations = tokens * s.layers * per_layer
+    logit_tokens = min(tokens, loss_chunk) if loss_chunk else tokens
+    loss = logit_tokens * s.vocab * (b + 4 + 4 + 4 if b == 2 else 4 + 4 + 4)
+    return Plan(weights=weights, gradients=gradients, optimizer=optim, activations=activations, loss=loss,
+                overhead=overhead, params=n, trainable=trainable)
+
+
+def check(plan: Plan, device_bytes: float, method: str, fsdp: bool, processes: int, micro_batch: int,
+          gradient_checkpointing: bool, loss_chunk: int) -> str | None:
+    """None when the plan fits in `device_bytes`, else a message saying by how much it does not and
+    what would make it fit."""
+    if plan.total <= device_bytes:
+        return None
+    tips = []
+    if method == "full" and not fsdp:
+        tips.append("shard it: train.accelerate_config=configs/accelerate/fsdp.yaml (weights, gradients and Adam state / GPUs)")
+    if method == "full":
+        tips.append("train.method=lora (frozen 16-bit base, small float32 adapters) or qlora (4-bit base)")
+    if plan.activations > 0.2 * plan.total and not gradient_checkpointing:
+        tips.append("train.gradient_checkpointing=true (activations of one layer at a time)")
+    if plan.loss > 0.1 * plan.total and not loss_chunk:
+        tips.append("train.loss_chunk_tokens=2048 (no full-vocabulary logits)")
+    if micro_batch > 1:
+        tips.append(f"a smaller train.batch_size (now {micro_batch}) with a larger grad_accum (same global batch)")
+    return (f"memory plan: {plan.total / GIB:.1f} GiB per process ({plan.table()}) exceeds the device's "
+            f"{device_bytes / GIB:.1f} GiB. Try: " + "; ".join(tips or ["a larger GPU"]) +
+            ". (train.max_memory_gb=-1 starts anyway.)")

@@ -1,0 +1,98 @@
+"""Every recipe in configs/recipes: its keys exist, its values pass the stages' checks, its memory plan
+fits the GPUs it is written for, and it trains for two steps on a tiny model of the same architecture
+(Llama, scaled down) under its own accelerate config (FSDP: two gloo processes on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from stages.lib import paths
+from stages.lib.common import StageError, params_from_dict
+from stages.tools.recipe import RECIPES, apply, load_recipe, write_recipe
+from tests.conftest import ROOT
+from tests.test_memory_plan import LLAMA_8B
+from tests.test_train import ROWS8, make_data
+
+NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+TARGET_GPU_GB = {"alpaca-7b": 80, "lora-24gb": 24}
+
+
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def processes(config: str) -> int:
+    return yaml.safe_load((ROOT / config).read_text()).get("num_processes", 1)
+
+
+def test_the_recipes_are_there():
+    assert {"alpaca-7b", "lora-24gb"} <= set(NAMES) and set(NAMES) <= set(TARGET_GPU_GB)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_values_pass_the_stage_checks_and_the_plan_fits(name):
+    from stages.evaluate import EvaluateParams
+    from stages.lib.student import StudentParams
+    from stages.lib.training.memory import check, estimate
+    from stages.tokenize import TokenizeParams
+    from stages.train import TrainParams
+
+    p = apply(params(), load_recipe(name))
+    t = params_from_dict(TrainParams, p["train"])
+    params_from_dict(TokenizeParams, p["tokenize"])
+    params_from_dict(EvaluateParams, p["evaluate"])
+    params_from_dict(StudentParams, p["student"])
+    assert isinstance(t.learning_rate, float)  # 2.0e-5, not the string 2e-5
+    n = processes(t.accelerate_config)
+    assert t.batch_size * t.grad_accum * n == 128  # Alpaca's global batch
+    assert p["tokenize"]["val_fraction"] <= 0.05
+    fsdp = "fsdp" in t.accelerate_config
+    plan = estimate(LLAMA_8B, t.method, t.dtype, t.batch_size, p["tokenize"]["max_seq_len"], t.gradient_checkpointing,
+                    n, fsdp, lora_r=t.lora_r, loss_chunk=t.loss_chunk_tokens)
+    assert check(plan, TARGET_GPU_GB[name] * 1e9, t.method, fsdp, n, t.batch_size, t.gradient_checkpointing,
+                 t.loss_chunk_tokens) is None, plan.table()
+
+
+def test_a_recipe_key_missing_from_params_is_an_error(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(StageError, match="train.learning_rat"):
+        write_recipe(f, {"train": {"learning_rat": 1.0}})
+    changes = write_recipe(f, load_recipe("alpaca-7b"))
+    assert ("train.learning_rate", 0.0002, 2e-5) in changes
+    text = f.read_text()
+    assert "learning_rate: 2.0e-05" in text and "# stillhouse parameters" in text  # YAML 1.1 float, comments kept
+    assert yaml.safe_load(text)["train"]["learning_rate"] == 2e-5
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", NAMES)
+def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path, tiny_model, name):
+    p = apply(params(), load_recipe(name))
+    p["student"]["model"] = str(tiny_model)
+    # two steps; accumulation cut to 2 micro-batches (the global batch is checked above): CPU time
+    p["train"].update(max_steps=2, grad_accum=min(2, p["train"]["grad_accum"]))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    make_data(tmp_path / paths.TOKENS, AutoTokenizer.from_pretrained(tiny_model), ROWS8 * 8,
+              max_seq_len=p["tokenize"]["max_seq_len"])
+    n = min(2, processes(p["train"]["accelerate_config"]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    from tests.test_distributed import free_port
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / p["train"]["accelerate_config"]),
+           "--num_processes", str(n), "--main_process_port", str(free_port()), "-m", "stages.train"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "memory plan per process" in r.stderr
+    rows = (tmp_path / paths.TRAIN_LOG / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 2
+    saved = json.loads((tmp_path / paths.STUDENT / "stillhouse_train.json").read_text())
+    assert saved["dtype"] == p["train"]["dtype"] and saved["params"]["method"] == p["train"]["method"]
+    assert (tmp_path / paths.STUDENT / "model.safetensors").exists()
