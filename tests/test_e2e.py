@@ -31,9 +31,10 @@ def repo(e2e_build) -> Path:
 
 def test_first_repro_builds_every_output(e2e_build):
     repo = e2e_build.repo
-    assert ran(e2e_build.first_repro) == ["seeds", "generate", "filter", "ingest", "tokenize", "train", "evaluate", "report"]
+    assert ran(e2e_build.first_repro) == ["seeds", "generate", "filter", "select", "ingest", "tokenize", "train", "evaluate",
+                                          "report"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "ingest", "tokenize", "train",
+    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize", "train",
                                    "evaluate", "report"}
 
     seeds = pl.read_parquet(repo / "data/seeds/part-00000.parquet")

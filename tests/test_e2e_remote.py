@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 KEY, SECRET, BUCKET = "stillhouse-test", "stillhouse-test-secret", "stillhouse"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}  # nothing but the loopback server: no instance metadata probe
-UPSTREAM_OF_EVALUATE = {"seeds", "teacher_model", "generate", "filter", "ingest", "tokenize", "train"}
+UPSTREAM_OF_EVALUATE = {"seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize", "train"}
 
 
 # ---------------------------------------------------------------- helpers
