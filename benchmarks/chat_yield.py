@@ -103,7 +103,7 @@ def main() -> None:
     from tests.chat_style import chat_style_reply
     from tests.fake_openai import FakeOpenAI
 
-    os.environ.setdefault("OPENAI_API_KEY", "sk-benchmark-key-not-secret")
+    os.environ.setdefault("OPENAI_API_KEY", "loopback-fake-server")  # the fake checks no key unless given one
     seeds = [json.loads(ln) for ln in (ROOT / "seeds/seed_tasks.jsonl").read_text().splitlines() if ln.strip()]
     n = args.requests
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAI.strict(reply=chat_style_reply) as srv:
