@@ -184,13 +184,11 @@ def test_two_turns_with_every_drop_reason_through_a_fake_teacher():
 
 
 @pytest.mark.e2e
-def test_embedded_smollm2_writes_english_queries():
-    """The embedded teacher (models/teacher, built by `dvc repro teacher_model`) writes and answers queries."""
-    from tests.conftest import ROOT
-
-    model = ROOT / "models/teacher"
-    if not (model / "config.json").is_file():
-        pytest.skip("models/teacher not built")
+def test_embedded_smollm2_writes_english_queries(e2e_build):
+    """The embedded teacher (models/teacher, as the session's tiny build's `teacher_model` stage wrote it)
+    writes and answers queries."""
+    model = e2e_build.repo / "models/teacher"
+    assert (model / "config.json").is_file(), "the tiny build has no models/teacher"
     import tempfile
 
     from transformers import AutoTokenizer
