@@ -18,37 +18,63 @@ Outputs: `kept-*.parquet` (what ingest reads) and `rejected-*.parquet` in `data/
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import (StageError, atomic_dir, check, load_params, log, read_shards, run_main, set_threads,
+from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, read_shards, run_main, set_threads,
                                write_json, write_shards)
+from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.selection.policy import Policy, apply, combined
+from stages.lib.student import load_student
+from stages.lib.tokens.templates import TEMPLATES
 
 METHODS = ("none", "rating", "ifd", "both")
-ENDPOINT_KEYS = {"backend", "model", "base_url", "prompt_form"}
 SCORE_COLUMNS = {"rating": pl.Float64, "rating_raw": pl.String, "ifd": pl.Float64, "loss_conditioned": pl.Float64,
                  "loss_response": pl.Float64, "combined": pl.Float64, "select_score": pl.Float64,
                  "select_reason": pl.String}
 
 
 @dataclass
+class PolicyParams:
+    """Which rows to keep (`select.policy`): one score and exactly one of threshold, top_k, top_fraction
+    (set the others to null, e.g. `-S select.policy.threshold=null -S select.policy.top_k=1000`)."""
+
+    score: str = "rating"
+    """rating (the judge's 0-5) | ifd (Cherry-LLM) | combined (mean percentile rank of both; method both)."""
+    threshold: float | None = None
+    """Keep rows whose score is >= this (AlpaGasus: rating >= 4.5, the default of `select.policy`)."""
+    top_k: int | None = None
+    """Keep the k best rows."""
+    top_fraction: float | None = None
+    """Keep the best fraction of rows (Cherry-LLM: ifd, 0.1)."""
+
+
+@dataclass
+class TemplateParam:
+    """`tokenize.template`, read by IFD so that its conditioned loss sees the student's training prompt."""
+
+    template: str = "alpaca"
+
+
+@dataclass
 class SelectParams:
     method: str = "none"
     """Scores to compute: none (keep every filtered row) | rating (judge) | ifd (student base model) | both."""
-    policy: dict = field(default_factory=lambda: {"score": "rating", "threshold": 4.5})
-    """Which rows to keep: {score: rating|ifd|combined, and one of threshold: x (keep >= x), top_k: n,
-    top_fraction: f}. AlpaGasus: {score: rating, threshold: 4.5}; Cherry-LLM: {score: ifd, top_fraction: 0.1}."""
+    policy: PolicyParams = field(default_factory=lambda: PolicyParams(threshold=4.5))
+    """Which rows to keep by which score; AlpaGasus: {score: rating, threshold: 4.5}; Cherry-LLM: {score: ifd,
+    threshold: null, top_fraction: 0.1}."""
     keep_unknown: bool = False
     """Keep rows whose deciding score is unknown (an unreadable verdict, a failed call); false: rejected as unknown."""
     ifd_max: float = 1.0
-    """With an IFD policy, reject rows with IFD >= this first (the instruction does not help; Cherry-LLM); 0: off."""
-    judge: dict = field(default_factory=lambda: {"backend": "local", "model": "models/teacher", "prompt_form": "chat"})
-    """The rating judge: {backend: local|openai, model, base_url, prompt_form: chat|completion}; the key from OPENAI_API_KEY."""
+    """With an IFD policy, reject rows with IFD >= this first (the instruction does not help; Cherry-LLM); 0: off.
+    IFD is computed with the student's base model (`student.model`) and prompt template (`tokenize.template`)."""
+    judge: EndpointParams = field(default_factory=EndpointParams)
+    """The rating judge: backend local|openai, model, base_url, prompt_form, system_prompt, extra_body, model_family,
+    reasoning_budget (as `evaluate.judge`); default: the embedded teacher."""
     judge_max_new_tokens: int = 32
     """Length budget of a verdict (the score is asked for on the first line)."""
     concurrency: int = 16
@@ -57,10 +83,6 @@ class SelectParams:
     """API judge: hard budget for this run's calls, checked before each request (0: none)."""
     prices: dict = field(default_factory=dict)
     """API judge: USD per million tokens by judge model, as generate.prices ({} : cost reported as 0)."""
-    ifd_model: str = "models/teacher"
-    """The student's base model for IFD (keep equal to `student.model`)."""
-    ifd_template: str = "alpaca"
-    """Prompt template for IFD's conditioned loss (same as tokenize.template): alpaca | chat."""
     max_seq_len: int = 512
     """IFD: tokens per example (prompt + response); longer responses are cut."""
     batch_size: int = 8
@@ -77,16 +99,16 @@ class SelectParams:
     """Rows per parquet shard."""
 
     def __post_init__(self):
+        convert_fields(self, "select")
         check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
-        self.pol = Policy.from_dict(self.policy)
+        try:
+            self.pol = Policy.from_dict({k: v for k, v in asdict(self.policy).items() if v is not None})
+        except ValueError as e:
+            hint = " (set the others to null, e.g. -S select.policy.threshold=null)" if "exactly one" in str(e) else ""
+            raise StageError(f"{e}{hint}") from None
         need = {"rating": {"rating", "both"}, "ifd": {"ifd", "both"}, "combined": {"both"}}[self.pol.score]
         check(self.method == "none" or self.method in need,
               f"policy.score {self.pol.score}: needs method {' or '.join(sorted(need))}, got {self.method!r}")
-        check(isinstance(self.judge, dict) and set(self.judge) <= ENDPOINT_KEYS and bool(self.judge.get("model"))
-              and self.judge.get("backend", "local") in ("local", "openai")
-              and self.judge.get("prompt_form", "chat") in ("chat", "completion"),
-              f"judge: keys among {sorted(ENDPOINT_KEYS)}, backend local|openai, a model, prompt_form chat|completion")
-        check(self.ifd_template in ("alpaca", "chat"), f"ifd_template: alpaca or chat, got {self.ifd_template!r}")
         check(self.judge_max_new_tokens >= 1 and self.batch_size >= 1 and self.max_seq_len >= 8, "sizes: must be >= 1")
         check(self.concurrency >= 1 and self.max_cost_usd >= 0 and self.ifd_max >= 0, "concurrency >= 1, budgets >= 0")
         check(self.histogram_bins >= 2, "histogram_bins: must be >= 2")
@@ -116,21 +138,23 @@ def judge_session(p: SelectParams):
     from stages.lib.llm.store import TeacherStore, store_dir
     from stages.lib.llm.teacher import ResponseCache, TeacherSession, make_backend
 
-    e = {"backend": "local", "prompt_form": "chat", **p.judge}
-    price = Price(**p.prices[e["model"]]) if e["model"] in p.prices else None
+    e = p.judge
+    price = Price(**p.prices[e.model]) if e.model in p.prices else None
     limits = ApiLimits(concurrency=p.concurrency, max_cost_usd=p.max_cost_usd)
-    session = TeacherSession(lambda form: make_backend(e["backend"], e["model"], form, e.get("base_url"), p.batch_size,
-                                                       p.dtype, limits, price),
+    session = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size, p.dtype,
+                                                       limits, price, e.options()),
                              ResponseCache(paths.SELECT_CACHE, store=TeacherStore(store_dir(p.teacher_store))), price)
-    return (lambda prompts, sampling: session.ask(prompts, sampling, e["prompt_form"])), session, price
+    return (lambda prompts, sampling: session.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)), session, price
 
 
-def add_ifd(rows: list[dict], p: SelectParams) -> None:
+def add_ifd(rows: list[dict], p: SelectParams, model_name: str, template: str) -> None:
+    """IFD with the student's base model `model_name` and its prompt template (`tokenize.template`)."""
     from stages.lib.llm.local import load_model
     from stages.lib.selection.ifd import ifd_scores
 
-    model, tok = load_model(p.ifd_model, p.dtype)
-    for r, (ifd, lc, la) in zip(rows, ifd_scores(rows, model, tok, p.ifd_template, p.max_seq_len, p.batch_size)):
+    check(template in TEMPLATES, f"tokenize.template: expected one of {sorted(TEMPLATES)}, got {template!r}")
+    model, tok = load_model(model_name, p.dtype)
+    for r, (ifd, lc, la) in zip(rows, ifd_scores(rows, model, tok, template, p.max_seq_len, p.batch_size)):
         r.update(ifd=ifd, loss_conditioned=lc, loss_response=la)
 
 
@@ -214,7 +238,7 @@ def main() -> None:
             raise StageError(f"select: budget max_cost_usd={p.max_cost_usd} reached; {s.failed_by_reason['budget']} "
                              "ratings not asked (raise the budget; paid verdicts are cached)")
     if p.method in ("ifd", "both"):
-        add_ifd(rows, p)
+        add_ifd(rows, p, load_student().model, load_params(TemplateParam, "tokenize", only_own_keys=True).template)
     cut = choose(rows, p)
     out = pl.DataFrame(rows, schema={**df.schema, **SCORE_COLUMNS})
     kept, rejected = out.filter(pl.col("select_reason").is_null()), out.filter(pl.col("select_reason").is_not_null())

@@ -74,7 +74,9 @@ def test_dvc_yaml_lists_every_imported_module_of_each_stage():
 
 SHARED_PARAMS = {"generate": ("filter.min_words", "filter.max_words", "filter.blacklist"),
                  # the one student setting (stages/lib/student.py)
-                 "tokenize": ("student",), "train": ("student",), "evaluate": ("student",), "report": ("student",)}
+                 "tokenize": ("student",), "train": ("student",), "evaluate": ("student",), "report": ("student",),
+                 # IFD scores with the student's base model and its training prompt template
+                 "select": ("student", "tokenize.template")}
 """Keys (or whole sections) of params.yaml that a stage reads besides its own section, in the order dvc.yaml
 lists them after the stage's own section. Each must be one the stage really reads (tests below)."""
 
@@ -87,6 +89,15 @@ def test_generate_reads_exactly_the_declared_filter_keys():
 
     assert {f"filter.{f.name}" for f in fields(RuleParams)} == set(SHARED_PARAMS["generate"])
     assert "load_params(RuleParams, \"filter\", only_own_keys=True)" in (ROOT / "stages/generate.py").read_text()
+
+
+def test_select_reads_exactly_the_declared_tokenize_key():
+    from dataclasses import fields
+
+    from stages.select import TemplateParam
+
+    assert {f"tokenize.{f.name}" for f in fields(TemplateParam)} == set(SHARED_PARAMS["select"][1:])
+    assert "load_params(TemplateParam, \"tokenize\", only_own_keys=True)" in (ROOT / "stages/select.py").read_text()
 
 
 def test_stages_folder_holds_exactly_the_dvc_stages():
@@ -208,7 +219,7 @@ def test_stages_and_tools_name_no_path_between_stages_but_through_paths_py():
     dataclass defaults of model params) would be a second source of truth."""
     import re
 
-    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`student.model`, `ifd_model`, `model`)
+    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`student.model`, `select.judge.model`, `model`)
     literal = re.compile(r'^[^#]*?[^`\w/]"((?:data|models|metrics)/[\w./-]+)"')
     for f in sorted((ROOT / "stages").rglob("*.py")):
         if f.name == "paths.py":

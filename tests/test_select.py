@@ -204,3 +204,42 @@ def test_stage_method_none_passes_the_filtered_rows_through(in_tmp):
 
     m = json.loads((in_tmp / "metrics/select.json").read_text())
     assert (m["kept"], m["rejected"], m["judge"]["calls"], m["policy"]) == (5, 0, 0, None)
+
+
+def test_stage_ifd_scores_with_the_student_model_and_the_tokenize_template(in_tmp, tiny_model):
+    """method ifd: the stage reads `student.model` and `tokenize.template` (dvc.yaml declares both),
+    and its scores equal ifd_scores with that model and template."""
+    import polars as pl
+
+    from stages.lib.common import write_shards
+    from stages.lib.llm.local import load_model
+    from stages.lib.selection.ifd import ifd_scores
+    from stages.select import main
+    from tests.conftest import write_params
+
+    df = pl.DataFrame(rows(4)).with_columns(pl.lit(0.3).alias("rouge_max"))
+    write_shards(df, in_tmp / "data/filtered", "kept")
+    write_params(in_tmp / "params.yaml", {"student": {"model": str(tiny_model)}, "tokenize": {"template": "chat"},
+                                          "select": {"method": "ifd", "ifd_max": 0,
+                                                     "policy": {"score": "ifd", "top_k": 2}}})
+    main()
+    out = pl.concat([pl.read_parquet(p) for p in sorted((in_tmp / "data/selected").glob("*.parquet"))]).sort("id")
+    model, tok = load_model(str(tiny_model))
+    want = ifd_scores(df.sort("id").to_dicts(), model, tok, "chat", 512, 8)
+    assert out["ifd"].to_list() == pytest.approx([w[0] for w in want], rel=1e-5)
+    assert out["ifd"].to_list() != pytest.approx([w[0] for w in ifd_scores(df.sort("id").to_dicts(), model, tok,
+                                                                            "alpaca", 512, 8)], rel=1e-5)
+    assert pl.read_parquet(in_tmp / "data/selected/kept-00000.parquet").height == 2
+
+
+def test_policy_params_typed_with_a_hint_for_two_kinds():
+    """A mapping without threshold is one kind; `-S select.policy.top_k=3` over the default threshold names the fix."""
+    p = params_from_dict(SelectParams, {"method": "ifd", "policy": {"score": "ifd", "top_fraction": 0.1}})
+    assert (p.pol.kind, p.pol.value) == ("top_fraction", 0.1)
+    assert SelectParams().pol.describe() == "rating >= 4.5"
+    with pytest.raises(StageError, match=r"exactly one.*select.policy.threshold=null"):
+        params_from_dict(SelectParams, {"method": "rating", "policy": {"score": "rating", "threshold": 4.5, "top_k": 3}})
+    with pytest.raises(StageError, match=r"policy.top_k: expected int"):
+        params_from_dict(SelectParams, {"policy": {"top_k": "many"}})
+    with pytest.raises(StageError, match=r"model_family"):
+        params_from_dict(SelectParams, {"judge": {"model": "o3-mini", "model_family": "clever"}})
