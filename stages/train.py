@@ -25,8 +25,9 @@ import numpy as np
 from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 from stages.lib.student import load_student
-from stages.lib.training.precision import DTYPES, resolve_dtype, torch_dtype
 from stages.lib.tokens.templates import export_tokenizer
+from stages.lib.training.attention import register as register_packed_attention
+from stages.lib.training.precision import DTYPES, resolve_dtype, torch_dtype
 from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
                                       validation_loss)
 
@@ -78,8 +79,10 @@ class TrainParams:
     mask, memory quadratic in L: the fallback), `auto` (position_ids for transformers' own model
     classes, dense for remote-code models)."""
     attn_implementation: str = "auto"
-    """`auto` (flash_attention_2 on a CUDA GPU where `flash_attn` is installed and the dtype is 16-bit,
-    else the model's default, SDPA for most), `sdpa`, `flash_attention_2`, `flex_attention` or `eager`."""
+    """`auto` (flash_attention_2 on a CUDA GPU where `flash_attn` is installed and the dtype is 16-bit;
+    else, for packed rows of a plain causal model, `sdpa_packed`: SDPA once per example, no mask;
+    else the model's default, SDPA for most), `sdpa`, `sdpa_packed`, `flash_attention_2`,
+    `flex_attention` or `eager`."""
     loss_chunk_tokens: int = 0
     """0: the plain loss over full-vocabulary float32 logits. N > 0: chunked cross-entropy over the
     supervised tokens, N tokens' logits at a time (same loss and gradients, far less memory at a
@@ -110,6 +113,8 @@ class TrainParams:
         check(self.dtype in DTYPES, f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
         check(self.packing_mask in ("auto", "position_ids", "dense"), f"packing_mask: unknown {self.packing_mask!r}")
         check(self.attn_implementation in ATTENTION, f"attn_implementation: expected one of {ATTENTION}")
+        check(self.attn_implementation != "sdpa_packed" or self.packing,
+              "attn_implementation: sdpa_packed is for packed rows (packing: true)")
         check(self.loss_chunk_tokens >= 0, "loss_chunk_tokens: must be >= 0")
         check(self.max_memory_gb >= 0 or self.max_memory_gb == -1, "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
@@ -286,6 +291,8 @@ def build_model(p: TrainParams, student: str, dtype: str = "float32", device_ind
     attention = resolve_attention(p.attn_implementation, dtype)
     extra = {"attn_implementation": attention} if attention else {}
     model = AutoModelForCausalLM.from_pretrained(student, **load_kwargs(p, dtype, device_index), **extra)
+    if packed_attention(p, model):
+        model.set_attn_implementation(register_packed_attention())  # training only: never saved in config.json
     if p.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -307,7 +314,7 @@ def build_model(p: TrainParams, student: str, dtype: str = "float32", device_ind
     return model
 
 
-ATTENTION = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
+ATTENTION = ("auto", "sdpa", "sdpa_packed", "flash_attention_2", "flex_attention", "eager")
 
 
 def resolve_attention(setting: str, dtype: str) -> str | None:
@@ -316,6 +323,8 @@ def resolve_attention(setting: str, dtype: str) -> str | None:
 
     import torch
 
+    if setting == "sdpa_packed":
+        return "sdpa"  # loaded as SDPA, then switched (packed_attention)
     if setting != "auto":
         return setting
     if torch.cuda.is_available() and dtype in ("bfloat16", "float16") and importlib.util.find_spec("flash_attn"):
@@ -330,6 +339,22 @@ def dense_packing(p: TrainParams, model) -> bool:
         return p.packing_mask == "dense"
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return not type(inner).__module__.startswith("transformers.")
+
+
+def packed_attention(p: TrainParams, model) -> bool:
+    """Whether packed rows run `sdpa_packed` (stages.lib.training.attention): packing on the position-ids
+    path, the model loaded with SDPA (not flash attention 2, which is varlen already), and plain causal
+    attention. `attn_implementation: sdpa_packed` on a model that is not eligible is an error."""
+    from stages.lib.training.attention import supports
+
+    if not p.packing or p.attn_implementation not in ("auto", "sdpa_packed") or dense_packing(p, model):
+        return False
+    if model.config._attn_implementation != "sdpa" or not supports(model.config):
+        if p.attn_implementation == "sdpa_packed":
+            raise StageError(f"train.attn_implementation=sdpa_packed: {type(model).__name__} is not a plain causal "
+                             "SDPA model (sliding window or other mask): use auto or sdpa")
+        return False
+    return True
 
 
 AUTOCAST = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,7 +150,7 @@ def test_pack_is_complete_deterministic_and_dense():
     assert pack([600, 10], 512) == [[0], [1]]  # too long for a row: a row of its own
 
 
-PACKED_PATHS = [(True, "sdpa"), (True, "eager"), (False, "sdpa"), (False, "eager"),
+PACKED_PATHS = [(True, "sdpa"), (True, "eager"), (False, "sdpa"), (False, "eager"), (False, "sdpa_packed"),
                 pytest.param(False, "flex_attention", marks=pytest.mark.e2e)]  # flex compiles for ~80 s on the CPU
 
 
@@ -168,7 +169,12 @@ def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model, 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok, ROWS8)
     data = TokenSplit(tmp_path / "tokens", "train")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                                 attn_implementation=attention.replace("sdpa_packed", "sdpa")).eval()
+    if attention == "sdpa_packed":  # SDPA once per example, no mask (stages.lib.training.attention)
+        from stages.lib.training.attention import register
+
+        model.set_attn_implementation(register())
     with torch.no_grad():
         singles = [masked_loss_sum(model, collate([data[i]], tok.pad_token_id)) for i in range(len(data))]
         width = int(sum(data.index[:, 1][:5])) + 7  # 5 examples in row 0 plus padding, 3 in row 1
@@ -185,6 +191,30 @@ def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model, 
         both = masked_loss_sum(model, other)[0] - masked_loss_sum(model, collate([(data[0][0][::-1].copy(), data[0][1])],
                                                                                  tok.pad_token_id))[0]
     assert float(both) == pytest.approx(float(alone), rel=1e-5)
+
+
+def test_packed_rows_train_with_sdpa_packed_and_the_student_loads_with_sdpa(tmp_path, tiny_model):
+    """auto + packing on a plain causal model: `sdpa_packed` while training (no mask is built), the
+    saved student's config names none (it loads as SDPA); without packing, or with the dense mask, SDPA."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    from stages.lib.training.attention import supports
+    from stages.train import TrainParams, build_model
+
+    assert build_model(TrainParams(packing=True), str(tiny_model)).config._attn_implementation == "sdpa_packed"
+    assert build_model(TrainParams(packing=False), str(tiny_model)).config._attn_implementation == "sdpa"
+    dense = TrainParams(packing=True, packing_mask="dense")
+    assert build_model(dense, str(tiny_model)).config._attn_implementation == "sdpa"
+    assert supports(LlamaConfig()) and not supports(MistralConfig(sliding_window=4096))
+    with pytest.raises(ValueError, match="sdpa_packed is for packed rows"):
+        TrainParams(attn_implementation="sdpa_packed")
+    from transformers import AutoTokenizer
+
+    make_data(tmp_path / "tokens", AutoTokenizer.from_pretrained(tiny_model), ROWS8)
+    _, out = run_train(tmp_path, tiny_model, "packed", method="full", max_steps=1, packing=True)
+    assert "attn" not in " ".join(json.loads((Path(out) / "config.json").read_text()))
+    assert AutoModelForCausalLM.from_pretrained(out).config._attn_implementation == "sdpa"
+    assert AutoConfig.from_pretrained(out).model_type == "llama"
 
 
 @pytest.mark.parametrize("packing", [False, True])
