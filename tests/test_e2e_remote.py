@@ -36,7 +36,6 @@ pytestmark = pytest.mark.e2e
 KEY, SECRET, BUCKET = "stillhouse-test", "stillhouse-test-secret", "stillhouse"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}  # nothing but the loopback server: no instance metadata probe
-UPSTREAM_OF_EVALUATE = {"seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize", "train"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -337,20 +336,21 @@ def test_named_artifacts_fetched_by_name(pushed, tmp_path):
 
 
 def test_two_experiments_listed_with_params_and_metrics(e2e_copy):
-    """Two `--temp` experiments varying an evaluate param (on a copy of the build): nothing upstream
-    of evaluate reruns, the workspace stays as it was."""
+    """Two `--temp` experiments varying a param of the last stage, `report` (on a copy of the build; a
+    param of evaluate reruns evaluate alone: tests/test_e2e.py): only report reruns, the workspace
+    stays as it was, and `dvc exp show` / `exp diff` list both with every stage's metrics."""
     origin = e2e_copy
     params_before = (origin / "params.yaml").read_text()
-    for name, batch in (("eval-bs2", 2), ("eval-bs4", 4)):
-        out, _ = timed(origin, "dvc", "exp", "run", "--temp", "-n", name, "-S", f"evaluate.batch_size={batch}")
-        assert "evaluate" in ran(out) and not set(ran(out)) & UPSTREAM_OF_EVALUATE, ran(out)
+    for name, verbs in (("verbs-10", 10), ("verbs-15", 15)):
+        out, _ = timed(origin, "dvc", "exp", "run", "--temp", "-n", name, "-S", f"report.top_verbs={verbs}")
+        assert ran(out) == ["report"], ran(out)
     assert (origin / "params.yaml").read_text() == params_before
     table = json.loads(sh(origin, "dvc", "exp", "show", "--json").stdout)
     exps = {rev["name"]: rev["data"] for base in table for e in base.get("experiments") or [] for rev in e["revs"]}
-    assert {"eval-bs2", "eval-bs4"} <= set(exps)
-    for name, batch in (("eval-bs2", 2), ("eval-bs4", 4)):
-        assert exps[name]["params"]["params.yaml"]["data"]["evaluate"]["batch_size"] == batch
+    assert {"verbs-10", "verbs-15"} <= set(exps)
+    for name, verbs in (("verbs-10", 10), ("verbs-15", 15)):
+        assert exps[name]["params"]["params.yaml"]["data"]["report"]["top_verbs"] == verbs
         assert math.isfinite(exps[name]["metrics"]["metrics/eval.json"]["data"]["val_loss"])
         assert "loss" in exps[name]["metrics"]["metrics/train/metrics.json"]["data"]
-    diff = json.loads(sh(origin, "dvc", "exp", "diff", "eval-bs2", "eval-bs4", "--json").stdout)
-    assert diff["params"]["params.yaml"]["evaluate.batch_size"] == {"old": 2, "new": 4, "diff": 2}
+    diff = json.loads(sh(origin, "dvc", "exp", "diff", "verbs-10", "verbs-15", "--json").stdout)
+    assert diff["params"]["params.yaml"]["report.top_verbs"] == {"old": 10, "new": 15, "diff": 5}

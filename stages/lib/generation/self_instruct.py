@@ -101,18 +101,13 @@ def parse_instructions_chat(text: str, finish_reason: str) -> list[tuple[str | N
             after_blank = bool(items)
         elif items and not after_blank:
             items[-1] += " " + line.strip()
-    out: list[tuple[str | None, str]] = []
-    for j, raw in enumerate(items):
+    insts = []
+    for raw in items:
         inst = _LABEL.sub("", _ws(raw))
         if len(inst) > 1 and inst[0] == inst[-1] and inst[0] in "\"'":
             inst = inst[1:-1].strip()
-        if finish_reason == "length" and j == len(items) - 1:
-            out.append((None, "truncated"))
-        elif not inst:
-            out.append((None, "empty"))
-        else:
-            out.append((inst, "ok"))
-    return out or [(None, "empty")]
+        insts.append(inst)
+    return item_verdicts(insts, finish_reason) or [(None, "empty")]
 
 
 def parse_instructions(text: str, finish_reason: str) -> list[tuple[str | None, str]]:
@@ -122,7 +117,12 @@ def parse_instructions(text: str, finish_reason: str) -> list[tuple[str | None, 
     finish_reason "length" only the last item is dropped (self-instruct dropped the whole
     response).
     """
-    items = [_ws(p) for p in re.split(r"\n\s*\d+\s*\.", "\n0." + text)[1:]]
+    return item_verdicts([_ws(p) for p in re.split(r"\n\s*\d+\s*\.", "\n0." + text)[1:]], finish_reason)
+
+
+def item_verdicts(items: list[str], finish_reason: str) -> list[tuple[str | None, str]]:
+    """(instruction or None, reason) per list item: the last one of a reply cut at the length limit is
+    `truncated`, an empty one `empty`, the rest `ok`."""
     out: list[tuple[str | None, str]] = []
     for j, inst in enumerate(items):
         if finish_reason == "length" and j == len(items) - 1:
