@@ -341,6 +341,20 @@ def dense_packing(p: TrainParams, model) -> bool:
     return not type(inner).__module__.startswith("transformers.")
 
 
+def save_adapter(model, folder) -> None:
+    """The LoRA adapter as peft saves it, with `target_modules` sorted: peft writes them from a Python
+    set, whose order changes with the interpreter's hash seed, so the same run gave another
+    adapter_config.json, and another `models/student` hash, each time."""
+    from pathlib import Path
+
+    model.save_pretrained(folder)
+    path = Path(folder) / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def packed_attention(p: TrainParams, model) -> bool:
     """Whether packed rows run `sdpa_packed` (stages.lib.training.attention): packing on the position-ids
     path, the model loaded with SDPA (not flash attention 2, which is varlen already), and plain causal
@@ -572,7 +586,7 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
     if acc.is_main_process:
         with atomic_dir(out_dir) as out:
             if p.method in ("lora", "qlora"):
-                model.save_pretrained(out / "adapter")
+                save_adapter(model, out / "adapter")
                 model = merged(model, p, student, dtype)
             model.to(torch_dtype(dtype)).save_pretrained(out, safe_serialization=True)  # in the dtype it was trained in
             export_tokenizer(tok, data.meta.get("template", "chat")).save_pretrained(out)

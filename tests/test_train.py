@@ -106,6 +106,37 @@ def test_lora_saves_merged_weights_and_adapter(tmp_path, tiny_model):
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
 
 
+SAVE_ADAPTER = """
+import sys
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from stages.train import save_adapter
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(
+    r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+save_adapter(model, sys.argv[2])
+"""
+
+
+def test_adapter_config_is_the_same_whatever_the_hash_seed(tmp_path, tiny_model):
+    """peft writes target_modules from a set: under two hash seeds the saved adapter_config.json (part of
+    models/student's hash) must still be byte-identical."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    saved = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"adapter-{seed}"
+        subprocess.run([sys.executable, "-c", SAVE_ADAPTER, str(tiny_model), str(out)], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)})
+        saved.append((out / "adapter_config.json").read_bytes())
+    assert saved[0] == saved[1] == saved[2]
+    modules = json.loads(saved[0])["target_modules"]
+    assert modules == sorted(modules) and len(modules) == 7
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model):
     """(micro-batch 4, accumulation 1) and (micro-batch 1, accumulation 4): same loss, same update."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
