@@ -109,6 +109,12 @@ def chat_style_reply(body: dict) -> str:
         return instances_reply(user, rng)
     if system == ALPACA_SYSTEM:
         return alpaca_reply(user, rng)
+    if user.startswith("I want you act as a Prompt"):  # evol_instruct's rewriter: the new prompt, maybe quoted
+        inst = re.search(r"Prompt#:\n(.*)\n#(?:Rewritten|Created) Prompt#:\n$", user, re.S).group(1).strip()
+        new = f"{inst.rstrip('.')}, for a reader who knows nothing about {rng.choice(WORDS)}s."
+        return rng.choice([new, f'"{new}"', f"{new}\n"])
+    if user.startswith("Here are two Instructions to ChatGPT AI"):  # evol_instruct's equality verdict
+        return rng.choice(["Not Equal", "**Not Equal**", "Not Equal."])
     if user.startswith("Which response"):
         return rng.choice(["**Response 2**", "Response 2", "2"])
     if "## Verdict" in user:

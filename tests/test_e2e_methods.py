@@ -169,9 +169,10 @@ def clean_instructions(tasks: pl.DataFrame) -> None:
         assert "Let me know" not in text and "I hope this helps" not in text, text
 
 
-@pytest.mark.parametrize("case", ["self_instruct", "responses_bootstrap", "responses_file_judge"])
+@pytest.mark.parametrize("case", ["self_instruct", "responses_bootstrap", "responses_file_judge", "evol_instruct"])
 def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
     generate = {"self_instruct": {"method": "self_instruct", "num_requests": 2, "self_instruct": {"requests_per_round": 2}},
+                "evol_instruct": {"method": "evol_instruct", "num_requests": 3, "evol_instruct": {"rounds": 1}},
                 "responses_bootstrap": {"method": "responses", "num_requests": 2},
                 "responses_file_judge": {"method": "responses", "system_prompt": "You are a helpful assistant.",
                                          "responses": {"prompts": "seeds/prompts/prompts.jsonl", "n": 2, "select": "judge"}},
@@ -193,6 +194,9 @@ def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
         assert steps["classify"].get("yes", 0) > 0 and steps["classify"].get("no", 0) > 0
         assert "unknown" not in steps["classify"]  # "Yes, it is." and "**No**" read
         assert steps["instances"]["instances_parsed"] > 0
+    if case == "evol_instruct":  # every seed evolved, judged Not Equal, answered; provenance kept
+        assert tasks.height == 3 and set(tasks["evol_round"]) == {1} and tasks["parent_id"].str.starts_with("seed").all()
+        assert not any(i.startswith('"') for i in tasks["instruction"].to_list())
     if case == "responses_file_judge":
         r = steps["responses"]
         assert r["judged"] == 4 and r["judge_unparsed"] == 0 and tasks.height == 4
@@ -219,7 +223,8 @@ def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
     tasks, gm, fm = build(repo)
     assert gm["failed"] == 0 and gm["steps"]["alpaca"]["items_unparsed"] == 0 and tasks.height >= 2 * 6
     clean_instructions(tasks)
-    assert ran(sh(repo, "dvc", "repro", "evaluate")) == ["select", "ingest", "tokenize", "train", "evaluate"]
+    for stage in ["select", "ingest", "tokenize", "train", "evaluate"]:  # one by one: not teacher_model (the API)
+        assert ran(sh(repo, "dvc", "repro", "-s", stage)) == [stage]
     only_chat(chat_teacher.requests[before:])
     em = json.loads((repo / "metrics/eval.json").read_text())
     js = em["judge"]["stillhouse"]
