@@ -1,7 +1,8 @@
 # stillhouse. `make repro`: set everything up and build the whole pipeline on the embedded
-# default (no API key, no network, no GPU). `make test`: set everything up and run every test
+# default (no API key, no network, no GPU). `make test`: set everything up and run every test but the opt-in `slow` ones
 # (what CI runs: .ci/run); `make test-fast` / `make test-e2e`: only the unit tests / only the
-# end-to-end tests (marker `e2e`). PYTEST_ARGS passes more options, e.g. PYTEST_ARGS="-k novelty".
+# end-to-end tests (marker `e2e`). PYTEST_ARGS passes more options, e.g. PYTEST_ARGS="-k novelty", or
+# PYTEST_ARGS=--slow to also run the opt-in `slow` tests (docs/testing.md).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

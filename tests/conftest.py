@@ -106,10 +106,21 @@ def write_params(path: Path, sections: dict) -> None:
 E2E_TIMEOUT_S = int(os.environ.get("STILLHOUSE_E2E_TIMEOUT_S") or 1200)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run tests marked `slow` (opt-in checks of paths stillhouse never picks by default)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+    # `slow` tests are deselected (counted in pytest's summary line) unless --slow: `make test PYTEST_ARGS=--slow`
+    if not config.getoption("--slow"):
+        slow = [i for i in items if i.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [i for i in items if not i.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

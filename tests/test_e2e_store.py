@@ -92,7 +92,7 @@ def wait_for_queue(repo: Path, timeout_s: float = 300) -> None:
         status = sh(repo, "dvc", "queue", "status").stdout
         if not any(w in status for w in ("Queued", "Running")):
             return
-        time.sleep(2)
+        time.sleep(5)  # each poll is a `dvc` process: polling less leaves the CPU to the queued run
     raise AssertionError(f"queue still busy:\n{status}")
 
 

@@ -127,12 +127,12 @@ def test_adapter_config_is_the_same_whatever_the_hash_seed(tmp_path, tiny_model)
     from tests.conftest import ROOT
 
     saved = []
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         out = tmp_path / f"adapter-{seed}"
         subprocess.run([sys.executable, "-c", SAVE_ADAPTER, str(tiny_model), str(out)], check=True, cwd=ROOT,
                        env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)})
         saved.append((out / "adapter_config.json").read_bytes())
-    assert saved[0] == saved[1] == saved[2]
+    assert saved[0] == saved[1]
     modules = json.loads(saved[0])["target_modules"]
     assert modules == sorted(modules) and len(modules) == 7
 
@@ -182,7 +182,8 @@ def test_pack_is_complete_deterministic_and_dense():
 
 
 PACKED_PATHS = [(True, "sdpa"), (True, "eager"), (False, "sdpa"), (False, "eager"), (False, "sdpa_packed"),
-                pytest.param(False, "flex_attention", marks=pytest.mark.e2e)]  # flex compiles for ~80 s on the CPU
+                # flex compiles once per input shape: ~60 s on 2 CPU cores in a fresh venv; `auto` never picks it
+                pytest.param(False, "flex_attention", marks=[pytest.mark.e2e, pytest.mark.slow])]
 
 
 @pytest.mark.parametrize("dense_mask,attention", PACKED_PATHS)
