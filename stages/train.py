@@ -25,11 +25,11 @@ import numpy as np
 from stages.lib import paths
 from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
 from stages.lib.student import load_student
+from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
+                                      validation_loss)
 from stages.lib.tokens.templates import export_tokenizer
 from stages.lib.training.attention import register as register_packed_attention
 from stages.lib.training.precision import DTYPES, resolve_dtype, torch_dtype
-from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
-                                      validation_loss)
 
 
 @dataclass

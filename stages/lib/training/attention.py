@@ -46,14 +46,10 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
                                       position_ids=position_ids, **kwargs)
     spans = segments(position_ids.expand(query.shape[0], -1))
     out = []
-    for b, row in enumerate(spans):
-        if len(row) == 1:  # one example: causal over the whole row
-            pieces = [sdpa_attention_forward(module, query[b : b + 1], key[b : b + 1], value[b : b + 1], None,
-                                             dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]]
-        else:
-            pieces = [sdpa_attention_forward(module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
-                                             value[b : b + 1, :, s:e], None, dropout=dropout, scaling=scaling,
-                                             is_causal=True, **kwargs)[0] for s, e in row]
+    for b, row in enumerate(spans):  # a row of one example is one span over the whole row
+        pieces = [sdpa_attention_forward(module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
+                                         value[b : b + 1, :, s:e], None, dropout=dropout, scaling=scaling,
+                                         is_causal=True, **kwargs)[0] for s, e in row]
         out.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.cat(out, dim=0), None
 
