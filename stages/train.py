@@ -259,6 +259,18 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def resident_bytes() -> float:
+    """This process's resident memory now (Linux /proc/self/statm), else its peak so far."""
+    import os
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def load_kwargs(p: TrainParams, dtype: str, device_index: int | None = None) -> dict:
     """`from_pretrained` arguments: full fine-tuning loads float32 master weights (compute runs under
     autocast); LoRA loads the frozen base in the training dtype; QLoRA quantises it to 4-bit NF4
@@ -429,25 +441,35 @@ def device_memory(acc) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, acc.num_processes)
 
 
+def plan_for(p: TrainParams, cfg, dtype: str, seq_len: int, processes: int, fsdp: bool, overhead: float):
+    """The memory plan (stages/lib/training/memory.py) of these params for a model config."""
+    from stages.lib.training import memory
+
+    return memory.estimate(cfg, method=p.method, dtype=dtype, micro_batch=p.batch_size, seq_len=seq_len,
+                           gradient_checkpointing=p.gradient_checkpointing, processes=processes, fsdp=fsdp,
+                           optimizer="adamw", lora_r=p.lora_r, lora_targets=p.lora_target_modules,
+                           lora_dropout=p.lora_dropout, loss_chunk=p.loss_chunk_tokens,
+                           attention=resolve_attention(p.attn_implementation, dtype) or "sdpa", overhead=overhead,
+                           grad_accum=p.grad_accum)
+
+
 def plan_memory(p: TrainParams, student: str, dtype: str, acc, seq_len: int):
     """The memory plan of this run (per process), logged; a StageError when it exceeds the limit."""
-    import resource
-
     from accelerate.utils import DistributedType
     from transformers import AutoConfig
 
     from stages.lib.training import memory
 
     on_gpu = acc.device.type == "cuda"
-    baseline = 1 * memory.GIB if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = 1 * memory.GIB if on_gpu else resident_bytes()
     fsdp = acc.distributed_type == DistributedType.FSDP
-    plan = memory.estimate(AutoConfig.from_pretrained(student), p.method, dtype, p.batch_size, seq_len,
-                           p.gradient_checkpointing, acc.num_processes, fsdp, "adamw", p.lora_r, p.lora_target_modules,
-                           p.lora_dropout, p.loss_chunk_tokens, resolve_attention(p.attn_implementation, dtype) or "sdpa",
-                           overhead=baseline)
+    plan = plan_for(p, AutoConfig.from_pretrained(student), dtype, seq_len, acc.num_processes, fsdp, baseline)
     limit = p.max_memory_gb * memory.GIB if p.max_memory_gb > 0 else device_memory(acc)
     if acc.is_main_process:
         log(f"train: memory plan per process: {plan.table()} (limit {limit / memory.GIB:.1f} GiB)")
+    if not on_gpu and plan.total * memory.GLIBC_RETENTION > limit and memory.pin_mmap_threshold():
+        log("train: memory is tight on this CPU: glibc's mmap threshold is pinned, so freed tensors leave the "
+            "process (resident memory then follows the plan; steps are ~30% slower)")
     problem = memory.check(plan, limit, p.method, fsdp, acc.num_processes, p.batch_size, p.gradient_checkpointing,
                            p.loss_chunk_tokens)
     if problem and p.max_memory_gb != -1:

@@ -17,7 +17,22 @@ the number of processes and FSDP sharding, `estimate` adds up, in bytes:
   or one chunk's with chunked cross-entropy;
 - a fixed overhead (CUDA context and allocator: 1 GiB; on the CPU, the process's own baseline).
 
+Not all of it is live at once. `set_to_none` frees the gradients after each optimizer step, and
+autograd frees each layer's activations as its gradients are made, so a step peaks in one of two
+phases (measured phase by phase on SmolLM2-135M, docs/scaling.md):
+- backward: the activations and the loss, plus the gradients only when an earlier micro-batch's
+  are held (`grad_accum` > 1);
+- the optimizer step: the gradients plus AdamW's temporaries (the foreach implementation, the
+  default on a GPU, makes one float32 tensor per parameter: `torch._foreach_sqrt` of the second
+  moments).
+The weights, the optimizer state, DDP's gradient buckets (`gradient_as_bucket_view=False`, the
+default: one more copy of the gradients) and the overhead are live in both.
+
 `check` compares the total with the device's memory and says what to change when it does not fit.
+The plan counts live tensors. On the CPU, glibc's allocator keeps freed heap memory resident, so
+with its default (dynamic) mmap threshold a process's peak RSS ran up to 1.57x the live peak
+(`GLIBC_RETENTION`); train pins the threshold (`pin_mmap_threshold`) when that much would not
+fit, and resident memory then follows the plan.
 The estimate is checked against measured peaks in benchmarks/memory_plan.py (docs/scaling.md).
 """
 
@@ -26,6 +41,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 GIB = 2**30
+MMAP_THRESHOLD = 128 * 1024
+"""glibc's default M_MMAP_THRESHOLD, pinned: blocks from 128 KiB up are mmapped and unmapped when freed."""
+GLIBC_RETENTION = 1.6
+"""Peak RSS over the plan with glibc's dynamic threshold: 1.57 measured (SmolLM2-135M LoRA, docs/scaling.md)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,20 +101,36 @@ class Plan:
     overhead: float
     params: int
     trainable: int
+    buckets: float = 0
+    """DDP's bucket copy of the gradients."""
+    step_temporaries: float = 0
+    """The optimizer step's own tensors."""
+    held_gradients: bool = False
+    """The gradients live through the forward and backward (accumulated over micro-batches)."""
+
+    @property
+    def backward_phase(self) -> float:
+        return self.activations + self.loss + (self.gradients if self.held_gradients else 0)
+
+    @property
+    def step_phase(self) -> float:
+        return self.gradients + self.step_temporaries
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.loss + self.overhead
+        return self.weights + self.optimizer + self.buckets + self.overhead + max(self.backward_phase, self.step_phase)
 
     def table(self) -> str:
-        rows = {**{k: v for k, v in asdict(self).items() if k not in ("params", "trainable")}, "total": self.total}
-        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in rows.items()) + " GiB"
+        skip = ("params", "trainable", "held_gradients")
+        rows = {**{k: v for k, v in asdict(self).items() if k not in skip and v}, "total": self.total}
+        phase = "backward" if self.backward_phase >= self.step_phase else "the optimizer step"
+        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in rows.items()) + f" GiB (peak in {phase})"
 
 
 def estimate(cfg, method: str = "lora", dtype: str = "bfloat16", micro_batch: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, processes: int = 1, fsdp: bool = False, optimizer: str = "adamw",
              lora_r: int = 16, lora_targets=LORA_TARGETS, lora_dropout: float = 0.05, loss_chunk: int = 0,
-             attention: str = "sdpa", overhead: float = 1 * GIB) -> Plan:
+             attention: str = "sdpa", overhead: float = 1 * GIB, grad_accum: int = 1) -> Plan:
     """Peak memory per process of one training step (see the module docstring for the terms)."""
     s = Shape.of(cfg)
     b = DTYPE_BYTES[dtype]
@@ -128,8 +163,10 @@ def estimate(cfg, method: str = "lora", dtype: str = "bfloat16", micro_batch: in
         activations = tokens * s.layers * per_layer
     logit_tokens = min(tokens, loss_chunk) if loss_chunk else tokens
     loss = logit_tokens * s.vocab * (b + 4 + 4 + 4 if b == 2 else 4 + 4 + 4)
+    ddp = processes > 1 and not fsdp
     return Plan(weights=weights, gradients=gradients, optimizer=optim, activations=activations, loss=loss,
-                overhead=overhead, params=n, trainable=trainable)
+                overhead=overhead, params=n, trainable=trainable, buckets=gradients if ddp else 0,
+                step_temporaries=4 * trainable / shard if optimizer != "sgd" else 0, held_gradients=grad_accum > 1)
 
 
 def check(plan: Plan, device_bytes: float, method: str, fsdp: bool, processes: int, micro_batch: int,
@@ -152,3 +189,29 @@ def check(plan: Plan, device_bytes: float, method: str, fsdp: bool, processes: i
     return (f"memory plan: {plan.total / GIB:.1f} GiB per process ({plan.table()}) exceeds the device's "
             f"{device_bytes / GIB:.1f} GiB. Try: " + "; ".join(tips or ["a larger GPU"]) +
             ". (train.max_memory_gb=-1 starts anyway.)")
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold, so that tensors freed on the CPU go back to the system at once.
+
+    glibc raises the threshold to the size of each mmapped block that is freed (up to 32 MiB;
+    mallopt(3)), after which activation-sized tensors come from the heap, whose freed memory stays
+    resident: SmolLM2-135M's LoRA step measured 5.8 GiB of RSS for 3.7 GiB of live tensors.
+    Setting the threshold turns that adjustment off. It costs page faults: about a third fewer
+    tokens/s on the CPU (docs/scaling.md), so train pins it only when memory is tight. A
+    MALLOC_MMAP_THRESHOLD_ in the environment is the user's choice and is left as it is. True when
+    set; False elsewhere (not glibc) or when left to the environment.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
