@@ -197,8 +197,8 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     glibc raises the threshold to the size of each mmapped block that is freed (up to 32 MiB;
     mallopt(3)), after which activation-sized tensors come from the heap, whose freed memory stays
     resident: SmolLM2-135M's LoRA step measured 5.8 GiB of RSS for 3.7 GiB of live tensors.
-    Setting the threshold turns that adjustment off. It costs page faults: about a third fewer
-    tokens/s on the CPU (docs/scaling.md), so train pins it only when memory is tight. A
+    Setting the threshold turns that adjustment off. It costs page faults: 22-34% fewer tokens/s
+    on the CPU (docs/scaling.md), so train pins it only when memory is tight. A
     MALLOC_MMAP_THRESHOLD_ in the environment is the user's choice and is left as it is. True when
     set; False elsewhere (not glibc) or when left to the environment.
     """
