@@ -249,6 +249,41 @@ def test_packed_rows_train_with_sdpa_packed_and_the_student_loads_with_sdpa(tmp_
     assert AutoConfig.from_pretrained(out).model_type == "llama"
 
 
+def test_sdpa_packed_reads_the_spans_once_per_forward_not_per_layer(tmp_path, tiny_model, monkeypatch):
+    """Each read of the spans is a device-to-host sync on a GPU: once per forward for all layers, and
+    never stale: a new batch is read again (the rows swapped: other spans, the same summed loss), and
+    so is the same tensor changed in place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.tokens.arrays import collate_packed, masked_loss_sum
+    from stages.lib.training import attention
+
+    calls = []
+    real = attention.segments
+    monkeypatch.setattr(attention, "segments", lambda pos: calls.append(1) or real(pos))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    make_data(tmp_path / "tokens", tok, ROWS8)
+    data = TokenSplit(tmp_path / "tokens", "train")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.set_attn_implementation(attention.register())
+    assert model.config.num_hidden_layers >= 2
+    width = int(sum(data.index[:, 1][:5])) + 7
+    a = collate_packed([[data[i] for i in range(5)], [data[i] for i in range(5, 8)]], width, tok.pad_token_id)
+    b = collate_packed([[data[i] for i in range(5, 8)], [data[i] for i in range(5)]], width, tok.pad_token_id)
+    with torch.no_grad():
+        loss_a = float(masked_loss_sum(model, a)[0])
+        assert len(calls) == 1
+        loss_b = float(masked_loss_sum(model, b)[0])  # the rows swapped: same shape, other boundaries
+        assert len(calls) == 2
+        assert loss_b == pytest.approx(loss_a, rel=1e-5)  # the same examples: the sum of their losses either way
+    pos = a["position_ids"]
+    assert attention.spans_of(pos) == attention.spans_of(pos) == real(pos) and len(calls) == 3
+    before = real(pos)
+    pos.copy_(b["position_ids"])  # the same tensor changed in place: its version moves on
+    assert real(pos) != before
+    assert attention.spans_of(pos) == real(b["position_ids"]) and len(calls) == 4
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_first_step_is_the_same_for_8x1_and_1x8(tmp_path, tiny_model, packing):
     """(micro-batch 8, accumulation 1) and (micro-batch 1, accumulation 8): the same update."""

@@ -20,6 +20,26 @@ from __future__ import annotations
 NAME = "sdpa_packed"
 
 
+_last: tuple = (None, -1, None)
+"""(weak reference to the position ids, their version, their spans): every layer of a forward gets the
+same position-ids tensor, so its spans are read once (a device-to-host sync on a GPU), not per layer."""
+
+
+def spans_of(position_ids) -> list[list[tuple[int, int]]]:
+    """`segments(position_ids)`, computed once per position-ids tensor. The cache holds a weak reference:
+    a new batch is a new tensor (never a hit, even at a reused address), an in-place change bumps its
+    version."""
+    import weakref
+
+    global _last
+    ref, version, spans = _last
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return spans
+    spans = segments(position_ids)
+    _last = (weakref.ref(position_ids), position_ids._version, spans)
+    return spans
+
+
 def segments(position_ids) -> list[list[tuple[int, int]]]:
     """Per row, the [start, end) spans of its examples: a new one wherever the position id is 0."""
     import torch
@@ -44,7 +64,9 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
     if position_ids is None or attention_mask is not None or query.shape[2] == 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
-    spans = segments(position_ids.expand(query.shape[0], -1))
+    spans = spans_of(position_ids)
+    if len(spans) == 1 < query.shape[0]:  # one row of position ids for the whole batch
+        spans = spans * query.shape[0]
     out = []
     for b, row in enumerate(spans):  # a row of one example is one span over the whole row
         pieces = [sdpa_attention_forward(module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
