@@ -38,8 +38,13 @@ for recipe in $(ls configs/recipes/*.yaml | xargs -n1 basename | sed 's/\.yaml$/
   python - "$OUT/$recipe.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"   {r['device']}: {r['tokens_per_s']} tok/s, MFU {r['mfu']}, peak {r['peak_memory_mb']} MiB vs plan "
-      f"{r['planned_memory_mb']} MiB ({100 * r['plan_error']:+.0f}%), saved {r['saved_tensor_dtypes']} "
+if "peak_reserved_mb" in r:
+    memory = (f"plan {r['planned_memory_mb']} MiB vs peak reserved {r['peak_reserved_mb']} + outside torch "
+              f"{r['outside_torch_mb']} MiB ({100 * r['plan_error']:+.0f}%), without its 1 GiB overhead vs live "
+              f"{r['peak_memory_mb']} MiB ({100 * r['plan_error_live']:+.0f}%)")
+else:
+    memory = f"plan {r['planned_memory_mb']} MiB vs peak RSS {r['peak_memory_mb']} MiB ({100 * r['plan_error']:+.0f}%)"
+print(f"   {r['device']}: {r['tokens_per_s']} tok/s, MFU {r['mfu']}, {memory}, saved {r['saved_tensor_dtypes']} "
       f"(trained {r['dtype']}): {'ok' if r['saved_in_training_dtype'] else 'WRONG'}")
 PY
 done

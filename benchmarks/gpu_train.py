@@ -81,6 +81,24 @@ def saved_dtypes(folder: Path) -> dict:
             "ok": dtypes == {names[trained]} and config == trained}
 
 
+def plan_errors(summary: dict, cuda: bool) -> dict:
+    """The plan against what was measured. On the CPU: peak RSS. On a GPU the plan's total (with its
+    1 GiB overhead for the CUDA context and the allocator's cache) against the device footprint at
+    the peak: torch's peak reserved memory plus what is outside torch's allocator (context, cuBLAS
+    and NCCL workspaces: used device memory minus torch's reserved, read now); and the plan without
+    its overhead against the peak of live tensors (`max_memory_allocated`, train's peak_memory_mb)."""
+    planned, live = summary["planned_memory_mb"], summary["peak_memory_mb"]
+    if not cuda:
+        return {"plan_error": round(planned / live - 1, 3)}
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    outside = (total - free - torch.cuda.memory_reserved()) / 2**20
+    footprint = torch.cuda.max_memory_reserved() / 2**20 + outside
+    return {"peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1), "outside_torch_mb": round(outside, 1),
+            "plan_error": round(planned / footprint - 1, 3), "plan_error_live": round((planned - 1024) / live - 1, 3)}
+
+
 def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -121,6 +139,9 @@ def main() -> None:
             taken = ("method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dtype", "packing",
                      "gradient_checkpointing", "loss_chunk_tokens", "learning_rate", "weight_decay", "lr_scheduler")
             kw.update({k: v for k, v in load_recipe(a.recipe).get("train", {}).items() if k in taken})
+        if not cuda and kw["dtype"] != "auto":
+            print(f"gpu_train: smoke run on the CPU in float32, not the recipe's {kw['dtype']} (slow without CPU bf16 units)")
+            kw["dtype"] = "auto"
         p = TrainParams(max_steps=a.steps, batch_size=a.batch_size, warmup_ratio=0.0, checkpoint_every=0, eval_every=0, **kw)
         summary = train(p, data, f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint", student=a.model)
         saved = saved_dtypes(Path(tmp) / "student") if int(os.environ.get("RANK", 0)) == 0 else {}
@@ -142,8 +163,7 @@ def main() -> None:
         "model": a.model, "recipe": a.recipe, "params": n_params, "method": p.method, "dtype": saved.get("trained_dtype"), "seq_len": width, "steps": a.steps,
         "tokens_per_s": round(tps, 1), "supervised_tokens_per_s": summary["supervised_tokens_per_s"],
         "padding_efficiency": summary["padding_efficiency"], "peak_memory_mb": summary["peak_memory_mb"],
-        "planned_memory_mb": summary["planned_memory_mb"],
-        "plan_error": round(summary["planned_memory_mb"] / summary["peak_memory_mb"] - 1, 3),
+        "planned_memory_mb": summary["planned_memory_mb"], **plan_errors(summary, cuda),
         "saved_tensor_dtypes": saved.get("tensor_dtypes"), "saved_config_dtype": saved.get("config_dtype"),
         "saved_in_training_dtype": saved.get("ok"),
         "flops_per_token": per_token, "peak_tflops_per_gpu": peak,

@@ -25,6 +25,23 @@ def test_flops_per_token():
     assert flops_per_token(10, 1, 1, 1, lora=True) == 4 * 10 + 12
 
 
+def test_plan_errors_on_a_gpu_count_the_whole_device_footprint(monkeypatch):
+    """On a GPU the plan (with its 1 GiB overhead) is held to torch's peak reserved memory plus what
+    lives outside torch's allocator, and without the overhead to the peak of live tensors."""
+    import torch
+
+    from benchmarks.gpu_train import plan_errors
+
+    mib = 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70_000 * mib, 80_000 * mib))  # 10,000 MiB used
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 9_500 * mib)  # 500 MiB outside torch
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 11_500 * mib)
+    got = plan_errors({"planned_memory_mb": 13_200.0, "peak_memory_mb": 11_000.0}, cuda=True)
+    assert got == {"peak_reserved_mb": 11_500.0, "outside_torch_mb": 500.0, "plan_error": 0.1,
+                   "plan_error_live": round(12_176 / 11_000 - 1, 3)}
+    assert plan_errors({"planned_memory_mb": 1100.0, "peak_memory_mb": 1000.0}, cuda=False) == {"plan_error": 0.1}
+
+
 @pytest.mark.e2e
 def test_cpu_smoke_run_reports_throughput(tmp_path, tiny_model):
     out = tmp_path / "report.json"

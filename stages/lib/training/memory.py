@@ -30,8 +30,8 @@ default: one more copy of the gradients) and the overhead are live in both.
 
 `check` compares the total with the device's memory and says what to change when it does not fit.
 The plan counts live tensors. On the CPU, glibc's allocator keeps freed heap memory resident, so
-with its default (dynamic) mmap threshold a process's peak RSS ran up to 1.57x the live peak
-(`GLIBC_RETENTION`); train pins the threshold (`pin_mmap_threshold`) when that much would not
+with its default (dynamic) mmap threshold a process's peak RSS ran up to 1.59x the live peak
+(`GLIBC_RETENTION` allows 1.75x); train pins the threshold (`pin_mmap_threshold`) when that much would not
 fit, and resident memory then follows the plan.
 The estimate is checked against measured peaks in benchmarks/memory_plan.py (docs/scaling.md).
 """
@@ -43,8 +43,9 @@ from dataclasses import asdict, dataclass
 GIB = 2**30
 MMAP_THRESHOLD = 128 * 1024
 """glibc's default M_MMAP_THRESHOLD, pinned: blocks from 128 KiB up are mmapped and unmapped when freed."""
-GLIBC_RETENTION = 1.6
-"""Peak RSS over the plan with glibc's dynamic threshold: 1.57 measured (SmolLM2-135M LoRA, docs/scaling.md)."""
+GLIBC_RETENTION = 1.75
+"""Peak RSS over the plan with glibc's dynamic threshold, with a margin: 1.48 to 1.59 measured (SmolLM2-135M
+LoRA, docs/scaling.md)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
