@@ -92,11 +92,14 @@ def plan_errors(summary: dict, cuda: bool) -> dict:
         return {"plan_error": round(planned / live - 1, 3)}
     import torch
 
+    from stages.lib.training.memory import CUDA_OVERHEAD
+
     free, total = torch.cuda.mem_get_info()
     outside = (total - free - torch.cuda.memory_reserved()) / 2**20
-    footprint = torch.cuda.max_memory_reserved() / 2**20 + outside
-    return {"peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1), "outside_torch_mb": round(outside, 1),
-            "plan_error": round(planned / footprint - 1, 3), "plan_error_live": round((planned - 1024) / live - 1, 3)}
+    reserved = torch.cuda.max_memory_reserved() / 2**20
+    return {"peak_reserved_mb": round(reserved, 1), "outside_torch_mb": round(outside, 1),
+            "plan_error": round(planned / (reserved + outside) - 1, 3),
+            "plan_error_live": round((planned - CUDA_OVERHEAD / 2**20) / live - 1, 3)}
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ Each case runs the pipeline's own `stages.train.train` in a fresh process on syn
 rows (a few steps, AdamW, float32 on the CPU) and reports its planned and measured peak: the
 process's peak RSS, and the plan with the process's own baseline (its RSS when the plan is
 made, before the model loads) as overhead. glibc's mmap threshold is pinned, as train does when
-memory is tight, so that RSS follows the live tensors the plan counts. Error = plan / measured - 1, per case; target within
-20%. Cases: SmolLM2-135M (the embedded teacher; materialised into a temporary folder when
+memory is tight, so that RSS follows the live tensors the plan counts. Error = plan / measured - 1,
+per case; target within 20%. Cases: SmolLM2-135M (the embedded teacher; materialised into a temporary folder when
 `--smollm` is not given) full and LoRA, and two tiny Llama-architecture models, full and LoRA.
 
 A second table runs SmolLM2-135M again, with the threshold pinned and left dynamic (glibc's

@@ -461,7 +461,7 @@ def plan_memory(p: TrainParams, student: str, dtype: str, acc, seq_len: int):
     from stages.lib.training import memory
 
     on_gpu = acc.device.type == "cuda"
-    baseline = 1 * memory.GIB if on_gpu else resident_bytes()
+    baseline = memory.CUDA_OVERHEAD if on_gpu else resident_bytes()
     fsdp = acc.distributed_type == DistributedType.FSDP
     plan = plan_for(p, AutoConfig.from_pretrained(student), dtype, seq_len, acc.num_processes, fsdp, baseline)
     limit = p.max_memory_gb * memory.GIB if p.max_memory_gb > 0 else device_memory(acc)

@@ -40,7 +40,7 @@ def test_the_recipes_are_there():
 def test_recipe_values_pass_the_stage_checks_and_the_plan_fits(name):
     from stages.evaluate import EvaluateParams
     from stages.lib.student import StudentParams
-    from stages.lib.training.memory import GIB, check
+    from stages.lib.training.memory import CUDA_OVERHEAD, check
     from stages.tokenize import TokenizeParams
     from stages.train import TrainParams, plan_for
 
@@ -54,7 +54,7 @@ def test_recipe_values_pass_the_stage_checks_and_the_plan_fits(name):
     assert t.batch_size * t.grad_accum * n == 128  # Alpaca's global batch
     assert p["tokenize"]["val_fraction"] <= 0.05
     fsdp = "fsdp" in t.accelerate_config
-    plan = plan_for(t, LLAMA_8B, t.dtype, p["tokenize"]["max_seq_len"], n, fsdp, overhead=1 * GIB)
+    plan = plan_for(t, LLAMA_8B, t.dtype, p["tokenize"]["max_seq_len"], n, fsdp, overhead=CUDA_OVERHEAD)
     assert check(plan, TARGET_GPU_GB[name] * 1e9, t.method, fsdp, n, t.batch_size, t.gradient_checkpointing,
                  t.loss_chunk_tokens) is None, plan.table()
 

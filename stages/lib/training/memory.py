@@ -41,6 +41,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 GIB = 2**30
+CUDA_OVERHEAD = 1 * GIB
+"""The plan's fixed overhead on a GPU: the CUDA context and the caching allocator's slack."""
 MMAP_THRESHOLD = 128 * 1024
 """glibc's default M_MMAP_THRESHOLD, pinned: blocks from 128 KiB up are mmapped and unmapped when freed."""
 GLIBC_RETENTION = 1.75
@@ -131,7 +133,7 @@ class Plan:
 def estimate(cfg, method: str = "lora", dtype: str = "bfloat16", micro_batch: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, processes: int = 1, fsdp: bool = False, optimizer: str = "adamw",
              lora_r: int = 16, lora_targets=LORA_TARGETS, lora_dropout: float = 0.05, loss_chunk: int = 0,
-             attention: str = "sdpa", overhead: float = 1 * GIB, grad_accum: int = 1) -> Plan:
+             attention: str = "sdpa", overhead: float = CUDA_OVERHEAD, grad_accum: int = 1) -> Plan:
     """Peak memory per process of one training step (see the module docstring for the terms)."""
     s = Shape.of(cfg)
     b = DTYPE_BYTES[dtype]
@@ -150,7 +152,7 @@ def estimate(cfg, method: str = "lora", dtype: str = "bfloat16", micro_batch: in
     if fsdp:
         weights, gradients, optim = weights / shard, gradients / shard, optim / shard
         unsharded = 2 * s.layer_params() + s.embed_params()  # the working set, gathered in 16-bit or float32
-        weights += (b if method == "full" else b) * unsharded
+        weights += b * unsharded
     tokens = micro_batch * seq_len
     h, i, kv = s.hidden, s.intermediate, s.kv_dim
     per_layer = b * (8 * h + 2 * kv + 4 * i) + 4 * 4 * h  # stored tensors; RMSNorm upcasts to float32
