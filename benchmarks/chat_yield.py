@@ -2,7 +2,7 @@
 
 Each method runs with `prompt_form: chat` (generate's own code path: `run_method`, the teacher
 session, the cache) against the strict loopback fake (`FakeOpenAI.strict`: chat-only, as OpenAI)
-answering with `tests/chat_style.py`: preambles, numbering restarted or continued, bullets,
+answering with `tests/support/chat_style.py`: preambles, numbering restarted or continued, bullets,
 markdown bold and headings, "Input: None", trailing commentary, in a seeded mix. Reported per
 method: requests, items parsed and kept, and both per request.
 
@@ -100,8 +100,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args()
 
-    from tests.chat_style import chat_style_reply
-    from tests.fake_openai import FakeOpenAI
+    from tests.support.chat_style import chat_style_reply
+    from tests.support.fake_openai import FakeOpenAI
 
     os.environ.setdefault("OPENAI_API_KEY", "loopback-fake-server")  # the fake checks no key unless given one
     seeds = [json.loads(ln) for ln in (ROOT / "seeds/seed_tasks.jsonl").read_text().splitlines() if ln.strip()]

@@ -15,7 +15,8 @@ import time
 import torch
 
 from stages.lib import paths
-from stages.lib.common import read_shards, set_threads
+from stages.lib.io import read_shards
+from stages.lib.params import set_threads
 from stages.generate import GenerateParams, build_prompts
 from stages.lib.llm.local import load_model
 

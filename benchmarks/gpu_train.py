@@ -46,7 +46,7 @@ def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int, lora:
 
 
 def synthetic_tokens(folder: Path, tok, n: int, seq_len: int, seed: int = 0) -> None:
-    from stages.lib.common import write_json
+    from stages.lib.io import write_json
     from stages.lib.tokens.arrays import tokenizer_id, write_split
 
     rng = np.random.default_rng(seed)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from stages.lib.llm.openai_api import ApiLimits  # noqa: E402
 from stages.lib.llm.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests  # noqa: E402
 
-SERVER = ("import sys, time\nfrom tests.fake_openai import FakeOpenAI\n"
+SERVER = ("import sys, time\nfrom tests.support.fake_openai import FakeOpenAI\n"
           "s = FakeOpenAI(latency=float(sys.argv[1])).start()\nprint(s.base_url, flush=True)\ntime.sleep(1e9)\n")
 
 

@@ -24,8 +24,10 @@ from pathlib import Path
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, run_main, set_threads,
-                               write_json, write_shards)
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, write_json, write_shards
+from stages.lib.params import convert_fields, load_params, run_main, set_threads
+from stages.lib.progress import log
 from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.llm.openai_api import TeacherStop
 from stages.lib.student import load_student

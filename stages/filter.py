@@ -21,7 +21,10 @@ from typing import Iterator
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import atomic_dir, check, load_params, log, progress, read_shards, run_main, write_json, write_shards
+from stages.lib.errors import check
+from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
+from stages.lib.params import load_params, run_main
+from stages.lib.progress import log, progress
 from stages.lib.text.dedup import NearDuplicates, word_shingles
 from stages.lib.text.novelty import TOKENIZERS, novelty
 from stages.lib.text.rules import REASONS, RuleParams, blacklist_regex, rule_reason

@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, params_from_dict,
-                               read_shards, run_main,
-                               set_threads, write_json, write_shards)
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
+from stages.lib.params import convert_fields, load_params, params_from_dict, run_main, set_threads
+from stages.lib.progress import log
 from stages.lib.formats import read_prompts
 from stages.lib.generation.chat import clean
 from stages.lib.generation.evol_instruct import EvolParams

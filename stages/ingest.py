@@ -34,8 +34,10 @@ from typing import Literal
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, read_shards, run_main,
-                               write_json, write_shards)
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
+from stages.lib.params import convert_fields, load_params, run_main
+from stages.lib.progress import log
 from stages.lib.formats import Malformed, records, to_messages
 from stages.lib.text.clean import MAX_TEXT_CHARS
 from stages.lib.text.dedup import NearDuplicates, word_shingles

@@ -17,7 +17,10 @@ from pathlib import Path
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, write_json, write_shards
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, write_json, write_shards
+from stages.lib.params import load_params, run_main
+from stages.lib.progress import log
 from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
 
 MAX_ERRORS = 20

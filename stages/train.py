@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stages.lib import paths
-from stages.lib.common import StageError, atomic_dir, check, load_params, log, run_main, set_threads
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir
+from stages.lib.params import load_params, run_main, set_threads
+from stages.lib.progress import log
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import (TokenSplit, collate, collate_packed, masked_loss_sum, pack, targets_of,
                                       validation_loss)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from stages.lib.tokens.templates import encode_conversation, export_tokenizer
-from tests.conftest import ROOT, make_tokenizer
+from tests.support.tiny import ROOT, make_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "write the list"}, {"role": "assistant", "content": "a b c"}],

@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from stages.lib import paths
-from stages.lib.common import StageError, atomic_dir, load_params, params_from_dict, read_shards, write_shards
-from tests.conftest import ROOT
+from stages.lib.errors import StageError
+from stages.lib.io import atomic_dir, read_shards, write_shards
+from stages.lib.params import load_params, params_from_dict
+from tests.support.tiny import ROOT
 
 
 def module_file(module: str) -> str:
@@ -420,3 +422,17 @@ def test_help_prints_what_a_stage_does_and_its_params_and_runs_nothing(tmp_path,
     assert list(tmp_path.iterdir()) == []  # nothing written (no params.yaml needed, no output made)
     if not module.startswith("stages.tools"):
         assert f"{names[0]}: " in r.stdout  # `key: type = default`
+
+
+def test_no_test_module_imports_another_and_support_imports_no_test():
+    """Shared test code lives in tests/support/ (fixtures in tests/conftest.py): a `test_*` module is never
+    a library, so editing one test file cannot break another."""
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                last = name.split(".")[-1]
+                assert not (name.startswith("tests") and (last.startswith("test_") or last == "conftest")), \
+                    f"{path.relative_to(ROOT)} imports {name}: move what it needs to tests/support/"

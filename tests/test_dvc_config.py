@@ -6,7 +6,7 @@ from pathlib import Path
 
 from configobj import ConfigObj
 
-from tests.conftest import ROOT
+from tests.support.tiny import ROOT
 
 # options of DVC's remotes that hold credentials: they belong in the environment or .dvc/config.local
 SECRETS = {"access_key_id", "secret_access_key", "session_token", "password", "passphrase", "connection_string",

@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 
-from stages.lib.common import StageError, params_from_dict
+from stages.lib.errors import StageError
+from stages.lib.params import params_from_dict
 from stages.evaluate import EvalSetParams, EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
 from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
 from stages.lib.llm.teacher import ResponseCache, Sampling
-from tests.conftest import shared
+from tests.support.tiny import shared
 
 
 @pytest.mark.parametrize("text,want", [
@@ -189,8 +190,8 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
 
     from stages.evaluate import main
     from stages.lib.llm.openai_api import TeacherStop
-    from tests.fake_openai import FakeOpenAI, _last_user_text
-    from tests.test_train import make_data
+    from tests.support.fake_openai import FakeOpenAI, _last_user_text
+    from tests.support.builders import make_data
     from transformers import AutoTokenizer
 
     def reply(body):  # the teacher writes short references; the judge always prefers the student

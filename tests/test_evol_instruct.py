@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from stages.lib.common import StageError, params_from_dict
+from stages.lib.errors import StageError
+from stages.lib.params import params_from_dict
 from stages.lib.generation.evol_instruct import (EQUAL_PROMPT, OPERATIONS, EvolParams, answer_prompt, answer_reason,
                                                  draw_operation, evolve_prompt, instruction_reason, parse_equal, run)
 from stages.lib.llm.teacher import Sampling
@@ -144,9 +145,9 @@ def test_generate_stage_writes_provenance_columns(in_tmp):
     import polars as pl
 
     from stages import generate
-    from stages.lib.common import write_shards
-    from tests.conftest import ROOT, write_params
-    from tests.fake_openai import FakeOpenAI, _last_user_text
+    from stages.lib.io import write_shards
+    from tests.support.tiny import ROOT, write_params
+    from tests.support.fake_openai import FakeOpenAI, _last_user_text
 
     def reply(body):
         text = _last_user_text(body)

@@ -7,7 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from stages.lib.common import StageError, write_shards
+from stages.lib.errors import StageError
+from stages.lib.io import write_shards
 from stages.tools.export import ExportArgs, export, main
 from stages.lib.formats import to_messages
 

@@ -1,4 +1,4 @@
-"""The loopback fake OpenAI server (tests/fake_openai.py), checked with the real openai SDK."""
+"""The loopback fake OpenAI server (tests/support/fake_openai.py), checked with the real openai SDK."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from tests.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI
 
 MSG = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Name a fruit that is red."}]
 

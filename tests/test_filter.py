@@ -8,7 +8,7 @@ import pytest
 
 from stages.filter import FilterParams, filter_rows
 from stages.lib.text.rules import REASONS, blacklist_regex, rule_reason
-from tests.conftest import shared
+from tests.support.tiny import shared
 
 P = FilterParams()
 BL = blacklist_regex(P.blacklist)

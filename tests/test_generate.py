@@ -157,7 +157,7 @@ def test_prompt_files_from_the_wild_are_repaired_and_oversized_prompts_skipped(t
     """generate's prompt files (and evaluate's eval sets, ingest's decontamination sets) read through here."""
     import pytest as _pytest
 
-    from stages.lib.common import StageError
+    from stages.lib.errors import StageError
     from stages.lib.formats import read_prompts
     from stages.lib.text.clean import read_text
 
@@ -271,7 +271,7 @@ def test_documented_examples():
 
     from stages.evaluate import EvaluateParams
     from stages.lib.llm.openai_api import request_body
-    from tests.conftest import ROOT
+    from tests.support.tiny import ROOT
 
     blocks = dict(re.findall(r"```yaml\n# example: (\S+)\n(.*?)```", (ROOT / "docs/real-teachers.md").read_text(), re.S))
     assert set(blocks) == {"openai-chat", "openai-reasoning", "vllm", "ollama", "evaluate"}

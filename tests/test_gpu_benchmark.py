@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.gpu_train import flops_per_token, peak_tflops
-from tests.conftest import ROOT
+from tests.support.tiny import ROOT
 
 
 def test_peak_table_matches_device_names():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from stages.lib.common import StageError
+from stages.lib.errors import StageError
 from stages.ingest import (Decontaminator, SourceParams, IngestParams, build, clean_text, fix_roles, keep_share, language_reason,
                            names_teacher, read_source)
-from tests.conftest import shared
+from tests.support.tiny import shared
 
 U, A, S = "user", "assistant", "system"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.common import StageError
+from stages.lib.errors import StageError
 from stages.lib.generation.magpie import (MagpieParams, answer_template, check_endpoint, pre_query_template,
                                           query_reason, raw_prompt, run)
 from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend
-from tests.conftest import make_tokenizer, write_params
+from tests.support.tiny import make_tokenizer, write_params
 
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
@@ -87,7 +87,7 @@ def test_query_filters_each_with_its_reason():
 
 
 def test_a_chat_only_endpoint_stops_before_any_call(in_tmp):
-    from tests.fake_openai import FakeOpenAI
+    from tests.support.fake_openai import FakeOpenAI
 
     with pytest.raises(StageError, match="chat-only endpoint"):
         check_endpoint("openai", "chat")

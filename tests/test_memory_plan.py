@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 
 from stages.lib.training.memory import GIB, Shape, check, estimate
-
-# meta-llama/Llama-3.1-8B config.json
-LLAMA_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
-
+from tests.support.builders import LLAMA_8B
 
 def test_parameter_count_matches_the_real_models(tiny_model):
     assert Shape.of(LLAMA_8B).params() == pytest.approx(8.03e9, rel=0.002)  # 8,030,261,248
@@ -113,7 +109,7 @@ def test_train_pins_the_threshold_only_when_memory_is_tight(tiny_model, monkeypa
     from accelerate.utils import DistributedType
     from transformers import AutoConfig
 
-    from stages.lib.common import StageError
+    from stages.lib.errors import StageError
     from stages.lib.training import memory
     from stages.train import TrainParams, plan_for, plan_memory, resident_bytes
 

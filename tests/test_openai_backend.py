@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.lib.common import StageError
+from stages.lib.errors import StageError
 from stages.generate import rows_from_records
 from stages.lib.llm.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
 
@@ -86,7 +86,7 @@ def test_openai_backend_needs_a_key_for_the_public_endpoint(monkeypatch):
 from stages.lib.llm.openai_api import (ApiLimits, RequestOptions, TeacherStop, error_message,  # noqa: E402
                                        is_reasoning_model, request_body)
 from stages.lib.llm.teacher import provenance  # noqa: E402
-from tests.fake_openai import FakeOpenAI  # noqa: E402
+from tests.support.fake_openai import FakeOpenAI  # noqa: E402
 
 KEY = "sk-proj-" + "q7" * 24
 FAST = ApiLimits(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)

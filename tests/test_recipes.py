@@ -14,11 +14,12 @@ import yaml
 from transformers import AutoTokenizer
 
 from stages.lib import paths
-from stages.lib.common import StageError, params_from_dict
+from stages.lib.errors import StageError
+from stages.lib.params import params_from_dict
 from stages.tools.recipe import RECIPES, apply, load_recipe, write_recipe
-from tests.conftest import ROOT
-from tests.test_memory_plan import LLAMA_8B
-from tests.test_train import ROWS8, make_data
+from tests.support.tiny import ROOT
+from tests.support.builders import LLAMA_8B
+from tests.support.builders import ROWS8, make_data
 
 NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 TARGET_GPU_GB = {"alpaca-7b": 80, "lora-24gb": 24}
@@ -83,7 +84,7 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path, tiny_model, nam
               max_seq_len=p["tokenize"]["max_seq_len"])
     n = min(2, processes(p["train"]["accelerate_config"]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    from tests.test_distributed import free_port
+    from tests.support.builders import free_port
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / p["train"]["accelerate_config"]),
            "--num_processes", str(n), "--main_process_port", str(free_port()), "-m", "stages.train"]

@@ -1,4 +1,4 @@
-"""tests/reference_data.py: the table agrees with the data folder, verify finds every fault, and fetch
+"""tests/support/reference_data.py: the table agrees with the data folder, verify finds every fault, and fetch
 downloads, checks and places files (served from loopback HTTP and file://, so no internet is needed)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import reference_data as rd
-from tests.conftest import SHARED, shared
+from tests.support import reference_data as rd
+from tests.support.tiny import SHARED, shared
 
 
 def ref(path: str, data: bytes, repo: str = "someone/data", commit: str = "a" * 40) -> rd.Ref:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stages.lib.report import data as rd
-from stages.lib.common import StageError
+from stages.lib.errors import StageError
 from stages.report import SERIES, ReportParams, build_tables, read_series, reader, write_series
 from stages.lib.report.page import render, render_compare
 

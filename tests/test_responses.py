@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from stages.lib.common import StageError
+from stages.lib.errors import StageError
 from stages.lib.formats import read_prompts
 from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, run
 from stages.lib.llm.teacher import Sampling
-from tests.conftest import shared
+from tests.support.tiny import shared
 
 S = Sampling(64, 0.7, 0.9, seed=1)
 

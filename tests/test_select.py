@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from stages.lib.common import StageError, params_from_dict
+from stages.lib.errors import StageError
+from stages.lib.params import params_from_dict
 from stages.lib.selection.policy import Policy, apply, combined, percentile_ranks
 from stages.lib.selection.rating import parse_rating, rating_prompt
 from stages.select import SelectParams, choose, metrics_of, rate
@@ -142,7 +143,7 @@ def test_ifd_against_a_direct_computation(tiny_model):
 
     from stages.lib.llm.local import load_model
     from stages.lib.selection.ifd import ifd_scores
-    from tests.helpers import encode_example
+    from tests.support.helpers import encode_example
 
     model, tok = load_model(str(tiny_model))
     examples = [{"instruction": "Name a fruit.", "input": "", "output": "An apple is a fruit."},
@@ -188,9 +189,9 @@ def test_stage_method_none_passes_the_filtered_rows_through(in_tmp):
     folder (a DVC output) exists all the same."""
     import polars as pl
 
-    from stages.lib.common import write_shards
+    from stages.lib.io import write_shards
     from stages.select import main
-    from tests.conftest import write_params
+    from tests.support.tiny import write_params
 
     df = pl.DataFrame(rows(5)).with_columns(pl.lit(0.3).alias("rouge_max"))
     write_shards(df, in_tmp / "data/filtered", "kept")
@@ -211,11 +212,11 @@ def test_stage_ifd_scores_with_the_student_model_and_the_tokenize_template(in_tm
     and its scores equal ifd_scores with that model and template."""
     import polars as pl
 
-    from stages.lib.common import write_shards
+    from stages.lib.io import write_shards
     from stages.lib.llm.local import load_model
     from stages.lib.selection.ifd import ifd_scores
     from stages.select import main
-    from tests.conftest import write_params
+    from tests.support.tiny import write_params
 
     df = pl.DataFrame(rows(4)).with_columns(pl.lit(0.3).alias("rouge_max"))
     write_shards(df, in_tmp / "data/filtered", "kept")

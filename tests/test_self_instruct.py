@@ -175,9 +175,9 @@ def test_filter_blacklist_reaches_the_bootstrap(in_tmp, monkeypatch):
     import stages.lib.generation.self_instruct as si_module
     from stages.generate import main
     from stages.lib import paths
-    from stages.lib.common import write_shards
+    from stages.lib.io import write_shards
     from stages.lib.text.rules import RuleParams
-    from tests.conftest import write_params
+    from tests.support.tiny import write_params
 
     texts = [" Compose a lullaby for a sleepy baby dragon.\n6. Write a sonnet about lost umbrellas."]
     kept = bootstrap(ScriptedTeacher(texts), SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)[0]

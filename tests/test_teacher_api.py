@@ -15,8 +15,8 @@ import yaml
 
 from stages.lib.llm.openai_api import ApiLimits, Price, TokenBucket, parse_duration, wait_from_headers
 from stages.lib.llm.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests
-from tests.conftest import ROOT
-from tests.fake_openai import FakeOpenAI
+from tests.support.tiny import ROOT
+from tests.support.fake_openai import FakeOpenAI
 
 S = Sampling(32, 0.7, 1.0, seed=3)
 FAST = dict(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=1.0)

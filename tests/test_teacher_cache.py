@@ -13,12 +13,12 @@ from dataclasses import asdict
 
 import pytest
 
-from stages.lib.common import StageError
+from stages.lib.errors import StageError
 from stages.lib.llm.openai_api import ApiLimits
 from stages.lib.llm.store import STORE_ENV, TeacherStore, store_dir
 from stages.lib.llm.teacher import (OpenAIBackend, ResponseCache, Sampling, TeacherSession, assign_keys, request_key,
                                     run_requests)
-from tests.fake_openai import FakeOpenAI, _last_user_text
+from tests.support.fake_openai import FakeOpenAI, _last_user_text
 
 S = Sampling(64, 0.7, 1.0, seed=3)
 FAST = ApiLimits(concurrency=2, max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)

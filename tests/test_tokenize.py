@@ -10,7 +10,7 @@ from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, re
 from stages.lib.tokens.arrays import IGNORE_INDEX, TokenSplit, collate
 from stages.lib.tokens.arrays import tokenizer_id, write_split
 from stages.tokenize import TokenizeParams, assign_splits, example_texts, pieces, tokenize_conversations
-from tests.helpers import encode_example
+from tests.support.helpers import encode_example
 
 
 def conv(*turns, system=None):
@@ -93,7 +93,7 @@ def test_arrays_round_trip_and_collate(tmp_path, tiny_tokenizer):
 
 
 def test_tokenizer_id_tells_tokenizers_apart(tiny_tokenizer):
-    from tests.conftest import make_tokenizer
+    from tests.support.tiny import make_tokenizer
 
     assert tokenizer_id(tiny_tokenizer) == tokenizer_id(make_tokenizer())
     assert tokenizer_id(tiny_tokenizer) != tokenizer_id(make_tokenizer(["other words entirely"]))

@@ -6,36 +6,14 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from stages.lib.common import StageError, write_json
+from stages.lib.errors import StageError
 from stages.lib.tokens.arrays import TokenSplit, validation_loss
-from stages.lib.tokens.templates import encode_conversation, user_message
-from stages.lib.tokens.arrays import tokenizer_id, write_split
-from stages.tokenize import example_texts
 from stages.train import TrainParams, batches, lr_at, train
-
-ROWS = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", "output": "three words " * (1 + i % 3)}
-        for i in range(6)]
-
-
-def make_data(folder, tok, rows=ROWS, max_seq_len=1024):
-    folder.mkdir(parents=True, exist_ok=True)
-    enc = []
-    for i, r in enumerate(rows):
-        msgs = [{"role": "user", "content": user_message(r["instruction"], r["input"])},
-                {"role": "assistant", "content": r["output"]}]
-        enc.append(({"id": str(i), "source": "t", **example_texts(msgs, "alpaca", tok)},
-                    *encode_conversation(msgs, "alpaca", tok)))
-    write_split(folder, "train", enc, np.uint16)
-    write_split(folder, "val", enc[:2], np.uint16)
-    write_json(folder / "meta.json", {"dtype": "uint16", "tokenizer_id": tokenizer_id(tok), "tokenizer": "tiny",
-                                      "max_seq_len": max_seq_len})
-    return folder
-
+from tests.support.builders import ROWS8, make_data
 
 def test_lr_schedule():
     p = TrainParams(warmup_ratio=0.1, learning_rate=1.0)
@@ -124,7 +102,7 @@ def test_adapter_config_is_the_same_whatever_the_hash_seed(tmp_path, tiny_model)
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.tiny import ROOT
 
     saved = []
     for seed in ("1", "2"):
@@ -153,7 +131,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model):
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model):
-    from tests.conftest import make_tokenizer
+    from tests.support.tiny import make_tokenizer
 
     make_data(tmp_path / "tokens", make_tokenizer(["a different corpus entirely, with other merges"]))
     with pytest.raises(StageError, match="different tokenizer"):
@@ -162,8 +140,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model):
 
 # ---------------------------------------------------------------- packing
 
-ROWS8 = [{"instruction": f"write the list {i}", "input": "a b" if i % 2 else "", "output": "three words " * (1 + i % 4)}
-         for i in range(8)]
+
 
 
 def test_pack_is_complete_deterministic_and_dense():
@@ -321,7 +298,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
 
     from transformers import AutoTokenizer
 
-    from tests.conftest import ROOT
+    from tests.support.tiny import ROOT
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok, ROWS8)
@@ -516,7 +493,7 @@ def test_a_learning_rate_written_2e_5_trains(tmp_path, tiny_model):
     TrainParams loads it as a float and the stage trains with it."""
     from transformers import AutoTokenizer
 
-    from stages.lib.common import load_params
+    from stages.lib.params import load_params
 
     f = tmp_path / "params.yaml"
     f.write_text("train:\n  method: full\n  learning_rate: 2e-5\n  max_steps: '2'\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stages.lib.judging.winrate import longer_wins_rate, position_flip_rate, win_rate
-from tests.conftest import shared
+from tests.support.tiny import shared
 
 
 def test_reproduces_alpaca_eval_alpaca_7b():

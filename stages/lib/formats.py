@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.lib.common import StageError, log
+from stages.lib.errors import StageError
+from stages.lib.progress import log
 from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
 from stages.lib.tokens.templates import user_message
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.lib.common import PARAMS_FILE, check, load_params
+from stages.lib.errors import check
+from stages.lib.params import PARAMS_FILE, load_params
 
 
 @dataclass

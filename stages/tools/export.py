@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import paths
-from stages.lib.common import StageError, atomic_dir, atomic_file, check, log, read_shards, run_main
+from stages.lib.errors import StageError, check
+from stages.lib.io import atomic_dir, atomic_file, read_shards
+from stages.lib.params import run_main
+from stages.lib.progress import log
 from stages.lib.formats import Malformed
 
 FORMATS = ("alpaca", "sharegpt", "hf")

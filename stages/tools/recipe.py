@@ -23,7 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from stages.lib.common import StageError, log, run_main
+from stages.lib.errors import StageError
+from stages.lib.params import run_main
+from stages.lib.progress import log
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
@@ -81,7 +83,7 @@ def write_recipe(params_path: str | Path, overlay: dict, dry_run: bool = False) 
 
     from ruamel.yaml import YAML
 
-    from stages.lib.common import atomic_file
+    from stages.lib.io import atomic_file
 
     rt = YAML()
     rt.representer.add_representer(float, yaml11_float)

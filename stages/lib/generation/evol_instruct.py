@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from stages.lib.common import check
+from stages.lib.errors import check
 from stages.lib.llm.teacher import Sampling, provenance
 
 _DEPTH = ("I want you act as a Prompt Rewriter.\n"

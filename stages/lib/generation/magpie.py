@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from stages.lib.common import StageError, check
+from stages.lib.errors import StageError, check
 from stages.lib.llm.teacher import Sampling, provenance
 
 SENTINEL = "STILLHOUSEMAGPIESENTINEL"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stages.lib.common import check
+from stages.lib.errors import check
 from stages.lib.llm.teacher import Sampling
 from stages.lib.tokens.templates import user_message
 

@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from stages.lib.common import check
+from stages.lib.errors import check
 from stages.lib.generation.chat import clean, unmarkdown
 from stages.lib.llm.teacher import Sampling, provenance
 

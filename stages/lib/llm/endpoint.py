@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stages.lib.common import check
+from stages.lib.errors import check
 from stages.lib.llm.openai_api import FAMILIES
 
 

@@ -47,7 +47,8 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from stages.lib.common import StageError, check, log
+from stages.lib.errors import StageError, check
+from stages.lib.progress import log
 from stages.lib.llm.local import Completion
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}

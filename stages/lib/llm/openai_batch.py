@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from stages.lib.common import log
+from stages.lib.progress import log
 from stages.lib.llm.openai_api import completion_from_body, error_message, request_body
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}

@@ -33,7 +33,8 @@ import re
 import uuid
 from pathlib import Path
 
-from stages.lib.common import StageError, log
+from stages.lib.errors import StageError
+from stages.lib.progress import log
 
 STORE_ENV = "STILLHOUSE_TEACHER_STORE"
 LAYOUT = "v1"

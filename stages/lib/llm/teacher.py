@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from stages.lib.common import Progress, StageError, log
+from stages.lib.errors import StageError
+from stages.lib.progress import Progress, log
 from stages.lib.llm.local import Completion
 from stages.lib.llm.openai_api import DEFAULT_BASE_URL, RequestOptions, chat_messages, prompt_text
 from stages.lib.text.clean import clean_json, clean_text

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stages.lib.common import atomic_file, progress
+from stages.lib.io import atomic_file
+from stages.lib.progress import progress
 from stages.lib.training.loss import loss_from_head
 
 IGNORE_INDEX = -100

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from stages.lib.selection.rating import SYSTEM
-from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.e2e import ran, sh
-from tests.test_e2e_methods import make_repo, reply
+from tests.support.fake_openai import FakeOpenAI, _last_user_text
+from tests.support.e2e import ran, sh
+from tests.support.method_teacher import make_repo, reply
 
 pytestmark = pytest.mark.e2e
 

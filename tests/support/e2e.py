@@ -2,7 +2,7 @@
 pipeline, and copy a built project so a test can change it without touching anyone else's.
 
 The tiny pipeline is built once per test session (`e2e_build` in conftest.py) and shared by
-tests/test_e2e.py and tests/test_e2e_remote.py; tests that change it work on `copy_project`.
+tests/e2e/test_e2e.py and tests/e2e/test_e2e_remote.py; tests that change it work on `copy_project`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, make_tiny_model
+from tests.support.tiny import ROOT, make_tiny_model
 
 
 def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""tests/e2e.py's helpers: an interrupted command leaves no process behind; a project copy is
+"""tests/support/e2e.py's helpers: an interrupted command leaves no process behind; a project copy is
 independent of its source and keeps its hardlinks."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.e2e import copy_project, sh
+from tests.support.e2e import copy_project, sh
 
 
 def alive(pid: int) -> bool:

@@ -3,7 +3,7 @@
 Checks every output, that a second repro runs nothing, that an evaluate param reruns only
 evaluate, that a filter param reruns filter and what follows with zero teacher calls, and
 that bad seeds stop the pipeline before anything downstream runs. The tiny pipeline is built once
-per session (`e2e_build`, shared with tests/test_e2e_remote.py); each test that changes the project
+per session (`e2e_build`, shared with tests/e2e/test_e2e_remote.py); each test that changes the project
 works on its own full copy (`e2e_copy`), so the tests run in any order.
 """
 
@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.e2e import ran, set_params, sh
+from tests.support.e2e import ran, set_params, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +91,7 @@ def test_report_renders_in_a_browser(repo, tmp_path):
     legible scale, the page makes no request outside itself and logs no error."""
     from PIL import Image
 
-    from tests.browser import chromium, inspect_page
+    from tests.support.browser import chromium, inspect_page
 
     if chromium() is None:
         pytest.skip("chromium is not installed (`make test` installs Debian's package)")

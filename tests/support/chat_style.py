@@ -15,7 +15,7 @@ import re
 
 from stages.generate import ALPACA_SYSTEM
 from stages.lib.generation.self_instruct import BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM
-from tests.fake_openai import _last_user_text
+from tests.support.fake_openai import _last_user_text
 
 WORDS = ("river mountain poem recipe budget letter story garden planet museum violin bicycle harbor lantern "
          "orchard meadow castle engine compass festival journal puzzle quilt rocket saddle teapot tunnel "

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.e2e import sh
+from tests.support.tiny import ROOT
+from tests.support.fake_openai import FakeOpenAI, _last_user_text
+from tests.support.e2e import sh
 
 pytestmark = pytest.mark.e2e
 

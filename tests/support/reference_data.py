@@ -2,9 +2,9 @@
 names): every file's source, pinned revision, size and sha256 in one table, and a command that
 fetches and verifies it. See docs/reference-data.md.
 
-    python -m tests.reference_data fetch ../shared/data     # download what is missing or wrong, verify
-    python -m tests.reference_data verify ../shared/data    # offline: every file present, sha256 equal
-    python -m tests.reference_data list                     # the table
+    python -m tests.support.reference_data fetch ../shared/data     # download what is missing or wrong, verify
+    python -m tests.support.reference_data verify ../shared/data    # offline: every file present, sha256 equal
+    python -m tests.support.reference_data list                     # the table
 
 Each file is a byte-exact copy of `source` in the GitHub repository `repo` at commit `commit`,
 downloaded from raw.githubusercontent.com (`--base-url` for a mirror). A download is written to a
@@ -124,6 +124,15 @@ FILES: tuple[Ref, ...] = (
     Ref("fastchat/vicuna_eval_2023-03/review_alpaca-13b_vicuna-13b.jsonl", "lm-sys/FastChat", "69d085eadab8e9fcf831a97e17e132658c3d2272",
         "fastchat/eval/table/review/vicuna-13b_20230322-clean-lang/review_alpaca-13b_vicuna-13b.jsonl", 73131,
         "c8fd15e3e128684e6096adc2c93ded78bff5b6c9052c4ec59526c50eee474a6d", "Apache-2.0"),
+    Ref("ifeval/input_data.jsonl", "Podtech-AI/IFEval", "5bdf377eb9cc20f16d377dc5c38413cee22550a6",
+        "data/input_data.jsonl", 207111,
+        "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49", "Apache-2.0, eval only"),
+    Ref("math/gsm8k_test.jsonl", "openai/grade-school-math", "3101c7d5072418e28b9008a6636bde82a006892c",
+        "grade_school_math/data/test.jsonl", 749738,
+        "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14", "MIT, eval only"),
+    Ref("math/math500_test.jsonl", "MobileLLM/BudgetThinker", "f0466b9d37595f46603387baa5930e312fefb7f5",
+        "evaluation/data/math500/test_ori.jsonl", 446564,
+        "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132", "MIT (MATH dataset), eval only"),
 )
 
 
@@ -172,7 +181,7 @@ def fetch(root: Path, base_url: str = BASE_URL, files: tuple[Ref, ...] = FILES, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.reference_data", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tests.support.reference_data", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download what is missing or wrong, then verify")

@@ -7,78 +7,25 @@ from the cache with zero teacher calls.
 
 With `prompt_form: chat`, every method and the evaluate stage run against a strict chat-only fake
 (`FakeOpenAI.strict`: /v1/completions is 404 for chat models, as on OpenAI) that replies in chat
-style (`tests/chat_style.py`): preambles, restarted numbering, markdown, commentary.
+style (`tests/support/chat_style.py`): preambles, restarted numbering, markdown, commentary.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import re
-import shutil
 from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
-from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
-from tests.chat_style import chat_style_reply
-from tests.conftest import ROOT, make_tiny_model
-from tests.fake_openai import FakeOpenAI, _last_user_text
-from tests.e2e import ran, set_params, sh
+from tests.support.chat_style import chat_style_reply
+from tests.support.tiny import make_tiny_model
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.e2e import ran, set_params, sh
+from tests.support.method_teacher import WORDS, make_repo
 
 pytestmark = pytest.mark.e2e
-
-WORDS = ("river mountain poem recipe budget letter story garden planet museum violin bicycle harbor lantern "
-         "orchard meadow castle engine compass festival journal puzzle quilt rocket saddle teapot tunnel "
-         "volcano wagon yacht zebra anchor bakery canyon desert feather glacier island jungle kettle").split()
-VERBS = "Describe Summarize Explain Compare Invent Plan Rewrite Critique Outline Praise".split()
-
-
-def reply(body: dict) -> str:
-    text = _last_user_text(body)
-    rng = random.Random(hashlib.sha256(text.encode()).hexdigest())
-    if text.startswith(BOOTSTRAP_HEADER):
-        n = int(text.rsplit("\n", 1)[-1].rstrip("."))
-        items = [f"{rng.choice(VERBS)} the {' '.join(rng.sample(WORDS, 5))} briefly." for _ in range(3)]
-        return " " + "".join(f"{t}\n{n + k + 1}. " if k < 2 else t for k, t in enumerate(items))
-    if text.startswith(CLASSIFY_HEADER):
-        return rng.choice([" Yes", " No", " Unsure"])
-    if text.startswith(OUTPUT_FIRST_HEADER):
-        return "Class label: yes\nInput: a sunny day\nClass label: no\nInput: a rainy night\n"
-    if text.startswith("Come up with examples"):
-        return f"Example 1\nInput: {rng.choice(WORDS)}\nOutput: about {rng.choice(WORDS)}\nExample 2\nOutput: plain"
-    if text.startswith("Which response"):
-        return "2"
-    return f"A helpful answer about {rng.choice(WORDS)} and {rng.choice(WORDS)}."
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    with FakeOpenAI(reply=reply) as srv:
-        yield srv
-
-
-def make_repo(root: Path, teacher: FakeOpenAI, generate: dict) -> Path:
-    repo = root / "project"
-    repo.mkdir()
-    for name in ["dvc.yaml", "params.yaml", ".gitignore"]:
-        shutil.copy(ROOT / name, repo / name)
-    for name in ["stages", "seeds", "configs"]:
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "models/teacher").mkdir(parents=True)
-    (repo / "models/teacher/unused").write_text("the fake teacher is an API")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for k, v in {"backend": "openai", "base_url": teacher.base_url, "model": "fake", **generate}.items():
-        params["generate"][k] = {**params["generate"][k], **v} if isinstance(v, dict) else v
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in [("git", "init", "-q"), ("git", "config", "user.email", "ci@example.com"),
-                 ("git", "config", "user.name", "ci"), ("dvc", "init", "-q")]:
-        sh(repo, *args)
-    return repo
-
 
 def build(repo: Path) -> tuple[pl.DataFrame, dict, dict]:
     for stage in ["seeds", "generate", "filter"]:

