@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: setup repro test test-fast test-e2e browser clean-venv
+.PHONY: setup repro lint test test-fast test-e2e browser clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,11 +24,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 repro: setup
 	PATH="$(BIN):$$PATH" dvc repro
 
+# ruff's configuration is pyproject.toml's [tool.ruff]; `ruff check --fix` repairs the import order
+lint: setup
+	$(BIN)/ruff check --no-cache stages tests benchmarks
+
 # pytest's exit status is make's: a failure, and also "no tests collected" (exit 5), fails the target
-test: setup browser
+test: lint browser
 	PATH="$(BIN):$$PATH" python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: lint
 	PATH="$(BIN):$$PATH" python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 test-e2e: setup browser

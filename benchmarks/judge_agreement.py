@@ -2,7 +2,7 @@
 
 Takes N pairs from AlpacaEval's `alpaca-7b_vs_text_davinci_003_gpt4_annotations.json`
 (output 1: text-davinci-003, output 2: Alpaca-7B, with GPT-4's preference), asks the judge of
-`stages/judge.py` in both orders through the same client and cache as `evaluate`, and reports
+`stages/lib/judging/judge.py` in both orders through the same client and cache as `evaluate`, and reports
 the judge's agreement with GPT-4 on the decided pairs, both win rates (the judge's and GPT-4's
 on the same pairs), the position-flip rate and the longer-answer-wins rate. The baseline is
 GPT-4's own figure on the same subset, measured in the same run.

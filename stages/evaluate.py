@@ -5,7 +5,7 @@
 2. For each eval set in `evaluate.sets`: the student answers every prompt (its tokenizer's
    chat template is the training template), the reference is the set's own answer field or
    the teacher's answer, and a judge (the teacher or any OpenAI-compatible model) compares the
-   two (`stages/judge.py`): win rate ± standard error as AlpacaEval computes it, stop rate,
+   two (`stages/lib/judging/judge.py`): win rate ± standard error as AlpacaEval computes it, stop rate,
    position-flip and longer-answer-wins rates.
 
 Every model call goes through the teacher client and one content-addressed cache

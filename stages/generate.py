@@ -1,9 +1,9 @@
-"""Stage `generate`: the teacher writes training tasks, by one of three methods (`method`):
+"""Stage `generate`: the teacher writes training tasks, by one of five methods (`method`):
 
 * `alpaca`: Alpaca's single prompt; the teacher continues a numbered list of
   instruction / input / output tasks (below);
-* `self_instruct`: self-instruct's four steps with a growing pool (`stages/self_instruct.py`);
-* `responses`: response distillation; the teacher answers given prompts (`stages/responses.py`);
+* `self_instruct`: self-instruct's four steps with a growing pool (`stages/lib/generation/self_instruct.py`);
+* `responses`: response distillation; the teacher answers given prompts (`stages/lib/generation/responses.py`);
 * `evol_instruct`: WizardLM's in-depth and in-breadth evolution of seed (or generated) instructions,
   with its elimination rules (`stages/lib/generation/evol_instruct.py`);
 * `magpie`: the teacher writes the user query from its own chat template's pre-query

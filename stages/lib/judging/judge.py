@@ -4,7 +4,7 @@ Output 1 is the reference and output 2 the student, as in AlpacaEval's annotatio
 preference is 1 (reference better), 2 (student better) or 1.5 (a draw). What the judge sees
 depends on the order: `random` shows the pair in a seeded random order per prompt, `both`
 asks twice with the outputs swapped and counts a disagreement as a draw (and as a position
-flip). An unreadable verdict is a draw too, and is counted. `stages/winrate.py` turns the
+flip). An unreadable verdict is a draw too, and is counted. `stages/lib/judging/winrate.py` turns the
 preferences into the win rate and its standard error.
 """
 

@@ -1,0 +1,186 @@
+"""Text that cannot drift from the code: every file path, `stages.x` module and `section.key` param the
+README, docs/ or a comment or docstring in stages/ and benchmarks/ names exists; the pipeline page shows
+every dvc.yaml stage; the generation page names every method; only one page says what a cache key covers."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.generate import METHODS
+from tests.support.tiny import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CODE = sorted(p for d in ("stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
+TEXTS = DOCS + CODE
+SECTIONS = ("seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize", "train", "evaluate",
+            "report", "student")
+
+PATH = re.compile(r"(?<![\w./-])((?:stages|tests|benchmarks|configs|seeds|docs)/[\w./-]*[\w/])")
+MODULE = re.compile(r"(?<![\w./-])(stages(?:\.\w+)+)")
+PARAM = re.compile(r"`((?:%s)(?:\.[\w-]+)+)" % "|".join(SECTIONS))
+USER_FILES = ("data/", "models/", "seeds/corpora/", "seeds/eval/", "seeds/prompts/", "seeds/self_instruct_seeds")
+NOT_A_PARAM = (".py", ".json", ".yaml", ".md", ".csv", ".parquet")
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+def names(pattern: re.Pattern, texts=TEXTS):
+    """(file, line number, name) for every match of `pattern`'s group 1."""
+    for path in texts:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for m in pattern.finditer(line):
+                yield rel(path), n, m.group(1)
+
+
+def test_every_named_path_exists():
+    bad = []
+    for where, n, name in names(PATH):
+        name = name.rstrip(".")
+        if any(c in name for c in "*{<") or "/.." in name:
+            continue
+        # not repository paths: what a stage writes, a placeholder (NAME), a file the user brings into
+        # seeds/corpora, seeds/eval or seeds/prompts (the docs say where to put it)
+        if name.startswith(USER_FILES) or re.search(r"my_|/new_|example|[A-Z]{3,}\.", name):
+            continue
+        if not (ROOT / name).exists() and not (ROOT / name.split("::")[0]).exists():
+            bad.append(f"{where}:{n}: {name}")
+    assert not bad, "paths named in text that do not exist:\n" + "\n".join(bad)
+
+
+def resolves(dotted: str) -> bool:
+    """`stages.lib.io` or `stages.lib.io.atomic_dir`: the longest module prefix exists and holds the rest."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        mod = ".".join(parts[:i])
+        path = ROOT / Path(*parts[:i])
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            obj = importlib.import_module(mod)
+            for attr in parts[i:]:
+                if not hasattr(obj, attr):
+                    return False
+                obj = getattr(obj, attr)
+            return True
+    return False
+
+
+def test_every_named_module_exists():
+    bad = [f"{where}:{n}: {name}" for where, n, name in names(MODULE) if not resolves(name.rstrip("."))]
+    assert not bad, "stages.* modules named in text that do not exist:\n" + "\n".join(bad)
+
+
+def params_classes() -> dict[str, type]:
+    """{section: its dataclass}, read from each stage's `run_main(main, Params, "section")` call."""
+    out = {}
+    for path in sorted((ROOT / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "run_main" and len(node.args) == 3:
+                module = importlib.import_module(f"stages.{path.stem}")
+                out[node.args[2].value] = getattr(module, node.args[1].id)
+    from stages.lib.student import StudentParams
+
+    out["student"] = StudentParams
+    return out
+
+
+def param_exists(cls: type, keys: list[str]) -> bool:
+    """Does `a.b.c` name a field under dataclass `cls` (a dict field's keys are free, then its value type)?"""
+    hint: typing.Any = cls
+    while keys:
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            fields = typing.get_type_hints(hint)
+            if keys[0] not in fields:
+                return False
+            hint, keys = fields[keys[0]], keys[1:]
+        elif origin is dict or hint is dict:
+            args = typing.get_args(hint)
+            hint, keys = (args[1] if args else typing.Any), keys[1:]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            hint = next((a for a in typing.get_args(hint) if a is not type(None)), typing.Any)
+        else:
+            return hint is typing.Any
+    return True
+
+
+def test_every_named_param_exists():
+    classes = params_classes()
+    assert set(classes) == set(SECTIONS), sorted(classes)
+    bad = []
+    for where, n, name in names(PARAM):
+        name = name.rstrip(".")
+        if name.endswith(NOT_A_PARAM):
+            continue
+        section, *keys = name.split(".")
+        if not param_exists(classes[section], keys):
+            bad.append(f"{where}:{n}: {name}")
+    assert not bad, "params named in text that no params dataclass declares:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("text, found", [
+    ("set `train.mixed_precision: auto`", "train.mixed_precision"),  # docs/training.md named this once
+    ("see `stages/lib/common.py`", "stages/lib/common.py"),
+    ("`stages.lib.common.log`", "stages.lib.common.log"),  # common.py was split
+    ("`stages.lib.io.no_such_function`", "stages.lib.io.no_such_function"),
+])
+def test_the_checks_find_what_they_look_for(tmp_path, text, found):
+    """The three patterns catch the kinds of drift the checks exist for, and the checks reject each name."""
+    f = tmp_path / "page.md"
+    f.write_text(text + "\n")
+    got = [name for pattern in (PATH, MODULE, PARAM) for _, _, name in
+           ((w, n, x) for w, n, x in ((None, 1, m.group(1)) for m in pattern.finditer(text)))]
+    assert found in got
+    if found.startswith("train."):
+        assert not param_exists(params_classes()["train"], found.split(".")[1:])
+        assert param_exists(params_classes()["train"], ["dtype"])
+    elif "/" in found:
+        assert not (ROOT / found).exists()
+    else:
+        assert not resolves(found)
+
+
+def dvc_graph() -> set[tuple[str, str]]:
+    """(upstream, downstream) for every dvc.yaml stage that reads another's output (outs, metrics, plots)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    made = {str(o if isinstance(o, str) else next(iter(o))): name for name, st in stages.items()
+            for kind in ("outs", "metrics", "plots") for o in st.get(kind, [])}
+    return {(made[d], name) for name, st in stages.items() for d in st.get("deps", []) if d in made}
+
+
+def test_the_pipeline_page_shows_every_stage_and_the_graph_of_dvc_yaml():
+    page = (ROOT / "docs/pipeline.md").read_text()
+    flowchart = page.split("```mermaid")[1].split("```")[0]
+    arrows = {tuple(x.strip().split(" --> ")) for x in flowchart.strip().splitlines()[1:]}
+    for name in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
+        assert f"| `{name}` |" in page, f"docs/pipeline.md: the stage table has no {name}"
+    assert arrows == dvc_graph(), (f"docs/pipeline.md's flowchart differs from dvc.yaml: missing "
+                                   f"{sorted(dvc_graph() - arrows)}, not in dvc.yaml {sorted(arrows - dvc_graph())}")
+
+
+NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
+
+
+def test_the_generation_page_names_every_method_and_counts_them_right():
+    page = (ROOT / "docs/generation.md").read_text()
+    for m in METHODS:
+        assert f"`{m}`" in page, f"docs/generation.md does not name method {m}"
+    for where, n, line in [(p, i, x) for p in (ROOT / "docs/generation.md", ROOT / "docs/pipeline.md", ROOT / "stages/generate.py")
+                           for i, x in enumerate(p.read_text().splitlines(), 1)]:
+        for word in re.findall(r"\b(two|three|four|five|six|seven) (?:ways|methods)\b", line, re.I):
+            assert word.lower() == NUMBERS[len(METHODS)], f"{rel(where)}:{n}: says {word} methods, there are {len(METHODS)}"
+
+
+def test_only_the_cache_page_says_what_a_cache_key_covers():
+    """What a key is made of is written once (docs/teacher-cache.md), so no other page can contradict it."""
+    claim = re.compile(r"cache key[^.]{0,40}\b(covers|includes|is made of|hashes|is the hash of)\b", re.I)
+    bad = [f"{rel(p)}" for p in DOCS if p.name != "teacher-cache.md" and claim.search(p.read_text().replace("\n", " "))]
+    assert not bad, f"these pages say what a cache key covers; link to docs/teacher-cache.md instead: {bad}"
