@@ -184,3 +184,27 @@ def test_only_the_cache_page_says_what_a_cache_key_covers():
     claim = re.compile(r"cache key[^.]{0,40}\b(covers|includes|is made of|hashes|is the hash of)\b", re.I)
     bad = [f"{rel(p)}" for p in DOCS if p.name != "teacher-cache.md" and claim.search(p.read_text().replace("\n", " "))]
     assert not bad, f"these pages say what a cache key covers; link to docs/teacher-cache.md instead: {bad}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_every_relative_link_and_anchor_resolves():
+    bad = []
+    for where, n, target in names(LINK, DOCS):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        page = (ROOT / where).parent / file if file else ROOT / where
+        if not page.exists():
+            bad.append(f"{where}:{n}: {target} (no such file)")
+        elif anchor and page.suffix == ".md":
+            anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", page.read_text(), re.M)}
+            if anchor not in anchors:
+                bad.append(f"{where}:{n}: {target} (no heading with that anchor)")
+    assert not bad, "links that go nowhere:\n" + "\n".join(bad)
