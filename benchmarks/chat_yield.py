@@ -49,7 +49,8 @@ def run_one(name: str, generate: dict, base_url: str, seeds: list[dict], cache_d
     session = TeacherSession(lambda form: make_backend("openai", p.model, form, p.base_url, options=p.options,
                                                        limits=limits), ResponseCache(str(cache_dir / name)))
     steps: dict = {}
-    tasks, dropped = run_method(p, session, seeds, Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed), steps)
+    tasks, dropped = run_method(p, session, seeds, Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed),
+                                steps)
     return p, session, tasks, dropped, steps
 
 
@@ -109,8 +110,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAI.strict(reply=chat_style_reply) as srv:
         tmp = Path(tmp)
         prompts = tmp / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"instruction": s["instruction"], "input": s["instances"][0]["input"]}) + "\n"
-                                   for s in seeds[:n]))
+        rows = ({"instruction": s["instruction"], "input": s["instances"][0]["input"]} for s in seeds[:n])
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
         methods = {
             "alpaca": {"method": "alpaca", "num_requests": n},
             "self_instruct": {"method": "self_instruct", "num_requests": n},

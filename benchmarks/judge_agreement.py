@@ -7,7 +7,8 @@ the judge's agreement with GPT-4 on the decided pairs, both win rates (the judge
 on the same pairs), the position-flip rate and the longer-answer-wins rate. The baseline is
 GPT-4's own figure on the same subset, measured in the same run.
 
-    python -m benchmarks.judge_agreement --annotations ../shared/data/alpaca_eval/alpaca-7b_vs_text_davinci_003_gpt4_annotations.json \\
+    python -m benchmarks.judge_agreement \\
+        --annotations ../shared/data/alpaca_eval/alpaca-7b_vs_text_davinci_003_gpt4_annotations.json \\
         --n 40 --backend local --model models/teacher
     OPENAI_API_KEY=... python -m benchmarks.judge_agreement --annotations ... --backend openai --model gpt-4o-mini
 """
@@ -45,8 +46,10 @@ def main() -> None:
              "answer": cut(x["output_2"]), "gpt4": float(x["preference"]), "finish_reason": "stop", "answer_tokens": 0}
             for i, x in enumerate(pairs)]
     with tempfile.TemporaryDirectory() as tmp:
-        session = TeacherSession(lambda form: make_backend(a.backend, a.model, form, a.base_url, 4), ResponseCache(a.cache or tmp))
-        judge_all(rows, lambda prompts: session.ask(prompts, Sampling(16, 0.0, 1.0, (), a.seed), "chat"), "both", a.seed)
+        session = TeacherSession(lambda form: make_backend(a.backend, a.model, form, a.base_url, 4),
+                                 ResponseCache(a.cache or tmp))
+        judge_all(rows, lambda prompts: session.ask(prompts, Sampling(16, 0.0, 1.0, (), a.seed), "chat"), "both",
+                  a.seed)
     ours = summarize(rows, "both")
     gpt4 = summarize([{**r, "preference": r["gpt4"]} for r in rows], "both")
     decided = [r for r in rows if r["preference"] != 1.5]
@@ -54,7 +57,8 @@ def main() -> None:
     report = {
         "judge": f"{a.backend}:{a.model}", "pairs": len(rows),
         "agreement_with_gpt4_on_decided": round(agree / len(decided), 4) if decided else None,
-        "decided": len(decided), "draws_from_disagreeing_orders": ours["draws"], "judge_unparsed": ours["judge_unparsed"],
+        "decided": len(decided), "draws_from_disagreeing_orders": ours["draws"],
+        "judge_unparsed": ours["judge_unparsed"],
         "position_flip_rate": ours["position_flip_rate"], "longer_wins_rate": ours["longer_wins_rate"],
         "alpaca7b_win_rate_by_this_judge": ours["win_rate"], "standard_error": ours["standard_error"],
         "alpaca7b_win_rate_by_gpt4_same_pairs": gpt4["win_rate"], "gpt4_longer_wins_rate": gpt4["longer_wins_rate"],

@@ -3,8 +3,9 @@
 What the teacher produced and what the filters kept, as self-instruct and Alpaca judged their
 data: the verb-noun structure of the kept instructions (spaCy dependency parse), their max
 ROUGE-L against the seeds, filter scores around the threshold, lengths in student tokens, the
-filter funnel, the selection's score distribution and cut, ingest sources and languages, tokens lost to splitting, teacher spend, training
-curves, the judge's win rate, and 20 random kept and rejected examples with their reasons.
+filter funnel, the selection's score distribution and cut, ingest sources and languages, tokens lost to
+splitting, teacher spend, training curves, the judge's win rate, and 20 random kept and rejected examples
+with their reasons.
 
 The stage first writes every figure's numbers as small CSV series (plus `summary.json`) to
 `metrics/report/` (kept in git: `dvc plots show` / `dvc plots diff` draw them),
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         a, b = args.compare
         sa, sb = read_series(reader(a, paths.REPORT_SERIES)), read_series(reader(b, paths.REPORT_SERIES))
         if sa is None and sb is None:
-            raise StageError(f"--compare: neither {a} nor {b} has {paths.REPORT_SERIES}/summary.json (run the report stage)")
+            raise StageError(f"--compare: neither {a} nor {b} has {paths.REPORT_SERIES}/summary.json "
+                             "(run the report stage)")
         text = render_compare(a, b, sa, sb)
         with atomic_file(args.out) as f:
             f.write(text)
@@ -217,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers import AutoTokenizer
 
-    metrics = {k: _json(paths.metrics(s)) for k, s in (("generate", "generate"), ("filter", "filter"), ("select", "select"), ("ingest", "ingest"),
-                                                         ("tokenize", "tokenize"), ("eval", "evaluate"))}
+    named = (("generate", "generate"), ("filter", "filter"), ("select", "select"), ("ingest", "ingest"),
+             ("tokenize", "tokenize"), ("eval", "evaluate"))
+    metrics = {k: _json(paths.metrics(s)) for k, s in named}
     for k in ("generate", "filter", "ingest", "tokenize"):
         if not metrics[k]:
             raise StageError(f"{paths.metrics(k)}: missing (run `dvc repro {k}` first)")

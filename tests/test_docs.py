@@ -173,10 +173,12 @@ def test_the_generation_page_names_every_method_and_counts_them_right():
     page = (ROOT / "docs/generation.md").read_text()
     for m in METHODS:
         assert f"`{m}`" in page, f"docs/generation.md does not name method {m}"
-    for where, n, line in [(p, i, x) for p in (ROOT / "docs/generation.md", ROOT / "docs/pipeline.md", ROOT / "stages/generate.py")
+    for where, n, line in [(p, i, x) for p in (ROOT / "docs/generation.md", ROOT / "docs/pipeline.md",
+                                               ROOT / "stages/generate.py")
                            for i, x in enumerate(p.read_text().splitlines(), 1)]:
         for word in re.findall(r"\b(two|three|four|five|six|seven) (?:ways|methods)\b", line, re.I):
-            assert word.lower() == NUMBERS[len(METHODS)], f"{rel(where)}:{n}: says {word} methods, there are {len(METHODS)}"
+            assert word.lower() == NUMBERS[len(METHODS)], \
+                f"{rel(where)}:{n}: says {word} methods, there are {len(METHODS)}"
 
 
 def test_only_the_cache_page_says_what_a_cache_key_covers():

@@ -92,7 +92,8 @@ def test_same_as_brute_force_on_all_real_data():
     (5,353 candidates in order, seeds first), against a brute-force loop over every pair with
     the rouge_score-exact F1 (float-equal to rouge_score: test above)."""
     seeds = real("self-instruct", "seed_tasks.jsonl")
-    cands = (real("alpaca-libre", "alpaca_libre_tasks_v1.jsonl") + real("alpaca", "alpaca_data_first1727_flashmodels.json")
+    cands = (real("alpaca-libre", "alpaca_libre_tasks_v1.jsonl")
+             + real("alpaca", "alpaca_data_first1727_flashmodels.json")
              + real("alpaca", "alpaca_gpt4_en_demo_llamafactory.json")
              + real("self-instruct", "user_oriented_instructions.jsonl"))
     vocab: dict[str, int] = {}
@@ -205,7 +206,8 @@ def test_edge_cases():
 def test_command_line_contract(tmp_path):
     seeds = real("self-instruct", "seed_tasks.jsonl")
     cands = real("alpaca-libre", "alpaca_libre_tasks_v1.jsonl")[:300]
-    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"instruction": s, "id": i}) + "\n" for i, s in enumerate(seeds)))
+    lines = (json.dumps({"instruction": s, "id": i}) + "\n" for i, s in enumerate(seeds))
+    (tmp_path / "s.jsonl").write_text("".join(lines))
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"instruction": c}) + "\n" for c in cands))
     out = tmp_path / "d.jsonl"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.novelty", "--seeds", str(tmp_path / "s.jsonl"),

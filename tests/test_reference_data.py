@@ -91,7 +91,8 @@ def test_fetch_refuses_a_download_with_the_wrong_sha256(tmp_path, http_server):
     want = ref("a.json", b"[1]\n")
     serve_layout(www, {want: b"[2]\n"})  # the server has other bytes than the table pins
     dest = tmp_path / "data"
-    with pytest.raises(ValueError, match=f"sha256 {hashlib.sha256(b'[2]' + bytes([10])).hexdigest()}, expected {want.sha256}"):
+    with pytest.raises(ValueError,
+                       match=f"sha256 {hashlib.sha256(b'[2]' + bytes([10])).hexdigest()}, expected {want.sha256}"):
         rd.fetch(dest, url, (want,))
     assert list(dest.iterdir()) == []  # neither the file nor its temporary part is left
 

@@ -79,7 +79,7 @@ def test_duplicate_id_across_files(tmp_path):
 def test_text_from_the_wild_is_repaired_and_an_oversized_task_dropped(tmp_path):
     lines = [
         json.dumps({**GOOD, "id": "bytes"}).encode().replace(b"hi", b"h\xff"),       # invalid UTF-8 in a JSONL line
-        json.dumps({**GOOD, "id": "surrogate", "instruction": "Say \ud800 hi."}).encode(),  # lone surrogate, JSON escape
+        json.dumps({**GOOD, "id": "surrogate", "instruction": "Say \ud800 hi."}).encode(),  # lone surrogate
         json.dumps({**GOOD, "id": "nul", "instruction": "Say\u0000 hi."}).encode(),   # NUL
         json.dumps({**GOOD, "id": "huge", "instruction": "word " * 1_000_000}).encode(),  # a 5 MB message
         json.dumps({**GOOD, "id": "fine"}).encode(),
@@ -117,7 +117,8 @@ def test_project_seed_set_is_valid_and_diverse():
 
 
 def test_project_seeds_are_not_copies_of_self_instruct_seeds():
-    ref = [json.loads(line)["instruction"] for line in shared("self-instruct", "seed_tasks.jsonl").read_text().splitlines()]
+    lines = shared("self-instruct", "seed_tasks.jsonl").read_text().splitlines()
+    ref = [json.loads(line)["instruction"] for line in lines]
     ref_tokens = [rouge_tokens(r) for r in ref]
     worst = 0.0
     for inst in load_seeds([PROJECT_SEEDS])["instruction"].to_list():

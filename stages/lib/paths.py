@@ -71,7 +71,8 @@ INPUTS: dict[str, list[str]] = {
     "tokenize": [CONVERSATIONS, TEACHER],
     "train": [TOKENS, TEACHER],
     "evaluate": [TOKENS, STUDENT, TEACHER],
-    "report": [SEEDS, FILTERED, SELECTED, CONVERSATIONS, TEACHER, metrics("generate"), metrics("filter"), metrics("select"), metrics("ingest"),
+    "report": [SEEDS, FILTERED, SELECTED, CONVERSATIONS, TEACHER, metrics("generate"), metrics("filter"),
+               metrics("select"), metrics("ingest"),
                metrics("tokenize"), TRAIN_LOG, metrics("evaluate")],
 }
 """Which other stages' outputs each DVC stage reads (its data deps in dvc.yaml, besides `seeds/` files)."""

@@ -153,11 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.tools.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", required=True, choices=FORMATS,
-                    help="alpaca (JSON list of instruction/input/output) | sharegpt (JSON list of id + conversations) | hf")
+                    help="alpaca (JSON list of instruction/input/output) | sharegpt (JSON list of id + "
+                         "conversations) | hf")
     ap.add_argument("--out", required=True, help="a .json file (alpaca, sharegpt) or a directory (hf)")
     ap.add_argument("--from", dest="source", default="filtered", choices=sorted(SOURCES),
                     help="filtered: the kept tasks of data/filtered (default) | conversations: data/conversations")
-    ap.add_argument("--in", dest="in_dir", help="the source's shard folder (default: data/filtered or data/conversations)")
+    ap.add_argument("--in", dest="in_dir",
+                    help="the source's shard folder (default: data/filtered or data/conversations)")
     a = ap.parse_args(argv)
     try:
         args = ExportArgs(a.format, a.out, a.source, a.in_dir)

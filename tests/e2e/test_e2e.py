@@ -31,10 +31,12 @@ def repo(e2e_build) -> Path:
 
 def test_first_repro_builds_every_output(e2e_build):
     repo = e2e_build.repo
-    assert ran(e2e_build.first_repro) == ["seeds", "generate", "filter", "select", "ingest", "tokenize", "train", "evaluate",
+    assert ran(e2e_build.first_repro) == ["seeds", "generate", "filter", "select", "ingest", "tokenize", "train",
+                                          "evaluate",
                                           "report"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize", "train",
+    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize",
+                                   "train",
                                    "evaluate", "report"}
 
     seeds = pl.read_parquet(repo / "data/seeds/part-00000.parquet")
@@ -149,7 +151,8 @@ def test_bad_seeds_stop_the_pipeline(e2e_copy):
     seeds = repo / "seeds/seed_tasks.jsonl"
     good = seeds.read_text()
     lines = good.count("\n")
-    seeds.write_text(good + '{"id": "x", "name": "x", "instruction": "", "instances": [], "is_classification": false}\n')
+    bad = '{"id": "x", "name": "x", "instruction": "", "instances": [], "is_classification": false}\n'
+    seeds.write_text(good + bad)
     try:
         out = sh(repo, "dvc", "repro", check=False)
         assert out.returncode != 0

@@ -175,7 +175,8 @@ def s3(tmp_path_factory):
     aws_files = root.parent / "aws-config"  # empty: no profile or credentials of the user's get in
     aws_files.touch()
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**AWS_ENV, "AWS_CONFIG_FILE": str(aws_files), "AWS_SHARED_CREDENTIALS_FILE": str(aws_files)}.items():
+        for k, v in {**AWS_ENV, "AWS_CONFIG_FILE": str(aws_files),
+                     "AWS_SHARED_CREDENTIALS_FILE": str(aws_files)}.items():
             mp.setenv(k, v)
         server.start()
         try:

@@ -23,7 +23,8 @@ from tests.support.tiny import ROOT, make_tiny_model
 def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command in its own process group. If anything interrupts the wait (pytest-timeout,
     Ctrl-C), the whole group is killed: `dvc repro`'s stage processes too, not only dvc."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
     with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as p:
         try:

@@ -43,7 +43,8 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(corpus, trainer)
     bos = tk.token_to_id("<bos>")
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                      special_tokens=[("<bos>", bos)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
                                   eos_token="<eos>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.chat_template = CHAT_TEMPLATE
