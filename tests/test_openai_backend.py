@@ -10,7 +10,10 @@ import pytest
 
 from stages.lib.errors import StageError
 from stages.generate import rows_from_records
-from stages.lib.llm.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
+from stages.lib.llm.backend import make_backend
+from stages.lib.llm.cache import ResponseCache, assign_keys
+from stages.lib.llm.client import ModelClient, run_requests
+from stages.lib.llm.types import Sampling
 
 TEXT = " Name a fruit that is red.\n4. Input:\n<noinput>\n4. Output:\nA strawberry.\n###"
 
@@ -51,14 +54,11 @@ def server():
 
 
 @pytest.mark.parametrize("form", ["chat", "completion"])
-@pytest.mark.parametrize("transport", ["direct", "sdk"])
-def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monkeypatch, form, transport):
+def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monkeypatch, form):
     secret = "sk-test-" + "x" * 24
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     s = Sampling(64, 0.7, 0.9)
-    from stages.lib.llm.openai_api import ApiLimits
-
-    backend = make_backend("openai", "teacher-x", form, server, limits=ApiLimits(transport=transport))
+    backend = make_backend("openai", "teacher-x", form, server)
     reqs = assign_keys(["p1", "p2", "p3"], backend.teacher_id, form, s)
     recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "cache"), s)
     assert stats.teacher_calls == 3 and len(Handler.seen) == 3
@@ -83,13 +83,13 @@ def test_openai_backend_needs_a_key_for_the_public_endpoint(monkeypatch):
 
 # ---------------------------------------------------------------- against servers that behave like OpenAI's
 
-from stages.lib.llm.openai_api import (ApiLimits, RequestOptions, TeacherStop, error_message,  # noqa: E402
-                                       is_reasoning_model, request_body)
-from stages.lib.llm.teacher import provenance  # noqa: E402
+from stages.lib.llm.endpoint import ApiParams  # noqa: E402
+from stages.lib.llm.openai_wire import RequestOptions, error_message, is_reasoning_model, request_body  # noqa: E402
+from stages.lib.llm.types import TeacherStop, provenance  # noqa: E402
 from tests.support.fake_openai import FakeOpenAI  # noqa: E402
 
 KEY = "sk-proj-" + "q7" * 24
-FAST = ApiLimits(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+FAST = ApiParams(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
 
 
 def completions(srv):
@@ -122,11 +122,9 @@ def test_a_reasoning_model_gets_requests_it_accepts_and_its_reasoning_is_counted
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     s = Sampling(64, 0.7, 0.9, ("\n",), seed=1)
     with FakeOpenAI.strict(models=["o4-mini"], api_key=KEY, reasoning_tokens=50) as srv:
-        b = make_backend("openai", "o4-mini", "chat", srv.base_url, limits=FAST,
+        b = make_backend("openai", "o4-mini", "chat", srv.base_url, api=FAST,
                          options=RequestOptions(extra_body={"reasoning_effort": "low"}, reasoning_budget=256))
-        from stages.lib.llm.teacher import TeacherSession
-
-        session = TeacherSession(lambda form: b, ResponseCache(tmp_path))
+        session = ModelClient(lambda form: b, ResponseCache(tmp_path))
         recs = session.ask(["p1", ("You are terse.", "p2")], s, "chat")
     assert all(recs) and session.stats.failed == 0 and session.stats.teacher_calls == 2
     sent = completions(srv)
@@ -149,7 +147,7 @@ def test_the_old_request_shape_is_what_openai_refuses_for_o4_mini(tmp_path, monk
     request is refused with OpenAI's message, and the stage stops before any paid request."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with FakeOpenAI.strict(api_key=KEY) as srv:  # no models list: the check sends one tiny request
-        b = make_backend("openai", "o4-mini", "chat", srv.base_url, limits=FAST, options=RequestOptions("standard"))
+        b = make_backend("openai", "o4-mini", "chat", srv.base_url, api=FAST, options=RequestOptions("standard"))
         reqs = assign_keys(["p1", "p2", "p3"], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         with pytest.raises(TeacherStop, match="HTTP 400 .*Unsupported parameter: 'max_tokens'"):
             run_requests(reqs, b, ResponseCache(tmp_path), Sampling(16, 0.7, 1.0), check=True)
@@ -162,7 +160,7 @@ def test_the_endpoint_check_names_a_wrong_model_key_or_url(tmp_path, monkeypatch
     with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
         url = srv.base_url if case != "url" else "http://127.0.0.1:9/v1"
         model = "gpt-4o-mnii" if case == "model" else "gpt-4o-mini"
-        b = make_backend("openai", model, "chat", url, limits=FAST)
+        b = make_backend("openai", model, "chat", url, api=FAST)
         reqs = assign_keys(["p1", "p2"], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         with pytest.raises(TeacherStop) as e:
             run_requests(reqs, b, ResponseCache(tmp_path), Sampling(16, 0.7, 1.0), check=True)
@@ -174,12 +172,11 @@ def test_the_endpoint_check_names_a_wrong_model_key_or_url(tmp_path, monkeypatch
     assert not completions(srv)  # nothing was paid for
 
 
-@pytest.mark.parametrize("transport", ["direct", "sdk"])
-def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch, transport):
+def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
         b = make_backend("openai", "gpt-4o-mnii", "chat", srv.base_url,
-                         limits=ApiLimits(concurrency=2, backoff_base_s=0.01, timeout_s=5.0, transport=transport))
+                         api=ApiParams(concurrency=2, backoff_base_s=0.01, timeout_s=5.0))
         reqs = assign_keys([f"p{i}" for i in range(20)], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         cache = ResponseCache(tmp_path)
         with pytest.raises(TeacherStop) as e:  # no check: the run itself meets the 404
