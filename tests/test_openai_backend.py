@@ -199,3 +199,72 @@ def test_error_messages_are_truncated_and_keys_redacted():
     assert len(msg) <= 300
     assert error_message(b"<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
     assert "secret-token-1234" not in error_message(b"Authorization: Bearer secret-token-1234 refused")
+
+
+# ---------------------------------------------------------------- the typed client
+
+
+def test_a_response_body_is_one_declared_completion():
+    from dataclasses import fields
+
+    from stages.lib.llm.openai_wire import completion_from_body
+    from stages.lib.llm.types import Completion
+
+    body = {"id": "chatcmpl-9", "model": "o4-mini-2025-04-16", "system_fingerprint": "fp_9",
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "completion_tokens_details": {"reasoning_tokens": 9}}}
+    c = completion_from_body(body, "chat")
+    assert (c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) == ("hi", "length", 5, 9)
+    assert c.reasoning_tokens == 9  # inside completion_tokens, never more than it
+    assert (c.response_id, c.served_model, c.system_fingerprint, c.reasoning, c.logprobs) == \
+        ("chatcmpl-9", "o4-mini-2025-04-16", "fp_9", None, None)
+    assert {f.name for f in fields(Completion)} >= {"reasoning", "logprobs", "served_model", "system_fingerprint"}
+    with pytest.raises(AttributeError):
+        c.undeclared = 1  # slotted: nothing is pinned on at run time
+
+
+def test_client_stats_sum_every_round_and_keep_the_metrics_keys(tmp_path, monkeypatch):
+    """Two rounds on one client: calls, tokens, failures and the online client's retries add up, and
+    `metrics()` writes the keys generate's metrics always had."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FakeOpenAI(faults={0: "500", 3: "429"}, retry_after=0.01, usage=(11, 7)) as srv:
+        b = make_backend("openai", "teacher-x", "chat", srv.base_url, api=FAST)
+        client = ModelClient(lambda form: b, ResponseCache(tmp_path))
+        assert all(client.ask(["a", "b"], Sampling(16, 0.7, 1.0), "chat"))
+        assert all(client.ask(["c", "d", "a"], Sampling(16, 0.7, 1.0), "chat"))
+    s = client.stats
+    assert (s.requests, s.cache_hits, s.teacher_calls, s.failed) == (5, 1, 4, 0)
+    assert (s.prompt_tokens, s.completion_tokens) == (4 * 11, 4 * 7)  # counted once, from the answers
+    assert s.api["sent"] == 6 and s.api["retries"] == 2 and s.api["errors"] == {"http_500": 1, "http_429": 1}
+    assert s.by_finish == {"stop": 5}
+    m = client.metrics()
+    assert set(m) == {"requests", "cache_hits", "teacher_calls", "failed", "failed_by_reason", "failure_messages",
+                      "finish_reasons", "prompt_tokens_called", "completion_tokens_called", "reasoning_tokens_called",
+                      "completion_tokens_per_s", "cost_usd_called", "api_requests_sent", "api_retries", "api_errors",
+                      "api_error_messages", "api_not_sent"}
+    assert m["api_requests_sent"] == 6 and m["api_errors"] == {"http_500": 1, "http_429": 1}
+
+
+@pytest.mark.parametrize("section, key, line", [
+    ("generate", "model", "generate.model: moved to generate.teacher.model"),
+    ("generate", "base_url", "generate.base_url: moved to generate.teacher.base_url"),
+    ("generate", "concurrency", "generate.concurrency: moved to generate.api.concurrency"),
+    ("generate", "max_cost_usd", "generate.max_cost_usd: moved to generate.api.max_cost_usd"),
+    ("generate", "api_transport",
+     "generate.api_transport: removed (one HTTP stack, aiohttp, for every online request)"),
+    ("select", "concurrency", "select.concurrency: moved to select.api.concurrency"),
+])
+def test_an_old_key_fails_with_one_line_naming_its_new_place(tmp_path, section, key, line):
+    import yaml
+
+    from stages.generate import GenerateParams
+    from stages.lib.params import load_params
+    from stages.select import SelectParams
+    from tests.support.tiny import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params[section][key] = "x"  # what `dvc exp run -S generate.model=x` writes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(StageError) as e:
+        load_params({"generate": GenerateParams, "select": SelectParams}[section], section, tmp_path / "params.yaml")
+    assert str(e.value) == f"{tmp_path / 'params.yaml'}: {line}"

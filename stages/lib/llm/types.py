@@ -36,10 +36,11 @@ class Request:
     max_new_tokens: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Completion:
     """One answer. Token counts are the server's (`usage`) or the local tokenizer's; OpenAI counts
-    reasoning tokens inside `completion_tokens` and bills them as output."""
+    reasoning tokens inside `completion_tokens` and bills them as output. Slotted: an answer takes no
+    field it does not declare."""
 
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
