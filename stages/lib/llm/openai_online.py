@@ -12,9 +12,8 @@ parameter, key, URL or model): such an error stops the run at once (`TeacherStop
 queued is sent. `check` asks the models list (or sends one tiny request) before the first paid
 request, so a wrong URL, key or model name fails in a second with the server's own words.
 
-One HTTP stack, aiohttp, for the check and the requests; the bodies are built and parsed by
-`stages.lib.llm.openai_wire`. Measured here (2 cores, loopback, C=64, 100 ms latency): 90-92% of the
-C / L bound, 3,600-4,000 requests/s at zero latency (docs/teacher-client.md).
+One HTTP stack, aiohttp, for the check and the requests; bodies are built and parsed by `openai_wire`
+(throughput measured in docs/teacher-client.md).
 """
 
 from __future__ import annotations
@@ -64,12 +63,9 @@ class TokenBucket:
 
 
 class OnlineBackend:
-    """Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama).
-
-    `chat` form sends the prompt as messages to Chat Completions; `completion` form sends it to the
-    Completions endpoint. `options` (RequestOptions): model family, extra body fields. `api_key`
-    comes from the environment (`backend.make_backend`) and never enters a key, a record or a log line.
-    """
+    """Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama): `chat` form asks Chat
+    Completions, `completion` form Completions. `options`: model family, extra body fields. `api_key` comes
+    from the environment (`backend.make_backend`) and never enters a key, a record or a log line."""
 
     def __init__(self, model: str, base_url: str | None, prompt_form: str, api_key: str, api: ApiParams | None = None,
                  price: Price | None = None, options: RequestOptions | None = None):
