@@ -40,14 +40,14 @@ def is_clean(*fields) -> bool:
 
 def run_one(name: str, generate: dict, base_url: str, seeds: list[dict], cache_dir: Path, prompt_file: Path):
     from stages.generate import GenerateParams, run_method
-    from stages.lib.llm.openai_api import ApiLimits
-    from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend
+    from stages.lib.llm.cache import ResponseCache
+    from stages.lib.llm.client import open_client
+    from stages.lib.llm.endpoint import ApiParams
+    from stages.lib.llm.types import Sampling
 
-    p = GenerateParams(backend="openai", model="gpt-4o-mini", base_url=base_url, prompt_form="chat",
-                       prompt_file=str(prompt_file), **generate)
-    limits = ApiLimits(concurrency=8)
-    session = TeacherSession(lambda form: make_backend("openai", p.model, form, p.base_url, options=p.options,
-                                                       limits=limits), ResponseCache(str(cache_dir / name)))
+    p = GenerateParams(teacher={"backend": "openai", "model": "gpt-4o-mini", "base_url": base_url,
+                                "prompt_form": "chat"}, prompt_file=str(prompt_file), **generate)
+    session = open_client(p.teacher, ResponseCache(cache_dir / name), api=ApiParams(concurrency=8))
     steps: dict = {}
     tasks, dropped = run_method(p, session, seeds, Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed),
                                 steps)

@@ -24,7 +24,10 @@ import tempfile
 def main() -> None:
     from stages.evaluate import judge_all
     from stages.lib.judging.judge import summarize
-    from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend
+    from stages.lib.llm.cache import ResponseCache
+    from stages.lib.llm.client import open_client
+    from stages.lib.llm.endpoint import EndpointParams
+    from stages.lib.llm.types import Sampling
     from stages.lib.judging.winrate import student_score
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -46,10 +49,9 @@ def main() -> None:
              "answer": cut(x["output_2"]), "gpt4": float(x["preference"]), "finish_reason": "stop", "answer_tokens": 0}
             for i, x in enumerate(pairs)]
     with tempfile.TemporaryDirectory() as tmp:
-        session = TeacherSession(lambda form: make_backend(a.backend, a.model, form, a.base_url, 4),
-                                 ResponseCache(a.cache or tmp))
-        judge_all(rows, lambda prompts: session.ask(prompts, Sampling(16, 0.0, 1.0, (), a.seed), "chat"), "both",
-                  a.seed)
+        session = open_client(EndpointParams(a.backend, a.model, a.base_url), ResponseCache(a.cache or tmp),
+                              batch_size=4)
+        judge_all(rows, lambda prompts: session.query(prompts, Sampling(16, 0.0, 1.0, (), a.seed)), "both", a.seed)
     ours = summarize(rows, "both")
     gpt4 = summarize([{**r, "preference": r["gpt4"]} for r in rows], "both")
     decided = [r for r in rows if r["preference"] != 1.5]

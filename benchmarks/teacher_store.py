@@ -23,9 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.llm.openai_api import ApiLimits  # noqa: E402
+from stages.lib.llm.backend import make_backend  # noqa: E402
+from stages.lib.llm.cache import ResponseCache, assign_keys  # noqa: E402
+from stages.lib.llm.client import run_requests  # noqa: E402
+from stages.lib.llm.endpoint import ApiParams  # noqa: E402
 from stages.lib.llm.store import TeacherStore  # noqa: E402
-from stages.lib.llm.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests  # noqa: E402
+from stages.lib.llm.types import Sampling  # noqa: E402
 
 SERVER = ("import sys, time\nfrom tests.support.fake_openai import FakeOpenAI\n"
           "s = FakeOpenAI().start()\nprint(s.base_url, flush=True)\ntime.sleep(1e9)\n")
@@ -49,7 +52,8 @@ def main() -> None:
         base_url = server.stdout.readline().strip()
         s = Sampling(16, 0.7, 1.0)
         n = args.requests
-        backend = OpenAIBackend("bench", base_url, "chat", ApiLimits(concurrency=args.concurrency, timeout_s=30))
+        backend = make_backend("openai", "bench", "chat", base_url, api=ApiParams(concurrency=args.concurrency,
+                                                                                  timeout_s=30))
         rows = []
         with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=args.store_dir) as st:
             for label, tag, store in (("cache only (baseline)", "a", None), ("cache + store", "b", TeacherStore(st))):

@@ -29,7 +29,7 @@ from stages.lib.io import atomic_dir, write_json, write_shards
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.llm.endpoint import EndpointParams
-from stages.lib.llm.openai_api import TeacherStop
+from stages.lib.llm.types import TeacherStop
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import TokenSplit, validation_loss
 from stages.lib.training.precision import resolve_dtype
@@ -170,7 +170,7 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     """Answer, reference and judge every eval set. `sessions(role)` -> ask(prompts, sampling) for
     role student | teacher | judge (tests pass fakes). Returns the rows and the metrics per set."""
     from stages.lib.judging.judge import summarize
-    from stages.lib.llm.teacher import Sampling
+    from stages.lib.llm.types import Sampling
     from stages.lib.tokens.templates import user_message
 
     rows = [r for name, spec in sorted(p.sets.items()) for r in read_eval_set(name, spec)]
@@ -203,12 +203,12 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
 
 def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
     """role -> ask(prompts, sampling): the student locally, teacher and judge as configured; one
-    cache for all, one loaded model per distinct endpoint."""
-    from stages.lib.llm.teacher import TeacherSession, make_backend
+    cache for all, one client (so one loaded model) per distinct endpoint. Returns (that, the clients)."""
+    from stages.lib.llm.client import ModelClient, open_client
 
     endpoints = {"student": EndpointParams("local", p.model), "teacher": p.teacher, "judge": p.judge}
     dtypes = {"student": dtype}  # `evaluate.dtype` is the student's; local teachers and judges load in float32
-    made: dict[tuple, TeacherSession] = {}
+    made: dict[tuple, ModelClient] = {}
 
     def session(role: str):
         e = endpoints[role]
@@ -216,17 +216,15 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
         key = (e.backend, e.model, e.base_url, e.prompt_form, json.dumps(e.extra_body, sort_keys=True), e.model_family,
                e.reasoning_budget, d)
         if key not in made:
-            made[key] = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size,
-                                                                 d or "float32", options=e.options()), cache)
-        s = made[key]
-        return lambda prompts, sampling: s.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
+            made[key] = open_client(e, cache, batch_size=p.batch_size, dtype=d or "float32")
+        return made[key].query
 
     return session, made
 
 
 def main() -> None:
+    from stages.lib.llm.cache import ResponseCache
     from stages.lib.llm.store import TeacherStore, store_dir
-    from stages.lib.llm.teacher import ResponseCache
 
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
@@ -236,7 +234,8 @@ def main() -> None:
     if p.score_base:
         base = score(load_student().model, data, p.batch_size, dtype, p.device)
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
-    sessions, made = make_sessions(p, ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store))), dtype)
+    cache = ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store)))
+    sessions, made = make_sessions(p, cache, dtype)
     try:
         df, per_set = evaluate_sets(p, sessions)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too

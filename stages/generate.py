@@ -16,7 +16,7 @@ Alpaca's numbered `Instruction:/Input:/Output:` format and asks it to continue t
 list. Each item of a response is parsed on its own: one malformed item is recorded with
 its reason and never discards the rest. Rows carry provenance: prompt hash, cache key,
 teacher, sampling params, response id, and the model and system fingerprint an API said
-it served. With `prompt_form: chat` every method asks as chat models expect (a system
+it served. With `teacher.prompt_form: chat` every method asks as chat models expect (a system
 message, an explicit ask) and reads replies as they write them (`stages/lib/generation/chat.py`).
 """
 
@@ -31,7 +31,7 @@ import polars as pl
 from stages.lib import paths
 from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
-from stages.lib.params import convert_fields, load_params, params_from_dict, run_main, set_threads
+from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.formats import read_prompts
 from stages.lib.generation.chat import clean
@@ -39,30 +39,23 @@ from stages.lib.generation.evol_instruct import EvolParams
 from stages.lib.generation.magpie import MagpieParams
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
-from stages.lib.llm.openai_api import FAMILIES, RequestOptions, TeacherStop
-from stages.lib.llm.store import TeacherStore, store_dir
-from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend, provenance
+from stages.lib.llm.client import ModelClient, open_client
+from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
+from stages.lib.llm.types import Sampling, TeacherStop, provenance
 from stages.lib.text.clean import read_text
 from stages.lib.text.rules import RuleParams
 
 METHODS = ("alpaca", "self_instruct", "responses", "evol_instruct", "magpie")
 
 
-@dataclass
-class ModelPrice:
-    """USD per million tokens of one model (check your provider's current prices)."""
-
-    input_per_million: float = 0.0
-    """USD per million prompt tokens."""
-    output_per_million: float = 0.0
-    """USD per million completion tokens."""
-
-
 PRICES = {
-    "gpt-4o-mini": ModelPrice(0.15, 0.6),
-    "gpt-4.1-mini": ModelPrice(0.4, 1.6),
-    "gpt-4o": ModelPrice(2.5, 10.0),
+    "gpt-4o-mini": Price(0.15, 0.6),
+    "gpt-4.1-mini": Price(0.4, 1.6),
+    "gpt-4o": Price(2.5, 10.0),
 }
+_TEACHER_KEYS = ("backend", "model", "base_url", "prompt_form", "system_prompt", "extra_body", "model_family",
+                 "reasoning_budget")
+_API_KEYS = ("concurrency", "requests_per_minute", "tokens_per_minute", "max_attempts", "timeout_s", "max_cost_usd")
 
 
 @dataclass
@@ -70,28 +63,11 @@ class GenerateParams:
     method: str = "alpaca"
     """alpaca (one prompt, numbered tasks) | self_instruct (four steps) | responses (the teacher answers prompts)
     | evol_instruct (WizardLM evolution of instructions) | magpie (the teacher writes the queries)."""
-    backend: str = "local"
-    """Teacher backend: `local` (transformers on this machine) or `openai` (any OpenAI-compatible endpoint)."""
-    model: str = "models/teacher"
-    """Local model dir or hub id for `local`; the model name for `openai`."""
-    base_url: str | None = None
-    """Endpoint for `openai` (e.g. http://localhost:8000/v1 for vLLM); null means api.openai.com. The key comes from OPENAI_API_KEY."""
-    prompt_form: str = "completion"
-    """`completion`: plain-text continuation (best yield for small local models; needs a /completions
-    endpoint); `chat`: chat messages with prompts and parsers written for chat models (OpenAI's chat and
-    reasoning models, any chat-only endpoint)."""
-    system_prompt: str = ""
-    """Chat form: the system message of method responses' answer requests (empty: none). The other
-    requests (alpaca's list, self-instruct's steps, the judge) carry their own."""
-    extra_body: dict = field(default_factory=dict)
-    """API backend: extra request body fields sent as given, e.g. {reasoning_effort: low} for OpenAI's
-    reasoning models, {top_k: 20} for vLLM. Part of every request's cache key."""
-    model_family: str = "auto"
-    """API backend: `auto` (from the model name), `standard` (max_tokens, temperature, top_p, stop) or
-    `reasoning` (o1/o3/o4-mini/gpt-5: max_completion_tokens and no sampling params)."""
-    reasoning_budget: int = 1024
-    """Reasoning models: hidden reasoning tokens allowed per request on top of the answer budget
-    (billed as output; counted in cost and in the max_cost_usd check)."""
+    teacher: EndpointParams = field(default_factory=lambda: EndpointParams(prompt_form="completion"))
+    """The teacher: backend (local | openai), model, base_url, prompt_form, system_prompt, extra_body, model_family,
+    reasoning_budget (as `evaluate.teacher`). `prompt_form: completion` (plain-text continuation, the default)
+    gives small local models their best yield; `chat` asks with prompts and parsers written for chat models.
+    `system_prompt`: method responses' answer requests only (the other requests carry their own)."""
     prompt_file: str = "seeds/prompts/generate_prompt.txt"
     """Instructions to the teacher, put before the numbered examples."""
     num_requests: int = 48
@@ -99,28 +75,17 @@ class GenerateParams:
     num_prompt_instructions: int = 3
     """Seed tasks shown as in-context examples per request (Alpaca: 3)."""
     batch_size: int = 8
-    """Requests per local generation batch."""
-    concurrency: int = 16
-    """API backend: requests in flight at once."""
-    requests_per_minute: float = 0
-    """API backend: proactive request rate limit (0: none; the endpoint's 429s are still honoured)."""
-    tokens_per_minute: float = 0
-    """API backend: proactive token rate limit, counting prompt bytes / 4 + max_new_tokens per request (0: none)."""
-    max_attempts: int = 6
-    """API backend: attempts per request (429, 5xx, timeouts, dropped connections, malformed bodies)."""
-    timeout_s: float = 120
-    """API backend: timeout of one HTTP request."""
-    api_transport: str = "direct"
-    """API backend: `direct` (aiohttp, least CPU per request) or `sdk` (through the openai client)."""
+    """Local backend: requests per generation batch."""
+    api: ApiParams = field(default_factory=ApiParams)
+    """API backend: concurrency, requests_per_minute, tokens_per_minute, max_attempts, backoff_base_s, backoff_max_s,
+    timeout_s and max_cost_usd (the hard budget of this run's calls, checked before each request)."""
     max_failure_rate: float = 0.05
     """The stage fails when more than this share of requests failed (they are retried by the next run)."""
-    max_cost_usd: float = 0
-    """Hard budget for this run's API calls, checked before each request with a worst-case estimate (0: none)."""
     batch_api: bool = False
     """API backend: send uncached requests through the OpenAI Batch API (half price, results within 24 h);
     `dvc repro` submits the jobs and stops, a later `dvc repro` collects them."""
-    prices: dict[str, ModelPrice] = field(default_factory=lambda: {m: ModelPrice(**asdict(v)) for m, v in PRICES.items()})
-    """USD per million tokens by model: {model: {input_per_million: x, output_per_million: y}}."""
+    prices: dict[str, Price] = field(default_factory=lambda: {m: Price(**asdict(v)) for m, v in PRICES.items()})
+    """USD per million tokens by teacher model: {model: {input_per_million: x, output_per_million: y}}."""
     max_new_tokens: int = 192
     """Completion budget per request (Alpaca: 3072 with a strong teacher)."""
     temperature: float = 0.7
@@ -130,7 +95,7 @@ class GenerateParams:
     seed: int = 42
     """Seeds the in-context sampling and local decoding."""
     dtype: str = "float32"
-    """Local backend weights dtype (bfloat16 on a GPU)."""
+    """Local backend: weights dtype (bfloat16 on a GPU)."""
     teacher_store: str | None = None
     """Absolute folder outside the repository that also keeps every response and Batch job id, so a failed
     `dvc exp run --temp`/`--queue` loses nothing; null: $STILLHOUSE_TEACHER_STORE, else
@@ -150,26 +115,21 @@ class GenerateParams:
     magpie: MagpieParams = field(default_factory=MagpieParams)
     """Method magpie."""
 
+    MOVED = {**{k: f"teacher.{k}" for k in _TEACHER_KEYS}, **{k: f"api.{k}" for k in _API_KEYS},
+             "api_transport": "removed (one HTTP stack, aiohttp, for every online request)"}
+
     def __post_init__(self):
         convert_fields(self, "generate")
         check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
         check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.responses.prompts != "bootstrap"),
               "batch_api: each self-instruct step needs the previous one's answers; use it with method alpaca, "
               "or responses from a prompt file")
-        check(self.backend in ("local", "openai"), f"backend: expected local or openai, got {self.backend!r}")
-        check(self.prompt_form in ("completion", "chat"), f"prompt_form: expected completion or chat, got {self.prompt_form!r}")
-        check(self.model_family in FAMILIES, f"model_family: expected one of {FAMILIES}, got {self.model_family!r}")
-        self.options = params_from_dict(RequestOptions, {"model_family": self.model_family, "extra_body": self.extra_body,
-                                                         "reasoning_budget": self.reasoning_budget}, "generate")
         check(self.num_requests >= 0, "num_requests: must be >= 0")
         check(1 <= self.num_prompt_instructions <= 19, "num_prompt_instructions: must be in 1..19")
         check(self.batch_size >= 1 and self.max_new_tokens >= 1, "batch_size and max_new_tokens: must be >= 1")
         check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature >= 0 and 0 < top_p <= 1 required")
-        check(self.concurrency >= 1 and self.max_attempts >= 1 and self.timeout_s > 0, "concurrency, max_attempts >= 1, timeout_s > 0")
-        check(self.requests_per_minute >= 0 and self.tokens_per_minute >= 0, "rate limits: must be >= 0 (0: none)")
-        check(not self.batch_api or self.backend == "openai", "batch_api: needs backend openai")
-        check(self.api_transport in ("direct", "sdk"), f"api_transport: expected direct or sdk, got {self.api_transport!r}")
-        check(0 <= self.max_failure_rate <= 1 and self.max_cost_usd >= 0, "0 <= max_failure_rate <= 1, max_cost_usd >= 0")
+        check(not self.batch_api or self.teacher.backend == "openai", "batch_api: needs teacher.backend openai")
+        check(0 <= self.max_failure_rate <= 1, "max_failure_rate: must be in 0..1")
 
 
 # ---------------------------------------------------------------- prompt
@@ -286,7 +246,7 @@ def parse_chat_response(text: str, first_index: int, finish_reason: str) -> list
 
 def build_prompts(seeds: list[dict], header: str, p: GenerateParams) -> tuple[list, list[list[str]]]:
     prompts, shown = [], []
-    encode = encode_chat_prompt if p.prompt_form == "chat" else encode_prompt
+    encode = encode_chat_prompt if p.teacher.prompt_form == "chat" else encode_prompt
     for i in range(p.num_requests):
         ex = sample_examples(seeds, p.num_prompt_instructions, p.seed, i)
         prompts.append(encode(header, ex))
@@ -327,7 +287,7 @@ UNPARSED_SCHEMA = {
 }
 
 
-def run_method(p: GenerateParams, session: TeacherSession, seeds: list[dict], sampling: Sampling, steps: dict,
+def run_method(p: GenerateParams, session: ModelClient, seeds: list[dict], sampling: Sampling, steps: dict,
                rules: RuleParams | None = None):
     """Ask the teacher by `p.method`; returns (task rows, dropped rows) and fills `steps` with per-step metrics.
     `rules`: filter's rule params for self-instruct's bootstrap."""
@@ -336,13 +296,13 @@ def run_method(p: GenerateParams, session: TeacherSession, seeds: list[dict], sa
     if p.method == "alpaca":
         header = read_text(p.prompt_file)
         prompts, shown = build_prompts(seeds, header, p)
-        records = session.ask(prompts, sampling, p.prompt_form)
-        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, p.prompt_form)
+        records = session.ask(prompts, sampling, p.teacher.prompt_form)
+        tasks, unparsed = rows_from_records(records, shown, p.num_prompt_instructions + 1, p.teacher.prompt_form)
         steps["alpaca"] = {"requests": len(prompts), "items_parsed": len(tasks), "items_unparsed": len(unparsed)}
         return tasks, unparsed
     if p.method == "self_instruct":
         tasks, unparsed, got = self_instruct.run(session.ask, seeds, p.num_requests, sampling, p.self_instruct, p.seed,
-                                                 p.prompt_form, rules)
+                                                 p.teacher.prompt_form, rules)
         steps.update(got)
         return tasks, unparsed
     if p.method == "evol_instruct":
@@ -352,82 +312,50 @@ def run_method(p: GenerateParams, session: TeacherSession, seeds: list[dict], sa
                     for s in seeds[: p.num_requests]]
         elif p.evol_instruct.prompts == "bootstrap":
             machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
-                                                                          sampling, p.self_instruct, p.seed, p.prompt_form, rules)
+                                                                          sampling, p.self_instruct, p.seed, p.teacher.prompt_form, rules)
             pool = [{"id": m["id"], "instruction": m["instruction"], "input": ""} for m in machine]
         else:
             pool = [{"id": f"{p.evol_instruct.prompts}:{i + 1}", **x} for i, x in enumerate(read_prompts(p.evol_instruct.prompts,
                                                                                                   p.num_requests))]
-        tasks, drops, steps["evol_instruct"] = evol_instruct.run(session.ask, pool, p.evol_instruct, sampling, p.prompt_form,
+        tasks, drops, steps["evol_instruct"] = evol_instruct.run(session.ask, pool, p.evol_instruct, sampling, p.teacher.prompt_form,
                                                                  p.seed)
         return tasks, unparsed + drops
     if p.method == "magpie":
-        tok = magpie.load_tokenizer(p.magpie.tokenizer or p.model)
+        tok = magpie.load_tokenizer(p.magpie.tokenizer or p.teacher.model)
         tasks, unparsed, steps["magpie"] = magpie.run(session.ask, tok, p.num_requests, p.magpie, sampling)
         return tasks, unparsed
     if p.responses.prompts == "bootstrap":
         machine, unparsed, steps["bootstrap"] = self_instruct.bootstrap(session.ask, seeds, p.num_requests,
-                                                                      sampling, p.self_instruct, p.seed, p.prompt_form, rules)
+                                                                      sampling, p.self_instruct, p.seed, p.teacher.prompt_form, rules)
         prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
                     "in_context_ids": m["in_context_ids"]} for m in machine]
     else:
         steps["prompt_file"] = {}  # text repaired, records over the size cap skipped
         prompts, unparsed = read_prompts(p.responses.prompts, p.responses.max_prompts, steps["prompt_file"]), []
-    tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.responses, sampling, p.system_prompt)
+    tasks, drops, steps["responses"] = responses.run(session.ask, prompts, p.responses, sampling, p.teacher.system_prompt)
     return tasks, unparsed + drops
-
-
-def call_metrics(session: TeacherSession, price) -> dict:
-    """What the teacher calls did and cost, and what the server said when it refused."""
-    stats = session.stats
-    return {
-        "requests": stats.requests,
-        "cache_hits": stats.cache_hits,
-        "teacher_calls": stats.teacher_calls,
-        "failed": stats.failed,
-        "failed_by_reason": stats.failed_by_reason,
-        "failure_messages": stats.failure_messages,
-        "finish_reasons": stats.by_finish,
-        "prompt_tokens_called": stats.prompt_tokens,
-        "completion_tokens_called": stats.completion_tokens,
-        "reasoning_tokens_called": stats.reasoning_tokens,
-        "completion_tokens_per_s": round(stats.completion_tokens / stats.seconds, 2) if stats.seconds else 0.0,
-        # completion tokens include reasoning tokens (billed as output, as OpenAI reports them)
-        "cost_usd_called": round(price.cost(stats.prompt_tokens, stats.completion_tokens), 6) if price else 0.0,
-        "api_requests_sent": stats.api.get("sent", 0),
-        "api_retries": stats.api.get("retries", 0),
-        "api_errors": stats.api.get("errors", {}),
-        "api_error_messages": stats.api.get("messages", {}),
-        "api_not_sent": stats.api.get("not_sent", 0),
-    }
 
 
 def main() -> None:
     from stages.lib.generation import evol_instruct, magpie, self_instruct
-    from stages.lib.llm.openai_api import ApiLimits, Price
 
     p = load_params(GenerateParams, "generate")
     if p.method == "magpie":
-        magpie.check_endpoint(p.backend, p.prompt_form)  # before anything is loaded or paid
+        magpie.check_endpoint(p.teacher.backend, p.teacher.prompt_form)  # before anything is loaded or paid
     rules = load_params(RuleParams, "filter", only_own_keys=True)  # self-instruct's bootstrap filters as `filter` does
     set_threads()
     seeds = read_shards(paths.SEEDS).to_dicts()
     sampling = Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed)
-    price = Price(**asdict(p.prices[p.model])) if p.model in p.prices else None
-    if price and p.batch_api:  # the Batch API bills half the synchronous price
-        price = Price(price.input_per_million / 2, price.output_per_million / 2)
-    if p.backend == "openai" and price is None:
-        log(f"generate: no price for {p.model!r} in generate.prices: cost is reported as 0")
-    limits = ApiLimits(p.concurrency, p.requests_per_minute, p.tokens_per_minute, p.max_attempts,
-                       timeout_s=p.timeout_s, max_cost_usd=p.max_cost_usd, transport=p.api_transport)
-    session = TeacherSession(
-        lambda form: make_backend(p.backend, p.model, form, p.base_url, p.batch_size, p.dtype, limits, price, p.options),
-        ResponseCache(paths.TEACHER_CACHE, store=TeacherStore(store_dir(p.teacher_store))), price, p.batch_api,
-        p.teacher_id)
+    price = price_for(p.prices, p.teacher.model, p.batch_api)
+    if p.teacher.backend == "openai" and price is None:
+        log(f"generate: no price for {p.teacher.model!r} in generate.prices: cost is reported as 0")
+    session = open_client(p.teacher, paths.TEACHER_CACHE, store=p.teacher_store, api=p.api, price=price,
+                          batch_api=p.batch_api, teacher_id=p.teacher_id, batch_size=p.batch_size, dtype=p.dtype)
     steps: dict = {}
     try:
         tasks, unparsed = run_method(p, session, seeds, sampling, steps, rules)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: say so in the metrics too, then stop
-        write_json(paths.metrics("generate"), {**call_metrics(session, price), "error": str(stop), "steps": steps})
+        write_json(paths.metrics("generate"), {**session.metrics(), "error": str(stop), "steps": steps})
         raise
     for t in tasks:
         t["method"] = p.method
@@ -439,7 +367,7 @@ def main() -> None:
         "items_unparsed": len(unparsed),
         "unparsed_by_reason": errors,
         "steps": steps,
-        **call_metrics(session, price),
+        **session.metrics(),
     }
     if p.batch_api:
         metrics["batch"] = {k: stats.batch.get(k, 0) for k in ("collected", "submitted")}
@@ -449,7 +377,8 @@ def main() -> None:
         raise StageError(f"generate: {session.waiting} requests wait in {len(stats.batch['running'])} Batch API job(s) "
                          f"{sorted(stats.batch['running'])}; run `dvc repro` again later to collect them")
     if stats.failed_by_reason.get("budget"):
-        raise StageError(f"generate: budget max_cost_usd={p.max_cost_usd} reached; {stats.failed_by_reason['budget']} "
+        raise StageError(f"generate: budget api.max_cost_usd={p.api.max_cost_usd} reached; "
+                         f"{stats.failed_by_reason['budget']} "
                          "requests were not sent (raise the budget or lower num_requests; paid responses are cached)")
     if stats.requests and stats.failed / stats.requests > p.max_failure_rate:
         said = "; ".join(f"{k}: {v}" for k, v in sorted(stats.failure_messages.items()))

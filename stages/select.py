@@ -11,7 +11,7 @@ score and value that decided (`select_reason`, `select_score`).
 
 Judge calls go through the teacher client and its content-addressed cache (`data/select_cache`, a
 persist output), so changing only the policy reruns this stage with zero judge calls; a paid
-API judge is priced by `prices` and stopped by `max_cost_usd` before it overspends.
+API judge is priced by `prices` and stopped by `api.max_cost_usd` before it overspends.
 Outputs: `kept-*.parquet` (what ingest reads) and `rejected-*.parquet` in `data/selected`, and
 `metrics/select.json` (counts, score distributions, the cut, judge calls and cost).
 """
@@ -29,7 +29,7 @@ from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
-from stages.lib.llm.endpoint import EndpointParams
+from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
 from stages.lib.selection.policy import Policy, apply, combined
 from stages.lib.student import load_student
 from stages.lib.tokens.templates import TEMPLATES
@@ -79,11 +79,10 @@ class SelectParams:
     reasoning_budget (as `evaluate.judge`); default: the embedded teacher."""
     judge_max_new_tokens: int = 32
     """Length budget of a verdict (the score is asked for on the first line)."""
-    concurrency: int = 16
-    """API judge: requests in flight."""
-    max_cost_usd: float = 0
-    """API judge: hard budget for this run's calls, checked before each request (0: none)."""
-    prices: dict = field(default_factory=dict)
+    api: ApiParams = field(default_factory=ApiParams)
+    """API judge: concurrency, rate limits, retries, timeout and max_cost_usd (the hard budget of this run's calls,
+    checked before each request), as `generate.api`."""
+    prices: dict[str, Price] = field(default_factory=dict)
     """API judge: USD per million tokens by judge model, as generate.prices ({} : cost reported as 0)."""
     max_seq_len: int = 512
     """IFD: tokens per example (prompt + response); longer responses are cut."""
@@ -100,6 +99,8 @@ class SelectParams:
     rows_per_shard: int = 50_000
     """Rows per parquet shard."""
 
+    MOVED = {"concurrency": "api.concurrency", "max_cost_usd": "api.max_cost_usd"}
+
     def __post_init__(self):
         convert_fields(self, "select")
         check(self.method in METHODS, f"method: expected one of {METHODS}, got {self.method!r}")
@@ -112,7 +113,7 @@ class SelectParams:
         check(self.method == "none" or self.method in need,
               f"policy.score {self.pol.score}: needs method {' or '.join(sorted(need))}, got {self.method!r}")
         check(self.judge_max_new_tokens >= 1 and self.batch_size >= 1 and self.max_seq_len >= 8, "sizes: must be >= 1")
-        check(self.concurrency >= 1 and self.max_cost_usd >= 0 and self.ifd_max >= 0, "concurrency >= 1, budgets >= 0")
+        check(self.ifd_max >= 0, "ifd_max: must be >= 0")
         check(self.histogram_bins >= 2, "histogram_bins: must be >= 2")
 
 
@@ -121,7 +122,7 @@ class SelectParams:
 
 def rate(rows: list[dict], ask, p: SelectParams) -> dict:
     """Fill `rating` (None: unknown) and `rating_raw` in each row; `ask(prompts, sampling)` -> records."""
-    from stages.lib.llm.teacher import Sampling
+    from stages.lib.llm.types import Sampling
     from stages.lib.selection.rating import parse_rating, rating_prompt
 
     prompts = [rating_prompt(r["instruction"], r.get("input") or "", r["output"]) for r in rows]
@@ -134,19 +135,12 @@ def rate(rows: list[dict], ask, p: SelectParams) -> dict:
     return {"failed": failed, "unknown": sum(r["rating"] is None for r in rows)}
 
 
-def judge_session(p: SelectParams):
-    """(ask, session) for the judge: one TeacherSession on the select cache, priced and budgeted."""
-    from stages.lib.llm.openai_api import ApiLimits, Price
-    from stages.lib.llm.store import TeacherStore, store_dir
-    from stages.lib.llm.teacher import ResponseCache, TeacherSession, make_backend
+def judge_client(p: SelectParams):
+    """The judge's client on the select cache, priced and budgeted."""
+    from stages.lib.llm.client import open_client
 
-    e = p.judge
-    price = Price(**p.prices[e.model]) if e.model in p.prices else None
-    limits = ApiLimits(concurrency=p.concurrency, max_cost_usd=p.max_cost_usd)
-    session = TeacherSession(lambda form: make_backend(e.backend, e.model, form, e.base_url, p.batch_size, p.dtype,
-                                                       limits, price, e.options()),
-                             ResponseCache(paths.SELECT_CACHE, store=TeacherStore(store_dir(p.teacher_store))), price)
-    return (lambda prompts, sampling: session.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)), session, price
+    return open_client(p.judge, paths.SELECT_CACHE, store=p.teacher_store, api=p.api,
+                       price=price_for(p.prices, p.judge.model), batch_size=p.batch_size, dtype=p.dtype)
 
 
 def add_ifd(rows: list[dict], p: SelectParams, model_name: str, template: str) -> None:
@@ -230,14 +224,15 @@ def main() -> None:
     judge = {"requests": 0, "cache_hits": 0, "calls": 0, "failed": 0, "unknown": 0, "prompt_tokens": 0,
              "completion_tokens": 0, "cost_usd": 0.0}
     if p.method in ("rating", "both"):
-        ask, session, price = judge_session(p)
-        got = rate(rows, ask, p)
-        s = session.stats
+        client = judge_client(p)
+        got = rate(rows, client.query, p)
+        s, price = client.stats, client.price
         judge.update(requests=s.requests, cache_hits=s.cache_hits, calls=s.teacher_calls, failed=got["failed"],
                      unknown=got["unknown"], prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
                      cost_usd=round(price.cost(s.prompt_tokens, s.completion_tokens), 6) if price else 0.0)
         if s.failed_by_reason.get("budget"):
-            raise StageError(f"select: budget max_cost_usd={p.max_cost_usd} reached; {s.failed_by_reason['budget']} "
+            raise StageError(f"select: budget api.max_cost_usd={p.api.max_cost_usd} reached; "
+                             f"{s.failed_by_reason['budget']} "
                              "ratings not asked (raise the budget; paid verdicts are cached)")
     if p.method in ("ifd", "both"):
         add_ifd(rows, p, load_student().model, load_params(TemplateParam, "tokenize", only_own_keys=True).template)

@@ -112,6 +112,10 @@ def param_exists(cls: type, keys: list[str]) -> bool:
     return True
 
 
+def line_of(where: str, n: int) -> str:
+    return (ROOT / where).read_text(encoding="utf-8").splitlines()[n - 1]
+
+
 def test_every_named_param_exists():
     classes = params_classes()
     assert set(classes) == set(SECTIONS), sorted(classes)
@@ -121,6 +125,9 @@ def test_every_named_param_exists():
         if name.endswith(NOT_A_PARAM):
             continue
         section, *keys = name.split(".")
+        old = keys and keys[0] in getattr(classes[section], "MOVED", {})
+        if old and re.search(r"moved|removed|old|before", line_of(where, n)):
+            continue  # an old key, named as old: params.py fails on it with one line naming its new place
         if not param_exists(classes[section], keys):
             bad.append(f"{where}:{n}: {name}")
     assert not bad, "params named in text that no params dataclass declares:\n" + "\n".join(bad)

@@ -12,7 +12,8 @@ from stages.lib.errors import StageError
 from stages.lib.params import params_from_dict
 from stages.evaluate import EvalSetParams, EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
 from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
-from stages.lib.llm.teacher import ResponseCache, Sampling
+from stages.lib.llm.cache import ResponseCache
+from stages.lib.llm.types import Sampling
 from tests.support.tiny import shared
 
 
@@ -189,7 +190,7 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     import yaml
 
     from stages.evaluate import main
-    from stages.lib.llm.openai_api import TeacherStop
+    from stages.lib.llm.types import TeacherStop
     from tests.support.fake_openai import FakeOpenAI, _last_user_text
     from tests.support.builders import make_data
     from transformers import AutoTokenizer
@@ -248,7 +249,7 @@ def test_the_student_is_evaluated_on_the_prompt_it_was_trained_on(tmp_path, tiny
     from transformers import AutoTokenizer
 
     from stages.lib.formats import to_messages
-    from stages.lib.llm.teacher import make_backend
+    from stages.lib.llm.backend import make_backend
     from stages.lib.tokens.templates import export_tokenizer
     from stages.tokenize import TokenizeParams, tokenize_conversations
 

@@ -10,7 +10,7 @@ from stages.lib.errors import StageError
 from stages.lib.params import params_from_dict
 from stages.lib.generation.evol_instruct import (EQUAL_PROMPT, OPERATIONS, EvolParams, answer_prompt, answer_reason,
                                                  draw_operation, evolve_prompt, instruction_reason, parse_equal, run)
-from stages.lib.llm.teacher import Sampling
+from stages.lib.llm.types import Sampling
 
 
 def rec(prompt: str, text: str, finish: str = "stop") -> dict:
@@ -165,8 +165,9 @@ def test_generate_stage_writes_provenance_columns(in_tmp):
     shutil.copytree(ROOT / "seeds/prompts", in_tmp / "seeds/prompts")
     with FakeOpenAI(reply=reply) as srv:
         write_params(in_tmp / "params.yaml", {"generate": {
-            "method": "evol_instruct", "backend": "openai", "model": "fake", "base_url": srv.base_url,
-            "prompt_form": "chat", "num_requests": 3, "evol_instruct": {"rounds": 2}}, "filter": {}})
+            "method": "evol_instruct", "teacher": {"backend": "openai", "model": "fake", "base_url": srv.base_url,
+                                                   "prompt_form": "chat"},
+            "num_requests": 3, "evol_instruct": {"rounds": 2}}, "filter": {}})
         generate.main()
     tasks = pl.read_parquet(in_tmp / "data/generated/tasks-00000.parquet")
     drops = pl.read_parquet(in_tmp / "data/generated/unparsed-00000.parquet")

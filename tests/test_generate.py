@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from stages.generate import GenerateParams, build_prompts, encode_prompt, parse_response, rows_from_records
-from stages.lib.llm.local import Completion
-from stages.lib.llm.teacher import ResponseCache, Sampling, assign_keys, request_key, run_requests
+from stages.lib.llm.cache import ResponseCache, assign_keys, request_key
+from stages.lib.llm.client import run_requests
+from stages.lib.llm.types import Completion, Sampling
 
 SEEDS = [
     {"id": f"s{i}", "instruction": f"Task number {i}:  do  thing {i}", "instances": [{"input": "" if i % 2 else f"in {i}", "output": f"out {i}"}]}
@@ -95,6 +96,8 @@ class CountingBackend:
 
     name = "fake"
     teacher_id = "fake:1"
+    request_fields: dict = {}
+    prompt_form = "completion"
 
     def __init__(self):
         self.calls = 0
@@ -103,7 +106,10 @@ class CountingBackend:
         self.calls += len(prompts)
         return [Completion(" Do X now.\n4. Input:\n<noinput>\n4. Output:\nDone.\n###", "stop", 10, 5) for _ in prompts]
 
-    def run_all(self, requests, sampling, on_done):
+    def check(self):
+        pass
+
+    def run(self, requests, sampling, on_done, report):
         for i in range(0, len(requests), 2):
             batch = requests[i : i + 2]
             for r, c in zip(batch, self.complete([r.prompt for r in batch])):
@@ -219,7 +225,7 @@ def test_chat_prompt_keeps_the_examples_and_asks_for_the_rest_of_the_list():
     assert user.startswith(encode_prompt("HEADER\n", SEEDS[:2]).rsplit("###\n3. Instruction:", 1)[0])
     assert user.endswith("Continue the list with tasks 3 to 20 in exactly the same format (3. Instruction: ..., "
                          "3. Input: ..., 3. Output: ...), separated by ###.")
-    chat, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2, prompt_form="chat"))
+    chat, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2, teacher={"prompt_form": "chat"}))
     completion, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2))
     assert all(isinstance(p, tuple) for p in chat) and all(isinstance(p, str) for p in completion)
 
@@ -270,7 +276,7 @@ def test_documented_examples():
     import yaml
 
     from stages.evaluate import EvaluateParams
-    from stages.lib.llm.openai_api import request_body
+    from stages.lib.llm.openai_wire import request_body
     from tests.support.tiny import ROOT
 
     blocks = dict(re.findall(r"```yaml\n# example: (\S+)\n(.*?)```", (ROOT / "docs/real-teachers.md").read_text(), re.S))
@@ -283,9 +289,10 @@ def test_documented_examples():
             assert e.teacher.system_prompt == "Answer concisely." and e.judge.backend == "openai"
             continue
         p = GenerateParams(**{**{k: v for k, v in asdict(GenerateParams()).items()}, **values})
-        assert p.prompt_form == "chat" and p.backend == "openai"
-        bodies[name] = request_body(p.model, p.prompt_form, "hi", p.max_new_tokens, p.temperature, p.top_p, (), 0,
-                                    p.options)[1]
+        t = p.teacher
+        assert t.prompt_form == "chat" and t.backend == "openai"
+        bodies[name] = request_body(t.model, t.prompt_form, "hi", p.max_new_tokens, p.temperature, p.top_p, (), 0,
+                                    t.options())[1]
     assert bodies["openai-reasoning"]["max_completion_tokens"] == 192 + 2048
     assert bodies["openai-reasoning"]["reasoning_effort"] == "low" and "temperature" not in bodies["openai-reasoning"]
     assert bodies["openai-chat"]["max_tokens"] == 1024 and bodies["vllm"]["top_k"] == 20

@@ -12,7 +12,10 @@ import pytest
 from stages.lib.errors import StageError
 from stages.lib.generation.magpie import (MagpieParams, answer_template, check_endpoint, pre_query_template,
                                           query_reason, raw_prompt, run)
-from stages.lib.llm.teacher import ResponseCache, Sampling, TeacherSession, make_backend
+from stages.lib.llm.backend import make_backend
+from stages.lib.llm.cache import ResponseCache
+from stages.lib.llm.client import ModelClient
+from stages.lib.llm.types import Sampling
 from tests.support.tiny import make_tokenizer, write_params
 
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -95,8 +98,8 @@ def test_a_chat_only_endpoint_stops_before_any_call(in_tmp):
     from stages import generate
 
     with FakeOpenAI() as srv:
-        write_params(in_tmp / "params.yaml", {"generate": {"method": "magpie", "backend": "openai", "model": "m",
-                                                             "base_url": srv.base_url, "prompt_form": "chat"}})
+        write_params(in_tmp / "params.yaml", {"generate": {"method": "magpie", "teacher": {
+            "backend": "openai", "model": "m", "base_url": srv.base_url, "prompt_form": "chat"}}})
         with pytest.raises(StageError, match="chat-only endpoint"):
             generate.main()
         assert srv.requests == []
@@ -112,7 +115,7 @@ def test_tiny_model_end_to_end_through_the_cache(tiny_model, tmp_path):
     m = MagpieParams(query_max_new_tokens=6, answer_max_new_tokens=6, max_ngram_repeats=0, language="")
 
     def session():
-        return TeacherSession(lambda form: make_backend("local", str(tiny_model), form, batch_size=4),
+        return ModelClient(lambda form: make_backend("local", str(tiny_model), form, batch_size=4),
                               ResponseCache(tmp_path / "cache"))
 
     s = session()
@@ -194,7 +197,7 @@ def test_embedded_smollm2_writes_english_queries(e2e_build):
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        s = TeacherSession(lambda form: make_backend("local", str(model), form, batch_size=4), ResponseCache(d))
+        s = ModelClient(lambda form: make_backend("local", str(model), form, batch_size=4), ResponseCache(d))
         tasks, drops, _ = run(s.ask, AutoTokenizer.from_pretrained(model), 4,
                                     MagpieParams(query_max_new_tokens=64, answer_max_new_tokens=64),
                                     Sampling(64, 0.7, 0.9, (), 0))

@@ -10,7 +10,10 @@ import pytest
 
 from stages.lib.errors import StageError
 from stages.generate import rows_from_records
-from stages.lib.llm.teacher import ResponseCache, Sampling, assign_keys, make_backend, run_requests
+from stages.lib.llm.backend import make_backend
+from stages.lib.llm.cache import ResponseCache, assign_keys
+from stages.lib.llm.client import ModelClient, run_requests
+from stages.lib.llm.types import Sampling
 
 TEXT = " Name a fruit that is red.\n4. Input:\n<noinput>\n4. Output:\nA strawberry.\n###"
 
@@ -51,14 +54,11 @@ def server():
 
 
 @pytest.mark.parametrize("form", ["chat", "completion"])
-@pytest.mark.parametrize("transport", ["direct", "sdk"])
-def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monkeypatch, form, transport):
+def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monkeypatch, form):
     secret = "sk-test-" + "x" * 24
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     s = Sampling(64, 0.7, 0.9)
-    from stages.lib.llm.openai_api import ApiLimits
-
-    backend = make_backend("openai", "teacher-x", form, server, limits=ApiLimits(transport=transport))
+    backend = make_backend("openai", "teacher-x", form, server)
     reqs = assign_keys(["p1", "p2", "p3"], backend.teacher_id, form, s)
     recs, stats = run_requests(reqs, backend, ResponseCache(tmp_path / "cache"), s)
     assert stats.teacher_calls == 3 and len(Handler.seen) == 3
@@ -83,13 +83,13 @@ def test_openai_backend_needs_a_key_for_the_public_endpoint(monkeypatch):
 
 # ---------------------------------------------------------------- against servers that behave like OpenAI's
 
-from stages.lib.llm.openai_api import (ApiLimits, RequestOptions, TeacherStop, error_message,  # noqa: E402
-                                       is_reasoning_model, request_body)
-from stages.lib.llm.teacher import provenance  # noqa: E402
+from stages.lib.llm.endpoint import ApiParams  # noqa: E402
+from stages.lib.llm.openai_wire import RequestOptions, error_message, is_reasoning_model, request_body  # noqa: E402
+from stages.lib.llm.types import TeacherStop, provenance  # noqa: E402
 from tests.support.fake_openai import FakeOpenAI  # noqa: E402
 
 KEY = "sk-proj-" + "q7" * 24
-FAST = ApiLimits(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+FAST = ApiParams(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
 
 
 def completions(srv):
@@ -122,11 +122,9 @@ def test_a_reasoning_model_gets_requests_it_accepts_and_its_reasoning_is_counted
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     s = Sampling(64, 0.7, 0.9, ("\n",), seed=1)
     with FakeOpenAI.strict(models=["o4-mini"], api_key=KEY, reasoning_tokens=50) as srv:
-        b = make_backend("openai", "o4-mini", "chat", srv.base_url, limits=FAST,
+        b = make_backend("openai", "o4-mini", "chat", srv.base_url, api=FAST,
                          options=RequestOptions(extra_body={"reasoning_effort": "low"}, reasoning_budget=256))
-        from stages.lib.llm.teacher import TeacherSession
-
-        session = TeacherSession(lambda form: b, ResponseCache(tmp_path))
+        session = ModelClient(lambda form: b, ResponseCache(tmp_path))
         recs = session.ask(["p1", ("You are terse.", "p2")], s, "chat")
     assert all(recs) and session.stats.failed == 0 and session.stats.teacher_calls == 2
     sent = completions(srv)
@@ -149,7 +147,7 @@ def test_the_old_request_shape_is_what_openai_refuses_for_o4_mini(tmp_path, monk
     request is refused with OpenAI's message, and the stage stops before any paid request."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with FakeOpenAI.strict(api_key=KEY) as srv:  # no models list: the check sends one tiny request
-        b = make_backend("openai", "o4-mini", "chat", srv.base_url, limits=FAST, options=RequestOptions("standard"))
+        b = make_backend("openai", "o4-mini", "chat", srv.base_url, api=FAST, options=RequestOptions("standard"))
         reqs = assign_keys(["p1", "p2", "p3"], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         with pytest.raises(TeacherStop, match="HTTP 400 .*Unsupported parameter: 'max_tokens'"):
             run_requests(reqs, b, ResponseCache(tmp_path), Sampling(16, 0.7, 1.0), check=True)
@@ -162,7 +160,7 @@ def test_the_endpoint_check_names_a_wrong_model_key_or_url(tmp_path, monkeypatch
     with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
         url = srv.base_url if case != "url" else "http://127.0.0.1:9/v1"
         model = "gpt-4o-mnii" if case == "model" else "gpt-4o-mini"
-        b = make_backend("openai", model, "chat", url, limits=FAST)
+        b = make_backend("openai", model, "chat", url, api=FAST)
         reqs = assign_keys(["p1", "p2"], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         with pytest.raises(TeacherStop) as e:
             run_requests(reqs, b, ResponseCache(tmp_path), Sampling(16, 0.7, 1.0), check=True)
@@ -174,12 +172,11 @@ def test_the_endpoint_check_names_a_wrong_model_key_or_url(tmp_path, monkeypatch
     assert not completions(srv)  # nothing was paid for
 
 
-@pytest.mark.parametrize("transport", ["direct", "sdk"])
-def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch, transport):
+def test_a_fatal_error_stops_the_run_with_the_servers_message(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=KEY) as srv:
         b = make_backend("openai", "gpt-4o-mnii", "chat", srv.base_url,
-                         limits=ApiLimits(concurrency=2, backoff_base_s=0.01, timeout_s=5.0, transport=transport))
+                         api=ApiParams(concurrency=2, backoff_base_s=0.01, timeout_s=5.0))
         reqs = assign_keys([f"p{i}" for i in range(20)], b.teacher_id, "chat", Sampling(16, 0.7, 1.0))
         cache = ResponseCache(tmp_path)
         with pytest.raises(TeacherStop) as e:  # no check: the run itself meets the 404
@@ -202,3 +199,72 @@ def test_error_messages_are_truncated_and_keys_redacted():
     assert len(msg) <= 300
     assert error_message(b"<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
     assert "secret-token-1234" not in error_message(b"Authorization: Bearer secret-token-1234 refused")
+
+
+# ---------------------------------------------------------------- the typed client
+
+
+def test_a_response_body_is_one_declared_completion():
+    from dataclasses import fields
+
+    from stages.lib.llm.openai_wire import completion_from_body
+    from stages.lib.llm.types import Completion
+
+    body = {"id": "chatcmpl-9", "model": "o4-mini-2025-04-16", "system_fingerprint": "fp_9",
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "completion_tokens_details": {"reasoning_tokens": 9}}}
+    c = completion_from_body(body, "chat")
+    assert (c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) == ("hi", "length", 5, 9)
+    assert c.reasoning_tokens == 9  # inside completion_tokens, never more than it
+    assert (c.response_id, c.served_model, c.system_fingerprint, c.reasoning, c.logprobs) == \
+        ("chatcmpl-9", "o4-mini-2025-04-16", "fp_9", None, None)
+    assert {f.name for f in fields(Completion)} >= {"reasoning", "logprobs", "served_model", "system_fingerprint"}
+    with pytest.raises(AttributeError):
+        c.undeclared = 1  # slotted: nothing is pinned on at run time
+
+
+def test_client_stats_sum_every_round_and_keep_the_metrics_keys(tmp_path, monkeypatch):
+    """Two rounds on one client: calls, tokens, failures and the online client's retries add up, and
+    `metrics()` writes the keys generate's metrics always had."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FakeOpenAI(faults={0: "500", 3: "429"}, retry_after=0.01, usage=(11, 7)) as srv:
+        b = make_backend("openai", "teacher-x", "chat", srv.base_url, api=FAST)
+        client = ModelClient(lambda form: b, ResponseCache(tmp_path))
+        assert all(client.ask(["a", "b"], Sampling(16, 0.7, 1.0), "chat"))
+        assert all(client.ask(["c", "d", "a"], Sampling(16, 0.7, 1.0), "chat"))
+    s = client.stats
+    assert (s.requests, s.cache_hits, s.teacher_calls, s.failed) == (5, 1, 4, 0)
+    assert (s.prompt_tokens, s.completion_tokens) == (4 * 11, 4 * 7)  # counted once, from the answers
+    assert s.api["sent"] == 6 and s.api["retries"] == 2 and s.api["errors"] == {"http_500": 1, "http_429": 1}
+    assert s.by_finish == {"stop": 5}
+    m = client.metrics()
+    assert set(m) == {"requests", "cache_hits", "teacher_calls", "failed", "failed_by_reason", "failure_messages",
+                      "finish_reasons", "prompt_tokens_called", "completion_tokens_called", "reasoning_tokens_called",
+                      "completion_tokens_per_s", "cost_usd_called", "api_requests_sent", "api_retries", "api_errors",
+                      "api_error_messages", "api_not_sent"}
+    assert m["api_requests_sent"] == 6 and m["api_errors"] == {"http_500": 1, "http_429": 1}
+
+
+@pytest.mark.parametrize("section, key, line", [
+    ("generate", "model", "generate.model: moved to generate.teacher.model"),
+    ("generate", "base_url", "generate.base_url: moved to generate.teacher.base_url"),
+    ("generate", "concurrency", "generate.concurrency: moved to generate.api.concurrency"),
+    ("generate", "max_cost_usd", "generate.max_cost_usd: moved to generate.api.max_cost_usd"),
+    ("generate", "api_transport",
+     "generate.api_transport: removed (one HTTP stack, aiohttp, for every online request)"),
+    ("select", "concurrency", "select.concurrency: moved to select.api.concurrency"),
+])
+def test_an_old_key_fails_with_one_line_naming_its_new_place(tmp_path, section, key, line):
+    import yaml
+
+    from stages.generate import GenerateParams
+    from stages.lib.params import load_params
+    from stages.select import SelectParams
+    from tests.support.tiny import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params[section][key] = "x"  # what `dvc exp run -S generate.model=x` writes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(StageError) as e:
+        load_params({"generate": GenerateParams, "select": SelectParams}[section], section, tmp_path / "params.yaml")
+    assert str(e.value) == f"{tmp_path / 'params.yaml'}: {line}"

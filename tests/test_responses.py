@@ -9,7 +9,7 @@ import pytest
 from stages.lib.errors import StageError
 from stages.lib.formats import read_prompts
 from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, run
-from stages.lib.llm.teacher import Sampling
+from stages.lib.llm.types import Sampling
 from tests.support.tiny import shared
 
 S = Sampling(64, 0.7, 0.9, seed=1)

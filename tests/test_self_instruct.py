@@ -9,7 +9,7 @@ from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEAD
                                   SelfInstructParams, bootstrap, bootstrap_prompt, classify_examples, classify_prompt,
                                   filter_instances, instance_prompt, parse_classification, parse_instances,
                                   parse_instructions, run, sample_in_context)
-from stages.lib.llm.teacher import Sampling
+from stages.lib.llm.types import Sampling
 
 SEEDS = [
     {"id": f"seed_task_{i}", "instruction": inst, "is_classification": clf,

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.llm.openai_api import ApiLimits, Price, TokenBucket, parse_duration, wait_from_headers
-from stages.lib.llm.teacher import OpenAIBackend, ResponseCache, Sampling, assign_keys, run_requests
+from stages.generate import GenerateParams
+from stages.lib.llm.backend import make_backend
+from stages.lib.llm.cache import ResponseCache, assign_keys
+from stages.lib.llm.client import run_requests
+from stages.lib.llm.endpoint import ApiParams, Price
+from stages.lib.llm.openai_online import TokenBucket
+from stages.lib.llm.openai_wire import parse_duration, wait_from_headers
+from stages.lib.llm.types import Sampling
+from tests.support.params import set_keys
 from tests.support.tiny import ROOT
 from tests.support.fake_openai import FakeOpenAI
 
@@ -29,7 +36,7 @@ def api_key(monkeypatch):
 
 
 def backend(server, form="chat", price=None, **limits):
-    return OpenAIBackend("teacher-x", server.base_url, form, ApiLimits(**{**FAST, **limits}), price)
+    return make_backend("openai", "teacher-x", form, server.base_url, api=ApiParams(**{**FAST, **limits}), price=price)
 
 
 def completion_requests(server):
@@ -48,20 +55,19 @@ def test_parse_rate_limit_headers():
     assert wait_from_headers({"x-ratelimit-remaining-requests": "5"}) is None
 
 
-@pytest.mark.parametrize("transport", ["direct", "sdk"])
-def test_every_fault_is_retried_until_answered(tmp_path, transport):
+def test_every_fault_is_retried_until_answered(tmp_path):
     faults = {0: "429", 1: "500", 2: "timeout", 3: "drop", 4: "invalid_json", 5: "truncated_json", 6: "missing_choices",
               7: "503"}
     with FakeOpenAI(faults=faults, retry_after=0.05) as server:
         reqs = assign_keys(prompts(6), "t", "chat", S)
-        api = backend(server, concurrency=2, max_attempts=10, transport=transport, timeout_s=2.0)
+        api = backend(server, concurrency=2, max_attempts=10, timeout_s=2.0)
         recs, stats = run_requests(reqs, api, ResponseCache(tmp_path), S)
     assert all(r is not None for r in recs) and stats.failed == 0 and stats.teacher_calls == 6
     # each injected fault cost one retry (a slow machine may add a timeout of its own, never fewer)
     errors = stats.api["errors"]
     assert stats.api["retries"] == sum(errors.values()) >= 8, errors
     assert errors["http_429"] == 1 and errors["http_500"] == 1 and errors["http_503"] == 1, errors
-    # a dropped connection may read as a connection error or as a timeout, depending on the transport: both are retried
+    # a dropped connection may read as a connection error or as a timeout: both are retried
     assert errors.get("timeout", 0) + errors.get("connection", 0) >= 2, errors
     assert sum(v for k, v in errors.items() if k.startswith("malformed")) == 3, errors
 
@@ -133,8 +139,9 @@ def test_budget_stops_before_it_is_exceeded(tmp_path):
         api = backend(server, price=price, concurrency=1, max_cost_usd=worst * 3.5)
         recs, stats = run_requests(reqs, api, ResponseCache(tmp_path), S, price)
         sent = len(completion_requests(server))
-    assert stats.api["cost_usd"] == pytest.approx(sent * price.cost(10, 30))
-    assert stats.api["cost_usd"] <= worst * 3.5
+    assert stats.prompt_tokens == sent * 10 and stats.completion_tokens == sent * 30  # counted once, by the client
+    assert price.cost(stats.prompt_tokens, stats.completion_tokens) <= worst * 3.5
+    assert api.spent_usd == pytest.approx(sent * price.cost(10, 30))
     assert sent == 4 and stats.failed_by_reason == {"budget": 6}
 
 
@@ -176,8 +183,8 @@ def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
     for f in ("seed_tasks.jsonl", "prompts/generate_prompt.txt"):
         (tmp_path / "seeds" / f).write_bytes((ROOT / "seeds" / f).read_bytes())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["generate"].update({"backend": "openai", "model": "teacher-x", "base_url": base_url, "prompt_form": "chat",
-                               **generate})
+    set_keys(params["generate"], GenerateParams, **{"backend": "openai", "model": "teacher-x", "base_url": base_url,
+                                                    "prompt_form": "chat", **generate})
     # generate also reads filter's rule params (self-instruct's bootstrap)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate", "filter")}))
     subprocess.run([sys.executable, "-m", "stages.seeds"], cwd=tmp_path, env=stage_env(), check=True, capture_output=True)
@@ -247,7 +254,7 @@ def test_stage_fails_above_the_failure_rate_then_retries_only_the_failed(tmp_pat
     assert not (proj / "data" / "generated").exists()
     with FakeOpenAI(models=["teacher-x"]) as good:
         params = yaml.safe_load((proj / "params.yaml").read_text())
-        params["generate"]["base_url"] = good.base_url
+        params["generate"]["teacher"]["base_url"] = good.base_url
         (proj / "params.yaml").write_text(yaml.safe_dump(params))
         out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
                              text=True)
@@ -266,10 +273,10 @@ def test_expired_batch_is_resubmitted(tmp_path):
 
 
 def test_default_endpoint_is_used_and_the_cache_key_names_only_the_model():
-    b = OpenAIBackend("gpt-4o-mini", None, "chat")
+    b = make_backend("openai", "gpt-4o-mini", "chat", None)
     assert b.teacher_id == "openai:gpt-4o-mini"  # the URL is not part of a request's identity
     assert str(b.batch_client().base_url).rstrip("/") == "https://api.openai.com/v1"
-    assert b.api.base_url == "https://api.openai.com/v1"
+    assert b.base_url == "https://api.openai.com/v1"
 
 
 # ---------------------------------------------------------------- errors users can act on, and reasoning models, at the stage
@@ -289,7 +296,7 @@ def test_a_wrong_model_or_key_stops_the_stage_with_the_servers_words(tmp_path, c
     with FakeOpenAI.strict(models=["gpt-4o-mini"], api_key=key) as srv:
         proj = setup_project(tmp_path, srv.base_url, num_requests=8)
         params = yaml.safe_load((proj / "params.yaml").read_text())
-        params["generate"]["model"] = "gpt-4o-mnii" if case == "model" else "gpt-4o-mini"
+        params["generate"]["teacher"]["model"] = "gpt-4o-mnii" if case == "model" else "gpt-4o-mini"
         (proj / "params.yaml").write_text(yaml.safe_dump(params))
         out = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(), capture_output=True,
                              text=True)

@@ -14,14 +14,16 @@ from dataclasses import asdict
 import pytest
 
 from stages.lib.errors import StageError
-from stages.lib.llm.openai_api import ApiLimits
+from stages.lib.llm.backend import make_backend
+from stages.lib.llm.cache import ResponseCache, assign_keys, request_key
+from stages.lib.llm.client import ModelClient, run_requests
+from stages.lib.llm.endpoint import ApiParams
 from stages.lib.llm.store import STORE_ENV, TeacherStore, store_dir
-from stages.lib.llm.teacher import (OpenAIBackend, ResponseCache, Sampling, TeacherSession, assign_keys, request_key,
-                                    run_requests)
+from stages.lib.llm.types import Sampling
 from tests.support.fake_openai import FakeOpenAI, _last_user_text
 
 S = Sampling(64, 0.7, 1.0, seed=3)
-FAST = ApiLimits(concurrency=2, max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+FAST = ApiParams(concurrency=2, max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +32,7 @@ def api_key(monkeypatch):
 
 
 def api(server, model="teacher-x", form="chat"):
-    return OpenAIBackend(model, server.base_url, form, FAST)
+    return make_backend("openai", model, form, server.base_url, api=FAST)
 
 
 def sent(server) -> list[str]:
@@ -43,7 +45,7 @@ def prompts(n, tag="p"):
 
 
 def ask(server, cache, ps, sampling=S, model="teacher-x", teacher_id=None):
-    session = TeacherSession(lambda form: api(server, model, form), cache, teacher_id=teacher_id)
+    session = ModelClient(lambda form: api(server, model, form), cache, teacher_id=teacher_id)
     return session.ask(ps, sampling, "chat"), session.stats
 
 

@@ -54,12 +54,18 @@ def params_from_dict(cls: type[T], values: Any, where: str = "params") -> T:
     """`cls(**values)` after checking and converting every value against its annotation.
 
     Errors are one line naming the dotted key, e.g. `train.learning_rate: expected float, got 'fast'`.
+    A key listed in the class's `MOVED` ({old key: new dotted key under the section, or "removed: why"})
+    fails with one line naming its new place, e.g. `generate.model: moved to generate.teacher.model`.
     """
     if isinstance(values, cls):
         return values
     if not isinstance(values, dict):
         raise StageError(f"{where}: expected a mapping of {cls.__name__} keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "MOVED", {})  # old key -> its new place under `where`, or why it went
+    for k in sorted(set(values) & set(moved)):
+        new = moved[k]
+        raise StageError(f"{where}.{k}: {new}" if new.startswith("removed") else f"{where}.{k}: moved to {where}.{new}")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise StageError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")

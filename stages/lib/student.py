@@ -5,7 +5,7 @@ base model and `report` counts lengths in its tokens, all from `student.model`, 
 `dvc exp run -S student.model=meta-llama/Llama-3.1-8B` changes them together (the stages
 declare `params: [<stage>, student]` in dvc.yaml). The default is the embedded SmolLM2-135M
 that the `teacher_model` stage materialises in `models/teacher`: out of the box the teacher
-distils into a copy of itself. The teacher that writes the data is set apart (`generate.model`,
+distils into a copy of itself. The teacher that writes the data is set apart (`generate.teacher.model`,
 `evaluate.teacher`, `evaluate.judge`), so changing the student leaves it alone.
 """
 

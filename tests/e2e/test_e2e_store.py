@@ -20,7 +20,9 @@ import yaml
 
 from tests.support.tiny import ROOT
 from tests.support.fake_openai import FakeOpenAI, _last_user_text
+from stages.generate import GenerateParams
 from tests.support.e2e import sh
+from tests.support.params import set_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -39,8 +41,8 @@ def make_repo(root: Path, teacher: FakeOpenAI, **generate) -> Path:
     (repo / "dvc.yaml").write_text(yaml.safe_dump(
         {"stages": {k: pipeline["stages"][k] for k in ("seeds", "generate")}}, sort_keys=False))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["generate"].update({"backend": "openai", "base_url": teacher.base_url, "model": "fake", "num_requests": N,
-                               "concurrency": 1, "max_attempts": 1, **generate})
+    set_keys(params["generate"], GenerateParams, **{"backend": "openai", "base_url": teacher.base_url, "model": "fake",
+                                                    "num_requests": N, "concurrency": 1, "max_attempts": 1, **generate})
     # generate also reads filter's rule params (self-instruct's bootstrap; declared in dvc.yaml)
     (repo / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate", "filter")},
                                                      sort_keys=False))

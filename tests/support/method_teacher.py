@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
+from stages.generate import GenerateParams
 from tests.support.e2e import sh
+from tests.support.params import set_keys
 from tests.support.fake_openai import FakeOpenAI, _last_user_text
 from tests.support.tiny import ROOT
 
@@ -56,8 +58,8 @@ def make_repo(root: Path, teacher: FakeOpenAI, generate: dict) -> Path:
     (repo / "models/teacher").mkdir(parents=True)
     (repo / "models/teacher/unused").write_text("the fake teacher is an API")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for k, v in {"backend": "openai", "base_url": teacher.base_url, "model": "fake", **generate}.items():
-        params["generate"][k] = {**params["generate"][k], **v} if isinstance(v, dict) else v
+    set_keys(params["generate"], GenerateParams, **{"backend": "openai", "base_url": teacher.base_url, "model": "fake",
+                                                    **generate})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in [("git", "init", "-q"), ("git", "config", "user.email", "ci@example.com"),
                  ("git", "config", "user.name", "ci"), ("dvc", "init", "-q")]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from stages.lib.errors import check
-from stages.lib.llm.teacher import Sampling, provenance
+from stages.lib.llm.types import Sampling, provenance
 
 _DEPTH = ("I want you act as a Prompt Rewriter.\n"
           "Your objective is to rewrite a given prompt into a more complex version to make those famous AI systems "

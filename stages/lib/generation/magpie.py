@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from stages.lib.errors import StageError, check
-from stages.lib.llm.teacher import Sampling, provenance
+from stages.lib.llm.types import Sampling, provenance
 
 SENTINEL = "STILLHOUSEMAGPIESENTINEL"
 EXTRA_COLUMNS = {"magpie_turns": pl.Int64, "messages_json": pl.String}
@@ -40,7 +40,7 @@ EXTRA_COLUMNS = {"magpie_turns": pl.Int64, "messages_json": pl.String}
 @dataclass
 class MagpieParams:
     tokenizer: str | None = None
-    """Where the teacher's chat template comes from: null means `generate.model` (the local model dir);
+    """Where the teacher's chat template comes from: null means `generate.teacher.model` (the local model dir);
     a completion endpoint needs its model's tokenizer here (a local dir or a hub id)."""
     turns: int = 1
     """User turns per conversation (1: single-turn; more: the teacher continues the conversation)."""

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from stages.lib.errors import check
-from stages.lib.llm.teacher import Sampling
+from stages.lib.llm.types import Sampling
 from stages.lib.tokens.templates import user_message
 
 SELECT = ("first", "longest", "judge")
@@ -62,7 +62,7 @@ def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling, system
 
     `system`: the answers' system message (empty: none, the prompt is the only message)."""
     from stages.lib.generation.self_instruct import count
-    from stages.lib.llm.teacher import provenance
+    from stages.lib.llm.types import provenance
 
     ans_sampling = Sampling(r.max_new_tokens, sampling.temperature, sampling.top_p, (), sampling.seed)
     asked = [(system, chat_prompt(p)) if system else chat_prompt(p) for p in prompts]

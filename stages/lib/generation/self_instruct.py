@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from stages.lib.errors import check
 from stages.lib.generation.chat import clean, unmarkdown
-from stages.lib.llm.teacher import Sampling, provenance
+from stages.lib.llm.types import Sampling, provenance
 
 FORMS = ("completion", "chat")
 BOOTSTRAP_HEADER = "Come up with a series of tasks:\n"

@@ -1,23 +1,17 @@
-"""Local Hugging Face causal LMs: load once, generate in left-padded batches.
+"""Local Hugging Face causal LMs: load once, generate in left-padded batches, and `LocalBackend`, the
+client's backend for a model on this machine (teacher, judge, or `evaluate`'s student).
 
-Used by the local teacher backend (`stages/teacher.py`) and by `evaluate` for the
-student's answers.
+`load_model` is also what `select` (IFD) and `evaluate` (validation loss) load models with.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
+from stages.lib.llm.backend import OnDone, RunReport
+from stages.lib.llm.types import Completion, Request, Sampling, chat_messages, prompt_text
 
 
 def pick_device(device: str = "auto") -> str:
@@ -102,3 +96,50 @@ def generate(
                 text, reason = text[: text.index(s)], "stop"
         results.append(Completion(text, reason, n_prompt, len(ids) + int(hit_eos)))
     return results
+
+
+class LocalBackend:
+    """A transformers model on this machine; prompts are completed in left-padded batches of `batch_size`."""
+
+    request_fields: dict = {}
+
+    def __init__(self, model: str, prompt_form: str, dtype: str = "float32", batch_size: int = 8, device: str = "auto"):
+        self._load_args, self._loaded = (model, dtype, device), None
+        self.name = model
+        self.teacher_id = f"local:{fingerprint(model)}"
+        self.prompt_form = prompt_form
+        self.batch_size = batch_size
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    @property
+    def tok(self):
+        return self._load()[1]
+
+    def _load(self):
+        """The model is loaded on first use: a run served from the cache never loads it."""
+        if self._loaded is None:
+            self._loaded = load_model(*self._load_args)
+        return self._loaded
+
+    def render(self, prompt) -> str:
+        if self.prompt_form == "chat":
+            return self.tok.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return prompt_text(prompt)
+
+    def complete(self, prompts: list, sampling: Sampling, seed: int) -> list[Completion]:
+        return generate(self.model, self.tok, [self.render(p) for p in prompts], sampling.max_new_tokens,
+                        sampling.temperature, sampling.top_p, seed, list(sampling.stop) or None,
+                        add_special_tokens=self.prompt_form != "chat")
+
+    def check(self) -> None:
+        pass
+
+    def run(self, requests: list[Request], sampling: Sampling, on_done: OnDone, report: RunReport) -> None:
+        for i in range(0, len(requests), self.batch_size):
+            batch = requests[i : i + self.batch_size]
+            for req, comp in zip(batch, self.complete([r.prompt for r in batch], sampling,
+                                                      sampling.seed + int(batch[0].key[:8], 16))):
+                on_done(req, comp, None)

@@ -1,101 +1,109 @@
-"""OpenAI Batch API mode (half price): submit uncached requests as batch jobs, collect them later.
+"""The Batch API backend (half price): submit uncached requests as batch jobs, collect them later.
 
-One round, run by `generate` before it reads the cache:
-1. every batch job recorded in the cache folder (`batches-*.jsonl`) that still holds
-   uncached requests is retrieved; a finished job's output lines become cache entries
-   (custom_id = the request's cache key), its error lines become failure records;
-2. uncached requests that are in no running job (new ones, and failed or expired ones)
-   are submitted as new jobs, recorded in the cache folder at once;
-3. what is still running is reported, and `generate` stops with a message saying so:
-   the next `dvc repro` collects it.
+One round, run by the client when `batch_api` is set:
+1. every batch job in the cache's ledger (`cache.BatchLedger`) that still holds uncached requests is
+   retrieved; a finished job's output lines become answers (custom_id = the request's cache key),
+   its error lines become failures, and the job is marked collected;
+2. uncached requests that are in no running job (new ones, and failed or expired ones) are
+   submitted as new jobs, recorded in the ledger at once;
+3. what is still running is reported (`RunReport.running`), and `generate` stops with a message
+   saying so: the next `dvc repro` collects it.
+Each line's body is built by `openai_wire.request_body`, as the online client builds it; the files
+and batches endpoints are called through the `openai` package.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 
+from stages.lib.llm.backend import OnDone, RunReport
+from stages.lib.llm.cache import BatchLedger
+from stages.lib.llm.openai_online import OnlineBackend
+from stages.lib.llm.openai_wire import completion_from_body, error_message, request_body
+from stages.lib.llm.types import Request, Sampling
 from stages.lib.progress import log
-from stages.lib.llm.openai_api import completion_from_body, error_message, request_body
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
-@dataclass
-class BatchRound:
-    collected: int = 0
-    failed: dict = field(default_factory=dict)
-    submitted: int = 0
-    running: dict = field(default_factory=dict)  # batch id -> status line
+class BatchBackend:
+    """The Batch API for the endpoint of `online` (its model, form, options, key and URL)."""
 
+    def __init__(self, online: OnlineBackend, ledger: BatchLedger, max_per_job: int = 50_000):
+        self.online, self.ledger, self.max_per_job = online, ledger, max_per_job
+        self.name, self.teacher_id, self.prompt_form = online.name, online.teacher_id, online.prompt_form
+        self.request_fields = online.request_fields
 
-def batch_round(client, requests, sampling, cache, prompt_form: str, model: str, on_done, max_per_job: int = 50_000,
-                options=None) -> BatchRound:
-    """Collect finished jobs into the cache (through `on_done`), submit what is left; see the module doc.
+    def check(self) -> None:
+        self.online.check()
 
-    Each line's body is built by `openai_api.request_body`, as the synchronous client builds it."""
-    out = BatchRound()
-    by_key = {r.key: r for r in requests}
-    waiting = {k for k in by_key if cache.get(k) is None}
-    in_running_job: set[str] = set()
-    for job in cache.batches:
-        keys = set(job["custom_ids"]) & waiting
-        if not keys or job["batch_id"] in cache.batches_done:
-            continue
-        b = client.batches.retrieve(job["batch_id"])
+    def run(self, requests: list[Request], sampling: Sampling, on_done: OnDone, report: RunReport) -> None:
+        """Collect finished jobs (through `on_done`), submit what is left; see the module doc."""
+        client = self.online.batch_client()
+        by_key = {r.key: r for r in requests}
+        waiting = set(by_key)  # neither answered nor in a running job: (re)submitted at the end
+        for job in self.ledger.open_jobs():
+            keys = set(job["custom_ids"]) & waiting
+            if keys:
+                waiting -= self._collect(client, job["batch_id"], keys, by_key, on_done, report)
+        self._submit(client, [r for r in requests if r.key in waiting], sampling, report)
+        for bid, status in report.running.items():
+            log(f"teacher batch {bid}: {status}")
+
+    def _collect(self, client, batch_id: str, keys: set[str], by_key: dict, on_done: OnDone, report: RunReport):
+        """Answer `keys` from a finished job and return those answered, or note the job running and return
+        all `keys` (they are not sent again). A failed key is left to be submitted again."""
+        b = client.batches.retrieve(batch_id)
         if b.status in RUNNING:
             counts = b.request_counts
-            done = f"{counts.completed}/{counts.total}" if counts else "?"
-            out.running[b.id] = f"{b.status}, {done} done"
-            in_running_job |= keys
-            continue
+            report.running[b.id] = f"{b.status}, {f'{counts.completed}/{counts.total}' if counts else '?'} done"
+            return keys
+        answered, ok = set(), set()
         for file_id, is_error in ((b.output_file_id, False), (b.error_file_id, True)):
             if not file_id:
                 continue
             for line in client.files.content(file_id).text.splitlines():
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
+                rec = json.loads(line) if line.strip() else {}
                 key = rec.get("custom_id")
-                if key not in keys:
+                if key not in keys or key in answered:
                     continue
+                answered.add(key)
                 resp = rec.get("response") or {}
                 if not is_error and resp.get("status_code") == 200:
                     try:
-                        on_done(by_key[key], completion_from_body(resp["body"], prompt_form), None)
-                        out.collected += 1
+                        comp = completion_from_body(resp["body"], self.prompt_form)
                     except (KeyError, IndexError, TypeError, ValueError):
-                        reason = "batch:malformed"
-                        on_done(by_key[key], None, reason)
-                        out.failed[reason] = out.failed.get(reason, 0) + 1
+                        self._fail(by_key[key], "batch:malformed", "", on_done, report)
+                        continue
+                    on_done(by_key[key], comp, None)
+                    ok.add(key)
+                    report.counts.add("collected")
                 else:
                     err = rec.get("error") or (resp.get("body") or {}).get("error") or {}
                     reason = "batch:" + ((rec.get("error") or {}).get("code") or f"http_{resp.get('status_code')}")
-                    message = error_message({"error": err}) if err else ""
-                    on_done(by_key[key], None, f"{reason}: {message}" if message else reason)
-                    out.failed[reason] = out.failed.get(reason, 0) + 1
-                keys.discard(key)
-        for key in keys:  # neither in the output nor in the error file
-            reason = f"batch:{b.status}"
-            on_done(by_key[key], None, reason)
-            out.failed[reason] = out.failed.get(reason, 0) + 1
-        cache.batch_done(b.id)
-    todo = [by_key[k] for k in by_key if cache.get(k) is None and k not in in_running_job]
-    endpoint = "/v1/chat/completions" if prompt_form == "chat" else "/v1/completions"
-    for i in range(0, len(todo), max_per_job):
-        chunk = todo[i : i + max_per_job]
-        lines = [json.dumps({"custom_id": r.key, "method": "POST", "url": endpoint,
-                             "body": request_body(model, prompt_form, r.prompt, sampling.max_new_tokens,
-                                                  sampling.temperature, sampling.top_p, sampling.stop,
-                                                  sampling.seed + r.draw, options)[1]})
-                 for r in chunk]
-        f = client.files.create(file=("requests.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
-        b = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
-        cache.add_batch({"batch_id": b.id, "input_file_id": f.id, "custom_ids": [r.key for r in chunk],
-                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        out.submitted += len(chunk)
-        out.running[b.id] = f"submitted, {len(chunk)} requests"
-    for bid, status in out.running.items():
-        log(f"teacher batch {bid}: {status}")
-    return out
+                    self._fail(by_key[key], reason, error_message({"error": err}) if err else "", on_done, report)
+        for key in [k for k in by_key if k in keys and k not in answered]:  # in neither the output nor the errors
+            self._fail(by_key[key], f"batch:{b.status}", "", on_done, report)
+        self.ledger.collected(b.id)
+        return ok
+
+    @staticmethod
+    def _fail(req: Request, reason: str, message: str, on_done: OnDone, report: RunReport) -> None:
+        on_done(req, None, f"{reason}: {message}" if message else reason)
+        report.counts.add(f"failed:{reason}")
+
+    def _submit(self, client, todo: list[Request], sampling: Sampling, report: RunReport) -> None:
+        form, model, options = self.prompt_form, self.online.model, self.online.options
+        endpoint = "/v1/chat/completions" if form == "chat" else "/v1/completions"
+        for i in range(0, len(todo), self.max_per_job):
+            chunk = todo[i : i + self.max_per_job]
+            lines = [json.dumps({"custom_id": r.key, "method": "POST", "url": endpoint,
+                                 "body": request_body(model, form, r.prompt, sampling.max_new_tokens,
+                                                      sampling.temperature, sampling.top_p, sampling.stop,
+                                                      sampling.seed + r.draw, options)[1]})
+                     for r in chunk]
+            f = client.files.create(file=("requests.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+            b = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
+            self.ledger.add(b.id, f.id, [r.key for r in chunk])
+            report.counts.add("submitted", len(chunk))
+            report.running[b.id] = f"submitted, {len(chunk)} requests"

@@ -1,4 +1,7 @@
-"""The teacher store: every paid response and Batch job id, also kept outside the repository.
+"""Where answers are written: the teacher store outside the repository (`TeacherStore`) and the
+workspace cache's append-only run files (`RunFiles`, read by `stages.lib.llm.cache`).
+
+The teacher store keeps every paid response and Batch job id outside the repository.
 
 `dvc exp run --temp` and queued experiments run in a copy of the workspace that DVC deletes when
 the run fails (generate fails on its failure rate, its budget or a Batch job still running), and
@@ -17,7 +20,7 @@ Layout (content-addressed, write-once files; see docs/teacher-cache.md):
     v1/batches/<batch id>.json                                          a submitted Batch job: id, input file, keys
     v1/batches/<batch id>.done                                          the job's results were collected
 
-`identity` is the request's identity without its token limit (`teacher.identity_key`), so the
+`identity` is the request's identity without its token limit (`cache.identity_key`), so the
 answers to one request under every `max_new_tokens` sit side by side (a million answers make
 about 15 files per folder). Each file is written to a
 unique temporary name in its folder and renamed into place, so readers never see half a file and
@@ -30,11 +33,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from stages.lib.errors import StageError
 from stages.lib.progress import log
+from stages.lib.text.clean import clean_json
 
 STORE_ENV = "STILLHOUSE_TEACHER_STORE"
 LAYOUT = "v1"
@@ -144,3 +150,65 @@ class TeacherStore:
 
     def batch_done(self, batch_id: str) -> None:
         _write_once(self.base / "batches" / f"{_batch_name(batch_id)}.done", b"", durable=True)
+
+
+class RunFiles:
+    """One run's append-only files in a cache folder, `<kind>-<time>-<pid>.jsonl`, flushed per record (so
+    a killed process loses nothing written), fsynced at most every `fsync_every_s`; and the mirror of
+    what is written into the store, where a failing store is reported once and never loses an answer."""
+
+    def __init__(self, path: Path, fsync_every_s: float = 1.0, store: TeacherStore | None = None):
+        self.dir = path
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        self._store, self._store_failed = store, False
+        self._open: dict[str, object] = {}
+        self._fsync_every_s, self._synced = fsync_every_s, time.monotonic()
+
+    def read(self, kind: str):
+        """Every record of every run's `kind` file, oldest file first; a line cut short by a crash is skipped."""
+        for f in sorted(self.dir.glob(f"{kind}-*.jsonl")):
+            text = f.read_bytes().decode("utf-8", "replace")
+            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a line
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or not ("key" in rec or "batch_id" in rec):
+                        raise ValueError
+                except ValueError:
+                    log(f"teacher cache: {f}:{lineno}: incomplete entry skipped")
+                    continue
+                yield clean_json(rec)
+
+    def append(self, kind: str, rec: dict) -> None:
+        f = self._open.get(kind)
+        if f is None:
+            f = self._open[kind] = open(self.dir / f"{kind}-{self.run}.jsonl", "a", encoding="utf-8")
+        f.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+        f.flush()  # in the OS now: survives the process being killed
+        if time.monotonic() - self._synced > self._fsync_every_s:
+            self.sync()
+
+    def mirror(self, write: Callable[..., None], *args) -> None:
+        """`write(store, *args)` (a TeacherStore method) when there is a store."""
+        if self._store is None:
+            return
+        try:
+            write(self._store, *args)
+        except OSError as e:
+            if not self._store_failed:
+                log(f"teacher store {self._store.root}: cannot write ({e}); answers are kept in {self.dir} only")
+            self._store_failed = True
+
+    def sync(self) -> None:
+        for f in self._open.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        for f in self._open.values():
+            f.close()
+        self._open = {}
