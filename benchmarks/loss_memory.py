@@ -22,25 +22,28 @@ from benchmarks.memory_util import peak_since_reset_mb, reset_peak, run_arm
 def inputs(tokens: int, hidden: int, vocab: int, seed: int = 0):
     import torch
 
+    from stages.lib.training.loss import IGNORE_INDEX
+
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(1, tokens + 1, hidden, generator=g) * 0.5).requires_grad_()
     head = torch.nn.Linear(hidden, vocab, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(vocab, hidden, generator=g) * hidden**-0.5)
     targets = torch.randint(0, vocab, (1, tokens), generator=g)
-    targets[:, : tokens // 4] = -100  # a masked prompt
+    targets[:, : tokens // 4] = IGNORE_INDEX  # a masked prompt
     return h, head, targets
 
 
 def loss_of(kind: str, h, head, targets, chunk: int):
     import torch.nn.functional as F
 
-    from stages.lib.training.loss import chunked_cross_entropy_sum
+    from stages.lib.training.loss import IGNORE_INDEX, chunked_cross_entropy_sum
 
     if kind == "chunked":
         return chunked_cross_entropy_sum(h[:, :-1], head, targets, chunk)
     logits = head(h[:, :-1]).float()
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def arm(a) -> dict:

@@ -41,7 +41,7 @@ def efficiency(lengths, batches) -> float:
 
 
 def main() -> None:
-    from stages.lib.tokens.arrays import pack
+    from stages.lib.training.batches import pack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="data/tokens")
@@ -85,10 +85,10 @@ def main() -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from stages.lib.tokens.arrays import collate, collate_packed, masked_loss_sum
+        from stages.lib.training.batches import collate, collate_packed, masked_loss_sum, pad_id
 
         tok = AutoTokenizer.from_pretrained(args.model)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = pad_id(tok)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         rows_per_batch = max(1, round(args.batch_size * np.mean(lengths) / args.width))
         runs = {

@@ -32,7 +32,7 @@ ARMS = {"dense": "dense 4-D float mask (fallback), SDPA",
 
 
 def batch_rows(n_rows: int, width: int, vocab: int, seed: int = 0):
-    from stages.lib.tokens.arrays import pack
+    from stages.lib.training.batches import pack
 
     rng = np.random.default_rng(seed)
     examples, total = [], 0
@@ -49,7 +49,7 @@ def batch_rows(n_rows: int, width: int, vocab: int, seed: int = 0):
 def arm(a) -> dict:
     import torch
 
-    from stages.lib.tokens.arrays import collate_packed, masked_loss_sum
+    from stages.lib.training.batches import collate_packed, masked_loss_sum
 
     torch.manual_seed(0)
     model = tiny_llama(a.vocab, a.hidden, a.layers)

@@ -31,7 +31,8 @@ from stages.lib.progress import log
 from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.llm.types import TeacherStop
 from stages.lib.student import load_student
-from stages.lib.tokens.arrays import TokenSplit, validation_loss
+from stages.lib.tokens.arrays import TokenSplit
+from stages.lib.training.batches import pad_id, validation_loss
 from stages.lib.training.precision import resolve_dtype
 
 
@@ -101,8 +102,7 @@ def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", 
     from stages.lib.llm.local import load_model
 
     model, tok = load_model(path, dtype, device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    loss, n = validation_loss(model, data, batch_size, pad, desc="val loss")
+    loss, n = validation_loss(model, data, batch_size, pad_id(tok), desc="val loss")
     if loss is None:
         log(f"evaluate: the validation split is empty, no loss for {path}")
         return {"val_loss": None, "val_perplexity": None, "val_tokens": 0}

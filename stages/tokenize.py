@@ -7,12 +7,8 @@ only assistant turns (with their end-of-turn token) are trained. A conversation 
 its final round; a single round that does not fit loses the end of its answer, and the tokens
 dropped are counted.
 
-Output per split (nanoGPT style, read with np.memmap):
-  `{split}_tokens.bin`  all token ids, concatenated (uint16 when the vocab fits, else uint32)
-  `{split}_mask.bin`    uint8, 1 where the token is trained (response tokens and EOS)
-  `{split}_index.npy`   int64 [n, 2]: start offset and length of each example
-  `{split}.parquet`     the example texts and rendered prompts (evaluate reads them)
-  `meta.json`           tokenizer identity, dtype, template, max_seq_len
+The output, `data/tokens`, is in the on-disk format of stages/lib/tokens/arrays.py (token, mask
+and index arrays and the texts per split, and `meta.json`).
 The train/validation split hashes each conversation's first user message, so a conversation
 stays in its split when others are added or removed, and its pieces stay together.
 """
@@ -30,7 +26,7 @@ from stages.lib.io import atomic_dir, read_shards, write_json
 from stages.lib.params import load_params, run_main
 from stages.lib.progress import log
 from stages.lib.student import load_student
-from stages.lib.tokens.arrays import tokenizer_id, write_split
+from stages.lib.tokens.arrays import token_dtype, write_meta, write_split
 from stages.lib.tokens.templates import TEMPLATES, encode_conversation, render_prompt
 
 
@@ -39,9 +35,12 @@ class TokenizeParams:
     template: str = "alpaca"
     """Prompt template: `alpaca` (with-input / no-input) or `chat` (the student's chat template)."""
     max_seq_len: int = 512
-    """Longer examples lose the end of their response (counted as truncations)."""
+    """Longest example in tokens: a longer conversation is split at round boundaries; a single round
+    that does not fit loses the end of its answer (counted as `truncated`), or is dropped when its
+    prompt alone does not fit (`prompt_too_long`)."""
     val_fraction: float = 0.2
-    """Share of examples held out for validation (at least one when there are two or more)."""
+    """Share of conversations held out for validation, with all their pieces (at least one when there
+    are two or more)."""
     split_seed: int = 0
     """Salt of the split hash."""
 
@@ -51,16 +50,25 @@ class TokenizeParams:
         check(0 <= self.val_fraction < 1, "val_fraction: must be in [0, 1)")
 
 
-def split_of(instruction: str, input: str, val_fraction: float, salt: int) -> float:
-    """A uniform number in [0, 1) from the example's text: < val_fraction means validation."""
-    h = hashlib.sha256(f"{salt}\x00{instruction}\x00{input}".encode()).digest()
+def split_of(first_user: str, salt: int) -> float:
+    """A uniform number in [0, 1) from a conversation's first user message (`assign_splits` compares it
+    with `val_fraction`). The trailing NUL is the empty Alpaca input the hash has always covered:
+    dropping it would move conversations between splits."""
+    h = hashlib.sha256(f"{salt}\x00{first_user}\x00".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def assign_splits(rows: list[dict], val_fraction: float, salt: int) -> list[str]:
-    u = [split_of(r["instruction"], r["input"], val_fraction, salt) for r in rows]
+def first_user_message(messages: list[dict]) -> str:
+    """The content of a conversation's first user turn ("" when it has none): its split key."""
+    return next((m["content"] for m in messages if m["role"] == "user"), "")
+
+
+def assign_splits(keys: list[str], val_fraction: float, salt: int) -> list[str]:
+    """`train` or `val` per split key: validation where `split_of` < val_fraction, and the lowest one
+    when that leaves none (two keys or more)."""
+    u = [split_of(k, salt) for k in keys]
     splits = ["val" if x < val_fraction else "train" for x in u]
-    if val_fraction > 0 and len(rows) >= 2 and "val" not in splits:
+    if val_fraction > 0 and len(keys) >= 2 and "val" not in splits:
         splits[int(np.argmin(u))] = "val"
     return splits
 
@@ -113,9 +121,7 @@ def example_texts(msgs: list[dict], template: str, tok) -> dict:
 
 def tokenize_conversations(convs: list[dict], tok, p: "TokenizeParams") -> tuple[dict, dict]:
     """{split: [(texts, ids, mask)]} and stats."""
-    firsts = [{"instruction": next((m["content"] for m in c["messages"] if m["role"] == "user"), ""), "input": ""}
-              for c in convs]
-    splits = assign_splits(firsts, p.val_fraction, p.split_seed)
+    splits = assign_splits([first_user_message(c["messages"]) for c in convs], p.val_fraction, p.split_seed)
     stats = {"conversations_in": len(convs), "examples": 0, "split_conversations": 0, "prompt_too_long": 0,
              "truncated": 0, "tokens_dropped": 0}
     by_split: dict[str, list] = {"train": [], "val": []}
@@ -144,16 +150,12 @@ def main() -> None:
     if tok.eos_token_id is None:
         raise StageError(f"{student} (student.model): tokenizer has no EOS token")
     convs = read_shards(paths.CONVERSATIONS, "conversations").to_dicts()
-    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
+    dtype = token_dtype(tok)
     by_split, stats = tokenize_conversations(convs, tok, p)
     with atomic_dir(paths.TOKENS) as out:
         for split, enc in by_split.items():
             stats[split] = write_split(out, split, enc, dtype)
-        write_json(out / "meta.json", {
-            "tokenizer": student, "tokenizer_id": tokenizer_id(tok), "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id, "dtype": np.dtype(dtype).name, "template": p.template,
-            "max_seq_len": p.max_seq_len,
-        })
+        write_meta(out, tok, student, dtype, p.template, p.max_seq_len)
     write_json(paths.metrics("tokenize"), stats)
     log(f"tokenize: {len(convs)} conversations -> {stats['train']['examples']} train / {stats['val']['examples']} val "
         f"examples, {stats['train']['tokens'] + stats['val']['tokens']} tokens; {stats['split_conversations']} split, "

@@ -34,6 +34,26 @@ def test_chat_template_is_kept_for_chat_training():
     assert export_tokenizer(tok, "chat").chat_template == before
 
 
+def test_a_pad_id_of_0_is_the_pad_id(tiny_model, monkeypatch):
+    """The tiny tokenizer's <pad> is id 0: `pad_id` keeps it (not the EOS), and chat generates with it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.training.batches import pad_id
+    from stages.tools.chat import reply
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tok.pad_token_id == 0 and tok.eos_token_id != 0 and pad_id(tok) == 0
+    tok.pad_token = None
+    assert pad_id(tok) == tok.eos_token_id  # no pad token: the EOS pads
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    seen = {}
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.update(kw) or real(**kw))
+    reply(model, tok, [{"role": "user", "content": "write the list"}], 2, 0.0)
+    assert seen["pad_token_id"] == 0
+
+
 @pytest.mark.e2e  # runs the chat tool in a subprocess on a tiny model: 30 s to 2 min on 2 cores
 def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
     import shutil

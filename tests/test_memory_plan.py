@@ -111,7 +111,8 @@ def test_train_pins_the_threshold_only_when_memory_is_tight(tiny_model, monkeypa
 
     from stages.lib.errors import StageError
     from stages.lib.training import memory
-    from stages.train import TrainParams, plan_for, plan_memory, resident_bytes
+    from stages.lib.training.memory import plan_for, plan_memory, resident_bytes
+    from stages.train import TrainParams
 
     pins = []
     monkeypatch.setattr(memory, "pin_mmap_threshold", lambda: pins.append(1) or True)

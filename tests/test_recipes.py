@@ -61,7 +61,8 @@ def test_recipe_values_pass_the_stage_checks_and_the_plan_fits(name):
     from stages.lib.student import StudentParams
     from stages.lib.training.memory import CUDA_OVERHEAD, check
     from stages.tokenize import TokenizeParams
-    from stages.train import TrainParams, plan_for
+    from stages.lib.training.memory import plan_for
+    from stages.train import TrainParams
 
     p = apply(params(), load_recipe(name))
     t = params_from_dict(TrainParams, p["train"])

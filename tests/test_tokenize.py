@@ -7,9 +7,10 @@ import polars as pl
 import pytest
 
 from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, render_prompt, user_message
-from stages.lib.tokens.arrays import IGNORE_INDEX, TokenSplit, collate
-from stages.lib.tokens.arrays import tokenizer_id, write_split
-from stages.tokenize import TokenizeParams, assign_splits, example_texts, pieces, tokenize_conversations
+from stages.lib.tokens.arrays import TokenSplit, tokenizer_id, write_split
+from stages.lib.training.batches import IGNORE_INDEX, collate
+from stages.tokenize import (TokenizeParams, assign_splits, example_texts, first_user_message, pieces, split_of,
+                             tokenize_conversations)
 from tests.support.helpers import encode_example
 
 
@@ -58,14 +59,42 @@ def test_truncation_and_prompt_too_long(tiny_tokenizer):
 
 
 def test_split_is_deterministic_stable_and_never_empty():
-    rows = [{"instruction": f"task {i}", "input": ""} for i in range(200)]
-    s1 = assign_splits(rows, 0.2, 0)
-    assert s1 == assign_splits(rows, 0.2, 0)
+    keys = [f"task {i}" for i in range(200)]
+    s1 = assign_splits(keys, 0.2, 0)
+    assert s1 == assign_splits(keys, 0.2, 0)
     assert 20 < s1.count("val") < 60
-    s_more = assign_splits(rows + [{"instruction": "new one", "input": ""}], 0.2, 0)
+    s_more = assign_splits(keys + ["new one"], 0.2, 0)
     assert s_more[:200] == s1  # adding an example moves no other example
-    assert assign_splits(rows[:3], 0.01, 0).count("val") == 1
-    assert assign_splits(rows, 0.2, 1) != s1
+    assert assign_splits(keys[:3], 0.01, 0).count("val") == 1
+    assert assign_splits(keys, 0.2, 1) != s1
+
+
+def test_split_hash_is_the_one_existing_splits_were_made_with():
+    """The split key is the first user message, hashed as it always was (with the empty Alpaca input
+    after it), so no conversation changes split."""
+    import hashlib
+
+    for key, salt in [("task 7", 0), ("Name a fruit.", 3), ("", 0)]:
+        old = hashlib.sha256(f"{salt}\x00{key}\x00{''}".encode()).digest()
+        assert split_of(key, salt) == int.from_bytes(old[:8], "big") / 2**64
+    assert first_user_message([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == "u"
+    assert first_user_message([]) == ""
+
+
+def test_the_token_format_imports_no_training_code():
+    """stages/lib/tokens/ is the on-disk format only: tokenize does not depend on training code."""
+    import ast
+
+    import yaml
+
+    from tests.support.tiny import ROOT
+
+    for path in (ROOT / "stages/lib/tokens").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("stages.lib.training"), path
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tokenize"]["deps"]
+    assert "stages/lib/tokens/arrays.py" in deps and not [d for d in deps if d.startswith("stages/lib/training/")]
 
 
 def test_arrays_round_trip_and_collate(tmp_path, tiny_tokenizer):

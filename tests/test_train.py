@@ -11,8 +11,10 @@ import torch
 import yaml
 
 from stages.lib.errors import StageError
-from stages.lib.tokens.arrays import TokenSplit, validation_loss
-from stages.train import TrainParams, batches, lr_at, train
+from stages.lib.tokens.arrays import TokenSplit
+from stages.lib.training.batches import pad_id, validation_loss
+from stages.lib.training.schedule import batches, lr_at
+from stages.train import TrainParams, train
 from tests.support.builders import ROWS8, make_data
 
 def test_lr_schedule():
@@ -49,7 +51,7 @@ def run_train(tmp_path, tiny_model, name, checkpoint_dir=None, **kw):
 
 
 def val_loss(model, tok, val, batch_size):
-    return validation_loss(model, val, batch_size, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return validation_loss(model, val, batch_size, pad_id(tok))
 
 
 def test_full_training_lowers_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
@@ -88,7 +90,7 @@ SAVE_ADAPTER = """
 import sys
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-from stages.train import save_adapter
+from stages.lib.training.export import save_adapter
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(
     r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 save_adapter(model, sys.argv[2])
@@ -146,7 +148,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model):
 def test_pack_is_complete_deterministic_and_dense():
     import random
 
-    from stages.lib.tokens.arrays import pack
+    from stages.lib.training.batches import pack
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 400) for _ in range(3000)]  # Alpaca-like spread
@@ -171,8 +173,8 @@ def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model, 
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.tokens.arrays import collate, masked_loss_sum
-    from stages.lib.tokens.arrays import collate_packed as packed
+    from stages.lib.training.batches import collate, masked_loss_sum
+    from stages.lib.training.batches import collate_packed as packed
 
     collate_packed = functools.partial(packed, dense_mask=dense_mask)
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -208,7 +210,7 @@ def test_packed_rows_train_with_sdpa_packed_and_the_student_loads_with_sdpa(tmp_
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     from stages.lib.training.attention import supports
-    from stages.train import TrainParams, build_model
+    from stages.lib.training.model import build_model
 
     assert build_model(TrainParams(packing=True), str(tiny_model)).config._attn_implementation == "sdpa_packed"
     assert build_model(TrainParams(packing=False), str(tiny_model)).config._attn_implementation == "sdpa"
@@ -232,7 +234,7 @@ def test_sdpa_packed_reads_the_spans_once_per_forward_not_per_layer(tmp_path, ti
     so is the same tensor changed in place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.tokens.arrays import collate_packed, masked_loss_sum
+    from stages.lib.training.batches import collate_packed, masked_loss_sum
     from stages.lib.training import attention
 
     calls = []
@@ -331,7 +333,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
 
 
 def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
-    from stages.train import load_checkpoint
+    from stages.lib.training.checkpoint import load_checkpoint
 
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -340,20 +342,54 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
     assert load_checkpoint(None, str(tmp_path / "none"), "abc") == (0, [])
 
 
-def test_model_card_carries_the_lineage(tmp_path, tiny_model):
-    from stages.train import lineage, model_card
+def dvc_yaml_outs() -> dict[str, list[str]]:
+    """Each stage of the real dvc.yaml with the paths of its outs and metrics."""
+    from tests.support.tiny import ROOT
 
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: [next(iter(o)) if isinstance(o, dict) else o for o in st.get("outs", []) + st.get("metrics", [])]
+            for name, st in stages.items()}
+
+
+def test_lineage_is_every_stage_upstream_of_train_in_dvc_yaml(tmp_path):
+    """The lineage follows the real stage graph: a dvc.lock with every dvc.yaml stage gives the data and
+    model outputs of exactly the stages train depends on, directly or not (select included), without
+    metrics or append-only caches."""
+    from stages.lib.training.card import APPEND_ONLY, lineage, upstream
+    from tests.support.tiny import ROOT
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = dvc_yaml_outs()
+    producer = {o: s for s, paths_ in outs.items() for o in paths_}
+    want, todo = set(), ["train"]
+    while todo:  # the graph from dvc.yaml's deps, independently of paths.py
+        for dep in dvc[todo.pop()]["deps"]:
+            if dep in producer and producer[dep] not in want:
+                want.add(producer[dep])
+                todo.append(producer[dep])
+    assert "select" in want and set(upstream("train")) == want
     lock = tmp_path / "dvc.lock"
     lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        "seeds": {"outs": [{"path": "data/seeds", "md5": "aaa.dir"}]},
-        "generate": {"outs": [{"path": "data/teacher_cache", "md5": "x.dir"}, {"path": "metrics/generate.json", "md5": "y"}]},
-        "tokenize": {"outs": [{"path": "data/tokens", "md5": "bbb.dir"}]},
-        "train": {"outs": [{"path": "models/student", "md5": "ccc.dir"}]}}}))
+        s: {"outs": [{"path": o, "md5": f"{s}:{o}"} for o in paths_]} for s, paths_ in outs.items()}}))
     rows = lineage(str(lock))
-    assert rows == [("seeds", "data/seeds", "aaa.dir"), ("tokenize", "data/tokens", "bbb.dir")]
-    card = model_card(TrainParams(), "models/teacher", "float32", {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}, 10, 999, rows)
-    assert "| `seeds` | `data/seeds` | `aaa.dir` |" in card and "tid" in card and card.startswith("---\nbase_model:")
+    assert ("select", "data/selected", "select:data/selected") in rows
+    assert {s for s, _, _ in rows} == want
+    persist = {next(iter(o)) for st in dvc.values() for o in st.get("outs", [])
+               if isinstance(o, dict) and (next(iter(o.values())) or {}).get("persist")}
+    assert set(APPEND_ONLY) == persist
+    assert [o for _, o, _ in rows] == [o for s in upstream("train") for o in outs[s]
+                                       if not o.startswith("metrics/") and o not in persist]
     assert lineage(str(tmp_path / "missing.lock")) == []
+
+
+def test_model_card_carries_the_lineage(tmp_path, tiny_model):
+    from stages.lib.training.card import model_card
+
+    rows = [("seeds", "data/seeds", "aaa.dir"), ("select", "data/selected", "sss.dir")]
+    meta = {"template": "alpaca", "max_seq_len": 512, "tokenizer_id": "tid"}
+    card = model_card(TrainParams(), "models/teacher", "float32", meta, 10, 999, rows)
+    assert "| `seeds` | `data/seeds` | `aaa.dir` |" in card and "| `select` | `data/selected` | `sss.dir` |" in card
+    assert "tid" in card and card.startswith("---\nbase_model:")
     # the trained student folder has its card
     from transformers import AutoTokenizer
 
@@ -399,7 +435,7 @@ def test_validation_loss_is_logged_and_leaves_training_alone(tmp_path, tiny_mode
 
 
 def test_lora_loads_a_bf16_base_with_float32_adapters(tiny_model):
-    from stages.train import build_model
+    from stages.lib.training.model import build_model
 
     model = build_model(TrainParams(method="lora", lora_r=4), str(tiny_model), "bfloat16")
     frozen = {x.dtype for x in model.parameters() if not x.requires_grad}
@@ -449,7 +485,7 @@ def test_the_cpu_default_stays_float32(tmp_path, tiny_model):
 def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model, monkeypatch):
     import importlib.util
 
-    from stages.train import build_model
+    from stages.lib.training.model import build_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -464,7 +500,7 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model, monke
 def test_chunked_loss_gives_the_same_loss_and_gradients(tmp_path, tiny_model, packed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.tokens.arrays import collate, collate_packed, masked_loss_sum
+    from stages.lib.training.batches import collate, collate_packed, masked_loss_sum
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     make_data(tmp_path / "tokens", tok, ROWS8)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from stages.lib import paths
+from stages.lib.training.batches import pad_id
 
 
 def load(model_dir: str):
@@ -41,7 +42,7 @@ def reply(model, tok, messages: list[dict], max_new_tokens: int, temperature: fl
 
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").to(model.device)
-    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id or tok.eos_token_id,
+    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id(tok),
           "eos_token_id": tok.eos_token_id, "do_sample": temperature > 0}
     if temperature > 0:
         kw["temperature"] = temperature

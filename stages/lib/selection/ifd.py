@@ -10,14 +10,17 @@ the columns can be checked or re-used. Batched, right-padded, no gradients.
 
 from __future__ import annotations
 
+import numpy as np
+
+from stages.lib.tokens.templates import encode_example
+from stages.lib.training.batches import collate, pad_id, row_losses
+
 
 def example_ids(instruction: str, input: str, output: str, template: str, tok, max_len: int):
     """(conditioned ids, number of prompt tokens, response-only ids, number of prefix tokens).
 
     The response ids are the same in both; both sequences are cut at `max_len` tokens with the
     prompt kept whole where possible (the response's tail is cut)."""
-    from stages.lib.tokens.templates import encode_example
-
     prompt_ids, response_ids = encode_example(instruction, input, output, template, tok)
     prefix = tok("", add_special_tokens=True)["input_ids"]  # BOS where the tokenizer adds one
     if not prefix:  # a causal LM needs one token before the first predicted one
@@ -27,31 +30,19 @@ def example_ids(instruction: str, input: str, output: str, template: str, tok, m
     return cond, len(prompt_ids), alone, len(prefix)
 
 
-def response_losses(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int) -> list[float | None]:
+def response_losses(model, seqs: list[tuple[list[int], int]], pad: int, batch_size: int) -> list[float | None]:
     """Mean next-token cross-entropy over tokens from position `start` on, per (ids, start); None when
-    there is no such token. Right-padded batches; the padding is masked."""
+    there is no such token. Right-padded batches (training's `collate`: the padding is masked)."""
     import torch
-    import torch.nn.functional as F
 
+    examples = [(np.asarray(ids, dtype=np.int64), (np.arange(len(ids)) >= start).astype(np.uint8))
+                for ids, start in seqs]
     out: list[float | None] = []
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b : b + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            att = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for i, (x, start) in enumerate(chunk):
-                ids[i, : len(x)] = torch.tensor(x)
-                att[i, : len(x)] = 1
-                labels[i, start : len(x)] = torch.tensor(x[start:], dtype=torch.long)
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-            tgt = labels[:, 1:].to(device)
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), tgt, ignore_index=-100, reduction="none")
-            n = (tgt != -100).sum(1)
-            for s, c in zip(nll.sum(1).tolist(), n.tolist()):
-                out.append(s / c if c else None)
+        for b in range(0, len(examples), batch_size):
+            batch = collate(examples[b : b + batch_size], pad)
+            out += row_losses(model, {k: v.to(device) for k, v in batch.items()})
     return out
 
 
@@ -63,7 +54,6 @@ def ifd_scores(rows: list[dict], model, tok, template: str, max_len: int, batch_
         c, nc, a, na = example_ids(r["instruction"], r.get("input") or "", r["output"], template, tok, max_len)
         cond.append((c, nc))
         alone.append((a, na))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    lc = response_losses(model, cond, pad, batch_size)
-    la = response_losses(model, alone, pad, batch_size)
+    lc = response_losses(model, cond, pad_id(tok), batch_size)
+    la = response_losses(model, alone, pad_id(tok), batch_size)
     return [(c / a if c is not None and a else None, c, a) for c, a in zip(lc, la)]

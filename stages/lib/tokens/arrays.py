@@ -1,21 +1,20 @@
-"""Token arrays written by `tokenize`, read back for `train` and `evaluate`.
+"""The on-disk format of `data/tokens`: `tokenize` writes it, `train` and `evaluate` read it.
 
-`TokenSplit` memory-maps one split; `collate` right-pads a list of examples into
-(input_ids, attention_mask, labels) with labels -100 on the prompt and the padding;
-`pack` bin-packs examples into fixed-width rows and `collate_packed` builds such rows with
-position ids that restart for each example, so packed examples never attend to each other:
-transformers reads restarting position ids as packed sequences when no attention mask is given
-(flash-attention-2 varlen, SDPA and flex attention build no dense float mask), and a dense
-block-diagonal mask is the fallback for models that do not (`dense_mask=True`);
-`masked_loss_sum` gives the summed cross-entropy over trained tokens and their count (plain,
-or chunked so the full-vocabulary logits never exist: stages/lib/training/loss.py), so callers
-can normalise by the number of supervised tokens of a whole batch;
-`validation_loss` is the mean of it over a split (train's `val_loss` and evaluate's).
+Per split (nanoGPT style, read with np.memmap):
+  `{split}_tokens.bin`  all token ids, concatenated (uint16 when the vocab fits, else uint32)
+  `{split}_mask.bin`    uint8, 1 where the token is trained (response tokens and EOS)
+  `{split}_index.npy`   int64 [n, 2]: start offset and length of each example
+  `{split}.parquet`     the example texts and rendered prompts (evaluate reads them)
+and once, `meta.json`: the tokenizer's name and identity (`tokenizer_id`), vocabulary size, EOS
+id, the token dtype, the template and `max_seq_len`.
+
+`write_split` and `write_meta` write them, `TokenSplit` memory-maps one split back (its `meta`
+is the folder's `meta.json`). Batching and the loss over these arrays are training's:
+stages/lib/training/batches.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -23,173 +22,31 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stages.lib.io import atomic_file
-from stages.lib.progress import progress
-from stages.lib.training.loss import loss_from_head
-
-IGNORE_INDEX = -100
+from stages.lib.io import atomic_file, write_json
 
 
 class TokenSplit:
+    """One split of a tokens folder: `index`, memory-mapped `tokens` and `mask`, and the folder's `meta`;
+    `split[i]` is example i's (ids as int64, mask)."""
+
     def __init__(self, folder: str | Path, split: str):
         folder = Path(folder)
         self.meta = json.loads((folder / "meta.json").read_text())
         dtype = np.dtype(self.meta["dtype"])
         self.index = np.load(folder / f"{split}_index.npy")
         n = int(self.index[:, 1].sum()) if len(self.index) else 0
-        self.tokens = np.memmap(folder / f"{split}_tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-        self.mask = np.memmap(folder / f"{split}_mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+        self.tokens = (np.memmap(folder / f"{split}_tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n
+                       else np.zeros(0, dtype))
+        self.mask = (np.memmap(folder / f"{split}_mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n
+                     else np.zeros(0, np.uint8))
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         start, length = self.index[i]
-        return np.asarray(self.tokens[start : start + length], dtype=np.int64), np.asarray(self.mask[start : start + length])
-
-
-def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict:
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, mask) in enumerate(examples):
-        n = len(ids)
-        input_ids[i, :n] = torch.from_numpy(ids)
-        attention[i, :n] = 1
-        labels[i, :n] = torch.where(torch.from_numpy(mask.astype(bool)), torch.from_numpy(ids), IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def pack(lengths, width: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing of example indices into rows of `width` tokens.
-
-    Deterministic (ties by index); an example longer than `width` gets a row of its own.
-    """
-    import bisect
-
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free slots, row), sorted
-    for i in order:
-        n = int(lengths[i])
-        at = bisect.bisect_left(free, (n, -1))
-        if at < len(free):
-            room, r = free.pop(at)
-            rows[r].append(i)
-            if room - n > 0:
-                bisect.insort(free, (room - n, r))
-        else:
-            rows.append([i])
-            if width - n > 0:
-                bisect.insort(free, (width - n, len(rows) - 1))
-    return rows
-
-
-def collate_packed(rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int,
-                   dense_mask: bool = False) -> dict:
-    """Packed rows: input_ids, labels, position_ids (restarting per example, and for the padding at
-    the end of a row, which is one more sequence) and attention_mask (1 on real tokens, for
-    counting only). `dense_mask`: also `block` (bool [rows, 1, width, width]: causal within an
-    example, nothing across examples; a padding position sees only itself), the fallback for
-    models that do not read packed position ids."""
-    import torch
-
-    width = max(width, max(sum(len(ids) for ids, _ in row) for row in rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    if dense_mask:
-        block = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-    for r, row in enumerate(rows):
-        pos = 0
-        for ids, mask in row:
-            n = len(ids)
-            input_ids[r, pos : pos + n] = torch.from_numpy(ids)
-            labels[r, pos : pos + n] = torch.where(torch.from_numpy(mask.astype(bool)), torch.from_numpy(ids), IGNORE_INDEX)
-            position_ids[r, pos : pos + n] = torch.arange(n)
-            attention[r, pos : pos + n] = 1
-            if dense_mask:
-                block[r, 0, pos : pos + n, pos : pos + n] = causal[:n, :n]
-            pos += n
-        position_ids[r, pos:] = torch.arange(width - pos)
-    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention}
-    if dense_mask:
-        out["block"] = block
-    return out
-
-
-def targets_of(batch: dict):
-    """Next-token targets: labels shifted left; in a packed row the target at an example boundary
-    (the next example's first token) is ignored."""
-    targets = batch["labels"][:, 1:]
-    if "position_ids" in batch:
-        targets = targets.masked_fill(batch["position_ids"][:, 1:] == 0, IGNORE_INDEX)
-    return targets
-
-
-def masked_loss_sum(model, batch: dict, loss_chunk: int = 0):
-    """(sum of next-token cross-entropy over trained tokens, number of trained tokens).
-
-    A packed batch runs with its restarted position ids and no attention mask (transformers masks
-    each packed example off from the others), or with its dense block-diagonal mask when it has
-    one (`block`). `loss_chunk` > 0: chunked cross-entropy, that many tokens' logits at a time.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if "block" in batch:
-        dtype = next(model.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        bias = torch.zeros(batch["block"].shape, dtype=dtype, device=batch["block"].device)
-        bias = bias.masked_fill(~batch["block"], torch.finfo(dtype).min)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": bias, "position_ids": batch["position_ids"]}
-    elif "position_ids" in batch:
-        # no mask and no KV cache: transformers then reads restarting position ids as packed sequences
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    inputs["use_cache"] = False
-    targets = targets_of(batch)
-    n = int((targets != IGNORE_INDEX).sum())
-    if loss_chunk:
-        with loss_from_head(model, targets, loss_chunk):
-            return model(**inputs).logits, n
-    logits = model(**inputs).logits
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, n
-
-
-def validation_loss(model, data: TokenSplit, batch_size: int, pad_id: int, device=None, autocast=None,
-                    desc: str | None = None, loss_chunk: int = 0) -> tuple[float | None, int]:
-    """Mean next-token cross-entropy per supervised token over a split (None when it has no supervised
-    token), and that token count. Dropout is off during the loop (the model's mode is restored after)
-    and no random state is drawn, so a training run is the same with or without it. `device`: where
-    batches go (default: the model's); `autocast`: a context factory (accelerate's `acc.autocast`);
-    `desc`: report progress under this name; `loss_chunk`: as `masked_loss_sum`'s (0: plain). Under FSDP
-    every process must call it."""
-    import torch
-
-    device = device if device is not None else next(model.parameters()).device
-    autocast = autocast or contextlib.nullcontext
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    starts = range(0, len(data), batch_size)
-    with torch.no_grad():
-        for i in progress(starts, len(starts), desc) if desc else starts:
-            b = collate([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
-            with autocast():
-                s, n = masked_loss_sum(model, {k: v.to(device) for k, v in b.items()}, loss_chunk)
-            total, count = total + s.item(), count + n
-    model.train(was_training)
-    return (total / count if count else None), count
+        return (np.asarray(self.tokens[start : start + length], dtype=np.int64),
+                np.asarray(self.mask[start : start + length]))
 
 
 def tokenizer_id(tok) -> str:
@@ -197,6 +54,11 @@ def tokenizer_id(tok) -> str:
     vocab = sorted(tok.get_vocab().items())
     special = [tok.eos_token, tok.bos_token, tok.pad_token]
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
+def token_dtype(tok):
+    """The narrowest token dtype for the tokenizer's vocabulary: uint16 when it fits, else uint32."""
+    return np.uint16 if len(tok) <= 2**16 else np.uint32
 
 
 def write_split(out: Path, split: str, encoded: list, dtype) -> dict:
@@ -219,3 +81,12 @@ def write_split(out: Path, split: str, encoded: list, dtype) -> dict:
     with atomic_file(out / f"{split}.parquet", "wb") as f:
         texts.write_parquet(f, compression="zstd")
     return {"examples": len(encoded), "tokens": int(sum(lengths)), "trained_tokens": int(mask.sum())}
+
+
+def write_meta(out: Path, tok, tokenizer: str, dtype, template: str, max_seq_len: int) -> None:
+    """`meta.json` of a tokens folder tokenized with `tok` (named `tokenizer`: a model dir or hub id)."""
+    write_json(out / "meta.json", {
+        "tokenizer": tokenizer, "tokenizer_id": tokenizer_id(tok), "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id, "dtype": np.dtype(dtype).name, "template": template,
+        "max_seq_len": max_seq_len,
+    })

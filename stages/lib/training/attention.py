@@ -1,7 +1,7 @@
 """Packed rows without a mask on any device: SDPA run once per packed example (`sdpa_packed`).
 
 A packed row holds several examples one after another, their position ids restarting at 0 at
-each (`stages.lib.tokens.arrays.pack`). Flash attention 2 reads those position ids as varlen
+each (`stages.lib.training.batches.pack`). Flash attention 2 reads those position ids as varlen
 boundaries and builds no mask, but only on a CUDA GPU with `flash_attn` and 16-bit weights.
 Everywhere else transformers' SDPA path turns the same position ids into a [rows, 1, L, L] mask,
 memory quadratic in the row length, and attends over all L^2 pairs only to mask most of them.

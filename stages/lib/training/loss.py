@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 IGNORE_INDEX = -100
+"""The label of a position that is not trained on (the prompt, the padding): the one definition."""
 
 
 def output_head(model):
@@ -53,7 +54,7 @@ def chunked_cross_entropy_sum(hidden, head, targets, chunk: int):
 @contextlib.contextmanager
 def loss_from_head(model, targets, chunk: int):
     """Within the block, `model(...).logits` is the summed next-token cross-entropy against `targets`
-    ([batch, seq-1], -100 ignored): the output head's forward is swapped for the chunked loss. It
+    ([batch, seq-1], `IGNORE_INDEX` ignored): the output head's forward is swapped for the chunked loss. It
     still runs inside the model's forward, so FSDP and DDP hooks see the head's weights as usual."""
     head = output_head(model)
     head.forward = lambda hidden: chunked_cross_entropy_sum(hidden[:, :-1], head, targets, chunk)

@@ -34,11 +34,20 @@ with its default (dynamic) mmap threshold a process's peak RSS ran up to 1.59x t
 (`GLIBC_RETENTION` allows 1.75x); train pins the threshold (`pin_mmap_threshold`) when that much would not
 fit, and resident memory then follows the plan.
 The estimate is checked against measured peaks in benchmarks/memory_plan.py (docs/scaling.md).
+
+The glue train calls (the end of this module): `plan_memory` makes, logs and checks the plan of a
+run from its train params, `peak_memory_mb` reports the peak it reached.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import asdict, dataclass
+
+from stages.lib.errors import StageError
+from stages.lib.progress import log
+from stages.lib.training.model import resolve_attention
 
 GIB = 2**30
 CUDA_OVERHEAD = 1 * GIB
@@ -180,7 +189,8 @@ def check(plan: Plan, device_bytes: float, method: str, fsdp: bool, processes: i
         return None
     tips = []
     if method == "full" and not fsdp:
-        tips.append("shard it: train.accelerate_config=configs/accelerate/fsdp.yaml (weights, gradients and Adam state / GPUs)")
+        tips.append("shard it: train.accelerate_config=configs/accelerate/fsdp.yaml "
+                    "(weights, gradients and Adam state / GPUs)")
     if method == "full":
         tips.append("train.method=lora (frozen 16-bit base, small float32 adapters) or qlora (4-bit base)")
     if plan.activations > 0.2 * plan.total and not gradient_checkpointing:
@@ -207,7 +217,6 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """
     import ctypes
     import ctypes.util
-    import os
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
@@ -218,3 +227,65 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
     M_MMAP_THRESHOLD = -3  # malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+# ---------------------------------------------------------------- train's plan and peak
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory when on CUDA, else the process's peak resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def resident_bytes() -> float:
+    """This process's resident memory now (Linux /proc/self/statm), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_memory(acc) -> float:
+    """Bytes one process may use: the GPU's memory, or on the CPU the machine's RAM shared by the processes."""
+    import torch
+
+    if acc.device.type == "cuda":
+        return torch.cuda.get_device_properties(acc.device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, acc.num_processes)
+
+
+def plan_for(p, cfg, dtype: str, seq_len: int, processes: int, fsdp: bool, overhead: float):
+    """The memory plan of these train params (`p`) for a model config."""
+    return estimate(cfg, method=p.method, dtype=dtype, micro_batch=p.batch_size, seq_len=seq_len,
+                    gradient_checkpointing=p.gradient_checkpointing, processes=processes, fsdp=fsdp,
+                    optimizer="adamw", lora_r=p.lora_r, lora_targets=p.lora_target_modules,
+                    lora_dropout=p.lora_dropout, loss_chunk=p.loss_chunk_tokens,
+                    attention=resolve_attention(p.attn_implementation, dtype) or "sdpa", overhead=overhead,
+                    grad_accum=p.grad_accum)
+
+
+def plan_memory(p, student: str, dtype: str, acc, seq_len: int):
+    """The memory plan of this run (per process), logged; a StageError when it exceeds the limit."""
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
+
+    on_gpu = acc.device.type == "cuda"
+    baseline = CUDA_OVERHEAD if on_gpu else resident_bytes()
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    plan = plan_for(p, AutoConfig.from_pretrained(student), dtype, seq_len, acc.num_processes, fsdp, baseline)
+    limit = p.max_memory_gb * GIB if p.max_memory_gb > 0 else device_memory(acc)
+    if acc.is_main_process:
+        log(f"train: memory plan per process: {plan.table()} (limit {limit / GIB:.1f} GiB)")
+    if not on_gpu and plan.total * GLIBC_RETENTION > limit and pin_mmap_threshold():
+        log("train: memory is tight on this CPU: glibc's mmap threshold is pinned, so freed tensors leave the "
+            "process (resident memory then follows the plan; steps are ~30% slower)")
+    problem = check(plan, limit, p.method, fsdp, acc.num_processes, p.batch_size, p.gradient_checkpointing,
+                    p.loss_chunk_tokens)
+    if problem and p.max_memory_gb != -1:
+        raise StageError(f"train: {problem}")
+    return plan
