@@ -23,9 +23,16 @@ from tests.support.chat_style import chat_style_reply
 from tests.support.tiny import make_tiny_model
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.e2e import ran, set_params, sh
-from tests.support.method_teacher import WORDS, make_repo
+from tests.support.method_teacher import WORDS, make_repo, reply
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    with FakeOpenAI(reply=reply) as srv:
+        yield srv
+
 
 def build(repo: Path) -> tuple[pl.DataFrame, dict, dict]:
     for stage in ["seeds", "generate", "filter"]:

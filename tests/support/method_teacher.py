@@ -8,7 +8,6 @@ import random
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
@@ -40,12 +39,6 @@ def reply(body: dict) -> str:
     if text.startswith("Which response"):
         return "2"
     return f"A helpful answer about {rng.choice(WORDS)} and {rng.choice(WORDS)}."
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    with FakeOpenAI(reply=reply) as srv:
-        yield srv
 
 
 def make_repo(root: Path, teacher: FakeOpenAI, generate: dict) -> Path:
