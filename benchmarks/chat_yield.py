@@ -39,24 +39,21 @@ def is_clean(*fields) -> bool:
 
 
 def run_one(name: str, generate: dict, base_url: str, seeds: list[dict], cache_dir: Path, prompt_file: Path):
-    from stages.generate import GenerateParams, run_method
+    from stages.generate import GenerateParams, method_inputs, run_method
     from stages.lib.llm.cache import ResponseCache
     from stages.lib.llm.client import open_client
     from stages.lib.llm.endpoint import ApiParams
-    from stages.lib.llm.types import Sampling
 
     p = GenerateParams(teacher={"backend": "openai", "model": "gpt-4o-mini", "base_url": base_url,
                                 "prompt_form": "chat"}, prompt_file=str(prompt_file), **generate)
     session = open_client(p.teacher, ResponseCache(cache_dir / name), api=ApiParams(concurrency=8))
-    steps: dict = {}
-    tasks, dropped = run_method(p, session, seeds, Sampling(p.max_new_tokens, p.temperature, p.top_p, seed=p.seed),
-                                steps)
+    tasks, dropped, steps = run_method(p, session, method_inputs(p, seeds, None))
     return p, session, tasks, dropped, steps
 
 
 def baseline(cache: dict) -> dict:
     """The completion-form parsers on the same replies: items parsed, and clean."""
-    from stages.generate import ALPACA_SYSTEM, parse_chat_response, parse_response
+    from stages.lib.generation.alpaca import ALPACA_SYSTEM, parse_chat_response, parse_response
     from stages.lib.generation.self_instruct import (BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM,
                                                      parse_classification, parse_classification_chat, parse_instances,
                                                      parse_instances_chat, parse_instructions, parse_instructions_chat)
@@ -74,7 +71,7 @@ def baseline(cache: dict) -> dict:
         if system == ALPACA_SYSTEM:
             out.setdefault("alpaca", {"replies": 0})["replies"] += 1
             for which, parse in (("chat", parse_chat_response), ("completion", parse_response)):
-                good = [i for i in parse(text, 4, fin) if not i["error"]]
+                good = [i for i in parse(text, 4, fin) if not i["reason"]]
                 add("alpaca", which, len(good), sum(is_clean(i["instruction"], i["input"], i["output"]) for i in good))
         elif system == BOOTSTRAP_SYSTEM:
             out.setdefault("bootstrap", {"replies": 0})["replies"] += 1

@@ -17,7 +17,8 @@ import torch
 from stages.lib import paths
 from stages.lib.io import read_shards
 from stages.lib.params import set_threads
-from stages.generate import GenerateParams, build_prompts
+from stages.generate import GenerateParams
+from stages.lib.generation.alpaca import build_prompts
 from stages.lib.llm.local import load_model
 
 
@@ -31,8 +32,10 @@ def main() -> None:
     set_threads(args.threads)
     model, tok = load_model(args.model)
     seeds = read_shards(paths.SEEDS).to_dicts()
-    header = open(GenerateParams().prompt_file, encoding="utf-8").read()
-    prompts, _ = build_prompts(seeds, header, GenerateParams(num_requests=max(args.batches)))
+    p = GenerateParams()
+    header = open(p.prompt_file, encoding="utf-8").read()
+    prompts, _ = build_prompts(seeds, header, max(args.batches), p.num_prompt_instructions, p.seed,
+                               p.teacher.prompt_form)
     print(f"threads={torch.get_num_threads()} new_tokens={args.tokens} model={args.model}")
     print(f"{'batch':>5} {'seconds':>8} {'tokens/s':>9} {'vs batch 1':>10}")
     base = None

@@ -59,12 +59,12 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
     return {"method": method, "requests_param": requests, "teacher_calls": g["teacher_calls"], "cache_hits": g["cache_hits"],
             "completion_tokens": g["completion_tokens_called"], "teacher_s": round(teacher_s, 1),
             "generate_wall_s": round(times["generate"], 1), "generate_cpu_s": round(cpu["generate"], 1), "parsed": g["items_parsed"], "dropped": g["items_unparsed"],
-            "kept": f["kept"], "filter_rejected": f["rejected_by_reason"],
+            "kept": f["kept"], "filter_rejected": f["dropped_by_reason"],
             "parsed_per_teacher_min": round(g["items_parsed"] / teacher_s * 60, 2) if teacher_s else None,
             "kept_per_teacher_min": round(f["kept"] / teacher_s * 60, 2) if teacher_s else None,
             "kept_per_wall_min": round(f["kept"] / times["generate"] * 60, 2),
             "kept_per_cpu_min": round(f["kept"] / cpu["generate"] * 60, 2) if cpu["generate"] else None,
-            "drops_by_reason": g["unparsed_by_reason"], "steps": g["steps"]}
+            "drops_by_reason": g["dropped_by_reason"], "steps": g["steps"]}
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def main() -> None:
             secs = stage(repo, "select")
             m = json.loads((repo / "metrics/select.json").read_text())
             rows.append({"policy": m["policy"], "seconds": round(secs, 1), **{k: m[k] for k in ("rows", "kept", "cut")},
-                         "judge": m["judge"], "scores": m["scores"], "rejected_by_reason": m["rejected_by_reason"]})
+                         "judge": m["judge"], "scores": m["scores"], "dropped_by_reason": m["dropped_by_reason"]})
             j = m["judge"]
             print(f"{m['policy']:>28} {m['rows']:>4} {m['kept']:>4} {j['calls']:>11} {j['cache_hits']:>6} "
                   f"{j['unknown']:>7} {secs:>7.1f}", flush=True)

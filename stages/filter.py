@@ -25,6 +25,7 @@ from stages.lib.errors import check
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
 from stages.lib.params import load_params, run_main
 from stages.lib.progress import log, progress
+from stages.lib.stats import DROPPED, Stats
 from stages.lib.text.dedup import NearDuplicates, word_shingles
 from stages.lib.text.novelty import TOKENIZERS, novelty
 from stages.lib.text.rules import REASONS, RuleParams, blacklist_regex, rule_reason
@@ -110,6 +111,10 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
         yield out
 
 
+STEP_OF = {"too_similar": "rouge_l", "near_duplicate": "minhash"}
+"""The filter step that drops a row for each reason (every other reason: the `rules`)."""
+
+
 def main() -> None:
     p = load_params(FilterParams, "filter")
     seeds = read_shards(paths.SEEDS)
@@ -120,9 +125,10 @@ def main() -> None:
                                     "rouge_nearest": pl.String, "rouge_nearest_id": pl.String,
                                     "minhash_twin_id": pl.String})
     kept = df.filter(pl.col("reason").is_null()).drop("reason", "detail", "minhash_twin_id")
-    rejected = df.filter(pl.col("reason").is_not_null())
+    rejected = df.filter(pl.col("reason").is_not_null()).with_columns(
+        step=pl.col("reason").replace_strict(STEP_OF, default="rules", return_dtype=pl.String))
     unparsed = read_shards(paths.GENERATED, "unparsed").height
-    by_reason = dict.fromkeys(REASONS, 0) | dict(rejected["reason"].value_counts().iter_rows())
+    by_reason = dict.fromkeys(REASONS, 0) | Stats.of_drops(rejected["reason"].to_list()).dropped_by_reason()
     with atomic_dir(paths.FILTERED) as tmp:
         write_shards(kept, tmp, "kept", p.rows_per_shard)
         write_shards(rejected, tmp, "rejected", p.rows_per_shard)
@@ -132,7 +138,7 @@ def main() -> None:
         "parsed": gen.height,
         "kept": kept.height,
         "rejected": rejected.height,
-        "rejected_by_reason": by_reason,
+        DROPPED: by_reason,
         "keep_rate": round(kept.height / gen.height, 4) if gen.height else 0.0,
         "kept_rouge_max_mean": round(kept["rouge_max"].mean(), 4) if kept.height else None,
         "rouge_threshold": p.rouge_threshold,  # the report draws the threshold and scores with these

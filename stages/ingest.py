@@ -39,6 +39,7 @@ from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
 from stages.lib.params import convert_fields, load_params, run_main
 from stages.lib.progress import log
 from stages.lib.formats import Malformed, records, to_messages
+from stages.lib.stats import DROPPED, Stats, drop_row
 from stages.lib.text.clean import MAX_TEXT_CHARS
 from stages.lib.text.dedup import NearDuplicates, word_shingles
 
@@ -288,7 +289,7 @@ def keep_share(conv_id: str, weight: float, seed: int) -> int:
 def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> tuple[list[dict], list[dict], dict]:
     """Steps 2-7 over conversations in order: (kept, dropped with reasons, counters)."""
     kept, dropped = [], []
-    counts = {"html_or_artefacts_cleaned": 0, "roles_repaired": 0}
+    counts = Stats(html_or_artefacts_cleaned=0, roles_repaired=0)
     seen_pairs: dict[tuple[str, str], str] = {}
     seen_ids: set[str] = set()
     dedup = NearDuplicates(p.minhash_threshold, p.minhash_num_perm, p.minhash_seed) if p.minhash_threshold > 0 else None
@@ -296,10 +297,10 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
         msgs = []
         for m in c["messages"]:
             text = clean_text(m["content"])
-            counts["html_or_artefacts_cleaned"] += text != m["content"].strip()
+            counts.add("html_or_artefacts_cleaned", text != m["content"].strip())
             msgs.append({"role": m["role"], "content": text})
         msgs, why, repaired = fix_roles(msgs)
-        counts["roles_repaired"] += repaired
+        counts.add("roles_repaired", repaired)
         detail = None
         if why is None and c["id"] in seen_ids:
             why, detail = "duplicate_id", c["origin"]
@@ -323,13 +324,13 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
                 why, detail = "near_duplicate", twin
         if why is not None:
             seen_ids.add(c["id"])
-            dropped.append({"id": c["id"], "source": c["source"], "origin": c["origin"], "step": "clean",
-                            "reason": why.split(":")[0], "detail": detail or (why.split(":", 1)[1] if ":" in why else None)})
+            dropped.append(drop_row("clean", why.split(":")[0], detail or (why.split(":", 1)[1] if ":" in why else None),
+                                    id=c["id"], source=c["source"], origin=c["origin"]))
             continue
         seen_pairs[first_pair(msgs)] = c["id"]
         seen_ids.add(c["id"])
         kept.append({**c, "messages": msgs})
-    return kept, dropped, counts
+    return kept, dropped, counts.counts()
 
 
 SCHEMA = {"id": pl.String, "source": pl.String, "original_id": pl.String, "licence": pl.String, "origin": pl.String,
@@ -353,8 +354,7 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
         cap = p.sources[name].cap
         mine = [c for c in kept if c["source"] == name]
         for c in mine[cap:] if cap else []:
-            dropped.append({"id": c["id"], "source": name, "origin": c["origin"], "step": "cap", "reason": "over_cap",
-                            "detail": str(cap)})
+            dropped.append(drop_row("cap", "over_cap", str(cap), id=c["id"], source=name, origin=c["origin"]))
         mine = mine[:cap] if cap else mine
         n = 0
         for c in mine:
@@ -364,15 +364,12 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
         per_source[name] = {"read": sum(x["source"] == name for x in convs), "clean": len(mine), "in_mixture": n,
                             "weight": w, "malformed": sum(b["source"] == name and b["kind"] == "malformed" for b in malformed)}
     for b in malformed:
-        dropped.append({"id": None, "source": b["source"], "origin": b["origin"], "step": "read", "reason": b["kind"],
-                        "detail": b["reason"]})
-    reasons: dict[str, int] = {}
-    for d in dropped:
-        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+        dropped.append(drop_row("read", b["kind"], b["reason"], id=None, source=b["source"], origin=b["origin"]))
     metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs),
                "malformed": sum(b["kind"] == "malformed" for b in malformed),
                "text_repaired": read_stats.get("repaired", 0),
-               "dropped_by_reason": dict(sorted(reasons.items())), **counts, "sources": per_source}
+               DROPPED: Stats.of_drops(d["reason"] for d in dropped).dropped_by_reason(), **counts,
+               "sources": per_source}
     return rows, dropped, metrics
 
 

@@ -21,6 +21,7 @@ from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, write_json, write_shards
 from stages.lib.params import load_params, run_main
 from stages.lib.progress import log
+from stages.lib.stats import Stats
 from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
 
 MAX_ERRORS = 20
@@ -75,14 +76,14 @@ def _check_record(rec: object) -> list[str]:
     return errs
 
 
-def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str], counts: dict | None = None,
+def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str], counts: Stats | None = None,
                     max_chars: int = MAX_TEXT_CHARS) -> tuple[list[dict], list[str]]:
     """Parse and check one seed file's bytes. Returns (records, errors as 'file:line: ...').
 
     Text from the wild is repaired, not refused (`stages.lib.text.clean`: invalid UTF-8 bytes and lone
     surrogates become U+FFFD, NULs go), counted in `counts["repaired"]`; a task holding a text over
     `max_chars` is dropped (logged, `counts["too_long"]`) so it never reaches a teacher prompt."""
-    counts = {} if counts is None else counts
+    counts = Stats() if counts is None else counts
     if not data.strip():
         return [], [f"{path}: empty file (no seed tasks)"]
     records, errors = [], []
@@ -97,11 +98,11 @@ def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str], counts: d
             continue
         rec = clean_json(parsed)
         if rec != parsed or text != raw.decode("utf-8", "surrogateescape"):
-            counts["repaired"] = counts.get("repaired", 0) + 1
+            counts["repaired"] += 1
             log(f"seeds: {path}:{lineno}: text repaired (invalid UTF-8, lone surrogates or NULs)")
         why = too_long(rec, max_chars)
         if why:
-            counts["too_long"] = counts.get("too_long", 0) + 1
+            counts["too_long"] += 1
             log(f"seeds: {path}:{lineno}: task dropped, {why}")
             continue
         problems = _check_record(rec)
@@ -125,7 +126,7 @@ def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str], counts: d
     return records, errors
 
 
-def load_seeds(files: list[str | Path], counts: dict | None = None) -> pl.DataFrame:
+def load_seeds(files: list[str | Path], counts: Stats | None = None) -> pl.DataFrame:
     """Read and validate every seed file; raise StageError listing the problems. `counts`: repaired and
     too_long tasks (see `parse_seed_file`)."""
     records, errors, seen = [], [], {}
@@ -157,7 +158,7 @@ def load_seeds(files: list[str | Path], counts: dict | None = None) -> pl.DataFr
 
 def main() -> None:
     p = load_params(SeedsParams, "seeds")
-    counts: dict = {}
+    counts = Stats()
     df = load_seeds(p.files, counts)
     with atomic_dir(paths.SEEDS) as tmp:
         write_shards(df, tmp)

@@ -7,7 +7,7 @@ difficulty, `stages.lib.selection.ifd`) or `both`. `policy` picks the rows to ke
 (`rating`, `ifd`, or `combined`: the mean percentile rank of both) with a threshold, top-k or a
 top fraction (`stages.lib.selection.policy`). Every row keeps every score as a column
 (`rating`, `rating_raw`, `ifd`, `loss_conditioned`, `loss_response`); rejected rows name the
-score and value that decided (`select_reason`, `select_score`).
+score and value that decided (`reason`, `select_score`).
 
 Judge calls go through the teacher client and its content-addressed cache (`data/select_cache`, a
 persist output), so changing only the policy reruns this stage with zero judge calls; a paid
@@ -31,13 +31,14 @@ from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
 from stages.lib.selection.policy import Policy, apply, combined
+from stages.lib.stats import DROPPED, Stats
 from stages.lib.student import load_student
 from stages.lib.tokens.templates import TEMPLATES
 
 METHODS = ("none", "rating", "ifd", "both")
 SCORE_COLUMNS = {"rating": pl.Float64, "rating_raw": pl.String, "ifd": pl.Float64, "loss_conditioned": pl.Float64,
                  "loss_response": pl.Float64, "combined": pl.Float64, "select_score": pl.Float64,
-                 "select_reason": pl.String}
+                 "reason": pl.String}
 
 
 @dataclass
@@ -158,7 +159,7 @@ def add_ifd(rows: list[dict], p: SelectParams, model_name: str, template: str) -
 
 
 def choose(rows: list[dict], p: SelectParams) -> float | None:
-    """Set `select_score` and `select_reason` (None: kept) on every row by the policy; returns the cut."""
+    """Set `select_score` and `reason` (None: kept) on every row by the policy; returns the cut."""
     for r in rows:
         for c in SCORE_COLUMNS:
             r.setdefault(c, None)
@@ -172,12 +173,12 @@ def choose(rows: list[dict], p: SelectParams) -> float | None:
     if pol.score in ("ifd", "combined") and p.ifd_max > 0:
         for i in todo:
             if rows[i]["ifd"] is not None and rows[i]["ifd"] >= p.ifd_max:
-                rows[i].update(select_reason="ifd_at_or_above_max", select_score=rows[i]["ifd"])
-        todo = [i for i in todo if rows[i]["select_reason"] is None]
+                rows[i].update(reason="ifd_at_or_above_max", select_score=rows[i]["ifd"])
+        todo = [i for i in todo if rows[i]["reason"] is None]
     scores = [rows[i][pol.score] for i in todo]
     _, reasons, cut = apply(pol, scores, p.keep_unknown)
     for i, s, why in zip(todo, scores, reasons):
-        rows[i].update(select_score=s, select_reason=why)
+        rows[i].update(select_score=s, reason=why)
     return cut
 
 
@@ -196,11 +197,7 @@ def distribution(values: list[float | None], lo: float, hi: float, bins: int, ke
 
 
 def metrics_of(rows: list[dict], p: SelectParams, cut: float | None) -> dict:
-    kept = [r["select_reason"] is None for r in rows]
-    reasons: dict[str, int] = {}
-    for r in rows:
-        if r["select_reason"]:
-            reasons[r["select_reason"]] = reasons.get(r["select_reason"], 0) + 1
+    kept = [r["reason"] is None for r in rows]
     scores = {}
     for name, lo, hi in (("rating", 0.0, 5.0), ("ifd", 0.0, 1.5), ("combined", 0.0, 1.0)):
         vals = [r[name] for r in rows]
@@ -212,7 +209,12 @@ def metrics_of(rows: list[dict], p: SelectParams, cut: float | None) -> dict:
             "score": None if p.method == "none" else p.pol.score, "cut": cut,
             "rows": len(rows), "kept": sum(kept), "rejected": len(rows) - sum(kept),
             "keep_rate": round(sum(kept) / len(rows), 4) if rows else 0.0,
-            "rejected_by_reason": dict(sorted(reasons.items())), "scores": scores}
+            DROPPED: Stats.of_drops(r["reason"] for r in rows if r["reason"]).dropped_by_reason(), "scores": scores}
+
+
+def m_score(p: SelectParams) -> str:
+    """The score the policy decided on, named in a dropped row's `detail`."""
+    return "none" if p.method == "none" else p.pol.score
 
 
 def main() -> None:
@@ -238,14 +240,17 @@ def main() -> None:
         add_ifd(rows, p, load_student().model, load_params(TemplateParam, "tokenize", only_own_keys=True).template)
     cut = choose(rows, p)
     out = pl.DataFrame(rows, schema={**df.schema, **SCORE_COLUMNS})
-    kept, rejected = out.filter(pl.col("select_reason").is_null()), out.filter(pl.col("select_reason").is_not_null())
+    kept = out.filter(pl.col("reason").is_null())
+    rejected = out.filter(pl.col("reason").is_not_null()).with_columns(
+        step=pl.lit("select"),
+        detail=pl.concat_str(pl.lit(f"{m_score(p)} = "), pl.col("select_score").cast(pl.String).fill_null("unknown")))
     with atomic_dir(paths.SELECTED) as tmp:
         write_shards(kept, tmp, "kept", p.rows_per_shard)
         write_shards(rejected, tmp, "rejected", p.rows_per_shard)
     m = metrics_of(rows, p, cut) | {"judge": judge}
     write_json(paths.metrics("select"), m)
     log(f"select ({p.method}{', ' + m['policy'] if m['policy'] else ''}): kept {m['kept']} of {m['rows']}; "
-        f"rejected {m['rejected_by_reason']}; judge {judge['calls']} calls, {judge['cache_hits']} cached, "
+        f"rejected {m[DROPPED]}; judge {judge['calls']} calls, {judge['cache_hits']} cached, "
         f"{judge['unknown']} unknown")
 
 

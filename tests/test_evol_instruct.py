@@ -9,7 +9,7 @@ import pytest
 from stages.lib.errors import StageError
 from stages.lib.params import params_from_dict
 from stages.lib.generation.evol_instruct import (EQUAL_PROMPT, OPERATIONS, EvolParams, answer_prompt, answer_reason,
-                                                 draw_operation, evolve_prompt, instruction_reason, parse_equal, run)
+                                                 draw_operation, evolve_prompt, instruction_reason, parse_equal, evolve)
 from stages.lib.llm.types import Sampling
 
 
@@ -97,11 +97,11 @@ def test_provenance_through_two_rounds_and_failed_parents_stay_in_the_pool():
             {"id": "s3", "instruction": "Summarize this text.", "input": "Rivers flow."}]
     e = EvolParams(rounds=2, operations=["deepen", "reasoning"])
     teacher = Teacher()
-    tasks, drops, m = run(teacher, pool, e, Sampling(64, 0.7, 0.9, (), 1), "chat", seed=3)
+    tasks, drops, m = evolve(teacher, pool, e, Sampling(64, 0.7, 0.9, (), 1), "chat", seed=3)
     r1 = [t for t in tasks if t["evol_round"] == 1]
     r2 = [t for t in tasks if t["evol_round"] == 2]
     assert {t["parent_id"] for t in r1} == {"s1", "s3"}  # s2's evolution says nothing new
-    assert [d["error"] for d in drops if d["parent_id"] == "s2"] == ["no_new_information"] * 2
+    assert [d["reason"] for d in drops if d["parent_id"] == "s2"] == ["no_new_information"] * 2
     # round 2 evolves round 1's children (and s2 again, which fails again)
     assert sorted(t["parent_id"] for t in r2) == sorted(t["id"] for t in r1)
     for t in r2:
@@ -120,18 +120,18 @@ def test_each_rule_drops_with_its_reason_in_a_run():
     pool = [{"id": "cat", "instruction": "Describe a cat.", "input": ""},
             {"id": "sorry", "instruction": "Say sorry to a friend.", "input": ""},
             {"id": "ok", "instruction": "Describe a dog.", "input": ""}]
-    tasks, drops, _ = run(Teacher(), pool, EvolParams(rounds=1, operations=["constraints"]),
+    tasks, drops, _ = evolve(Teacher(), pool, EvolParams(rounds=1, operations=["constraints"]),
                           Sampling(64, 0.7, 0.9, (), 1), "completion", seed=0)
-    why = {d["parent_id"]: d["error"] for d in drops}
+    why = {d["parent_id"]: d["reason"] for d in drops}
     assert why == {"cat": "copies_evolving_prompt", "sorry": "apology"}
     assert [t["parent_id"] for t in tasks] == ["ok"] and tasks[0]["evol_operation"] == "constraints"
-    assert all(d["step"] == "evol_round_1" and d["raw"] for d in drops)
+    assert all(d["step"] == "evol_round_1" and d["detail"] for d in drops)
 
 
 def test_equality_judge_can_be_off():
     pool = [{"id": "m", "instruction": "Describe the moon.", "input": ""}]
     teacher = Teacher()
-    tasks, drops, _ = run(teacher, pool, EvolParams(rounds=1, judge_equal=False), Sampling(64, 0.7, 0.9, (), 1),
+    tasks, drops, _ = evolve(teacher, pool, EvolParams(rounds=1, judge_equal=False), Sampling(64, 0.7, 0.9, (), 1),
                           "chat", seed=0)
     assert len(tasks) == 1 and not drops and not any(c[0].startswith("Here are two") for c in teacher.calls)
     assert EQUAL_PROMPT.startswith("Here are two Instructions")
@@ -175,6 +175,6 @@ def test_generate_stage_writes_provenance_columns(in_tmp):
     assert sorted(tasks.filter(pl.col("evol_round") == 1)["parent_id"]) == ["seed_1", "seed_2"]
     r1_ids = set(tasks.filter(pl.col("evol_round") == 1)["id"])
     assert set(tasks.filter(pl.col("evol_round") == 2)["parent_id"]) == r1_ids
-    assert set(drops["error"]) == {"copies_evolving_prompt"} and set(drops["parent_id"]) == {"seed_0"}
+    assert set(drops["reason"]) == {"copies_evolving_prompt"} and set(drops["parent_id"]) == {"seed_0"}
     assert drops.height == 2 and sorted(drops["evol_round"]) == [1, 2]
     assert all(op in OPERATIONS for op in tasks["evol_operation"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from stages.generate import GenerateParams, build_prompts, encode_prompt, parse_response, rows_from_records
+from stages.generate import GenerateParams
+from stages.lib.generation.alpaca import build_prompts, encode_prompt, parse_response, rows_from_records
 from stages.lib.llm.cache import ResponseCache, assign_keys, request_key
 from stages.lib.llm.client import run_requests
 from stages.lib.llm.types import Completion, Sampling
@@ -26,11 +27,11 @@ def test_encode_prompt_is_alpaca_format():
 
 
 def test_prompts_are_reproducible_and_stable_when_adding_requests():
-    a, shown_a = build_prompts(SEEDS, "H", GenerateParams(num_requests=4, num_prompt_instructions=3))
-    b, shown_b = build_prompts(SEEDS, "H", GenerateParams(num_requests=6, num_prompt_instructions=3))
+    a, shown_a = build_prompts(SEEDS, "H", 4, 3, 42, "completion")
+    b, shown_b = build_prompts(SEEDS, "H", 6, 3, 42, "completion")
     assert a == b[:4] and shown_a == shown_b[:4]
     assert len(set(a)) > 1  # different requests sample different examples
-    c, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=4, seed=7))
+    c, _ = build_prompts(SEEDS, "H", 4, 3, 7, "completion")
     assert c != a
 
 
@@ -59,8 +60,8 @@ Bonjour
 
 def test_parse_keeps_good_items_around_a_malformed_one():
     items = parse_response(RESPONSE, 4, "length")
-    assert [i["error"] for i in items] == [None, None, "missing_input", None, "truncated"]
-    good = [i for i in items if not i["error"]]
+    assert [i["reason"] for i in items] == [None, None, "missing_input", None, "truncated"]
+    good = [i for i in items if not i["reason"]]
     assert good[0] == {**good[0], "instruction": "Classify the animal as mammal or bird.", "input": "sparrow", "output": "bird"}
     assert good[1]["input"] == "" and good[1]["output"] == "Red, blue and yellow."
     assert good[2]["output"] == "Bonjour"
@@ -69,14 +70,14 @@ def test_parse_keeps_good_items_around_a_malformed_one():
 def test_parse_keeps_last_item_when_the_teacher_stopped():
     text = RESPONSE.rsplit("###", 1)[0]
     items = parse_response(text, 4, "stop")
-    assert items[-1]["output"] == "Bonjour" and items[-1]["error"] is None
+    assert items[-1]["output"] == "Bonjour" and items[-1]["reason"] is None
 
 
 def test_parse_missing_output_and_chat_style_numbering():
     text = "1. Instruction: Add the numbers.\n1. Input:\n2 and 3\n1. Output:\n5\n\n2. Instruction: Only input here.\n2. Input:\nx"
     items = parse_response(text, 4, "stop")
     assert items[0]["output"] == "5" and items[0]["input"] == "2 and 3"
-    assert items[1]["error"] == "missing_output"
+    assert items[1]["reason"] == "missing_output"
 
 
 def test_request_keys_depend_on_every_part_and_count_draws():
@@ -191,7 +192,7 @@ def test_prompt_files_from_the_wild_are_repaired_and_oversized_prompts_skipped(t
 
 # ---------------------------------------------------------------- chat form
 
-from stages.generate import ALPACA_SYSTEM, encode_chat_prompt, parse_chat_response  # noqa: E402
+from stages.lib.generation.alpaca import ALPACA_SYSTEM, encode_chat_prompt, parse_chat_response  # noqa: E402
 
 CHAT_REPLY = """Sure! Here are more tasks in the same format:
 
@@ -225,8 +226,8 @@ def test_chat_prompt_keeps_the_examples_and_asks_for_the_rest_of_the_list():
     assert user.startswith(encode_prompt("HEADER\n", SEEDS[:2]).rsplit("###\n3. Instruction:", 1)[0])
     assert user.endswith("Continue the list with tasks 3 to 20 in exactly the same format (3. Instruction: ..., "
                          "3. Input: ..., 3. Output: ...), separated by ###.")
-    chat, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2, teacher={"prompt_form": "chat"}))
-    completion, _ = build_prompts(SEEDS, "H", GenerateParams(num_requests=2))
+    chat, _ = build_prompts(SEEDS, "H", 2, 3, 42, "chat")
+    completion, _ = build_prompts(SEEDS, "H", 2, 3, 42, "completion")
     assert all(isinstance(p, tuple) for p in chat) and all(isinstance(p, str) for p in completion)
 
 
@@ -248,15 +249,15 @@ def test_chat_reply_restarted_numbering_unnumbered_labels_and_no_items():
     unnumbered = "Instruction: Add the numbers.\nInput: 2 and 3\nOutput: 5\n###\nInstruction 5: Name a fruit.\n" \
                  "Input: None\nOutput: Apple"
     items = parse_chat_response(unnumbered, 4, "stop")
-    assert [(i["instruction"], i["input"], i["output"], i["error"]) for i in items] == \
+    assert [(i["instruction"], i["input"], i["output"], i["reason"]) for i in items] == \
         [("Add the numbers.", "2 and 3", "5", None), ("Name a fruit.", "", "Apple", None)]
     headed = "### Task 4\nInstruction: Add the numbers.\nInput: 2 and 3\nOutput: 5\n###\n### Task 5\n" \
              "Instruction: Name a fruit.\nInput: <noinput>\nOutput: Apple\n###"
     assert [(i["instruction"], i["output"]) for i in parse_chat_response(headed, 4, "stop")] == \
         [("Add the numbers.", "5"), ("Name a fruit.", "Apple")]
-    assert parse_chat_response("I'm sorry, I can't help with that.", 4, "stop")[0]["error"] == "no_items"
+    assert parse_chat_response("I'm sorry, I can't help with that.", 4, "stop")[0]["reason"] == "no_items"
     cut = parse_chat_response(restarted, 4, "length")
-    assert [i["error"] for i in cut] == [None, "truncated"]
+    assert [i["reason"] for i in cut] == [None, "truncated"]
 
 
 def test_rows_from_chat_records_use_the_chat_parser():

@@ -11,7 +11,7 @@ import pytest
 
 from stages.lib.errors import StageError
 from stages.lib.generation.magpie import (MagpieParams, answer_template, check_endpoint, pre_query_template,
-                                          query_reason, raw_prompt, run)
+                                          query_reason, raw_prompt, converse)
 from stages.lib.llm.backend import make_backend
 from stages.lib.llm.cache import ResponseCache
 from stages.lib.llm.client import ModelClient
@@ -119,7 +119,7 @@ def test_tiny_model_end_to_end_through_the_cache(tiny_model, tmp_path):
                               ResponseCache(tmp_path / "cache"))
 
     s = session()
-    tasks, drops, metrics = run(s.ask, tok, 6, m, Sampling(6, 1.0, 1.0, (), 0))
+    tasks, drops, metrics = converse(s.ask, tok, 6, m, Sampling(6, 1.0, 1.0, (), 0))
     queries = [d for d in drops if d["step"] == "magpie_query_1"]
     answers = [d for d in drops if d["step"] == "magpie_answer_1"]
     assert len(tasks) + len(queries) + len(answers) == 6 == metrics["conversations"]
@@ -135,7 +135,7 @@ def test_tiny_model_end_to_end_through_the_cache(tiny_model, tmp_path):
         conv = json.loads(t["messages_json"])
         assert [x["role"] for x in conv] == ["user", "assistant"] and conv[0]["content"] == t["instruction"]
     again = session()
-    tasks2, drops2, _ = run(again.ask, tok, 6, m, Sampling(6, 1.0, 1.0, (), 0))
+    tasks2, drops2, _ = converse(again.ask, tok, 6, m, Sampling(6, 1.0, 1.0, (), 0))
     assert again.stats.teacher_calls == 0 and tasks2 == tasks and drops2 == drops
 
 
@@ -169,8 +169,8 @@ def test_two_turns_with_every_drop_reason_through_a_fake_teacher():
             out.append(fake_rec(p, text, finish))
         return out
 
-    tasks, drops, metrics = run(ask, tok, 6, MagpieParams(turns=2), Sampling(32, 0.7, 0.9, (), 0))
-    assert {(d["request_index"], d["step"], d["error"]) for d in drops} == {
+    tasks, drops, metrics = converse(ask, tok, 6, MagpieParams(turns=2), Sampling(32, 0.7, 0.9, (), 0))
+    assert {(d["request_index"], d["step"], d["reason"]) for d in drops} == {
         (1, "magpie_query_1", "empty_query"), (2, "magpie_query_1", "truncated_query"),
         (3, "magpie_query_1", "repeated_query"), (4, "magpie_query_1", "non_english_query"),
         (5, "magpie_answer_2", "answer_truncated")}
@@ -198,14 +198,14 @@ def test_embedded_smollm2_writes_english_queries(e2e_build):
 
     with tempfile.TemporaryDirectory() as d:
         s = ModelClient(lambda form: make_backend("local", str(model), form, batch_size=4), ResponseCache(d))
-        tasks, drops, _ = run(s.ask, AutoTokenizer.from_pretrained(model), 4,
+        tasks, drops, _ = converse(s.ask, AutoTokenizer.from_pretrained(model), 4,
                                     MagpieParams(query_max_new_tokens=64, answer_max_new_tokens=64),
                                     Sampling(64, 0.7, 0.9, (), 0))
     assert len(tasks) + len({d["request_index"] for d in drops}) == 4
     # SmolLM2 ends its queries within 64 tokens (measured: 4 of 4 passed the query filters; their answers
     # were cut at 64 tokens, so the answer budget here is the only loss)
     assert sum(d["step"] == "magpie_query_1" for d in drops) < 4
-    assert all(d["error"] == "answer_truncated" for d in drops if d["step"] == "magpie_answer_1")
+    assert all(d["reason"] == "answer_truncated" for d in drops if d["step"] == "magpie_answer_1")
     assert all(t["instruction"] and "<|im_end|>" not in t["instruction"] for t in tasks)
 
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from stages.lib.errors import StageError
-from stages.generate import rows_from_records
+from stages.lib.generation.alpaca import rows_from_records
 from stages.lib.llm.backend import make_backend
 from stages.lib.llm.cache import ResponseCache, assign_keys
 from stages.lib.llm.client import ModelClient, run_requests

@@ -94,7 +94,7 @@ def test_length_edges_and_token_lengths(tiny_tokenizer):
 
 
 FILTER_M = {"generated": 100, "unparsed": 30, "parsed": 70, "kept": 40, "rejected": 30,
-            "rejected_by_reason": {"too_short": 5, "blacklist": 3, "input_equals_output": 2, "too_similar": 15,
+            "dropped_by_reason": {"too_short": 5, "blacklist": 3, "input_equals_output": 2, "too_similar": 15,
                                    "near_duplicate": 5}}
 
 
@@ -156,7 +156,7 @@ def _inputs(nlp, judge=None):
     convs = [{"messages": [{"role": "user", "content": "Write a poem about cats, please, with rhymes."},
                            {"role": "assistant", "content": "Cats are soft and they like to sleep all day long."}]}]
     metrics = {"filter": {"generated": 6, "unparsed": 0, "parsed": 6, "kept": 4, "rejected": 2, "rouge_threshold": 0.7,
-                          "rejected_by_reason": {"blacklist": 1, "too_similar": 1}},
+                          "dropped_by_reason": {"blacklist": 1, "too_similar": 1}},
                "ingest": {"mixture": "distill", "sources": {"generated": {"read": 4, "clean": 3, "in_mixture": 3}}},
                "tokenize": {"tokens_dropped": 7, "split_conversations": 1},
                "generate": {"requests": 5, "cache_hits": 2, "teacher_calls": 3, "prompt_tokens_called": 100},

@@ -8,7 +8,7 @@ import pytest
 
 from stages.lib.errors import StageError
 from stages.lib.formats import read_prompts
-from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, run
+from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, answer
 from stages.lib.llm.types import Sampling
 from tests.support.tiny import shared
 
@@ -69,7 +69,7 @@ PROMPTS = [{"instruction": "Name a colour.", "input": "", "source": "f:1"},
 
 def test_one_sample_per_prompt_keeps_provenance():
     t = Teacher(lambda i, p: rec(p, f" answer {i} "))
-    tasks, drops, m = run(t, PROMPTS, ResponsesParams(), S)
+    tasks, drops, m = answer(t, PROMPTS, ResponsesParams(), S)
     assert [x["output"] for x in tasks] == ["answer 0", "answer 1"] and not drops
     assert [x["source"] for x in tasks] == ["f:1", "f:2"] and tasks[1]["input"] == "2 3"
     assert t.calls[0][2] == "chat" and t.calls[0][0][1] == chat_prompt(PROMPTS[1]) == "Add the numbers.\n\n2 3"
@@ -78,29 +78,29 @@ def test_one_sample_per_prompt_keeps_provenance():
 def test_longest_and_truncated_and_empty():
     texts = {0: "short", 1: "a much longer answer", 2: "", 3: "cut off mid", 4: "fine", 5: "x"}
     t = Teacher(lambda i, p: rec(p, texts[i], "length" if i == 3 else "stop"))
-    tasks, drops, m = run(t, PROMPTS, ResponsesParams(n=3, select="longest"), S)
+    tasks, drops, m = answer(t, PROMPTS, ResponsesParams(n=3, select="longest"), S)
     assert [x["output"] for x in tasks] == ["a much longer answer", "fine"]
     assert m["dropped_by_reason"] == {"empty_output": 1, "not_selected_longest": 2, "truncated": 1}
-    tasks, _, _ = run(t, PROMPTS, ResponsesParams(n=3, select="longest", keep_truncated=True), S)
+    tasks, _, _ = answer(t, PROMPTS, ResponsesParams(n=3, select="longest", keep_truncated=True), S)
     assert [x["output"] for x in tasks] == ["a much longer answer", "cut off mid"]
 
 
 def test_judge_picks_and_falls_back_when_unparseable():
     t = Teacher(lambda i, p: rec(p, f"answer {i}"), verdict=" 2")
-    tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
+    tasks, _, m = answer(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 1", "answer 3"] and m["judged"] == 2
     assert t.calls[1][0][0] == pick_best_prompt(PROMPTS[0], ["answer 0", "answer 1"])
     t = Teacher(lambda i, p: rec(p, f"answer {i}"), verdict="both are fine")
-    tasks, _, m = run(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
+    tasks, _, m = answer(t, PROMPTS, ResponsesParams(n=2, select="judge"), S)
     assert [x["output"] for x in tasks] == ["answer 0", "answer 2"] and m["judge_unparsed"] == 2
     assert [parse_judge(x, 3) for x in ["3", "Response 1", "4", "", None]] == [2, 0, None, None, None]
 
 
 def test_system_prompt_goes_with_every_answer_request_and_chat_verdicts_read():
     t = Teacher(lambda i, p: rec(p, f"answer {i}"))
-    run(t, PROMPTS, ResponsesParams(), S, system="You are a helpful assistant.")
+    answer(t, PROMPTS, ResponsesParams(), S, system="You are a helpful assistant.")
     assert t.calls[0][0] == [("You are a helpful assistant.", chat_prompt(p)) for p in PROMPTS]
     t = Teacher(lambda i, p: rec(p, f"answer {i}"))
-    run(t, PROMPTS, ResponsesParams(), S)  # no system prompt: the prompt string alone, as before
+    answer(t, PROMPTS, ResponsesParams(), S)  # no system prompt: the prompt string alone, as before
     assert t.calls[0][0] == [chat_prompt(p) for p in PROMPTS]
     assert [parse_judge(x, 3) for x in ["**Response 2**", "Response 3 is the best.", "The best is **1**."]] == [1, 2, 0]

@@ -9,6 +9,7 @@ import pytest
 
 from stages.lib.errors import StageError
 from stages.lib.text.novelty import rouge_tokens
+from stages.lib.stats import Stats
 from stages.seeds import load_seeds
 from tests.support.tiny import ROOT, shared
 from tests.support.helpers import rouge_l_f1
@@ -84,7 +85,7 @@ def test_text_from_the_wild_is_repaired_and_an_oversized_task_dropped(tmp_path):
         json.dumps({**GOOD, "id": "huge", "instruction": "word " * 1_000_000}).encode(),  # a 5 MB message
         json.dumps({**GOOD, "id": "fine"}).encode(),
     ]
-    counts = {}
+    counts = Stats()
     df = load_seeds([write(tmp_path, lines)], counts)
     assert df["id"].to_list() == ["bytes", "surrogate", "nul", "fine"]
     assert df["instruction"].to_list()[:3] == ["Say h\ufffd to the user.", "Say \ufffd hi.", "Say hi."]

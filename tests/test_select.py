@@ -115,7 +115,7 @@ def test_rate_counts_unknown_and_failed_and_choose_rejects_them():
     assert [r["rating"] for r in rs] == [5.0, 4.5, None, None, 3.0]
     cut = choose(rs, p)
     assert cut == 4.5
-    assert [r["select_reason"] for r in rs] == [None, None, "unknown_rating", "unknown_rating", "rating_below_threshold"]
+    assert [r["reason"] for r in rs] == [None, None, "unknown_rating", "unknown_rating", "rating_below_threshold"]
     m = metrics_of(rs, p, cut)
     assert (m["kept"], m["rejected"], m["scores"]["rating"]["unknown"]) == (2, 3, 2)
     assert sum(m["scores"]["rating"]["kept"]) == 2 and sum(m["scores"]["rating"]["rejected"]) == 1
@@ -124,7 +124,7 @@ def test_rate_counts_unknown_and_failed_and_choose_rejects_them():
 def test_method_none_keeps_every_row():
     p = SelectParams()
     rs = rows(4)
-    assert choose(rs, p) is None and all(r["select_reason"] is None and r["rating"] is None for r in rs)
+    assert choose(rs, p) is None and all(r["reason"] is None and r["rating"] is None for r in rs)
     assert metrics_of(rs, p, None)["kept"] == 4
 
 
@@ -134,7 +134,7 @@ def test_ifd_policy_drops_ifd_at_or_above_max_first():
     for r, v in zip(rs, [0.5, 1.2, 0.9, 0.7]):
         r["ifd"] = v
     choose(rs, p)
-    assert [r["select_reason"] for r in rs] == ["ifd_not_in_top_k", "ifd_at_or_above_max", None, None]
+    assert [r["reason"] for r in rs] == ["ifd_not_in_top_k", "ifd_at_or_above_max", None, None]
 
 
 def test_ifd_against_a_direct_computation(tiny_model):
@@ -224,7 +224,8 @@ def test_stage_ifd_scores_with_the_student_model_and_the_tokenize_template(in_tm
                                           "select": {"method": "ifd", "ifd_max": 0,
                                                      "policy": {"score": "ifd", "top_k": 2}}})
     main()
-    out = pl.concat([pl.read_parquet(p) for p in sorted((in_tmp / "data/selected").glob("*.parquet"))]).sort("id")
+    out = pl.concat([pl.read_parquet(p) for p in sorted((in_tmp / "data/selected").glob("*.parquet"))],
+                    how="diagonal").sort("id")  # rejected rows add step and detail
     model, tok = load_model(str(tiny_model))
     want = ifd_scores(df.sort("id").to_dicts(), model, tok, "chat", 512, 8)
     assert out["ifd"].to_list() == pytest.approx([w[0] for w in want], rel=1e-5)

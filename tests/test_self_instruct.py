@@ -8,7 +8,7 @@ import random
 from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER,
                                   SelfInstructParams, bootstrap, bootstrap_prompt, classify_examples, classify_prompt,
                                   filter_instances, instance_prompt, parse_classification, parse_instances,
-                                  parse_instructions, run, sample_in_context)
+                                  parse_instructions, run_steps, sample_in_context)
 from stages.lib.llm.types import Sampling
 
 SEEDS = [
@@ -128,7 +128,7 @@ def test_pool_grows_and_novelty_applies_within_a_round():
                                                    "Compose a lullaby for a sleepy baby dragon.",
                                                    "Write a sonnet about lost umbrellas.",
                                                    "Invent a board game about migrating whales."]
-    assert [d["error"] for d in drops] == ["too_similar"] and m["instructions_kept"] == 4
+    assert [d["reason"] for d in drops] == ["too_similar"] and m["instructions_kept"] == 4
     # round 2's prompt shows round 1's instruction (the pool grew); round 1 showed seeds only
     assert "odd or even" not in teacher.prompts[0] and "Tell whether a number is odd or even." in teacher.prompts[1]
     assert sum(ln.split(". ", 1)[-1] in {x["instruction"] for x in machine} for ln in teacher.prompts[2].splitlines()) == 2
@@ -136,7 +136,7 @@ def test_pool_grows_and_novelty_applies_within_a_round():
 
 def test_run_all_four_steps():
     teacher = ScriptedTeacher([" Tell whether a number is odd or even.\n6. Write a short story about a brave ant."])
-    tasks, drops, m = run(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)
+    tasks, drops, m = run_steps(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)
     by_inst = {}
     for t in tasks:
         by_inst.setdefault(t["instruction"], []).append((t["input"], t["output"], t["is_classification"]))
@@ -149,7 +149,7 @@ def test_run_all_four_steps():
 
 def test_unknown_classification_is_not_silently_no():
     teacher = ScriptedTeacher([" Tell whether a number is odd or even."], clf=" Perhaps")
-    tasks, _, m = run(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)
+    tasks, _, m = run_steps(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0)
     assert m["classify"] == {"unknown": 1} and tasks[0]["is_classification"] is None
     # unknown tasks go input-first
     assert any(p.startswith(INPUT_FIRST_HEADER) for p in teacher.prompts)
@@ -161,7 +161,7 @@ def test_failed_classification_request_is_unknown():
             out = super().__call__(prompts, sampling, form)
             return [None if p.startswith(CLASSIFY_HEADER) else r for p, r in zip(prompts, out)]
 
-    _, _, m = run(Failing([" Tell whether a number is odd or even."]), SEEDS, 1, S,
+    _, _, m = run_steps(Failing([" Tell whether a number is odd or even."]), SEEDS, 1, S,
                   SelfInstructParams(num_prompt_instructions=4), seed=0)
     assert m["classify"] == {"unknown": 1}
 
@@ -193,14 +193,14 @@ def test_filter_blacklist_reaches_the_bootstrap(in_tmp, monkeypatch):
         seen["rules"] = rules
         raise RuntimeError("stop before any teacher call")
 
-    monkeypatch.setattr(si_module, "run", run_spy)
+    monkeypatch.setattr(si_module, "run_steps", run_spy)
     with pytest.raises(RuntimeError, match="stop before"):
         main()
     assert seen["rules"] == RuleParams(min_words=2, max_words=150, blacklist=["lullaby"])
     machine, drops, m = bootstrap(ScriptedTeacher(texts), SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4),
                                   seed=0, rules=seen["rules"])
     assert [x["instruction"] for x in machine] == ["Write a sonnet about lost umbrellas."]
-    assert [(d["error"], d["raw"]) for d in drops] == [("blacklist", "Compose a lullaby for a sleepy baby dragon.")]
+    assert [(d["reason"], d["detail"]) for d in drops] == [("blacklist", "Compose a lullaby for a sleepy baby dragon.")]
 
 
 # ---------------------------------------------------------------- chat form: prompts for chat models, replies as they write them
@@ -297,7 +297,7 @@ class ChatTeacher:
 
 def test_run_all_four_steps_in_chat_form():
     teacher = ChatTeacher()
-    tasks, drops, m = run(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0, form="chat")
+    tasks, drops, m = run_steps(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0, form="chat")
     assert {form for _, form, _ in teacher.asked} == {"chat"}
     assert all(s.stop == () for _, _, s in teacher.asked)  # chat replies are not cut by completion stop sequences
     by_inst = {}

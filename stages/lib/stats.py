@@ -62,6 +62,11 @@ class Stats(Counter):
         """What a stage writes: every named count, and `dropped_by_reason` (always present, maybe empty)."""
         return {**self.counts(), DROPPED: self.dropped_by_reason()}
 
+    @staticmethod
+    def tally(items: Iterable[str]) -> dict[str, int]:
+        """{item: how often it occurs}, sorted by item: a plain count that is not a drop (e.g. answers)."""
+        return dict(sorted(Counter(items).items()))
+
     @classmethod
     def of_drops(cls, reasons: Iterable[str]) -> Stats:
         """A Stats with one drop per item of `reasons` (e.g. a drops table's `reason` column)."""

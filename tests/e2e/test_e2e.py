@@ -55,7 +55,7 @@ def test_first_repro_builds_every_output(e2e_build):
     fm = json.loads((repo / "metrics/filter.json").read_text())
     assert kept.height == fm["kept"] > 0 and rejected.height == fm["rejected"]
     assert kept.height + rejected.height == gen.height
-    assert sum(fm["rejected_by_reason"].values()) == rejected.height
+    assert sum(fm["dropped_by_reason"].values()) == rejected.height
 
     meta = json.loads((repo / "data/tokens/meta.json").read_text())
     index = np.load(repo / "data/tokens/train_index.npy")

@@ -62,8 +62,8 @@ def test_selection_threshold_sweep_reruns_select_from_the_cache(tmp_path):
         assert all(x >= 4.0 for x in kept["rating"]) and kept.height == m["kept"] > 0
         unknown = rejected.filter(pl.col("rating").is_null())
         assert unknown.height == m["judge"]["unknown"] > 0  # "The response is fine." is unknown, not 0
-        assert set(unknown["select_reason"]) == {"unknown_rating"} and set(unknown["rating_raw"]) == {VERDICTS[-1]}
-        assert set(rejected.filter(pl.col("rating").is_not_null())["select_reason"]) == {"rating_below_threshold"}
+        assert set(unknown["reason"]) == {"unknown_rating"} and set(unknown["rating_raw"]) == {VERDICTS[-1]}
+        assert set(rejected.filter(pl.col("rating").is_not_null())["reason"]) == {"rating_below_threshold"}
         ingest = json.loads((repo / "metrics/ingest.json").read_text())
         assert ingest["sources"]["generated"]["read"] == kept.height  # ingest reads the selected rows
 

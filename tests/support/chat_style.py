@@ -13,7 +13,7 @@ import hashlib
 import random
 import re
 
-from stages.generate import ALPACA_SYSTEM
+from stages.lib.generation.alpaca import ALPACA_SYSTEM
 from stages.lib.generation.self_instruct import BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM
 from tests.support.fake_openai import _last_user_text
 

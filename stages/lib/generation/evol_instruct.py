@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from stages.lib.errors import check
+from stages.lib.formats import read_prompts
+from stages.lib.generation.method import Generated, Inputs
 from stages.lib.llm.types import Sampling, provenance
+from stages.lib.stats import DROPPED, Stats, drop_row
 
 _DEPTH = ("I want you act as a Prompt Rewriter.\n"
           "Your objective is to rewrite a given prompt into a more complex version to make those famous AI systems "
@@ -176,11 +179,29 @@ def answer_prompt(instruction: str, form: str) -> tuple[str, tuple[str, ...]]:
 # ---------------------------------------------------------------- the driver
 
 
-def run(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, seed: int):
+def run(client, inputs: Inputs, e: EvolParams) -> Generated:
+    """The method's contract (`stages.lib.generation.method`): evolve the pool `e.prompts` names (the first
+    `num_requests` seeds, self-instruct's bootstrap, or a prompt file)."""
+    from stages.lib.generation.self_instruct import bootstrap
+
+    boot, steps = [], {}
+    if e.prompts == "seeds":
+        pool = [{"id": s["id"], "instruction": s["instruction"], "input": s["instances"][0]["input"]}
+                for s in inputs.seeds[: inputs.num_requests]]
+    elif e.prompts == "bootstrap":
+        machine, boot, steps["bootstrap"] = bootstrap(client.ask, inputs.seeds, inputs.num_requests, inputs.sampling,
+                                                      inputs.bootstrap, inputs.seed, inputs.form, inputs.rules)
+        pool = [{"id": m["id"], "instruction": m["instruction"], "input": ""} for m in machine]
+    else:
+        pool = [{"id": f"{e.prompts}:{i + 1}", **x} for i, x in enumerate(read_prompts(e.prompts, inputs.num_requests))]
+    tasks, drops, steps["evol_instruct"] = evolve(client.ask, pool, e, inputs.sampling, inputs.form, inputs.seed)
+    return Generated(tasks, boot + drops, steps)
+
+
+def evolve(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, seed: int):
     """Evolve `pool` ([{id, instruction, input}]) for `e.rounds` rounds. Returns (task rows, drop rows, metrics).
 
     `ask(prompts, sampling, form)` returns the cached teacher records (None: failed, retried next run)."""
-    from stages.lib.generation.self_instruct import count
     from stages.lib.tokens.templates import user_message
 
     pool = [{"id": p["id"], "instruction": user_message(p["instruction"], p.get("input") or ""),
@@ -203,7 +224,7 @@ def run(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, see
             text = clean_evolved(rec["text"])
             why = instruction_reason(text, rec["finish_reason"])
             if why:
-                drops.append({**base, **provenance(rec), "step": f"evol_round_{rnd}", "error": why, "raw": text})
+                drops.append(drop_row(f"evol_round_{rnd}", why, text, **base, **provenance(rec)))
                 nxt.append(p)
             else:
                 cands.append((p, text, base, rec))
@@ -216,8 +237,7 @@ def run(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, see
                 eq = parse_equal(v["text"] if v else None)
                 equal_unknown += eq is None
                 if eq:
-                    drops.append({**c[2], **provenance(c[3]), "step": f"evol_round_{rnd}", "error": "no_new_information",
-                                  "raw": c[1]})
+                    drops.append(drop_row(f"evol_round_{rnd}", "no_new_information", c[1], **c[2], **provenance(c[3])))
                     nxt.append(c[0])
                 else:
                     keep.append(c)
@@ -235,7 +255,7 @@ def run(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, see
             why = answer_reason(rec["text"], rec["finish_reason"], e.apology_max_words)
             row = {**base, **provenance(rec)}
             if why:
-                drops.append({**row, "step": f"evol_round_{rnd}", "error": why, "raw": rec["text"]})
+                drops.append(drop_row(f"evol_round_{rnd}", why, rec["text"], **row))
                 nxt.append(p)
                 continue
             child = f"evol-r{rnd}-{len(tasks):06d}"
@@ -244,8 +264,10 @@ def run(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, see
             nxt.append({"id": child, "instruction": text, "root": p["root"]})
             kept += 1
         per_round.append({"round": rnd, "evolved": len(pool), "kept": kept, "failed": failed,
-                          "equal_unknown": equal_unknown, "operations": count(ops),
-                          "dropped_by_reason": count(d["error"] for d in drops if d["step"] == f"evol_round_{rnd}")})
+                          "equal_unknown": equal_unknown, "operations": Stats.tally(ops),
+                          DROPPED: Stats.of_drops(d["reason"] for d in drops
+                                                  if d["step"] == f"evol_round_{rnd}").dropped_by_reason()})
         pool = nxt
-    metrics = {"rounds": per_round, "kept": len(tasks), "dropped_by_reason": count(d["error"] for d in drops)}
+    metrics = {"rounds": per_round, "kept": len(tasks),
+               DROPPED: Stats.of_drops(d["reason"] for d in drops).dropped_by_reason()}
     return tasks, drops, metrics

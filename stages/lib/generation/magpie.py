@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import polars as pl
 
 from stages.lib.errors import StageError, check
+from stages.lib.generation.method import Generated, Inputs
 from stages.lib.llm.types import Sampling, provenance
+from stages.lib.stats import DROPPED, Stats, drop_row
 
 SENTINEL = "STILLHOUSEMAGPIESENTINEL"
 EXTRA_COLUMNS = {"magpie_turns": pl.Int64, "messages_json": pl.String}
@@ -129,10 +132,7 @@ def query_reason(query: str, finish_reason: str, seen: set[str], m: MagpieParams
         return "repeated_query"
     words = norm.split()
     if m.max_ngram_repeats:
-        grams: dict[tuple, int] = {}
-        for i in range(len(words) - 2):
-            g = tuple(words[i : i + 3])
-            grams[g] = grams.get(g, 0) + 1
+        grams = Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2))
         if grams and max(grams.values()) >= m.max_ngram_repeats:
             return "repetitive_query"
     if m.language and sum(c.isalpha() for c in query) >= m.min_language_chars:
@@ -162,10 +162,17 @@ def check_endpoint(backend: str, prompt_form: str) -> None:
         raise StageError(f"generate.method magpie: unknown backend {backend!r}")
 
 
-def run(ask, tok, n: int, m: MagpieParams, sampling: Sampling):
+def run(client, inputs: Inputs, m: MagpieParams) -> Generated:
+    """The method's contract (`stages.lib.generation.method`): `num_requests` conversations, the queries
+    written from the template of `m.tokenizer` (default: the teacher's own)."""
+    tok = load_tokenizer(m.tokenizer or inputs.teacher_model)
+    tasks, drops, metrics = converse(client.ask, tok, inputs.num_requests, m, inputs.sampling)
+    return Generated(tasks, drops, {"magpie": metrics})
+
+
+def converse(ask, tok, n: int, m: MagpieParams, sampling: Sampling):
     """`n` conversations of `m.turns` user turns. `ask(prompts, sampling, form)` in completion form.
     Returns (task rows, drop rows, metrics)."""
-    from stages.lib.generation.self_instruct import count
 
     convs = [[] for _ in range(n)]
     alive = list(range(n))
@@ -184,8 +191,8 @@ def run(ask, tok, n: int, m: MagpieParams, sampling: Sampling):
             query = rec["text"].split(end)[0].strip()
             why = query_reason(query, rec["finish_reason"], seen, m)
             if why:
-                drops.append({"request_index": i, "item_index": turn - 1, "step": f"magpie_query_{turn}",
-                              "error": why, "raw": rec["text"], **provenance(rec)})
+                drops.append(drop_row(f"magpie_query_{turn}", why, rec["text"], request_index=i, item_index=turn - 1,
+                                      **provenance(rec)))
             else:
                 answering.append((i, query))
         prompts = [answer_template(tok, [*convs[i], {"role": "user", "content": q}]) for i, q in answering]
@@ -199,8 +206,8 @@ def run(ask, tok, n: int, m: MagpieParams, sampling: Sampling):
             answer = rec["text"].split(end)[0].strip()
             why = "empty_answer" if not answer else "answer_truncated" if rec["finish_reason"] == "length" else None
             if why:
-                drops.append({"request_index": i, "item_index": turn - 1, "step": f"magpie_answer_{turn}",
-                              "error": why, "raw": rec["text"], **provenance(rec)})
+                drops.append(drop_row(f"magpie_answer_{turn}", why, rec["text"], request_index=i, item_index=turn - 1,
+                                      **provenance(rec)))
                 continue
             convs[i] += [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
             turns_done[i], last[i] = turn, rec
@@ -215,6 +222,6 @@ def run(ask, tok, n: int, m: MagpieParams, sampling: Sampling):
                       "instruction": c[0]["content"], "input": "", "output": c[1]["content"], "in_context_ids": [],
                       "is_classification": None, "source": "magpie", "magpie_turns": turns_done[i],
                       "messages_json": json.dumps(c, ensure_ascii=False)})
-    metrics = {"conversations": n, "kept": len(tasks), "turns": count(t["magpie_turns"] for t in tasks),
-               "dropped_by_reason": count(d["error"] for d in drops)}
+    metrics = {"conversations": n, "kept": len(tasks), "turns": Stats.tally(t["magpie_turns"] for t in tasks),
+               DROPPED: Stats.of_drops(d["reason"] for d in drops).dropped_by_reason()}
     return tasks, drops, metrics

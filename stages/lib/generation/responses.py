@@ -14,11 +14,17 @@ import re
 from dataclasses import dataclass
 
 from stages.lib.errors import check
-from stages.lib.llm.types import Sampling
+from stages.lib.formats import read_prompts
+from stages.lib.generation.method import Generated, Inputs
+from stages.lib.llm.types import Sampling, provenance
+from stages.lib.stats import DROPPED, Stats, drop_row
 from stages.lib.tokens.templates import user_message
 
 SELECT = ("first", "longest", "judge")
 
+
+EXTRA_COLUMNS: dict = {}
+"""Columns this method adds to generate's task schema: none."""
 
 @dataclass
 class ResponsesParams:
@@ -57,12 +63,29 @@ def parse_judge(text: str | None, n: int) -> int | None:
     return int(m.group()) - 1 if m and 1 <= int(m.group()) <= n else None
 
 
-def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling, system: str = ""):
+def run(client, inputs: Inputs, r: ResponsesParams) -> Generated:
+    """The method's contract (`stages.lib.generation.method`): answer the prompts `r.prompts` names
+    (self-instruct's bootstrap, or a prompt file under seeds/prompts/)."""
+    from stages.lib.generation.self_instruct import bootstrap
+
+    steps: dict = {}
+    if r.prompts == "bootstrap":
+        machine, unparsed, steps["bootstrap"] = bootstrap(client.ask, inputs.seeds, inputs.num_requests,
+                                                          inputs.sampling, inputs.bootstrap, inputs.seed, inputs.form,
+                                                          inputs.rules)
+        prompts = [{"instruction": m["instruction"], "input": "", "source": f"self_instruct:{m['id']}",
+                    "in_context_ids": m["in_context_ids"]} for m in machine]
+    else:
+        steps["prompt_file"] = {}  # text repaired, records over the size cap skipped
+        prompts, unparsed = read_prompts(r.prompts, r.max_prompts, steps["prompt_file"]), []
+    tasks, drops, steps["responses"] = answer(client.ask, prompts, r, inputs.sampling, inputs.system_prompt)
+    return Generated(tasks, unparsed + drops, steps)
+
+
+def answer(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling, system: str = ""):
     """Answer every prompt n times and keep one. Returns (task rows, drop rows, metrics).
 
     `system`: the answers' system message (empty: none, the prompt is the only message)."""
-    from stages.lib.generation.self_instruct import count
-    from stages.lib.llm.types import provenance
 
     ans_sampling = Sampling(r.max_new_tokens, sampling.temperature, sampling.top_p, (), sampling.seed)
     asked = [(system, chat_prompt(p)) if system else chat_prompt(p) for p in prompts]
@@ -78,8 +101,7 @@ def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling, system
             why = ("empty_output" if not rec["text"].strip() else
                    "truncated" if rec["finish_reason"] == "length" and not r.keep_truncated else None)
             if why:
-                drops.append({"request_index": k, "item_index": j, "step": "responses", "error": why,
-                              "raw": rec["text"], **provenance(rec)})
+                drops.append(drop_row("responses", why, rec["text"], request_index=k, item_index=j, **provenance(rec)))
             else:
                 usable.append((j, rec))
         usable_by_prompt.append(usable)
@@ -100,12 +122,13 @@ def run(ask, prompts: list[dict], r: ResponsesParams, sampling: Sampling, system
         for i, (j, rec) in enumerate(usable):
             row = {"request_index": k, "item_index": j, **provenance(rec)}
             if i != pick:
-                drops.append({**row, "step": "select", "error": f"not_selected_{r.select}", "raw": rec["text"]})
+                drops.append(drop_row("select", f"not_selected_{r.select}", rec["text"], **row))
                 continue
             tasks.append({"id": f"resp-{k:06d}", **row, "instruction": p["instruction"], "input": p["input"],
                           "output": rec["text"].strip(), "in_context_ids": p.get("in_context_ids", []),
                           "is_classification": p.get("is_classification"), "source": p["source"]})
     metrics = {"prompts": len(prompts), "requests": len(prompts) * r.n, "answered": len(tasks),
                "judged": judged, "judge_unparsed": judge_failed,
-               "dropped_by_reason": count(d["error"] for d in drops if d["step"] in ("responses", "select"))}
+               DROPPED: Stats.of_drops(d["reason"] for d in drops
+                                       if d["step"] in ("responses", "select")).dropped_by_reason()}
     return tasks, drops, metrics

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 from stages.lib.errors import check
 from stages.lib.generation.chat import clean, unmarkdown
+from stages.lib.generation.method import Generated, Inputs
 from stages.lib.llm.types import Sampling, provenance
+from stages.lib.stats import Stats, drop_row
 
 FORMS = ("completion", "chat")
 BOOTSTRAP_HEADER = "Come up with a series of tasks:\n"
@@ -314,6 +316,9 @@ def filter_instances(instances: list[dict]) -> list[str | None]:
 # ---------------------------------------------------------------- the driver
 
 
+EXTRA_COLUMNS: dict = {}
+"""Columns this method adds to generate's task schema: none."""
+
 @dataclass
 class SelfInstructParams:
     num_prompt_instructions: int = 8
@@ -344,7 +349,7 @@ def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si:
     """Step 1, in prompt form `form` (completion | chat). `rules`: the rule filter's params (`RuleParams`;
     generate reads them from the `filter` section, so the pool takes only tasks that `filter` would keep).
     Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
-    drops [{step, request_index, item_index, error, raw, provenance}], metrics)."""
+    drops [{request_index, item_index, provenance, step, reason, detail}], metrics)."""
     from stages.lib.text.rules import RuleParams, blacklist_regex, rule_reason
     from stages.lib.text.novelty import novelty
 
@@ -375,7 +380,7 @@ def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si:
                 if inst is not None:
                     parsed += 1
                 if why not in (None, "ok"):
-                    drops.append({**row, "step": "bootstrap", "error": why, "raw": inst or ""})
+                    drops.append(drop_row("bootstrap", why, inst or "", **row))
                 else:
                     cands.append({**row, "instruction": inst, "in_context_ids": [id_of.get(t, "") for t in sh]})
         res = novelty(seed_inst + [m["instruction"] for m in machine], [c["instruction"] for c in cands],
@@ -386,21 +391,19 @@ def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si:
                 id_of[c["instruction"]] = c["id"]
                 machine.append(c)
             else:
-                drops.append({**{k: c[k] for k in c if k not in ("instruction", "in_context_ids")},
-                              "step": "bootstrap", "error": "too_similar", "raw": f"{score:.3f} {c['instruction']}"})
-    metrics = {"requests": num_requests, "instructions_parsed": parsed, "instructions_kept": len(machine),
-               "dropped_by_reason": count(d["error"] for d in drops)}
-    return machine, drops, metrics
+                drops.append(drop_row("bootstrap", "too_similar", f"{score:.3f} {c['instruction']}",
+                                      **{k: c[k] for k in c if k not in ("instruction", "in_context_ids")}))
+    stats = Stats(requests=num_requests, instructions_parsed=parsed, instructions_kept=len(machine))
+    return machine, drops, stats.merge(Stats.of_drops(d["reason"] for d in drops)).metrics()
 
 
-def count(items) -> dict:
-    out: dict[str, int] = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return dict(sorted(out.items()))
+def run(client, inputs: Inputs, params: SelfInstructParams) -> Generated:
+    """The method's contract (`stages.lib.generation.method`): all four steps over `inputs.seeds`."""
+    return Generated(*run_steps(client.ask, inputs.seeds, inputs.num_requests, inputs.sampling, params, inputs.seed,
+                                inputs.form, inputs.rules))
 
 
-def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int,
+def run_steps(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int,
         form: str = "completion", rules=None):
     """All four steps, in prompt form `form` (completion | chat); `rules`: see `bootstrap`. Returns (task rows,
     drop rows, per-step metrics)."""
@@ -417,7 +420,7 @@ def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfI
     parse_clf = parse_classification_chat if chat else parse_classification
     for m, rec in zip(machine, answers):
         m["is_classification"] = parse_clf(rec["text"] if rec else None)
-    m_clf = count({True: "yes", False: "no", None: "unknown"}[m["is_classification"]] for m in machine)
+    m_clf = Stats.tally({True: "yes", False: "no", None: "unknown"}[m["is_classification"]] for m in machine)
     # step 3: instances, output-first for classification tasks
     if chat:
         inst_sampling = Sampling(si.instance_max_new_tokens, 0.0, 1.0, (), sampling.seed)
@@ -443,14 +446,14 @@ def run(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfI
             why = next(reasons) if inst is not None else why
             row = {"request_index": k, "item_index": j, **prov}
             if why is not None and why != "ok":
-                drops.append({**row, "step": "instances", "error": why, "raw": raw.strip()})
+                drops.append(drop_row("instances", why, raw.strip(), **row))
                 continue
             tasks.append({"id": f"{m['id']}-{j:02d}", **row, "instruction": m["instruction"], "input": inst["input"],
                           "output": inst["output"], "in_context_ids": m["in_context_ids"],
                           "is_classification": m["is_classification"], "source": f"self_instruct:{m['id']}"})
-    m_inst = {"requests": len(machine), "instances_parsed": parsed, "instances_kept": len(tasks),
-              "tasks_with_instances": len({t["instruction"] for t in tasks}),
-              "input_first": sum(not m["is_classification"] for m in machine),
-              "output_first": sum(bool(m["is_classification"]) for m in machine),
-              "dropped_by_reason": count(d["error"] for d in drops if d["step"] == "instances")}
+    m_inst = Stats(requests=len(machine), instances_parsed=parsed, instances_kept=len(tasks),
+                   tasks_with_instances=len({t["instruction"] for t in tasks}),
+                   input_first=sum(not m["is_classification"] for m in machine),
+                   output_first=sum(bool(m["is_classification"]) for m in machine))
+    m_inst = m_inst.merge(Stats.of_drops(d["reason"] for d in drops if d["step"] == "instances")).metrics()
     return tasks, drops, {"bootstrap": m_boot, "classify": m_clf, "instances": m_inst}

@@ -133,7 +133,7 @@ def token_lengths(rows: list[dict], tok, fields=LENGTH_FIELDS) -> dict[str, np.n
 
 def funnel(filter_m: dict) -> list[dict]:
     """Rows left after each step: generated, parsed, each rule, novelty, near duplicates, kept."""
-    by = filter_m.get("rejected_by_reason", {})
+    by = filter_m.get("dropped_by_reason", {})
     left = filter_m["generated"]
     rows = [{"step": "generated", "left": left, "dropped": 0}]
     steps = [("parsed", filter_m["generated"] - filter_m["parsed"])]

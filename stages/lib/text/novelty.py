@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -83,10 +84,11 @@ def encode(texts: list[str], tokenize: str = "rouge_score") -> Encoded:
     all_toks: list[int] = []
     all_feats: list[int] = []
     for i, text in enumerate(texts):
-        seen: dict[int, int] = {}
+        seen: Counter[int] = Counter()  # the k-th occurrence of a token in this text is feature (token, k)
         for w in tok(text):
             t = vocab.setdefault(w, len(vocab))
-            k = seen[t] = seen.get(t, 0) + 1
+            seen[t] += 1
+            k = seen[t]
             all_toks.append(t)
             all_feats.append(feat_ids.setdefault((t, k), len(feat_ids)))
             lengths[i] += 1
