@@ -217,7 +217,8 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
                e.reasoning_budget, d)
         if key not in made:
             made[key] = open_client(e, cache, batch_size=p.batch_size, dtype=d or "float32")
-        return made[key].query
+        client = made[key]  # shared by roles on one endpoint: each role asks with its own system prompt
+        return lambda prompts, sampling: client.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
 
     return session, made
 
