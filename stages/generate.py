@@ -41,6 +41,7 @@ from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
 from stages.lib.llm.client import ModelClient, open_client
 from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
+from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.types import Sampling, TeacherStop, provenance
 from stages.lib.text.clean import read_text
 from stages.lib.text.rules import RuleParams
@@ -355,7 +356,7 @@ def main() -> None:
     try:
         tasks, unparsed = run_method(p, session, seeds, sampling, steps, rules)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: say so in the metrics too, then stop
-        write_json(paths.metrics("generate"), {**session.metrics(), "error": str(stop), "steps": steps})
+        write_json(paths.metrics("generate"), {**session.metrics(), "error": redact(str(stop)), "steps": steps})
         raise
     for t in tasks:
         t["method"] = p.method

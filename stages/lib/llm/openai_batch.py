@@ -26,13 +26,29 @@ from stages.lib.progress import log
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
+def _line(line: str, batch_id: str, lineno: int, report: RunReport) -> dict:
+    """One output or error line of a job as a dict; {} for a blank line, and for a malformed one, which is
+    logged and counted (`failed:batch:malformed_line`): its request is failed with the job's other unanswered ones."""
+    if not line.strip():
+        return {}
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        rec = None
+    if not isinstance(rec, dict):
+        log(f"teacher batch {batch_id}: line {lineno} of its output is not a JSON object; skipped")
+        report.counts.add("failed:batch:malformed_line")
+        return {}
+    return rec
+
+
 class BatchBackend:
     """The Batch API for the endpoint of `online` (its model, form, options, key and URL)."""
 
     def __init__(self, online: OnlineBackend, ledger: BatchLedger, max_per_job: int = 50_000):
         self.online, self.ledger, self.max_per_job = online, ledger, max_per_job
         self.name, self.teacher_id, self.prompt_form = online.name, online.teacher_id, online.prompt_form
-        self.request_fields = online.request_fields
+        self.request_fields, self.endpoint = online.request_fields, online.endpoint
 
     def check(self) -> None:
         self.online.check()
@@ -62,8 +78,8 @@ class BatchBackend:
         for file_id, is_error in ((b.output_file_id, False), (b.error_file_id, True)):
             if not file_id:
                 continue
-            for line in client.files.content(file_id).text.splitlines():
-                rec = json.loads(line) if line.strip() else {}
+            for lineno, line in enumerate(client.files.content(file_id).text.split("\n"), 1):  # U+2028 is text
+                rec = _line(line, batch_id, lineno, report)
                 key = rec.get("custom_id")
                 if key not in keys or key in answered:
                     continue
