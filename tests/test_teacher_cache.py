@@ -115,7 +115,8 @@ def test_raising_max_new_tokens_asks_again_only_for_truncated_answers(tmp_path):
         assert sorted(sent(server)[6:]) == sorted(cut) and st.teacher_calls == 2 and st.cache_hits == 4
         reused = [r for r in recs if r.get("reused_from")]
         assert {r["prompt"] for r in reused} == set(ps) - cut
-        assert all(r["key"] == q.key for r, q in zip(recs, assign_keys(ps, f"openai:teacher-x@{server.base_url}", "chat", bigger)))
+        keys = assign_keys(ps, f"openai:teacher-x@{server.base_url}", "chat", bigger)
+        assert all(r["key"] == q.key for r, q in zip(recs, keys))
         _, st = ask(server, ResponseCache(tmp_path / "c"), ps, bigger)  # now all exact hits
         assert len(sent(server)) == 8 and st.cache_hits == 6
         # a lower limit: answers that stopped within it are reused, longer or cut ones are not

@@ -35,7 +35,7 @@ class Backend(Protocol):
     name: str
     """The model as configured (recorded as `teacher` in each answer)."""
     teacher_id: str
-    """The teacher's identity in cache keys: `local:<weights hash>` or `openai:<model>`."""
+    """The teacher's identity in cache keys: `local:<weights hash>`, `openai:<model>[@<endpoint>]`."""
     request_fields: dict
     """What the request options add to each cache key (extra body, reasoning budget); {} for the defaults."""
     prompt_form: str

@@ -1,7 +1,7 @@
 """The teacher cache: request keys, the workspace cache (`ResponseCache`) and its Batch job ledger.
 
 Every request gets a key: sha256 over the teacher's identity (local model fingerprint, the
-endpoint's model name, or an explicit `teacher_id`; never the URL), the prompt form (so the
+endpoint's model name and, off OpenAI's own, the endpoint, or an explicit `teacher_id`), the prompt form (so the
 exact messages), the exact prompt, every sampling param including the seed, the draw number
 (how many identical requests came before it in this run) and any extra request fields
 (docs/teacher-cache.md). Each response is appended to this run's `responses-*.jsonl` file in
@@ -110,7 +110,7 @@ def record_endpoint(rec: dict) -> str | None:
 
 
 def reusable(rec: dict, max_new_tokens: int) -> bool:
-    """May a cached answer serve a request that differs only in its token limit (or its endpoint URL)?
+    """May a cached answer serve a request that differs only in its token limit?
 
     Yes when it was asked with this very limit, or when it finished on its own (`stop`) within it;
     an answer cut at its limit (`length`) is asked again under another limit."""
@@ -128,7 +128,8 @@ class ResponseCache:
     With a `store` (`stages.lib.llm.store.TeacherStore`, outside the repository), every response and
     Batch job id is written there too, and a request missing here is looked up there before the
     teacher is called (what is found is copied here). `lookup` also reuses an answer to the same
-    request under another `max_new_tokens` or endpoint URL (`reusable`). `ledger`: the Batch jobs."""
+    request under another `max_new_tokens` (`reusable`), and serves only answers of the endpoint asked
+    (`record_endpoint`). `ledger`: the Batch jobs."""
 
     def __init__(self, path: str | os.PathLike, fsync_every_s: float = 1.0, store: TeacherStore | None = None):
         self.dir = Path(path)
@@ -170,7 +171,7 @@ class ResponseCache:
                   and self._serves(r, req, endpoint, reused=True)]
         if not usable:
             return None
-        # the same limit first (an answer from another URL), then any answer that stopped on its own
+        # the same limit first (an old record keyed by URL), then any answer that stopped on its own
         old = min(usable, key=lambda r: ((r.get("sampling") or {}).get("max_new_tokens") != req.max_new_tokens,
                                          r.get("created", ""), r["key"]))
         rec = {**old, "key": req.key, "identity": req.identity, "reused_from": old.get("reused_from", old["key"])}

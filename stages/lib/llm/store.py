@@ -199,7 +199,8 @@ class RunFiles:
 
     def _unwritten(self, e: OSError) -> None:
         if self.write_error is None:
-            where = f"; they are in the teacher store {self._store.root}" if self._store and not self._store_failed else ""
+            stored = self._store is not None and not self._store_failed
+            where = f"; they are in the teacher store {self._store.root}" if stored else ""
             log(f"teacher cache {self.dir}: cannot write ({e.strerror or e}); answers are kept in memory{where}")
         self.write_error = e
         self.unwritten += 1
