@@ -182,12 +182,13 @@ def test_a_full_cache_disk_keeps_every_paid_answer_and_stops_naming_the_folder(t
 def test_a_batch_answer_with_u2028_and_a_malformed_line_do_not_block_the_job(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     raw = "\u2028".encode()
-    mangle = lambda b: b.replace(b"\\u2028", raw) + b"{not json\n"  # noqa: E731 - OpenAI writes U+2028 raw
+    bad = b'{not json\n[1, 2]\n{"custom_id": "x", "response": "a string"}\n'
+    mangle = lambda b: b.replace(b"\\u2028", raw) + bad  # noqa: E731 - OpenAI writes U+2028 raw
     reqs = assign_keys(["a\u2028b", "c"], "openai:teacher-x", "chat", S)
     with FakeOpenAI(reply=lambda body: "line\u2028same line", batch_output=mangle) as srv:
         backend = make_backend("openai", "teacher-x", "chat", srv.base_url, api=FAST)
         run_requests(reqs, backend, ResponseCache(tmp_path), S, batch_api=True)  # submitted
         recs, st = run_requests(reqs, backend, ResponseCache(tmp_path), S, batch_api=True)  # collected
         assert [r["text"] for r in recs] == ["line\u2028same line"] * 2
-        assert st.batch["collected"] == 2 and st.counts["batch.failed:batch:malformed_line"] == 1
+        assert st.batch["collected"] == 2 and st.counts["batch.failed:batch:malformed_line"] == 3
         assert ResponseCache(tmp_path).ledger.open_jobs() == []

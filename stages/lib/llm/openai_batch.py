@@ -35,8 +35,10 @@ def _line(line: str, batch_id: str, lineno: int, report: RunReport) -> dict:
         rec = json.loads(line)
     except ValueError:
         rec = None
-    if not isinstance(rec, dict):
-        log(f"teacher batch {batch_id}: line {lineno} of its output is not a JSON object; skipped")
+    resp = rec.get("response") if isinstance(rec, dict) else None
+    if (not isinstance(rec, dict) or not isinstance(resp or {}, dict) or not isinstance(rec.get("error") or {}, dict)
+            or not isinstance((resp or {}).get("body") or {}, dict)):
+        log(f"teacher batch {batch_id}: line {lineno} of its output is not a Batch API result object; skipped")
         report.counts.add("failed:batch:malformed_line")
         return {}
     return rec
