@@ -192,3 +192,13 @@ def test_a_batch_answer_with_u2028_and_a_malformed_line_do_not_block_the_job(tmp
         assert [r["text"] for r in recs] == ["line\u2028same line"] * 2
         assert st.batch["collected"] == 2 and st.counts["batch.failed:batch:malformed_line"] == 3
         assert ResponseCache(tmp_path).ledger.open_jobs() == []
+
+
+def test_a_batch_api_error_stops_with_the_servers_words_redacted(echo, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", f" {SECRET}\n")
+    EchoHandler.status = 401
+    backend = make_backend("openai", "teacher-x", "chat", echo, api=FAST)
+    with pytest.raises(TeacherStop, match="Batch API AuthenticationError") as e:
+        run_requests(assign_keys(["p 0"], backend.teacher_id, "chat", S), backend, ResponseCache(tmp_path), S,
+                     batch_api=True)
+    assert "key [redacted] refused" in str(e.value) and SECRET not in str(e.value)

@@ -19,8 +19,8 @@ import json
 from stages.lib.llm.backend import OnDone, RunReport
 from stages.lib.llm.cache import BatchLedger
 from stages.lib.llm.openai_online import OnlineBackend
-from stages.lib.llm.openai_wire import completion_from_body, error_message, request_body
-from stages.lib.llm.types import Request, Sampling
+from stages.lib.llm.openai_wire import completion_from_body, error_message, redact, request_body
+from stages.lib.llm.types import Request, Sampling, TeacherStop
 from stages.lib.progress import log
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
@@ -56,15 +56,22 @@ class BatchBackend:
         self.online.check()
 
     def run(self, requests: list[Request], sampling: Sampling, on_done: OnDone, report: RunReport) -> None:
-        """Collect finished jobs (through `on_done`), submit what is left; see the module doc."""
+        """Collect finished jobs (through `on_done`), submit what is left; see the module doc. An error of
+        the files or batches endpoints stops the run with the server's words, redacted (`TeacherStop`)."""
+        from openai import APIError
+
         client = self.online.batch_client()
         by_key = {r.key: r for r in requests}
         waiting = set(by_key)  # neither answered nor in a running job: (re)submitted at the end
-        for job in self.ledger.open_jobs():
-            keys = set(job["custom_ids"]) & waiting
-            if keys:
-                waiting -= self._collect(client, job["batch_id"], keys, by_key, on_done, report)
-        self._submit(client, [r for r in requests if r.key in waiting], sampling, report)
+        try:
+            for job in self.ledger.open_jobs():
+                keys = set(job["custom_ids"]) & waiting
+                if keys:
+                    waiting -= self._collect(client, job["batch_id"], keys, by_key, on_done, report)
+            self._submit(client, [r for r in requests if r.key in waiting], sampling, report)
+        except APIError as e:  # what was collected or submitted before it is on disk already
+            raise TeacherStop(f"teacher {self.online.model!r} at {self.online.shown_url}: Batch API "
+                              f"{type(e).__name__}: {redact(str(e), self.online._key)}", "batch_api") from None
         for bid, status in report.running.items():
             log(f"teacher batch {bid}: {status}")
 
