@@ -29,6 +29,7 @@ from stages.lib.io import atomic_dir, write_json, write_shards
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.llm.endpoint import EndpointParams
+from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.types import TeacherStop
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import TokenSplit
@@ -240,7 +241,7 @@ def main() -> None:
     try:
         df, per_set = evaluate_sets(p, sessions)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too
-        write_json(paths.metrics("evaluate"), {**metrics, "error": str(stop)})
+        write_json(paths.metrics("evaluate"), {**metrics, "error": redact(str(stop))})
         raise
     with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")

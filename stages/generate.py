@@ -34,6 +34,7 @@ from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
 from stages.lib.llm.client import ModelClient, open_client
 from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
+from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.types import Sampling, TeacherStop
 from stages.lib.progress import log
 from stages.lib.stats import DROPPED, Stats
@@ -176,7 +177,7 @@ def main() -> None:
     try:
         tasks, unparsed, steps = run_method(p, session, inputs)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: say so in the metrics too, then stop
-        write_json(paths.metrics("generate"), {**session.metrics(), "error": str(stop)})
+        write_json(paths.metrics("generate"), {**session.metrics(), "error": redact(str(stop))})
         raise
     for t in tasks:
         t["method"] = p.method

@@ -1,6 +1,11 @@
 """A teacher cache and store written by the code before the llm package (tests/golden/old_cache, see its
 README) serve every answer with 0 new calls: the keys, the record format, the store layout and the Batch
-job ledger are read as they were written."""
+job ledger are read as they were written.
+
+The old records carry no endpoint. They were written against a loopback server, but an old record
+keyed `openai:<model>` is taken to come from OpenAI's own endpoint (docs/teacher-cache.md): it is served
+to requests to api.openai.com, and to another server only through a declared `teacher_id`. (The old code
+served it to any server with that model name: the unsafe behaviour issue 22 removes.)"""
 
 from __future__ import annotations
 
@@ -29,11 +34,11 @@ def api_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 
 
-def ask_again(case: dict, srv: FakeOpenAI, cache: ResponseCache) -> list[dict | None]:
-    """The old run's requests, asked by the current client."""
+def ask_again(case: dict, srv: FakeOpenAI, cache: ResponseCache, base_url: str | None = None) -> list[dict | None]:
+    """The old run's requests, asked by the current client at `base_url` (OpenAI's own endpoint: None)."""
     options = RequestOptions(**case["options"]) if case["options"] else None
     s = case["sampling"]
-    client = ModelClient(lambda form: make_backend("openai", case["model"], form, srv.base_url, api=FAST,
+    client = ModelClient(lambda form: make_backend("openai", case["model"], form, base_url, api=FAST,
                                                    options=options),
                          cache, batch_api=case["batch_api"], teacher_id=case["teacher_id"])
     prompts = [p if isinstance(p, str) else tuple(p) for p in case["prompts"]]
@@ -50,9 +55,22 @@ def test_an_old_cache_or_store_serves_every_answer_with_no_call(tmp_path, where)
         for name, case in sorted(CASES.items()):
             cache = (ResponseCache(tmp_path / "old/workspace") if where == "workspace" else
                      ResponseCache(tmp_path / f"ws-{name}", store=TeacherStore(tmp_path / "old/store")))
-            recs = ask_again(case, srv, cache)
+            url = srv.base_url if case["teacher_id"] else None  # a declared teacher_id: any endpoint
+            recs = ask_again(case, srv, cache, url)
             assert [[r["key"], r["text"]] for r in recs] == case["answers"], name
         assert srv.requests == []  # not even the endpoint check, nor a Batch job retrieved again
+
+
+@pytest.mark.parametrize("where", ["workspace", "store"])
+def test_an_old_record_is_not_served_to_another_server_with_the_same_model_name(tmp_path, where):
+    shutil.copytree(OLD, tmp_path / "old")
+    case = CASES["chat"]
+    with FakeOpenAI() as srv:
+        cache = (ResponseCache(tmp_path / "old/workspace") if where == "workspace" else
+                 ResponseCache(tmp_path / "ws", store=TeacherStore(tmp_path / "old/store")))
+        recs = ask_again(case, srv, cache, srv.base_url)
+        completions = [r for r in srv.requests if r["path"].endswith("/chat/completions")]
+        assert len(completions) == len(case["prompts"]) and all(r["endpoint"] == srv.base_url for r in recs)
 
 
 def test_the_old_batch_ledger_is_read_as_collected(tmp_path):

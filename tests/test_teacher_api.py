@@ -274,7 +274,7 @@ def test_expired_batch_is_resubmitted(tmp_path):
 
 def test_default_endpoint_is_used_and_the_cache_key_names_only_the_model():
     b = make_backend("openai", "gpt-4o-mini", "chat", None)
-    assert b.teacher_id == "openai:gpt-4o-mini"  # the URL is not part of a request's identity
+    assert b.teacher_id == "openai:gpt-4o-mini"  # at OpenAI's own endpoint: the keys of earlier versions
     assert str(b.batch_client().base_url).rstrip("/") == "https://api.openai.com/v1"
     assert b.base_url == "https://api.openai.com/v1"
 

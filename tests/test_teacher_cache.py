@@ -68,17 +68,22 @@ def test_key_format_of_the_committed_build_is_unchanged():
     assert a.identity != assign_keys(["x"], "t2", "chat", s)[0].identity
 
 
-def test_a_new_url_reuses_the_cache_a_new_model_or_teacher_id_does_not(tmp_path):
+def test_another_endpoint_is_asked_again_unless_a_teacher_id_declares_them_the_same(tmp_path):
+    """Two servers that both serve `teacher-x` never share answers (issue 22: the old code served b a's
+    answers); a `teacher_id` the user gives both declares them the same."""
     ps = prompts(4)
     with FakeOpenAI() as a, FakeOpenAI() as b:
         recs, _ = ask(a, ResponseCache(tmp_path / "c"), ps)
-        assert len(sent(a)) == 4 and all(recs)
-        recs_b, st = ask(b, ResponseCache(tmp_path / "c"), ps)  # the same model behind another host
-        assert sent(b) == [] and st.cache_hits == 4 and [r["text"] for r in recs_b] == [r["text"] for r in recs]
+        assert len(sent(a)) == 4 and all(recs) and {r["endpoint"] for r in recs} == {a.base_url}
+        recs_b, st = ask(b, ResponseCache(tmp_path / "c"), ps)  # the same model name behind another host
+        assert len(sent(b)) == 4 and st.cache_hits == 0 and {r["endpoint"] for r in recs_b} == {b.base_url}
+        _, st = ask(b, ResponseCache(tmp_path / "c"), ps)  # each endpoint's own answers are served to it
+        _, st_a = ask(a, ResponseCache(tmp_path / "c"), ps)
+        assert len(sent(b)) == 4 and st.cache_hits == 4 and len(sent(a)) == 4 and st_a.cache_hits == 4
         ask(b, ResponseCache(tmp_path / "c"), ps, model="teacher-y")  # another model: asked again
-        assert len(sent(b)) == 4
+        assert len(sent(b)) == 8
         _, st = ask(b, ResponseCache(tmp_path / "c"), ps, teacher_id="teacher-x@vendor-2")
-        assert len(sent(b)) == 8 and st.teacher_calls == 4
+        assert len(sent(b)) == 12 and st.teacher_calls == 4
         _, st = ask(a, ResponseCache(tmp_path / "c"), ps, teacher_id="teacher-x@vendor-2")  # the same explicit id
         assert len(sent(a)) == 4 and st.cache_hits == 4
 
@@ -110,7 +115,8 @@ def test_raising_max_new_tokens_asks_again_only_for_truncated_answers(tmp_path):
         assert sorted(sent(server)[6:]) == sorted(cut) and st.teacher_calls == 2 and st.cache_hits == 4
         reused = [r for r in recs if r.get("reused_from")]
         assert {r["prompt"] for r in reused} == set(ps) - cut
-        assert all(r["key"] == q.key for r, q in zip(recs, assign_keys(ps, "openai:teacher-x", "chat", bigger)))
+        keys = assign_keys(ps, f"openai:teacher-x@{server.base_url}", "chat", bigger)
+        assert all(r["key"] == q.key for r, q in zip(recs, keys))
         _, st = ask(server, ResponseCache(tmp_path / "c"), ps, bigger)  # now all exact hits
         assert len(sent(server)) == 8 and st.cache_hits == 6
         # a lower limit: answers that stopped within it are reused, longer or cut ones are not

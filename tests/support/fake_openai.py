@@ -147,7 +147,7 @@ class FakeOpenAI:
                  batch_fail: Callable[[str], bool] | None = None, batch_expire: bool = False,
                  chat_only: bool = False, models: list[str] | None = None, api_key: str | None = None,
                  served_suffix: str = "", system_fingerprint: str | None = None, reasoning_tokens: int = 64,
-                 model_info: bool = True):
+                 model_info: bool = True, batch_output: Callable[[bytes], bytes] | None = None):
         self.chat_only = chat_only
         self.model_info = model_info  # with models=None: GET /v1/models/{id} answers for any name
         self.models = list(models) if models is not None else None
@@ -163,6 +163,7 @@ class FakeOpenAI:
         self.batch_polls_until_done = int(batch_polls_until_done)
         self.batch_fail = batch_fail
         self.batch_expire = batch_expire
+        self.batch_output = batch_output  # rewrites a job's output file (raw U+2028 as OpenAI writes it, a bad line)
         self.requests: list[dict] = []
         self.n_completions = 0  # completion requests seen so far (the next one gets fault index n_completions)
         self.n_connections = 0  # TCP connections accepted (keep-alive reuse keeps this small)
@@ -611,7 +612,7 @@ class FakeOpenAI:
                                          "error": None}).encode())
         if out_lines:
             batch["output_file_id"] = self._new_file(f"{batch['id']}_output.jsonl", "batch_output",
-                                                     b"\n".join(out_lines) + b"\n")["id"]
+                                                     (self.batch_output or bytes)(b"\n".join(out_lines) + b"\n"))["id"]
         if err_lines:
             batch["error_file_id"] = self._new_file(f"{batch['id']}_error.jsonl", "batch_output",
                                                     b"\n".join(err_lines) + b"\n")["id"]

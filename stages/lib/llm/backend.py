@@ -12,7 +12,6 @@ the server's last message by error kind, and the Batch jobs still running.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -36,7 +35,7 @@ class Backend(Protocol):
     name: str
     """The model as configured (recorded as `teacher` in each answer)."""
     teacher_id: str
-    """The teacher's identity in cache keys: `local:<weights hash>` or `openai:<model>`."""
+    """The teacher's identity in cache keys: `local:<weights hash>`, `openai:<model>[@<endpoint>]`."""
     request_fields: dict
     """What the request options add to each cache key (extra body, reasoning budget); {} for the defaults."""
     prompt_form: str
@@ -59,8 +58,9 @@ def make_backend(backend: str, model: str, prompt_form: str, base_url: str | Non
     if backend == "openai":
         from stages.lib.llm.openai_online import OnlineBackend
 
-        key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if base_url else None)
-        if key is None:
-            raise StageError("backend openai: set OPENAI_API_KEY in the environment (never in params.yaml)")
+        from stages.lib.llm.openai_wire import api_key_from_env
+
+        # a server of one's own (base_url set) may need no key; OpenAI's always does
+        key = api_key_from_env(required=not base_url) or "not-needed"
         return OnlineBackend(model, base_url, prompt_form, key, api, price, options)
     raise StageError(f"unknown teacher backend {backend!r} (local or openai)")

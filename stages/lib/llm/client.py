@@ -18,6 +18,7 @@ from typing import Callable
 from stages.lib.llm.backend import Backend, RunReport, make_backend
 from stages.lib.llm.cache import ResponseCache, assign_keys
 from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price
+from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.store import TeacherStore, store_dir
 from stages.lib.llm.types import Completion, Request, Sampling
 from stages.lib.progress import Progress, log
@@ -45,7 +46,7 @@ class CallStats:
     def add_report(self, report: RunReport, kind: str) -> None:
         """A backend round's report; `kind`: `api` (online) or `batch`."""
         self.counts.merge(Stats({f"{kind}.{k}": v for k, v in report.counts.items()}))
-        self.api_messages.update(report.messages)
+        self.api_messages.update({k: redact(v) for k, v in report.messages.items()})
         self.running.update(report.running)
 
     def _group(self, prefix: str) -> dict:
@@ -87,6 +88,8 @@ def record_of(req: Request, comp: Completion, backend: Backend, sampling: dict) 
         "response_id": comp.response_id or f"local-{req.key[:16]}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if getattr(backend, "endpoint", None):  # an online endpoint's answers are served only for it
+        rec["endpoint"] = backend.endpoint
     if comp.served_model is not None:
         rec["served_model"] = comp.served_model
     if comp.system_fingerprint is not None:
@@ -98,7 +101,7 @@ def record_of(req: Request, comp: Completion, backend: Backend, sampling: dict) 
 
 def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache, sampling: Sampling,
                  price: Price | None = None, batch_api: bool = False, check: bool = False,
-                 stats: CallStats | None = None) -> tuple[list[dict | None], CallStats]:
+                 stats: CallStats | None = None, declared: bool = False) -> tuple[list[dict | None], CallStats]:
     """Return the cached record of every request (None where it failed or still waits) and the call stats
     (`stats`, filled as calls finish, so a caller that passes it keeps the counts of a stopped run).
 
@@ -108,14 +111,20 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
     `check`, the backend is checked (URL, key, model) before the first miss is sent. A failure's reason is
     counted by kind (`http_500`); the server's message goes into the failure record and
     `stats.failure_messages`. A fatal error (400/401/403/404) raises `TeacherStop` after what was answered
-    is on disk.
+    is on disk. An online backend is served only answers its own endpoint produced, unless `declared`
+    (the keys hold a `teacher_id` the user declared the same for several endpoints).
     """
     st = stats if stats is not None else CallStats()
     n = st.counts
-    misses = [r for r in requests if cache.lookup(r) is None]
+    endpoint = None if declared else getattr(backend, "endpoint", None)
+    stored, refused = cache.from_store, dict(cache.refused)
+    misses = [r for r in requests if cache.lookup(r, endpoint) is None]
     n.add("requests", len(requests))
     n.add("cache_hits", len(requests) - len(misses))
-    log(f"teacher: {len(requests)} requests, {len(requests) - len(misses)} cached, {len(misses)} to call")
+    refused = {k: v - refused.get(k, 0) for k, v in cache.refused.items() if v - refused.get(k, 0)}
+    log(f"teacher: {len(requests)} requests, {len(requests) - len(misses)} cached "
+        f"({cache.from_store - stored} from the teacher store), {len(misses)} to call"
+        + (f"; cached records not served: {refused}" if refused else ""))
 
     def extra() -> dict:
         cost = price.cost(n["prompt_tokens"], n["completion_tokens"]) if price else 0.0  # reasoning included
@@ -131,7 +140,7 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
             n.add("failed")
             n.add(f"failed:{reason}")
             if message:
-                st.failure_messages[reason] = message
+                st.failure_messages[reason] = redact(message)
         else:
             cache.put(record_of(req, comp, backend, sampling_dict), req)
             n.add("teacher_calls")
@@ -155,6 +164,7 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
         st.add_report(report, "batch" if batch_api else "api")
         cache.close()
         bar.close()
+    cache.check_written()  # a full disk: every answer is in the store (and this round's records); say where
     n.add("seconds", time.monotonic() - start)
     records = [cache.get(r.key) for r in requests]
     for rec in records:
@@ -191,7 +201,7 @@ class ModelClient:
         st = CallStats()
         try:
             records, _ = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api, check=True,
-                                      stats=st)
+                                      stats=st, declared=bool(self.teacher_id))
         finally:
             self.stats.merge(st)
         self.waiting += sum(r is None for r in records) - st.failed

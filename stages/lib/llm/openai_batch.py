@@ -19,11 +19,29 @@ import json
 from stages.lib.llm.backend import OnDone, RunReport
 from stages.lib.llm.cache import BatchLedger
 from stages.lib.llm.openai_online import OnlineBackend
-from stages.lib.llm.openai_wire import completion_from_body, error_message, request_body
-from stages.lib.llm.types import Request, Sampling
+from stages.lib.llm.openai_wire import completion_from_body, error_message, redact, request_body
+from stages.lib.llm.types import Request, Sampling, TeacherStop
 from stages.lib.progress import log
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
+
+
+def _line(line: str, batch_id: str, lineno: int, report: RunReport) -> dict:
+    """One output or error line of a job as a dict; {} for a blank line, and for a malformed one, which is
+    logged and counted (`failed:batch:malformed_line`): its request is failed with the job's other unanswered ones."""
+    if not line.strip():
+        return {}
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        rec = None
+    resp = rec.get("response") if isinstance(rec, dict) else None
+    if (not isinstance(rec, dict) or not isinstance(resp or {}, dict) or not isinstance(rec.get("error") or {}, dict)
+            or not isinstance((resp or {}).get("body") or {}, dict)):
+        log(f"teacher batch {batch_id}: line {lineno} of its output is not a Batch API result object; skipped")
+        report.counts.add("failed:batch:malformed_line")
+        return {}
+    return rec
 
 
 class BatchBackend:
@@ -32,21 +50,28 @@ class BatchBackend:
     def __init__(self, online: OnlineBackend, ledger: BatchLedger, max_per_job: int = 50_000):
         self.online, self.ledger, self.max_per_job = online, ledger, max_per_job
         self.name, self.teacher_id, self.prompt_form = online.name, online.teacher_id, online.prompt_form
-        self.request_fields = online.request_fields
+        self.request_fields, self.endpoint = online.request_fields, online.endpoint
 
     def check(self) -> None:
         self.online.check()
 
     def run(self, requests: list[Request], sampling: Sampling, on_done: OnDone, report: RunReport) -> None:
-        """Collect finished jobs (through `on_done`), submit what is left; see the module doc."""
+        """Collect finished jobs (through `on_done`), submit what is left; see the module doc. An error of
+        the files or batches endpoints stops the run with the server's words, redacted (`TeacherStop`)."""
+        from openai import APIError
+
         client = self.online.batch_client()
         by_key = {r.key: r for r in requests}
         waiting = set(by_key)  # neither answered nor in a running job: (re)submitted at the end
-        for job in self.ledger.open_jobs():
-            keys = set(job["custom_ids"]) & waiting
-            if keys:
-                waiting -= self._collect(client, job["batch_id"], keys, by_key, on_done, report)
-        self._submit(client, [r for r in requests if r.key in waiting], sampling, report)
+        try:
+            for job in self.ledger.open_jobs():
+                keys = set(job["custom_ids"]) & waiting
+                if keys:
+                    waiting -= self._collect(client, job["batch_id"], keys, by_key, on_done, report)
+            self._submit(client, [r for r in requests if r.key in waiting], sampling, report)
+        except APIError as e:  # what was collected or submitted before it is on disk already
+            raise TeacherStop(f"teacher {self.online.model!r} at {self.online.shown_url}: Batch API "
+                              f"{type(e).__name__}: {redact(str(e), self.online._key)}", "batch_api") from None
         for bid, status in report.running.items():
             log(f"teacher batch {bid}: {status}")
 
@@ -62,8 +87,8 @@ class BatchBackend:
         for file_id, is_error in ((b.output_file_id, False), (b.error_file_id, True)):
             if not file_id:
                 continue
-            for line in client.files.content(file_id).text.splitlines():
-                rec = json.loads(line) if line.strip() else {}
+            for lineno, line in enumerate(client.files.content(file_id).text.split("\n"), 1):  # U+2028 is text
+                rec = _line(line, batch_id, lineno, report)
                 key = rec.get("custom_id")
                 if key not in keys or key in answered:
                     continue

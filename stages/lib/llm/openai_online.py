@@ -31,8 +31,8 @@ from stages.lib.llm.backend import OnDone, RunReport
 from stages.lib.llm.endpoint import ApiParams, Price
 from stages.lib.llm.openai_wire import (DEFAULT_BASE_URL, FATAL_STATUS, MESSAGE_CHARS, RETRYABLE_STATUS,
                                         HttpStatusError, MalformedResponse, RequestOptions, classify_status,
-                                        completion_from_body, error_code, error_message, redact, request_body,
-                                        wait_from_headers)
+                                        completion_from_body, endpoint_of, error_code, error_message,
+                                        online_teacher_id, public_url, redact, request_body, wait_from_headers)
 from stages.lib.llm.types import Completion, Request, Sampling, TeacherStop, prompt_text
 from stages.lib.progress import log
 
@@ -71,8 +71,10 @@ class OnlineBackend:
                  price: Price | None = None, options: RequestOptions | None = None):
         self._key = api_key
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.shown_url = public_url(self.base_url)  # what messages quote: no credentials, no query string
+        self.endpoint = endpoint_of(self.base_url)  # recorded with each answer, checked before one is served
         self.name, self.model, self.prompt_form = model, model, prompt_form
-        self.teacher_id = f"openai:{model}"  # not the URL: the same model behind another host or proxy
+        self.teacher_id = online_teacher_id(model, self.endpoint)
         self.api = api or ApiParams()
         self.options = options or RequestOptions()
         self.request_fields = self.options.fields(model)  # extra body, reasoning budget: in the key when set
@@ -122,7 +124,7 @@ class OnlineBackend:
     async def _check(self) -> None:
         import aiohttp
 
-        where = f"teacher {self.model!r} at {self.base_url}"
+        where = f"teacher {self.model!r} at {self.shown_url}"
         async with self._session() as session:
             async def http(method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
                 try:
@@ -250,7 +252,7 @@ class OnlineBackend:
     def _stop(self, kind: str, message: str) -> None:
         fatal = kind in {f"http_{s}" for s in FATAL_STATUS} or kind == "http_429_insufficient_quota"
         if self._fatal is None and fatal:
-            self._fatal = TeacherStop(f"teacher {self.model!r} at {self.base_url}: {kind.replace('_', ' ', 1).upper()}"
+            self._fatal = TeacherStop(f"teacher {self.model!r} at {self.shown_url}: {kind.replace('_', ' ', 1).upper()}"
                                       f" {message} (not retried: the stage stops here)", kind)
 
     # ------------------------------------------------------------ all requests

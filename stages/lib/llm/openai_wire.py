@@ -12,10 +12,12 @@ a (system, user) pair.
 from __future__ import annotations
 
 import json
+import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 
-from stages.lib.errors import check
+from stages.lib.errors import StageError, check
 from stages.lib.llm.types import Completion, chat_messages, prompt_text
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -116,12 +118,63 @@ def completion_from_body(body: dict, prompt_form: str) -> Completion:
 # ---------------------------------------------------------------- errors
 
 _KEYLIKE = re.compile(r"\b(sk-|sk_|Bearer\s+)[A-Za-z0-9_\-*.]{6,}")
+_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)\?[^\s#\"')]*")
+_SECRETS: set[str] = set()
+
+
+def remember_secret(secret: str) -> None:
+    """Make `redact` remove `secret` (the stripped API key) from every message from now on."""
+    if secret and len(secret) >= 4:
+        _SECRETS.add(secret)
+
+
+def api_key_from_env(required: bool) -> str | None:
+    """OPENAI_API_KEY stripped of surrounding whitespace (a trailing newline from a secret file), and
+    remembered by `redact`; None when unset and not `required`. A key with whitespace or control
+    characters inside is refused with a message that does not quote it."""
+    key = (os.environ.get("OPENAI_API_KEY") or "").strip()
+    if not key:
+        if required:
+            raise StageError("backend openai: OPENAI_API_KEY is not set (or empty); set it in the environment "
+                             "(never in params.yaml)")
+        return None
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key):
+        raise StageError(f"backend openai: OPENAI_API_KEY ({len(key)} characters) holds whitespace or control "
+                         "characters inside it; set it to the key alone")
+    remember_secret(key)
+    return key
+
+
+def public_url(url: str | None) -> str:
+    """`url` fit to quote: no `user:pass@`, no query string."""
+    return redact(url or "")
+
+
+def endpoint_of(url: str | None) -> str:
+    """The endpoint an answer came from, as recorded with it: scheme, host, port and path of `url`
+    (the default: OpenAI's), without credentials or query string."""
+    u = urllib.parse.urlsplit((url or DEFAULT_BASE_URL).strip())
+    port = f":{u.port}" if u.port else ""
+    return f"{u.scheme.lower()}://{(u.hostname or '').lower()}{port}{u.path.rstrip('/')}"
+
+
+def online_teacher_id(model: str, endpoint: str) -> str:
+    """The cache identity of `model` at `endpoint`: `openai:<model>` at OpenAI's own endpoint (the keys of
+    earlier versions), `openai:<model>@<endpoint>` anywhere else, so two servers that both call their
+    model `default` never share answers (a declared `teacher_id` shares them on purpose)."""
+    return f"openai:{model}" if endpoint == endpoint_of(None) else f"openai:{model}@{endpoint}"
 
 
 def redact(text: str, key: str | None = None) -> str:
-    """`text` with the API key and anything that looks like one replaced."""
-    if key and len(key) >= 4:
-        text = text.replace(key, "[redacted]")
+    """The one redaction of every message that is written or logged: `text` without the API key (as
+    given and as remembered, stripped), anything that looks like a key, and a URL's credentials and
+    query string."""
+    for secret in sorted(_SECRETS | ({key, key.strip()} if key else set()), key=len, reverse=True):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    text = _URL_CREDENTIALS.sub(lambda m: m.group(1) + "[redacted]@", text)
+    text = _URL_QUERY.sub(lambda m: m.group(1) + "?[redacted]", text)
     return _KEYLIKE.sub(lambda m: m.group(1) + "[redacted]", text)
 
 

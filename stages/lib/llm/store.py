@@ -164,6 +164,8 @@ class RunFiles:
         self._store, self._store_failed = store, False
         self._open: dict[str, object] = {}
         self._fsync_every_s, self._synced = fsync_every_s, time.monotonic()
+        self.write_error: OSError | None = None  # the first failed write here (a full disk)
+        self.unwritten = 0  # writes that failed
 
     def read(self, kind: str):
         """Every record of every run's `kind` file, oldest file first; a line cut short by a crash is skipped."""
@@ -182,13 +184,35 @@ class RunFiles:
                 yield clean_json(rec)
 
     def append(self, kind: str, rec: dict) -> None:
-        f = self._open.get(kind)
-        if f is None:
-            f = self._open[kind] = open(self.dir / f"{kind}-{self.run}.jsonl", "a", encoding="utf-8")
-        f.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
-        f.flush()  # in the OS now: survives the process being killed
-        if time.monotonic() - self._synced > self._fsync_every_s:
-            self.sync()
+        """Append `rec`; a failed write (a full disk) is remembered, not raised: the round goes on, with the
+        answers in memory and the store, and `check_written` stops it at its end."""
+        try:
+            f = self._open.get(kind)
+            if f is None:
+                f = self._open[kind] = open(self.dir / f"{kind}-{self.run}.jsonl", "a", encoding="utf-8")
+            f.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+            f.flush()  # in the OS now: survives the process being killed
+            if time.monotonic() - self._synced > self._fsync_every_s:
+                self.sync()
+        except OSError as e:
+            self._unwritten(e)
+
+    def _unwritten(self, e: OSError) -> None:
+        if self.write_error is None:
+            stored = self._store is not None and not self._store_failed
+            where = f"; they are in the teacher store {self._store.root}" if stored else ""
+            log(f"teacher cache {self.dir}: cannot write ({e.strerror or e}); answers are kept in memory{where}")
+        self.write_error = e
+        self.unwritten += 1
+
+    def check_written(self) -> None:
+        """Raise one line naming this folder when a write to it failed."""
+        if self.write_error is not None:
+            e = self.write_error
+            kept = (f"kept in the teacher store {self._store.root}, the next run copies them back"
+                    if self._store and not self._store_failed else "not kept: they are asked again next run")
+            raise StageError(f"teacher cache {self.dir}: cannot write ({e.strerror or e}); {self.unwritten} records "
+                             f"not written there ({kept}); free space there and rerun")
 
     def mirror(self, write: Callable[..., None], *args) -> None:
         """`write(store, *args)` (a TeacherStore method) when there is a store."""
@@ -202,13 +226,19 @@ class RunFiles:
             self._store_failed = True
 
     def sync(self) -> None:
-        for f in self._open.values():
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            for f in self._open.values():
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self._unwritten(e)
         self._synced = time.monotonic()
 
     def close(self) -> None:
         self.sync()
         for f in self._open.values():
-            f.close()
+            try:
+                f.close()
+            except OSError as e:
+                self._unwritten(e)
         self._open = {}
