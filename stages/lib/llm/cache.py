@@ -27,6 +27,7 @@ from pathlib import Path
 from stages.lib.llm.openai_wire import endpoint_of, online_teacher_id, redact
 from stages.lib.llm.store import RunFiles, TeacherStore
 from stages.lib.llm.types import Request, Sampling
+from stages.lib.stats import Stats
 from stages.lib.text.clean import clean_json, clean_text
 
 # ---------------------------------------------------------------- keys
@@ -140,7 +141,7 @@ class ResponseCache:
         self._by_identity: dict[str, list[dict]] | None = None  # built on the first miss
         self.ledger = BatchLedger(self.files, store)
         self.from_store = 0  # answers served from the store (and copied here)
-        self.refused: dict[str, int] = {}  # records not served: `endpoint` (another endpoint's), `mismatch`
+        self.refused = Stats()  # records not served: `endpoint` (another endpoint's), `mismatch`
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
@@ -182,10 +183,10 @@ class ResponseCache:
         """Does `rec` answer `req` (same key unless `reused`, same prompt and draw) from `endpoint`?"""
         prompt = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         if (not reused and rec.get("key") != req.key) or rec.get("prompt") != prompt or rec.get("draw") != req.draw:
-            self.refused["mismatch"] = self.refused.get("mismatch", 0) + 1
+            self.refused.add("mismatch")
             return False
         if endpoint is not None and record_endpoint(rec) != endpoint:
-            self.refused["endpoint"] = self.refused.get("endpoint", 0) + 1
+            self.refused.add("endpoint")
             return False
         return True
 
