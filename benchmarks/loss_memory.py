@@ -83,8 +83,10 @@ def main(argv=None) -> None:
     del h, head, grads, hf, wf, hc, wc
     rows = []
     for n in sorted(set(a.full_tokens) | set(a.chunked_tokens)):
-        full = run_arm("benchmarks.loss_memory", common + ["--arm=full", f"--tokens={n}"]) if n in a.full_tokens else None
-        ch = run_arm("benchmarks.loss_memory", common + ["--arm=chunked", f"--tokens={n}"]) if n in a.chunked_tokens else None
+        full = run_arm("benchmarks.loss_memory",
+                       common + ["--arm=full", f"--tokens={n}"]) if n in a.full_tokens else None
+        ch = run_arm("benchmarks.loss_memory",
+                     common + ["--arm=chunked", f"--tokens={n}"]) if n in a.chunked_tokens else None
         rows.append((n, full, ch))
     per_token = [f["peak_mb"] / n for n, f, _ in rows if f]
     print(f"vocab {a.vocab}, hidden {a.hidden}, chunk {a.chunk} tokens; loss and gradients: "

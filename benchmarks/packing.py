@@ -92,9 +92,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         rows_per_batch = max(1, round(args.batch_size * np.mean(lengths) / args.width))
         runs = {
-            "dynamic padding (Alpaca)": [collate([data[i] for i in b], pad) for b in dynamic_batches(lengths, args.batch_size)],
+            "dynamic padding (Alpaca)": [collate([data[i] for i in b], pad) for b in dynamic_batches(lengths,
+                                                                                                     args.batch_size)],
             "length-grouped": [collate([data[i] for i in b], pad) for b in grouped_batches(lengths, args.batch_size)],
-            "packing": [collate_packed([[data[i] for i in rows[r]] for r in range(k, min(k + rows_per_batch, len(rows)))],
+            "packing": [collate_packed([[data[i] for i in rows[r]] for r in range(k,
+                                                                                  min(k + rows_per_batch, len(rows)))],
                                        args.width, pad) for k in range(0, len(rows), rows_per_batch)],
         }
         for name, batches in runs.items():

@@ -158,8 +158,10 @@ def test_every_stage_params_default_matches_params_yaml():
     import importlib
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"), ("generate", "GenerateParams"),
-                         ("filter", "FilterParams"), ("select", "SelectParams"), ("ingest", "IngestParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
+    for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"),
+                         ("generate", "GenerateParams"),
+                         ("filter", "FilterParams"), ("select", "SelectParams"), ("ingest", "IngestParams"),
+                         ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
                          ("evaluate", "EvaluateParams"), ("report", "ReportParams")]:
         klass = getattr(importlib.import_module(f"stages.{section}"), cls)
         assert load_params(klass, section, ROOT / "params.yaml") == klass(), section
@@ -221,7 +223,8 @@ def test_stages_and_tools_name_no_path_between_stages_but_through_paths_py():
     dataclass defaults of model params) would be a second source of truth."""
     import re
 
-    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`student.model`, `select.judge.model`, `model`)
+    allowed = {paths.TEACHER,
+               paths.STUDENT}  # defaults of model params (`student.model`, `select.judge.model`, `model`)
     literal = re.compile(r'^[^#]*?[^`\w/]"((?:data|models|metrics)/[\w./-]+)"')
     for f in sorted((ROOT / "stages").rglob("*.py")):
         if f.name == "paths.py":

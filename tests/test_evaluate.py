@@ -105,7 +105,8 @@ def write_set(path, rows):
 
 def test_evaluate_sets_end_to_end_on_doubles(tmp_path):
     rows = [{"id": f"q{i}", "instruction": f"question {i}"} for i in range(6)]
-    with_refs = [{"id": "r0", "instruction": "say hi", "response": "hi"}, {"id": "r1", "instruction": "say bye", "response": "bye bye bye"}]
+    with_refs = [{"id": "r0", "instruction": "say hi", "response": "hi"},
+                 {"id": "r1", "instruction": "say bye", "response": "bye bye bye"}]
     p = EvaluateParams(sets={"mine": {"path": write_set(tmp_path / "a.jsonl", rows)},
                              "theirs": {"path": write_set(tmp_path / "b.jsonl", with_refs), "reference": "response"}})
     # student longer on q0-q2 (wins), shorter on q3-q4 (loses), identical on q5 (draw, no judge call)

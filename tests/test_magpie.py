@@ -214,7 +214,8 @@ def test_ingest_reads_a_multi_turn_generated_row_whole():
 
     conv = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
-    rows = [{"id": "magpie-000000", "instruction": "Q1", "input": "", "output": "A1", "messages_json": json.dumps(conv)},
+    rows = [{"id": "magpie-000000", "instruction": "Q1", "input": "", "output": "A1",
+             "messages_json": json.dumps(conv)},
             {"id": "gen-1", "instruction": "Name a fruit.", "input": "", "output": "Apple.", "messages_json": None}]
     convs, bad = read_source("generated", SourceParams(format="generated"), rows)
     assert not bad and [c["messages"] for c in convs] == [conv, [{"role": "user", "content": "Name a fruit."},

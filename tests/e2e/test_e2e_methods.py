@@ -125,11 +125,13 @@ def clean_instructions(tasks: pl.DataFrame) -> None:
 
 @pytest.mark.parametrize("case", ["self_instruct", "responses_bootstrap", "responses_file_judge", "evol_instruct"])
 def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
-    generate = {"self_instruct": {"method": "self_instruct", "num_requests": 2, "self_instruct": {"requests_per_round": 2}},
+    generate = {"self_instruct": {"method": "self_instruct", "num_requests": 2,
+                                  "self_instruct": {"requests_per_round": 2}},
                 "evol_instruct": {"method": "evol_instruct", "num_requests": 3, "evol_instruct": {"rounds": 1}},
                 "responses_bootstrap": {"method": "responses", "num_requests": 2},
                 "responses_file_judge": {"method": "responses", "system_prompt": "You are a helpful assistant.",
-                                         "responses": {"prompts": "seeds/prompts/prompts.jsonl", "n": 2, "select": "judge"}},
+                                         "responses": {"prompts": "seeds/prompts/prompts.jsonl", "n": 2,
+                                                       "select": "judge"}},
                 }[case]
     repo = make_repo(tmp_path, chat_teacher, {**CHAT, **generate})
     if case == "responses_file_judge":

@@ -140,7 +140,8 @@ def parse_chat_response(text: str, first_index: int, finish_reason: str) -> list
         return [{"instruction": None, "input": None, "output": None, "reason": "no_items", "detail": text}]
     items = parse_response(body[first.start():].lstrip("\n"), first_index, finish_reason)
     for item in items:  # "Input: None" / "N/A": a chat model's way of writing <noinput>
-        if item["input"] is not None and item["input"].strip(" .()").lower() in {"none", "n/a", "na", "no input", "-", ""}:
+        if item["input"] is not None and item["input"].strip(" .()").lower() in {"none", "n/a", "na", "no input", "-",
+                                                                                 ""}:
             item["input"] = ""
     return items
 
