@@ -103,14 +103,15 @@ def main(argv=None) -> None:
         print(f"worst error {100 * worst:.1f}% (target 20%: {'met' if worst <= 0.2 else 'NOT met'})")
         if not a.ab_steps:
             return
-        print(f"\nSmolLM2-135M, {a.ab_steps} steps: glibc's mmap threshold pinned (train, when memory is tight) or dynamic "
-              "(glibc's default)")
+        print(f"\nSmolLM2-135M, {a.ab_steps} steps: glibc's mmap threshold pinned (train, when memory is tight) "
+              "or dynamic (glibc's default)")
         print("| method | threshold | peak RSS MiB | plan error | tokens/s |")
         print("|---|---|---|---|---|", flush=True)
         for method in ("full", "lora"):
             for dynamic in (False, True):
-                r = run_arm("benchmarks.memory_plan", common + [f"--steps={a.ab_steps}", f"--model={smollm}",
-                                                                f"--method={method}"] + ["--dynamic-threshold"] * dynamic)
+                r = run_arm("benchmarks.memory_plan",
+                            common + [f"--steps={a.ab_steps}", f"--model={smollm}", f"--method={method}"]
+                            + ["--dynamic-threshold"] * dynamic)
                 print(f"| {method} | {'dynamic' if dynamic else 'pinned'} | {r['measured_mb']:.0f} | "
                       f"{100 * (r['planned_mb'] / r['measured_mb'] - 1):+.1f}% | {r['tokens_per_s']:.0f} |", flush=True)
 

@@ -222,7 +222,8 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         with pytest.raises(TeacherStop, match="The model `judge-modle` does not exist"):
             main()
-        assert "The model `judge-modle` does not exist" in json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        error = json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        assert "The model `judge-modle` does not exist" in error
         params["evaluate"]["judge"] = endpoint
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)

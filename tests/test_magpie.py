@@ -178,7 +178,8 @@ def test_two_turns_with_every_drop_reason_through_a_fake_teacher():
     conv = json.loads(tasks[0]["messages_json"])
     assert [x["content"] for x in conv] == ["How do I grow basil indoors?", "Give it sun and water.",
                                             "And how often should I water it?", "Every two days."]
-    assert tasks[1]["instruction"] == "Name three rivers in Peru." and tasks[1]["output"] == "Amazon, Ucayali and Maranon."
+    assert tasks[1]["instruction"] == "Name three rivers in Peru."
+    assert tasks[1]["output"] == "Amazon, Ucayali and Maranon."
     # the turn-2 query prompt is the whole first exchange plus the opening of a user turn, without a second BOS
     assert prompts_seen[2][0] == ("<|start_header_id|>user<|end_header_id|>\n\nHow do I grow basil indoors?<|eot_id|>"
                                   "<|start_header_id|>assistant<|end_header_id|>\n\nGive it sun and water.<|eot_id|>"

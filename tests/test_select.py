@@ -182,7 +182,7 @@ def test_report_draws_the_selection_with_its_cut():
     from stages.lib.report.figures import fig_selection
 
     fig = fig_selection(table, "rating", m["cut"], m["policy"])
-    lines = [l for l in fig.axes[0].get_lines() if list(l.get_xdata()) == [4.5, 4.5]]
+    lines = [ln for ln in fig.axes[0].get_lines() if list(ln.get_xdata()) == [4.5, 4.5]]
     assert len(lines) == 1 and "rating >= 4.5" in fig.axes[0].get_title()
 
 

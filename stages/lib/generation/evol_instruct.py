@@ -231,8 +231,8 @@ def evolve(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, 
         n_req += len(pool)
         equal_unknown = 0
         if e.judge_equal and cands:
-            verdicts = ask([EQUAL_PROMPT.format(parent=p["instruction"], child=t) for p, t, _, _ in cands], judge_s,
-                           form)
+            verdicts = ask([EQUAL_PROMPT.format(parent=p["instruction"], child=t) for p, t, _, _ in cands],
+                           judge_s, form)
             keep = []
             for c, v in zip(cands, verdicts):
                 eq = parse_equal(v["text"] if v else None)
