@@ -143,9 +143,11 @@ def main() -> None:
                      "gradient_checkpointing", "loss_chunk_tokens", "learning_rate", "weight_decay", "lr_scheduler")
             kw.update({k: v for k, v in load_recipe(a.recipe).get("train", {}).items() if k in taken})
         if not cuda and kw["dtype"] != "auto":
-            print(f"gpu_train: smoke run on the CPU in float32, not the recipe's {kw['dtype']} (slow without CPU bf16 units)")
+            print(f"gpu_train: smoke run on the CPU in float32, not the recipe's {kw['dtype']} "
+                  "(slow without CPU bf16 units)")
             kw["dtype"] = "auto"
-        p = TrainParams(max_steps=a.steps, batch_size=a.batch_size, warmup_ratio=0.0, checkpoint_every=0, eval_every=0, **kw)
+        p = TrainParams(max_steps=a.steps, batch_size=a.batch_size, warmup_ratio=0.0, checkpoint_every=0,
+                        eval_every=0, **kw)
         summary = train(p, data, f"{tmp}/student", f"{tmp}/log", f"{tmp}/checkpoint", student=a.model)
         saved = saved_dtypes(Path(tmp) / "student") if int(os.environ.get("RANK", 0)) == 0 else {}
         rows = (Path(tmp) / "log/plots/metrics/tokens_per_s.tsv").read_text().splitlines()[1:]
@@ -163,7 +165,8 @@ def main() -> None:
     report = {
         "device": device_name, "gpus_used": int(os.environ.get("WORLD_SIZE", 1)) if cuda else 0,
         "gpus_visible": gpus, "precision": "bf16" if cuda and torch.cuda.is_bf16_supported() else "float32",
-        "model": a.model, "recipe": a.recipe, "params": n_params, "method": p.method, "dtype": saved.get("trained_dtype"), "seq_len": width, "steps": a.steps,
+        "model": a.model, "recipe": a.recipe, "params": n_params, "method": p.method,
+        "dtype": saved.get("trained_dtype"), "seq_len": width, "steps": a.steps,
         "tokens_per_s": round(tps, 1), "supervised_tokens_per_s": summary["supervised_tokens_per_s"],
         "padding_efficiency": summary["padding_efficiency"], "peak_memory_mb": summary["peak_memory_mb"],
         "planned_memory_mb": summary["planned_memory_mb"], **plan_errors(summary, cuda),

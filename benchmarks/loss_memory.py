@@ -1,8 +1,9 @@
 """Loss memory: chunked cross-entropy against the full-logits float32 loss, side by side.
 
 The loss alone (hidden states and the output layer given): peak RSS (VmHWM, reset just before)
-above the RSS before the loss, in a fresh process, for forward + backward, at Llama-3's 128K vocabulary. The full-logits loss at 8 x 2,048
-tokens needs ~8.6 GB for the float32 logits alone (~25 GB with log-softmax and gradient), more than
+above the RSS before the loss, in a fresh process, for forward + backward, at Llama-3's 128K
+vocabulary. The full-logits loss at 8 x 2,048 tokens needs ~8.6 GB for the float32 logits alone
+(~25 GB with log-softmax and gradient), more than
 this shared machine can give, so it is measured at `--tokens` 2,048 and 4,096 (it is linear in
 tokens; the 8 x 2,048 figure is extrapolated and labelled so); the chunked loss is measured at
 the same sizes and at the real 16,384. Loss and gradients (hidden states and output weights) are
@@ -83,8 +84,10 @@ def main(argv=None) -> None:
     del h, head, grads, hf, wf, hc, wc
     rows = []
     for n in sorted(set(a.full_tokens) | set(a.chunked_tokens)):
-        full = run_arm("benchmarks.loss_memory", common + ["--arm=full", f"--tokens={n}"]) if n in a.full_tokens else None
-        ch = run_arm("benchmarks.loss_memory", common + ["--arm=chunked", f"--tokens={n}"]) if n in a.chunked_tokens else None
+        full = run_arm("benchmarks.loss_memory",
+                       common + ["--arm=full", f"--tokens={n}"]) if n in a.full_tokens else None
+        ch = run_arm("benchmarks.loss_memory",
+                     common + ["--arm=chunked", f"--tokens={n}"]) if n in a.chunked_tokens else None
         rows.append((n, full, ch))
     per_token = [f["peak_mb"] / n for n, f, _ in rows if f]
     print(f"vocab {a.vocab}, hidden {a.hidden}, chunk {a.chunk} tokens; loss and gradients: "
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
     for n, f, c in rows:
         fm = f["peak_mb"] if f else round(max(per_token) * n, 1)
         label = f"{fm}" if f else f"{fm} (extrapolated, {max(per_token):.2f} MiB/token)"
-        print(f"| {n} | {label} | {c['peak_mb'] if c else '-'} | {fm / c['peak_mb']:.1f}x |" if c else f"| {n} | {label} | - | - |")
+        print(f"| {n} | {label} | {c['peak_mb'] if c else '-'} | {fm / c['peak_mb']:.1f}x |" if c
+              else f"| {n} | {label} | - | - |")
 
 
 if __name__ == "__main__":

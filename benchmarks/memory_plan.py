@@ -62,8 +62,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (> 1: gradients held through backward)")
-    ap.add_argument("--ab-steps", type=int, default=4, help="steps of the pinned / dynamic threshold runs (0: skip them)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per step (> 1: gradients held through backward)")
+    ap.add_argument("--ab-steps", type=int, default=4,
+                    help="steps of the pinned / dynamic threshold runs (0: skip them)")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--dynamic-threshold", action="store_true", help=argparse.SUPPRESS)
@@ -92,7 +94,8 @@ def main(argv=None) -> None:
         rows = []
         for name, path in models.items():
             for method in ("full", "lora"):
-                r = run_arm("benchmarks.memory_plan", common + [f"--steps={a.steps}", f"--model={path}", f"--method={method}"])
+                r = run_arm("benchmarks.memory_plan",
+                            common + [f"--steps={a.steps}", f"--model={path}", f"--method={method}"])
                 rows.append((name, method, r["planned_mb"], r["measured_mb"]))
                 plan, meas = rows[-1][2:]
                 print(f"| {name} | {method} | {plan:.0f} | {meas:.0f} | {100 * (plan / meas - 1):+.1f}% |", flush=True)
@@ -100,14 +103,15 @@ def main(argv=None) -> None:
         print(f"worst error {100 * worst:.1f}% (target 20%: {'met' if worst <= 0.2 else 'NOT met'})")
         if not a.ab_steps:
             return
-        print(f"\nSmolLM2-135M, {a.ab_steps} steps: glibc's mmap threshold pinned (train, when memory is tight) or dynamic "
-              "(glibc's default)")
+        print(f"\nSmolLM2-135M, {a.ab_steps} steps: glibc's mmap threshold pinned (train, when memory is tight) "
+              "or dynamic (glibc's default)")
         print("| method | threshold | peak RSS MiB | plan error | tokens/s |")
         print("|---|---|---|---|---|", flush=True)
         for method in ("full", "lora"):
             for dynamic in (False, True):
-                r = run_arm("benchmarks.memory_plan", common + [f"--steps={a.ab_steps}", f"--model={smollm}",
-                                                                f"--method={method}"] + ["--dynamic-threshold"] * dynamic)
+                r = run_arm("benchmarks.memory_plan",
+                            common + [f"--steps={a.ab_steps}", f"--model={smollm}", f"--method={method}"]
+                            + ["--dynamic-threshold"] * dynamic)
                 print(f"| {method} | {'dynamic' if dynamic else 'pinned'} | {r['measured_mb']:.0f} | "
                       f"{100 * (r['planned_mb'] / r['measured_mb'] - 1):+.1f}% | {r['tokens_per_s']:.0f} |", flush=True)
 

@@ -46,7 +46,8 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
         times, cpu = {}, {}
         for stage in ("seeds", "generate", "filter"):
             t, c = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-            r = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env,
+                               capture_output=True, text=True)
             times[stage] = time.perf_counter() - t
             c2 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[stage] = c2.ru_utime + c2.ru_stime - c.ru_utime - c.ru_stime
@@ -56,9 +57,11 @@ def run_method(method: str, requests: int, model: Path, extra: dict) -> dict:
         f = json.loads((repo / "metrics/filter.json").read_text())
     rate = g["completion_tokens_per_s"] or 0
     teacher_s = g["completion_tokens_called"] / rate if rate else times["generate"]
-    return {"method": method, "requests_param": requests, "teacher_calls": g["teacher_calls"], "cache_hits": g["cache_hits"],
-            "completion_tokens": g["completion_tokens_called"], "teacher_s": round(teacher_s, 1),
-            "generate_wall_s": round(times["generate"], 1), "generate_cpu_s": round(cpu["generate"], 1), "parsed": g["items_parsed"], "dropped": g["items_unparsed"],
+    return {"method": method, "requests_param": requests, "teacher_calls": g["teacher_calls"],
+            "cache_hits": g["cache_hits"], "completion_tokens": g["completion_tokens_called"],
+            "teacher_s": round(teacher_s, 1),
+            "generate_wall_s": round(times["generate"], 1), "generate_cpu_s": round(cpu["generate"], 1),
+            "parsed": g["items_parsed"], "dropped": g["items_unparsed"],
             "kept": f["kept"], "filter_rejected": f["dropped_by_reason"],
             "parsed_per_teacher_min": round(g["items_parsed"] / teacher_s * 60, 2) if teacher_s else None,
             "kept_per_teacher_min": round(f["kept"] / teacher_s * 60, 2) if teacher_s else None,

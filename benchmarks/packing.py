@@ -3,7 +3,8 @@
 Same token arrays, same model, same number of optimizer steps' worth of examples: each strategy
 builds its batches from the training split and runs forward + backward on them. Padding
 efficiency = real tokens / token slots (rows x width). Lengths come from `data/tokens` (run
-`dvc repro tokenize` first) or from an Alpaca JSON file (`--alpaca`), or, with `--synthetic N`, N uniform lengths (20-400).
+`dvc repro tokenize` first) or from an Alpaca JSON file (`--alpaca`), or, with `--synthetic N`,
+N uniform lengths (20-400).
 
     python -m benchmarks.packing --model models/teacher --steps 4 --batch-size 8
 """
@@ -92,9 +93,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         rows_per_batch = max(1, round(args.batch_size * np.mean(lengths) / args.width))
         runs = {
-            "dynamic padding (Alpaca)": [collate([data[i] for i in b], pad) for b in dynamic_batches(lengths, args.batch_size)],
+            "dynamic padding (Alpaca)": [collate([data[i] for i in b], pad)
+                                         for b in dynamic_batches(lengths, args.batch_size)],
             "length-grouped": [collate([data[i] for i in b], pad) for b in grouped_batches(lengths, args.batch_size)],
-            "packing": [collate_packed([[data[i] for i in rows[r]] for r in range(k, min(k + rows_per_batch, len(rows)))],
+            "packing": [collate_packed([[data[i] for i in rows[r]]
+                                        for r in range(k, min(k + rows_per_batch, len(rows)))],
                                        args.width, pad) for k in range(0, len(rows), rows_per_batch)],
         }
         for name, batches in runs.items():

@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k != "arm"]
     res = {x: run_arm("benchmarks.packing_memory", common + [f"--arm={x}"]) for x in ARMS}
     d, p = res["dense"], res["sdpa_packed"]
-    print(f"packed batch {a.rows} x {a.width} ({d['tokens']} tokens), vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers")
+    print(f"packed batch {a.rows} x {a.width} ({d['tokens']} tokens), vocab {a.vocab}, hidden {a.hidden}, "
+          f"{a.layers} layers")
     print("| path | peak RSS above baseline (MiB) | step time (s) | loss |")
     print("|---|---|---|---|")
     for k, r in res.items():

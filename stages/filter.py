@@ -98,7 +98,8 @@ def filter_rows(rows: list[dict], seed_instructions: list[str], p: FilterParams,
             if near >= 0:
                 out["rouge_nearest"] = seed_instructions[near] if near_row is None else near_row["instruction"]
                 out["rouge_nearest_id"] = (
-                    (seed_ids[near] if seed_ids else f"seed-{near}") if near_row is None else near_row.get("id", str(near)))
+                    (seed_ids[near] if seed_ids else f"seed-{near}") if near_row is None
+                    else near_row.get("id", str(near)))
             if not kept:
                 out["reason"] = "too_similar"
                 out["detail"] = f"ROUGE-L {score:.3f} with {out['rouge_nearest_id']}: {out['rouge_nearest']}"
@@ -120,7 +121,8 @@ def main() -> None:
     seeds = read_shards(paths.SEEDS)
     gen = read_shards(paths.GENERATED, "tasks").sort(["request_index", "item_index"])
     seed_ids = seeds["id"].to_list()
-    rows = list(progress(filter_rows(gen.to_dicts(), seeds["instruction"].to_list(), p, seed_ids), gen.height, "filter"))
+    rows = list(progress(filter_rows(gen.to_dicts(), seeds["instruction"].to_list(), p, seed_ids),
+                         gen.height, "filter"))
     df = pl.DataFrame(rows, schema={**gen.schema, "reason": pl.String, "detail": pl.String, "rouge_max": pl.Float64,
                                     "rouge_nearest": pl.String, "rouge_nearest_id": pl.String,
                                     "minhash_twin_id": pl.String})

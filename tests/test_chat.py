@@ -69,8 +69,9 @@ def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
     tok.save_pretrained(tiny_model)
     (tmp_path / "p.txt").write_text("write the list\n\nname a fruit\n")
     out = tmp_path / "a.jsonl"
-    r = subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", str(tiny_model), "--file", str(tmp_path / "p.txt"),
-                        "--out", str(out), "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-m", "stages.tools.chat", "--model", str(tiny_model),
+                        "--file", str(tmp_path / "p.txt"), "--out", str(out), "--max-new-tokens", "4"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["prompt"] for x in rows] == ["write the list", "name a fruit"]
     assert r.stdout.count(">>> ") == 2

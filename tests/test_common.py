@@ -71,7 +71,8 @@ def test_dvc_yaml_lists_every_imported_module_of_each_stage():
         assert st["params"][1:] == list(SHARED_PARAMS.get(name, ())), name
         for key in st["params"][1:]:
             section, _, field = key.partition(".")
-            assert section in params and (not field or field in params[section]), f"stage {name}: {key} not in params.yaml"
+            assert section in params and (not field or field in params[section]), \
+                f"stage {name}: {key} not in params.yaml"
 
 
 SHARED_PARAMS = {"generate": ("filter.min_words", "filter.max_words", "filter.blacklist"),
@@ -158,8 +159,9 @@ def test_every_stage_params_default_matches_params_yaml():
     import importlib
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"), ("generate", "GenerateParams"),
-                         ("filter", "FilterParams"), ("select", "SelectParams"), ("ingest", "IngestParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
+    for section, cls in [("seeds", "SeedsParams"), ("teacher_model", "TeacherModelParams"),
+                         ("generate", "GenerateParams"), ("filter", "FilterParams"), ("select", "SelectParams"),
+                         ("ingest", "IngestParams"), ("tokenize", "TokenizeParams"), ("train", "TrainParams"),
                          ("evaluate", "EvaluateParams"), ("report", "ReportParams")]:
         klass = getattr(importlib.import_module(f"stages.{section}"), cls)
         assert load_params(klass, section, ROOT / "params.yaml") == klass(), section
@@ -221,7 +223,8 @@ def test_stages_and_tools_name_no_path_between_stages_but_through_paths_py():
     dataclass defaults of model params) would be a second source of truth."""
     import re
 
-    allowed = {paths.TEACHER, paths.STUDENT}  # defaults of model params (`student.model`, `select.judge.model`, `model`)
+    # defaults of model params (`student.model`, `select.judge.model`, `model`)
+    allowed = {paths.TEACHER, paths.STUDENT}
     literal = re.compile(r'^[^#]*?[^`\w/]"((?:data|models|metrics)/[\w./-]+)"')
     for f in sorted((ROOT / "stages").rglob("*.py")):
         if f.name == "paths.py":

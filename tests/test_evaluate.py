@@ -105,7 +105,8 @@ def write_set(path, rows):
 
 def test_evaluate_sets_end_to_end_on_doubles(tmp_path):
     rows = [{"id": f"q{i}", "instruction": f"question {i}"} for i in range(6)]
-    with_refs = [{"id": "r0", "instruction": "say hi", "response": "hi"}, {"id": "r1", "instruction": "say bye", "response": "bye bye bye"}]
+    with_refs = [{"id": "r0", "instruction": "say hi", "response": "hi"},
+                 {"id": "r1", "instruction": "say bye", "response": "bye bye bye"}]
     p = EvaluateParams(sets={"mine": {"path": write_set(tmp_path / "a.jsonl", rows)},
                              "theirs": {"path": write_set(tmp_path / "b.jsonl", with_refs), "reference": "response"}})
     # student longer on q0-q2 (wins), shorter on q3-q4 (loses), identical on q5 (draw, no judge call)
@@ -221,7 +222,8 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         with pytest.raises(TeacherStop, match="The model `judge-modle` does not exist"):
             main()
-        assert "The model `judge-modle` does not exist" in json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        error = json.loads((in_tmp / "metrics/eval.json").read_text())["error"]
+        assert "The model `judge-modle` does not exist" in error
         params["evaluate"]["judge"] = endpoint
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         assert all("test-key" not in json.dumps(r["body"]) for r in srv.requests)

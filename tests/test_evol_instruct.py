@@ -52,7 +52,8 @@ def test_answer_elimination():
 
 def test_prompts_and_the_seeded_draw():
     p = evolve_prompt("Name a fruit.", "constraints")
-    assert p.startswith("I want you act as a Prompt Rewriter.") and p.endswith("#The Given Prompt#:\nName a fruit.\n#Rewritten Prompt#:\n")
+    assert p.startswith("I want you act as a Prompt Rewriter.")
+    assert p.endswith("#The Given Prompt#:\nName a fruit.\n#Rewritten Prompt#:\n")
     assert "add one more constraints/requirements" in p
     assert evolve_prompt("Name a fruit.", "breadth").endswith("#Given Prompt#:\nName a fruit.\n#Created Prompt#:\n")
     draws = [draw_operation(list(OPERATIONS), 7, 1, f"seed-{i}") for i in range(300)]

@@ -11,7 +11,8 @@ from stages.lib.llm.client import run_requests
 from stages.lib.llm.types import Completion, Sampling
 
 SEEDS = [
-    {"id": f"s{i}", "instruction": f"Task number {i}:  do  thing {i}", "instances": [{"input": "" if i % 2 else f"in {i}", "output": f"out {i}"}]}
+    {"id": f"s{i}", "instruction": f"Task number {i}:  do  thing {i}",
+     "instances": [{"input": "" if i % 2 else f"in {i}", "output": f"out {i}"}]}
     for i in range(10)
 ]
 S = Sampling(64, 0.7, 0.9)
@@ -62,7 +63,8 @@ def test_parse_keeps_good_items_around_a_malformed_one():
     items = parse_response(RESPONSE, 4, "length")
     assert [i["reason"] for i in items] == [None, None, "missing_input", None, "truncated"]
     good = [i for i in items if not i["reason"]]
-    assert good[0] == {**good[0], "instruction": "Classify the animal as mammal or bird.", "input": "sparrow", "output": "bird"}
+    assert good[0] == {**good[0], "instruction": "Classify the animal as mammal or bird.",
+                       "input": "sparrow", "output": "bird"}
     assert good[1]["input"] == "" and good[1]["output"] == "Red, blue and yellow."
     assert good[2]["output"] == "Bonjour"
 
@@ -74,7 +76,8 @@ def test_parse_keeps_last_item_when_the_teacher_stopped():
 
 
 def test_parse_missing_output_and_chat_style_numbering():
-    text = "1. Instruction: Add the numbers.\n1. Input:\n2 and 3\n1. Output:\n5\n\n2. Instruction: Only input here.\n2. Input:\nx"
+    text = ("1. Instruction: Add the numbers.\n1. Input:\n2 and 3\n1. Output:\n5\n\n"
+            "2. Instruction: Only input here.\n2. Input:\nx")
     items = parse_response(text, 4, "stop")
     assert items[0]["output"] == "5" and items[0]["input"] == "2 and 3"
     assert items[1]["reason"] == "missing_output"
@@ -178,7 +181,8 @@ def test_prompt_files_from_the_wild_are_repaired_and_oversized_prompts_skipped(t
     ]) + b"\n")
     stats = {}
     got = read_prompts(path, stats=stats)
-    assert [g["instruction"] for g in got] == ["Name a \ufffd colour.", "Name a fr\ufffduit.", "Name a tree.", "Name a river."]
+    assert [g["instruction"] for g in got] == ["Name a \ufffd colour.", "Name a fr\ufffduit.",
+                                               "Name a tree.", "Name a river."]
     assert [g["source"].rsplit(":", 1)[1] for g in got] == ["1", "2", "3", "5"]
     assert stats == {"repaired": 3, "too_long": 1}
     bad = tmp_path / "bad.jsonl"
@@ -280,7 +284,8 @@ def test_documented_examples():
     from stages.lib.llm.openai_wire import request_body
     from tests.support.tiny import ROOT
 
-    blocks = dict(re.findall(r"```yaml\n# example: (\S+)\n(.*?)```", (ROOT / "docs/real-teachers.md").read_text(), re.S))
+    blocks = dict(re.findall(r"```yaml\n# example: (\S+)\n(.*?)```",
+                             (ROOT / "docs/real-teachers.md").read_text(), re.S))
     assert set(blocks) == {"openai-chat", "openai-reasoning", "vllm", "ollama", "evaluate"}
     bodies = {}
     for name, text in blocks.items():

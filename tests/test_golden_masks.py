@@ -48,7 +48,8 @@ CONVERSATIONS = {
     ],
     "code_block": [
         {"role": "user", "content": "Write a Python function that doubles x."},
-        {"role": "assistant", "content": "```python\ndef double(x):\n    return 2 * x\n```\n\nCall `double(4)` to get 8."},
+        {"role": "assistant",
+         "content": "```python\ndef double(x):\n    return 2 * x\n```\n\nCall `double(4)` to get 8."},
     ],
 }
 TEMPLATES = ("alpaca", "chat")
@@ -139,7 +140,8 @@ def test_masks_train_exactly_the_assistant_turns(smollm2_tokenizer):
             if template == "chat":
                 has_system = messages[0]["role"] == "system"
                 first_system = text.split("<|im_end|>")[0]
-                assert first_system == "<|im_start|>system\n" + (messages[0]["content"] if has_system else DEFAULT_SYSTEM)
+                assert first_system == "<|im_start|>system\n" + (messages[0]["content"] if has_system
+                                                                  else DEFAULT_SYSTEM)
                 assert text == tok.apply_chat_template(messages, tokenize=False).rstrip("\n")
             else:
                 assert "### Instruction:" in text and DEFAULT_SYSTEM not in text
@@ -154,7 +156,8 @@ def write_golden() -> None:
     lines = ["{", f'  "tokenizer": {json.dumps(data["tokenizer"])},', '  "cases": {']
     items = list(data["cases"].items())
     for k, (name, case) in enumerate(items):
-        body = ",\n".join(f'      "{key}": {json.dumps(case[key], ensure_ascii=False)}' for key in ("ids", "mask", "tokens"))
+        body = ",\n".join(f'      "{key}": {json.dumps(case[key], ensure_ascii=False)}'
+                          for key in ("ids", "mask", "tokens"))
         lines.append(f'    "{name}": {{\n{body}\n    }}' + ("," if k < len(items) - 1 else ""))
     lines += ["  }", "}", ""]
     GOLDEN.parent.mkdir(exist_ok=True)

@@ -178,7 +178,8 @@ def test_two_turns_with_every_drop_reason_through_a_fake_teacher():
     conv = json.loads(tasks[0]["messages_json"])
     assert [x["content"] for x in conv] == ["How do I grow basil indoors?", "Give it sun and water.",
                                             "And how often should I water it?", "Every two days."]
-    assert tasks[1]["instruction"] == "Name three rivers in Peru." and tasks[1]["output"] == "Amazon, Ucayali and Maranon."
+    assert tasks[1]["instruction"] == "Name three rivers in Peru."
+    assert tasks[1]["output"] == "Amazon, Ucayali and Maranon."
     # the turn-2 query prompt is the whole first exchange plus the opening of a user turn, without a second BOS
     assert prompts_seen[2][0] == ("<|start_header_id|>user<|end_header_id|>\n\nHow do I grow basil indoors?<|eot_id|>"
                                   "<|start_header_id|>assistant<|end_header_id|>\n\nGive it sun and water.<|eot_id|>"
@@ -214,7 +215,8 @@ def test_ingest_reads_a_multi_turn_generated_row_whole():
 
     conv = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
-    rows = [{"id": "magpie-000000", "instruction": "Q1", "input": "", "output": "A1", "messages_json": json.dumps(conv)},
+    rows = [{"id": "magpie-000000", "instruction": "Q1", "input": "", "output": "A1",
+             "messages_json": json.dumps(conv)},
             {"id": "gen-1", "instruction": "Name a fruit.", "input": "", "output": "Apple.", "messages_json": None}]
     convs, bad = read_source("generated", SourceParams(format="generated"), rows)
     assert not bad and [c["messages"] for c in convs] == [conv, [{"role": "user", "content": "Name a fruit."},

@@ -104,8 +104,9 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path, tiny_model, nam
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     from tests.support.builders import free_port
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / p["train"]["accelerate_config"]),
-           "--num_processes", str(n), "--main_process_port", str(free_port()), "-m", "stages.train"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / p["train"]["accelerate_config"]), "--num_processes", str(n),
+           "--main_process_port", str(free_port()), "-m", "stages.train"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert "memory plan per process" in r.stderr

@@ -27,7 +27,8 @@ def test_read_prompts_every_format(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "Be nice."},
                                                                {"role": "user", "content": "Why?"}]}) + "\n\n"
                                       + json.dumps({"prompt": "Say hi."}) + "\n")
-    assert read_prompts(tmp_path / "a.json") == [{"instruction": "Add.", "input": "1 2", "source": f"{tmp_path}/a.json[0]"}]
+    assert read_prompts(tmp_path / "a.json") == [{"instruction": "Add.", "input": "1 2",
+                                                  "source": f"{tmp_path}/a.json[0]"}]
     assert read_prompts(tmp_path / "s.json")[0]["instruction"] == "Hi?"
     got = read_prompts(tmp_path / "m.jsonl")
     assert [g["instruction"] for g in got] == ["Why?", "Say hi."] and got[1]["source"].endswith("m.jsonl:3")

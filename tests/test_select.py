@@ -66,7 +66,8 @@ def test_params_policy_must_match_the_computed_scores():
         params_from_dict(SelectParams, {"method": "rating", "policy": {"score": "ifd", "top_k": 3}})
     with pytest.raises(StageError, match="needs method both"):
         params_from_dict(SelectParams, {"method": "ifd", "policy": {"score": "combined", "top_k": 3}})
-    assert params_from_dict(SelectParams, {"method": "both", "policy": {"score": "combined", "top_k": 3}}).pol.kind == "top_k"
+    assert params_from_dict(SelectParams,
+                            {"method": "both", "policy": {"score": "combined", "top_k": 3}}).pol.kind == "top_k"
 
 
 @pytest.mark.parametrize("text, score", [
@@ -97,7 +98,8 @@ def test_rating_prompt_is_alpagasus_accuracy_prompt():
 
 
 def rows(n: int) -> list[dict]:
-    return [{"id": f"t{i}", "instruction": f"Task number {i}.", "input": "", "output": f"Answer {i}."} for i in range(n)]
+    return [{"id": f"t{i}", "instruction": f"Task number {i}.", "input": "",
+             "output": f"Answer {i}."} for i in range(n)]
 
 
 def test_rate_counts_unknown_and_failed_and_choose_rejects_them():
@@ -180,7 +182,7 @@ def test_report_draws_the_selection_with_its_cut():
     from stages.lib.report.figures import fig_selection
 
     fig = fig_selection(table, "rating", m["cut"], m["policy"])
-    lines = [l for l in fig.axes[0].get_lines() if list(l.get_xdata()) == [4.5, 4.5]]
+    lines = [ln for ln in fig.axes[0].get_lines() if list(ln.get_xdata()) == [4.5, 4.5]]
     assert len(lines) == 1 and "rating >= 4.5" in fig.axes[0].get_title()
 
 
@@ -240,7 +242,8 @@ def test_policy_params_typed_with_a_hint_for_two_kinds():
     assert (p.pol.kind, p.pol.value) == ("top_fraction", 0.1)
     assert SelectParams().pol.describe() == "rating >= 4.5"
     with pytest.raises(StageError, match=r"exactly one.*select.policy.threshold=null"):
-        params_from_dict(SelectParams, {"method": "rating", "policy": {"score": "rating", "threshold": 4.5, "top_k": 3}})
+        params_from_dict(SelectParams,
+                         {"method": "rating", "policy": {"score": "rating", "threshold": 4.5, "top_k": 3}})
     with pytest.raises(StageError, match=r"policy.top_k: expected int"):
         params_from_dict(SelectParams, {"policy": {"top_k": "many"}})
     with pytest.raises(StageError, match=r"model_family"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import random
 
-from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER,
-                                  SelfInstructParams, bootstrap, bootstrap_prompt, classify_examples, classify_prompt,
-                                  filter_instances, instance_prompt, parse_classification, parse_instances,
-                                  parse_instructions, run_steps, sample_in_context)
+from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER,
+                                                 OUTPUT_FIRST_HEADER, SelfInstructParams, bootstrap, bootstrap_prompt,
+                                                 classify_examples, classify_prompt, filter_instances, instance_prompt,
+                                                 parse_classification, parse_instances, parse_instructions, run_steps,
+                                                 sample_in_context)
 from stages.lib.llm.types import Sampling
 
 SEEDS = [
@@ -45,8 +46,10 @@ def test_in_context_mix_is_six_seeds_and_two_machine():
 def test_bootstrap_prompt_and_parser():
     prompt = bootstrap_prompt(["Do  this\nthing.", "Do that."])
     assert prompt == f"{BOOTSTRAP_HEADER}1. Do this thing.\n2. Do that.\n3."
-    got = parse_instructions(" Name three  rivers in Europe.\n4. Write a limerick about a cat.\n5 . Explain tides.", "stop")
-    assert got == [("Name three rivers in Europe.", "ok"), ("Write a limerick about a cat.", "ok"), ("Explain tides.", "ok")]
+    got = parse_instructions(" Name three  rivers in Europe.\n4. Write a limerick about a cat.\n"
+                             "5 . Explain tides.", "stop")
+    assert got == [("Name three rivers in Europe.", "ok"), ("Write a limerick about a cat.", "ok"),
+                   ("Explain tides.", "ok")]
     # truncated: only the last (cut) item is dropped, with its reason
     got = parse_instructions(" Name three rivers.\n4. Write a poem about", "length")
     assert got == [("Name three rivers.", "ok"), (None, "truncated")]
@@ -58,7 +61,8 @@ def test_classification_prompt_and_parser():
     ex = classify_examples(SEEDS, 6, seed=0)
     assert sum(y for _, y in ex) == 3 and sum(not y for _, y in ex) == 3
     prompt = classify_prompt("Is this tweet sarcastic?", ex)
-    assert prompt.startswith(CLASSIFY_HEADER) and prompt.endswith("Task: Is this tweet sarcastic?\nIs it classification?")
+    assert prompt.startswith(CLASSIFY_HEADER)
+    assert prompt.endswith("Task: Is this tweet sarcastic?\nIs it classification?")
     assert [parse_classification(t) for t in [" Yes", "yes.", " No", "NO\n", " Maybe", "", None, " 1"]] == \
         [True, True, False, False, None, None, None, None]
 
@@ -78,7 +82,8 @@ def test_parse_instances_both_forms():
     got = parse_instances(text, False, "stop", 5)
     assert [g[0] for g in got] == [{"input": "2 + 2", "output": "4"}, {"input": "", "output": "A fact."}, None]
     assert got[2][1] == "no_output"
-    got = parse_instances("Class label: odd\nInput: 7\nClass label: even\nInput: 10\n\nTask: next task", True, "stop", 5)
+    got = parse_instances("Class label: odd\nInput: 7\nClass label: even\nInput: 10\n\nTask: next task",
+                          True, "stop", 5)
     assert [g[0] for g in got] == [{"input": "7", "output": "odd"}, {"input": "10", "output": "even"}]
     assert parse_instances("no labels here", True, "stop", 5)[0][:2] == (None, "no_class_label")
     got = parse_instances("Example 1\nOutput: a\nExample 2\nOutput: b\nExample 3\nOutput: c", False, "length", 1)
@@ -131,7 +136,8 @@ def test_pool_grows_and_novelty_applies_within_a_round():
     assert [d["reason"] for d in drops] == ["too_similar"] and m["instructions_kept"] == 4
     # round 2's prompt shows round 1's instruction (the pool grew); round 1 showed seeds only
     assert "odd or even" not in teacher.prompts[0] and "Tell whether a number is odd or even." in teacher.prompts[1]
-    assert sum(ln.split(". ", 1)[-1] in {x["instruction"] for x in machine} for ln in teacher.prompts[2].splitlines()) == 2
+    assert sum(ln.split(". ", 1)[-1] in {x["instruction"] for x in machine}
+               for ln in teacher.prompts[2].splitlines()) == 2
 
 
 def test_run_all_four_steps():
@@ -203,7 +209,7 @@ def test_filter_blacklist_reaches_the_bootstrap(in_tmp, monkeypatch):
     assert [(d["reason"], d["detail"]) for d in drops] == [("blacklist", "Compose a lullaby for a sleepy baby dragon.")]
 
 
-# ---------------------------------------------------------------- chat form: prompts for chat models, replies as they write them
+# ------------------------------------------------------- chat form: prompts for chat models, replies as they write them
 
 from stages.lib.generation.self_instruct import (BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM,  # noqa: E402
                                                  bootstrap_chat_prompt, classify_chat_prompt, instance_chat_prompt,
@@ -252,7 +258,8 @@ def test_chat_bootstrap_replies():
 
 
 def test_chat_classification_replies():
-    yes = ["Yes", "Yes.", "Yes, it is.", "yes - it has finite labels", "**Yes**", "Answer: Yes", "Is it classification? Yes"]
+    yes = ["Yes", "Yes.", "Yes, it is.", "yes - it has finite labels", "**Yes**", "Answer: Yes",
+           "Is it classification? Yes"]
     no = ["No", "No.", "No, it is not.", "**No.**", "Answer: no"]
     assert [parse_classification_chat(t) for t in yes] == [True] * len(yes)
     assert [parse_classification_chat(t) for t in no] == [False] * len(no)
@@ -297,7 +304,8 @@ class ChatTeacher:
 
 def test_run_all_four_steps_in_chat_form():
     teacher = ChatTeacher()
-    tasks, drops, m = run_steps(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4), seed=0, form="chat")
+    tasks, drops, m = run_steps(teacher, SEEDS, 1, S, SelfInstructParams(num_prompt_instructions=4),
+                                seed=0, form="chat")
     assert {form for _, form, _ in teacher.asked} == {"chat"}
     assert all(s.stop == () for _, _, s in teacher.asked)  # chat replies are not cut by completion stop sequences
     by_inst = {}

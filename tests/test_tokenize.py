@@ -39,7 +39,8 @@ def test_alpaca_templates():
 def test_mask_boundary_is_exact_and_eos_is_trained(tiny_tokenizer, template):
     tok = tiny_tokenizer
     prompt, response = encode_example("write the list", "a b c", "three words", template, tok)
-    assert tok.decode([t for t in prompt if t != tok.bos_token_id]) == render_prompt("write the list", "a b c", template, tok)
+    assert tok.decode([t for t in prompt if t != tok.bos_token_id]) == \
+        render_prompt("write the list", "a b c", template, tok)
     assert response[-1] == tok.eos_token_id
     assert response.count(tok.eos_token_id) == 1
     text = tok.decode(response[:-1], skip_special_tokens=True)
@@ -47,7 +48,8 @@ def test_mask_boundary_is_exact_and_eos_is_trained(tiny_tokenizer, template):
     # BOS once, from the tokenizer (alpaca) or not at all from a template that has none (chat)
     assert prompt.count(tok.bos_token_id) == (1 if template == "alpaca" else 0)
     # what evaluate feeds the model at inference (the same add_special_tokens rule) is exactly the prompt ids
-    assert tok(render_prompt("write the list", "a b c", template, tok), add_special_tokens=template == "alpaca")["input_ids"] == prompt
+    assert tok(render_prompt("write the list", "a b c", template, tok),
+               add_special_tokens=template == "alpaca")["input_ids"] == prompt
 
 
 def test_truncation_and_prompt_too_long(tiny_tokenizer):

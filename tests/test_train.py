@@ -62,7 +62,8 @@ def test_full_training_lowers_loss_and_saves_a_loadable_model(tmp_path, tiny_mod
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     val = TokenSplit(tmp_path / "tokens", "val")
     before, _ = val_loss(base, tok, val, 4)
-    summary, out = run_train(tmp_path, tiny_model, "full", method="full", max_steps=30, batch_size=3, learning_rate=3e-3)
+    summary, out = run_train(tmp_path, tiny_model, "full", method="full", max_steps=30,
+                             batch_size=3, learning_rate=3e-3)
     model = AutoModelForCausalLM.from_pretrained(out)
     after, n = val_loss(model, tok, val, 4)
     assert n > 0 and after < before - 0.5, (before, after)
@@ -199,8 +200,8 @@ def test_packed_loss_equals_the_sum_of_per_example_losses(tmp_path, tiny_model, 
     other = collate_packed([[(data[0][0][::-1].copy(), data[0][1]), data[1]]], width, tok.pad_token_id)
     with torch.no_grad():
         alone = masked_loss_sum(model, collate_packed([[data[1]]], width, tok.pad_token_id))[0]
-        both = masked_loss_sum(model, other)[0] - masked_loss_sum(model, collate([(data[0][0][::-1].copy(), data[0][1])],
-                                                                                 tok.pad_token_id))[0]
+        both = (masked_loss_sum(model, other)[0]
+                - masked_loss_sum(model, collate([(data[0][0][::-1].copy(), data[0][1])], tok.pad_token_id))[0])
     assert float(both) == pytest.approx(float(alone), rel=1e-5)
 
 
@@ -328,7 +329,8 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     assert resumed["resumed_from_step"] == stopped_at and ref["resumed_from_step"] == 0
     assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
     assert len(resumed["losses"]) == 60
-    logged = [float(x.split("\t")[1]) for x in (tmp_path / "log-run" / "plots/metrics/loss.tsv").read_text().splitlines()[1:]]
+    loss_tsv = (tmp_path / "log-run" / "plots/metrics/loss.tsv").read_text()
+    logged = [float(x.split("\t")[1]) for x in loss_tsv.splitlines()[1:]]
     assert logged == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
 
 
@@ -488,7 +490,8 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model, monke
     from stages.lib.training.model import build_model
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(StageError, match="bitsandbytes"):
         build_model(TrainParams(method="qlora"), str(tiny_model), "bfloat16")
 
@@ -506,7 +509,8 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(tmp_path, tiny_model, pa
     make_data(tmp_path / "tokens", tok, ROWS8)
     data = TokenSplit(tmp_path / "tokens", "train")
     examples = [data[i] for i in range(8)]
-    batch = collate_packed([examples[:5], examples[5:]], 256, tok.pad_token_id) if packed else collate(examples, tok.pad_token_id)
+    batch = (collate_packed([examples[:5], examples[5:]], 256, tok.pad_token_id) if packed
+             else collate(examples, tok.pad_token_id))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
 
     def run(chunk):

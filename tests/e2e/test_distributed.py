@@ -58,7 +58,8 @@ def setup(tmp_path, tiny_model):
 def test_configs_parse_and_say_what_they_are():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    kinds = {name: load_config_from_file(str(CONFIGS / f"{name}.yaml")) for name in ("single", "ddp", "fsdp", "multinode")}
+    kinds = {name: load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+             for name in ("single", "ddp", "fsdp", "multinode")}
     assert kinds["single"].distributed_type == "NO" and kinds["single"].num_processes == 1
     assert kinds["ddp"].distributed_type == "MULTI_GPU"
     assert kinds["fsdp"].distributed_type == "FSDP" and kinds["fsdp"].fsdp_config["fsdp_version"] == 2
@@ -81,8 +82,8 @@ def test_two_processes_follow_the_single_process_run(setup, tiny_model):
 def test_fsdp_gathers_and_saves_a_merged_lora_student(setup, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    kw = {"base_model": str(tiny_model), "method": "lora", "lora_r": 4, "lora_dropout": 0.0, "max_steps": 3, "batch_size": 2,
-          "learning_rate": 1e-2}
+    kw = {"base_model": str(tiny_model), "method": "lora", "lora_r": 4, "lora_dropout": 0.0, "max_steps": 3,
+          "batch_size": 2, "learning_rate": 1e-2}
     one = launch(setup("one"), "single.yaml", 1, grad_accum=2, **kw)
     fsdp = launch(setup("fsdp"), "fsdp.yaml", 2, grad_accum=1, **kw)
     assert fsdp["losses"] == pytest.approx(one["losses"], rel=1e-4)

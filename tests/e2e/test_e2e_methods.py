@@ -125,11 +125,13 @@ def clean_instructions(tasks: pl.DataFrame) -> None:
 
 @pytest.mark.parametrize("case", ["self_instruct", "responses_bootstrap", "responses_file_judge", "evol_instruct"])
 def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
-    generate = {"self_instruct": {"method": "self_instruct", "num_requests": 2, "self_instruct": {"requests_per_round": 2}},
+    generate = {"self_instruct": {"method": "self_instruct", "num_requests": 2,
+                                  "self_instruct": {"requests_per_round": 2}},
                 "evol_instruct": {"method": "evol_instruct", "num_requests": 3, "evol_instruct": {"rounds": 1}},
                 "responses_bootstrap": {"method": "responses", "num_requests": 2},
                 "responses_file_judge": {"method": "responses", "system_prompt": "You are a helpful assistant.",
-                                         "responses": {"prompts": "seeds/prompts/prompts.jsonl", "n": 2, "select": "judge"}},
+                                         "responses": {"prompts": "seeds/prompts/prompts.jsonl",
+                                                       "n": 2, "select": "judge"}},
                 }[case]
     repo = make_repo(tmp_path, chat_teacher, {**CHAT, **generate})
     if case == "responses_file_judge":
@@ -139,7 +141,8 @@ def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
     tasks, gm, fm = build(repo)
     only_chat(chat_teacher.requests[before:])
     assert gm["failed"] == 0 and tasks.height > 0 and fm["kept"] > 0
-    assert set(tasks["served_model"]) == {"gpt-4o-mini-2024-07-18"} and set(tasks["system_fingerprint"]) == {"fp_fake0001"}
+    assert set(tasks["served_model"]) == {"gpt-4o-mini-2024-07-18"}
+    assert set(tasks["system_fingerprint"]) == {"fp_fake0001"}
     clean_instructions(tasks)
     steps = gm["steps"]
     if "bootstrap" in steps:  # 7 tasks asked per request (15 - 8 shown); every one parsed
@@ -149,7 +152,8 @@ def test_every_method_over_a_chat_only_endpoint(tmp_path, chat_teacher, case):
         assert "unknown" not in steps["classify"]  # "Yes, it is." and "**No**" read
         assert steps["instances"]["instances_parsed"] > 0
     if case == "evol_instruct":  # every seed evolved, judged Not Equal, answered; provenance kept
-        assert tasks.height == 3 and set(tasks["evol_round"]) == {1} and tasks["parent_id"].str.starts_with("seed").all()
+        assert tasks.height == 3 and set(tasks["evol_round"]) == {1}
+        assert tasks["parent_id"].str.starts_with("seed").all()
         assert not any(i.startswith('"') for i in tasks["instruction"].to_list())
     if case == "responses_file_judge":
         r = steps["responses"]

@@ -57,7 +57,8 @@ def test_selection_threshold_sweep_reruns_select_from_the_cache(tmp_path):
         n = filtered.height
         assert n > 6 and kept.height + rejected.height == n == m["rows"]
         # the endpoint check's GET /models/{model} has no body: count the completion requests only
-        ratings = [r for r in srv.requests if r["path"].endswith("completions") and _last_user_text(r["body"]).startswith(SYSTEM)]
+        ratings = [r for r in srv.requests
+                   if r["path"].endswith("completions") and _last_user_text(r["body"]).startswith(SYSTEM)]
         assert m["judge"]["calls"] == m["judge"]["requests"] == len(ratings) == n
         assert all(x >= 4.0 for x in kept["rating"]) and kept.height == m["kept"] > 0
         unknown = rejected.filter(pl.col("rating").is_null())

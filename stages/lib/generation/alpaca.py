@@ -45,7 +45,8 @@ def encode_prompt(header: str, tasks: list[dict]) -> str:
     for i, t in enumerate(tasks, 1):
         inst = re.sub(r"\s+", " ", t["instruction"]).strip().rstrip(":")
         x = t["instances"][0]
-        parts.append(f"###\n{i}. Instruction: {inst}\n{i}. Input:\n{x['input'] or '<noinput>'}\n{i}. Output:\n{x['output']}\n")
+        parts.append(f"###\n{i}. Instruction: {inst}\n{i}. Input:\n{x['input'] or '<noinput>'}\n"
+                     f"{i}. Output:\n{x['output']}\n")
     parts.append(f"###\n{len(tasks) + 1}. Instruction:")
     return "".join(parts)
 
@@ -59,8 +60,9 @@ def encode_chat_prompt(header: str, tasks: list[dict]) -> tuple[str, str]:
     """(system, user): Alpaca's header and numbered examples, then an explicit ask for the rest of the list."""
     user = encode_prompt(header, tasks).rsplit("###\n", 1)[0]
     k = len(tasks) + 1
-    return ALPACA_SYSTEM, (f"{user}###\n\nContinue the list with tasks {k} to {max(k, ALPACA_TOTAL)} in exactly the same "
-                           f"format ({k}. Instruction: ..., {k}. Input: ..., {k}. Output: ...), separated by ###.")
+    return ALPACA_SYSTEM, (f"{user}###\n\nContinue the list with tasks {k} to {max(k, ALPACA_TOTAL)} in exactly "
+                           f"the same format ({k}. Instruction: ..., {k}. Input: ..., {k}. Output: ...), "
+                           "separated by ###.")
 
 
 def sample_examples(seeds: list[dict], k: int, seed: int, request_index: int) -> list[dict]:
@@ -109,8 +111,8 @@ def parse_response(text: str, first_index: int, finish_reason: str) -> list[dict
     return items
 
 
-_CHAT_LABEL = re.compile(r"^[ \t]*(?:[-*\u2022][ \t]+)?(?:(\d+)[ \t]*[.)][ \t]*)?(instruction|input|output)[ \t]*(\d+)?[ \t]*:",
-                         re.I)
+_CHAT_LABEL = re.compile(r"^[ \t]*(?:[-*\u2022][ \t]+)?(?:(\d+)[ \t]*[.)][ \t]*)?"
+                         r"(instruction|input|output)[ \t]*(\d+)?[ \t]*:", re.I)
 
 
 _CHAT_HEADING = re.compile(r"^[ \t]*(?:task|item|example)[ \t]*#?[ \t]*(\d+)[ \t]*[:.]?[ \t]*$", re.I)
@@ -140,7 +142,8 @@ def parse_chat_response(text: str, first_index: int, finish_reason: str) -> list
         return [{"instruction": None, "input": None, "output": None, "reason": "no_items", "detail": text}]
     items = parse_response(body[first.start():].lstrip("\n"), first_index, finish_reason)
     for item in items:  # "Input: None" / "N/A": a chat model's way of writing <noinput>
-        if item["input"] is not None and item["input"].strip(" .()").lower() in {"none", "n/a", "na", "no input", "-", ""}:
+        if item["input"] is not None and item["input"].strip(" .()").lower() in {"none", "n/a", "na", "no input",
+                                                                                 "-", ""}:
             item["input"] = ""
     return items
 

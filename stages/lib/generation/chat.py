@@ -14,7 +14,8 @@ import re
 # a trailing paragraph that talks about the reply instead of being part of it
 _COMMENTARY = re.compile(
     r"^\s*(let me know|i hope|hope (this|these|that)|feel free|these (are|tasks|examples|instructions|cover)|"
-    r"this (list|set|covers)|each (of these|task|example|instruction)|note\s*:|i('ve| have)|if you('d| would| need| want)|"
+    r"this (list|set|covers)|each (of these|task|example|instruction)|note\s*:|i('ve| have)|"
+    r"if you('d| would| need| want)|"
     r"happy to|would you like|do you want|enjoy|good luck|i can (also )?(provide|write|generate))", re.I)
 _RULE = re.compile(r"^\s*(-{3,}|\*{3,}|_{3,})\s*$")
 

@@ -231,7 +231,8 @@ def evolve(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, 
         n_req += len(pool)
         equal_unknown = 0
         if e.judge_equal and cands:
-            verdicts = ask([EQUAL_PROMPT.format(parent=p["instruction"], child=t) for p, t, _, _ in cands], judge_s, form)
+            verdicts = ask([EQUAL_PROMPT.format(parent=p["instruction"], child=t) for p, t, _, _ in cands],
+                           judge_s, form)
             keep = []
             for c, v in zip(cands, verdicts):
                 eq = parse_equal(v["text"] if v else None)
@@ -260,7 +261,8 @@ def evolve(ask, pool: list[dict], e: EvolParams, sampling: Sampling, form: str, 
                 continue
             child = f"evol-r{rnd}-{len(tasks):06d}"
             tasks.append({"id": child, **row, "instruction": text, "input": "", "output": rec["text"].strip(),
-                          "in_context_ids": [p["root"]], "is_classification": None, "source": f"evol_instruct:{p['root']}"})
+                          "in_context_ids": [p["root"]], "is_classification": None,
+                          "source": f"evol_instruct:{p['root']}"})
             nxt.append({"id": child, "instruction": text, "root": p["root"]})
             kept += 1
         per_round.append({"round": rnd, "evolved": len(pool), "kept": kept, "failed": failed,

@@ -223,7 +223,8 @@ def instance_chat_prompt(instruction: str, is_classification: bool | None, seeds
     return INSTANCES_SYSTEM, body + ask
 
 
-_NO_INPUT = re.compile(r"(?im)^([ \t]*input\s*\d*\s*:)[ \t]*(?:none|n/?a|\(none\)|<noinput>|no input|-)[ \t]*\.?[ \t]*$")
+_NO_INPUT = re.compile(r"(?im)^([ \t]*input\s*\d*\s*:)[ \t]*"
+                       r"(?:none|n/?a|\(none\)|<noinput>|no input|-)[ \t]*\.?[ \t]*$")
 
 
 def parse_instances_chat(text: str, is_classification: bool | None, finish_reason: str,
@@ -232,7 +233,8 @@ def parse_instances_chat(text: str, is_classification: bool | None, finish_reaso
     headings, an echoed "Task: ..." line, a preamble, commentary and "Input: None" are undone first."""
     t = clean(text)
     t = re.sub(r"^\s*Task\s*:.*\n", "", t)
-    first = re.search(r"(?im)^[ \t]*(?:[-*\u2022][ \t]+)?(?:class label\s*:|example\b|input\s*\d*\s*:|output\s*\d*\s*:)", t)
+    first = re.search(r"(?im)^[ \t]*(?:[-*\u2022][ \t]+)?"
+                      r"(?:class label\s*:|example\b|input\s*\d*\s*:|output\s*\d*\s*:)", t)
     t = t[first.start():] if first else t
     t = re.sub(r"(?im)^[ \t]*[-*\u2022][ \t]+(?=(?:class label|example|input|output)\b)", "", t)
     t = re.sub(r"(?im)^([ \t]*)example(\s*\d+)\s*[:.)]?[ \t]*$", r"\1Example\2", t)
@@ -341,7 +343,8 @@ class SelfInstructParams:
         check(self.requests_per_round >= 1, "self_instruct.requests_per_round: must be >= 1")
         check(0 < self.rouge_threshold <= 1, "self_instruct.rouge_threshold: must be in (0, 1]")
         check(self.classify_examples >= 2 and self.instance_demos >= 1, "classify_examples >= 2, instance_demos >= 1")
-        check(self.max_instances >= 1 and self.instance_max_new_tokens >= 1, "max_instances, instance_max_new_tokens >= 1")
+        check(self.max_instances >= 1 and self.instance_max_new_tokens >= 1,
+              "max_instances, instance_max_new_tokens >= 1")
 
 
 def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si: SelfInstructParams, seed: int,
@@ -364,7 +367,8 @@ def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si:
     chat = form == "chat"
     stop = () if chat else BOOTSTRAP_STOP  # a chat reply is asked for its tasks only
     sampling = Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, stop, sampling.seed)
-    prompt_of, parse = (bootstrap_chat_prompt, parse_instructions_chat) if chat else (bootstrap_prompt, parse_instructions)
+    prompt_of, parse = ((bootstrap_chat_prompt, parse_instructions_chat) if chat
+                        else (bootstrap_prompt, parse_instructions))
     for start in range(0, num_requests, si.requests_per_round):
         idx = list(range(start, min(num_requests, start + si.requests_per_round)))
         shown = [sample_in_context(seed_inst, [m["instruction"] for m in machine], si.num_prompt_instructions,

@@ -78,7 +78,8 @@ def combined(columns: dict[str, list[float | None]]) -> list[float | None]:
     return [sum(r[i] for r in ranks) / len(ranks) if ok else None for i, ok in enumerate(complete)]
 
 
-def apply(policy: Policy, scores: list[float | None], keep_unknown: bool = False) -> tuple[list[bool], list[str | None], float | None]:
+def apply(policy: Policy, scores: list[float | None],
+          keep_unknown: bool = False) -> tuple[list[bool], list[str | None], float | None]:
     """(kept?, reason or None, the cut) per row. The cut is the threshold, or the lowest kept score
     under top-k / top-fraction (None when nothing is kept by score)."""
     n_known = sum(s is not None for s in scores)
