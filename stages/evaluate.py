@@ -67,7 +67,8 @@ class EvaluateParams:
     batch_size: int = 8
     """Examples per forward pass / generation batch."""
     sets: dict[str, EvalSetParams] = field(
-        default_factory=lambda: {"stillhouse": EvalSetParams(path="seeds/eval/eval_prompts.jsonl", reference="teacher")})
+        default_factory=lambda: {"stillhouse": EvalSetParams(path="seeds/eval/eval_prompts.jsonl",
+                                                             reference="teacher")})
     """Eval sets: name -> {path, reference, limit}."""
     max_new_tokens: int = 96
     """Answer length budget of the student and of teacher references."""
@@ -143,7 +144,8 @@ def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
 
     todo, prompts = [], []
     for r in rows:
-        r.update(judged=r["answer"].strip() != r["reference"].strip(), verdict_ref_first=None, verdict_student_first=None)
+        r.update(judged=r["answer"].strip() != r["reference"].strip(), verdict_ref_first=None,
+                 verdict_student_first=None)
         if not r["judged"]:
             r.update(order="none", preference=1.5)  # the same text: a draw, no call
             continue
@@ -187,7 +189,8 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
         r.update(answer=a["text"].strip(), finish_reason=a["finish_reason"], answer_tokens=a["completion_tokens"])
     for r, ref in zip(need_ref, refs):
         if ref is None:
-            raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} (see the cache's failures)")
+            raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} "
+                             "(see the cache's failures)")
         r.update(reference=ref["text"].strip(), reference_source="teacher")
     for r in rows:
         r.setdefault("reference_source", p.sets[r["set"]].reference)

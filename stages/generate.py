@@ -118,7 +118,8 @@ class GenerateParams:
     def __post_init__(self):
         convert_fields(self, "generate")
         check(self.method in METHODS, f"method: expected one of {tuple(METHODS)}, got {self.method!r}")
-        check(not self.batch_api or self.method == "alpaca" or (self.method == "responses" and self.responses.prompts != "bootstrap"),
+        from_file = self.method == "responses" and self.responses.prompts != "bootstrap"
+        check(not self.batch_api or self.method == "alpaca" or from_file,
               "batch_api: each self-instruct step needs the previous one's answers; use it with method alpaca, "
               "or responses from a prompt file")
         check(self.num_requests >= 0, "num_requests: must be >= 0")

@@ -29,8 +29,10 @@ class Handler(BaseHTTPRequestHandler):
         Handler.seen.append((self.path, self.headers.get("Authorization"), body))
         usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
         if self.path.endswith("/chat/completions"):
-            out = {"id": f"chatcmpl-{len(Handler.seen)}", "object": "chat.completion", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": TEXT}}],
+            out = {"id": f"chatcmpl-{len(Handler.seen)}", "object": "chat.completion", "created": 0,
+                   "model": body["model"],
+                   "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": TEXT}}],
                    "usage": usage}
         else:
             out = {"id": f"cmpl-{len(Handler.seen)}", "object": "text_completion", "created": 0, "model": body["model"],
@@ -70,7 +72,8 @@ def test_openai_backend_calls_once_and_keeps_the_key_out(server, tmp_path, monke
     assert [t["output"] for t in tasks] == ["A strawberry."] * 3
     assert {t["response_id"] for t in tasks} <= {"chatcmpl-1", "chatcmpl-2", "chatcmpl-3", "cmpl-1", "cmpl-2", "cmpl-3"}
     # the rerun is free, and the key is nowhere on disk
-    recs2, stats2 = run_requests(reqs, make_backend("openai", "teacher-x", form, server), ResponseCache(tmp_path / "cache"), s)
+    recs2, stats2 = run_requests(reqs, make_backend("openai", "teacher-x", form, server),
+                                 ResponseCache(tmp_path / "cache"), s)
     assert stats2.teacher_calls == 0 and len(Handler.seen) == 3
     assert all(secret not in f.read_text() for f in (tmp_path / "cache").iterdir())
 
@@ -112,7 +115,8 @@ def test_one_request_builder_per_model_family():
     _, body = request_body("my-proxy-name", "completion", "Hi", 8, 0.7, 1.0, (), 0,
                            RequestOptions("reasoning", reasoning_budget=0))
     assert "max_tokens" not in body and body["max_completion_tokens"] == 8 and body["prompt"] == "Hi"
-    _, body = request_body("Qwen/Qwen2.5-7B", "completion", "Hi", 8, 0.7, 1.0, (), 0, RequestOptions(extra_body={"top_k": 20}))
+    _, body = request_body("Qwen/Qwen2.5-7B", "completion", "Hi", 8, 0.7, 1.0, (), 0,
+                           RequestOptions(extra_body={"top_k": 20}))
     assert body["top_k"] == 20 and body["max_tokens"] == 8 and body["temperature"] == 0.7
     with pytest.raises(ValueError, match="cannot be overridden"):
         RequestOptions(extra_body={"messages": []})

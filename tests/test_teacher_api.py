@@ -187,7 +187,8 @@ def setup_project(tmp_path: Path, base_url: str, **generate) -> Path:
                                                     "prompt_form": "chat", **generate})
     # generate also reads filter's rule params (self-instruct's bootstrap)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("seeds", "generate", "filter")}))
-    subprocess.run([sys.executable, "-m", "stages.seeds"], cwd=tmp_path, env=stage_env(), check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.seeds"], cwd=tmp_path, env=stage_env(), check=True,
+                   capture_output=True)
     return tmp_path
 
 
@@ -206,7 +207,8 @@ def cached_prompts(cache: Path) -> set[str]:
 
 @pytest.mark.e2e  # runs the stage in subprocesses: 30 s to 2 min on 2 cores
 def test_kill_9_mid_run_loses_nothing_and_repays_nothing(tmp_path):
-    with FakeOpenAI(latency=0.1, models=["teacher-x"]) as server:  # a models list: the endpoint check sends no completion
+    # a models list: the endpoint check sends no completion
+    with FakeOpenAI(latency=0.1, models=["teacher-x"]) as server:
         proj = setup_project(tmp_path, server.base_url, num_requests=60, concurrency=4)
         proc = subprocess.Popen([sys.executable, "-m", "stages.generate"], cwd=proj, env=stage_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -279,7 +281,7 @@ def test_default_endpoint_is_used_and_the_cache_key_names_only_the_model():
     assert b.base_url == "https://api.openai.com/v1"
 
 
-# ---------------------------------------------------------------- errors users can act on, and reasoning models, at the stage
+# ------------------------------------------------- errors users can act on, and reasoning models, at the stage
 
 
 def no_secret_on_disk(proj: Path) -> None:

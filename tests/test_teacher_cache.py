@@ -96,8 +96,10 @@ def test_records_keyed_with_the_url_by_earlier_versions_are_still_read(tmp_path)
         cache = ResponseCache(tmp_path / "c")
         for r in assign_keys(ps, tid, "chat", S):  # records as the old code wrote them: no identity, no form
             cache.put({"key": r.key, "teacher": "teacher-x", "teacher_id": tid, "prompt": r.prompt,
-                       "sampling": asdict(S), "draw": r.draw, "text": f"old answer {r.prompt}", "finish_reason": "length",
-                       "prompt_tokens": 5, "completion_tokens": 64, "response_id": "r", "created": "2025-01-01T00:00:00Z"})
+                       "sampling": asdict(S), "draw": r.draw, "text": f"old answer {r.prompt}",
+                       "finish_reason": "length",
+                       "prompt_tokens": 5, "completion_tokens": 64, "response_id": "r",
+                       "created": "2025-01-01T00:00:00Z"})
         cache.close()
         recs, st = ask(server, ResponseCache(tmp_path / "c"), ps)
         assert sent(server) == [] and [r["text"] for r in recs] == [f"old answer {p}" for p in ps]
@@ -136,7 +138,8 @@ def test_store_answers_when_the_workspace_cache_is_gone(tmp_path, teacher_store)
         shutil.rmtree(tmp_path / "ws1")  # what DVC does to a failed --temp experiment
         recs, st = ask(server, ResponseCache(tmp_path / "ws2/cache", store=TeacherStore(teacher_store)), ps)
         # requests go out concurrently: compare the set sent in the second workspace, not their order
-        assert sorted(sent(server)[3:]) == sorted(ps[3:]) and len(sent(server)) == 5 and st.cache_hits == 3 and all(recs)
+        assert sorted(sent(server)[3:]) == sorted(ps[3:]) and len(sent(server)) == 5
+        assert st.cache_hits == 3 and all(recs)
     # what the store answered is now in the DVC-tracked cache too (that is what `dvc push` sends)
     assert len(ResponseCache(tmp_path / "ws2/cache").entries) == 5
     assert not list(teacher_store.rglob("*.tmp"))
@@ -146,18 +149,18 @@ def test_batch_job_ids_outlive_the_workspace(tmp_path, teacher_store):
     ps = prompts(4)
     reqs = assign_keys(ps, "openai:teacher-x", "chat", S)
     with FakeOpenAI() as server:
-        recs, st = run_requests(reqs, api(server), ResponseCache(tmp_path / "ws1", store=TeacherStore(teacher_store)), S,
-                                batch_api=True)
+        cache = ResponseCache(tmp_path / "ws1", store=TeacherStore(teacher_store))
+        recs, st = run_requests(reqs, api(server), cache, S, batch_api=True)
         assert st.batch["submitted"] == 4 and recs == [None] * 4
         shutil.rmtree(tmp_path / "ws1")
-        recs, st = run_requests(reqs, api(server), ResponseCache(tmp_path / "ws2", store=TeacherStore(teacher_store)), S,
-                                batch_api=True)
+        cache = ResponseCache(tmp_path / "ws2", store=TeacherStore(teacher_store))
+        recs, st = run_requests(reqs, api(server), cache, S, batch_api=True)
         assert all(recs) and st.batch["collected"] == 4 and st.batch["submitted"] == 0
         assert len([r for r in server.requests if r["path"] == "/v1/batches" and r["method"] == "POST"]) == 1
         # collected: a third workspace neither polls nor resubmits
         n = len(server.requests)
-        recs, st = run_requests(reqs, api(server), ResponseCache(tmp_path / "ws3", store=TeacherStore(teacher_store)), S,
-                                batch_api=True)
+        cache = ResponseCache(tmp_path / "ws3", store=TeacherStore(teacher_store))
+        recs, st = run_requests(reqs, api(server), cache, S, batch_api=True)
         assert all(recs) and st.cache_hits == 4 and len(server.requests) == n
 
 

@@ -48,7 +48,8 @@ __all__ = ["FakeOpenAI", "FAULT_KINDS"]
 FAULT_KINDS = ("429", "500", "503", "timeout", "invalid_json", "truncated_json", "drop", "missing_choices",
                "empty_content", "length")
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
 _JSON = "application/json"
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -379,7 +380,8 @@ class FakeOpenAI:
                                                    "invalid_request_error", "invalid_api_key"), ()
             if path == "/v1/models" and method == "GET" and self.models is not None:
                 return 200, _JSON, _dumps({"object": "list", "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in self.models]}).encode(), ()
+                    {"id": m, "object": "model", "created": 0,
+                     "owned_by": "system"} for m in self.models]}).encode(), ()
             if path.startswith("/v1/models/") and method == "GET" and (self.models is not None or self.model_info):
                 from urllib.parse import unquote
 
@@ -387,7 +389,8 @@ class FakeOpenAI:
                 if self.models is not None and model not in self.models:
                     return 404, _JSON, _error_body(f"The model `{model}` does not exist or you do not have access to "
                                                    "it.", "invalid_request_error", "model_not_found"), ()
-                return 200, _JSON, _dumps({"id": model, "object": "model", "created": 0, "owned_by": "system"}).encode(), ()
+                return 200, _JSON, _dumps({"id": model, "object": "model", "created": 0,
+                                           "owned_by": "system"}).encode(), ()
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     return 405, _JSON, _error_body("method not allowed", "invalid_request_error"), ()
