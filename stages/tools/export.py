@@ -43,12 +43,21 @@ class ExportArgs:
     """filtered: the kept tasks of `data/filtered` | conversations: the ingested `data/conversations`."""
     in_dir: str | None = None
     """The source's shard folder (default: data/filtered or data/conversations)."""
+    force: bool = False
+    """Replace an existing non-empty `out` (without it, export refuses: `hf` would delete the folder)."""
 
     def __post_init__(self):
         check(self.format in FORMATS, f"--format: expected one of {FORMATS}, got {self.format!r}")
         check(self.source in SOURCES, f"--from: expected one of {sorted(SOURCES)}, got {self.source!r}")
         check(bool(self.out), "--out: required")
         self.in_dir = self.in_dir or SOURCES[self.source][0]
+        check(self.force or not is_nonempty(Path(self.out)),
+              f"--out: {self.out} exists and is not empty; pass --force to replace it")
+
+
+def is_nonempty(path: Path) -> bool:
+    """An existing file with content, or a folder with anything in it."""
+    return path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size > 0
 
 
 # ---------------------------------------------------------------- pure conversions
@@ -160,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="filtered: the kept tasks of data/filtered (default) | conversations: data/conversations")
     ap.add_argument("--in", dest="in_dir",
                     help="the source's shard folder (default: data/filtered or data/conversations)")
+    ap.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     a = ap.parse_args(argv)
     try:
-        args = ExportArgs(a.format, a.out, a.source, a.in_dir)
+        args = ExportArgs(a.format, a.out, a.source, a.in_dir, a.force)
     except ValueError as e:
         raise StageError(str(e)) from None
     rows = read_shards(args.in_dir, SOURCES[args.source][1]).to_dicts()
