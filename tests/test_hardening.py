@@ -107,3 +107,12 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, monkeypatch, capsys
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{tmp_path / 'seeds'}: No space left on device" in err
+
+
+def test_chat_refuses_an_existing_non_empty_out_before_loading_a_model(tmp_path):
+    from stages.tools.chat import main
+    out = tmp_path / "answers.jsonl"
+    out.write_text('{"prompt": "mine"}\n')
+    with pytest.raises(SystemExit, match="exists and is not empty; pass --force"):
+        main(["--model", str(tmp_path / "no-such-model"), "--file", str(tmp_path / "p.txt"), "--out", str(out)])
+    assert out.read_text() == '{"prompt": "mine"}\n'

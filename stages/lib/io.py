@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import polars as pl
 import pyarrow.parquet as pq
 
-from stages.lib.errors import StageError
+from stages.lib.errors import StageError, check
 
 
 def umask() -> int:
@@ -91,6 +91,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def refuse_nonempty_out(out: str | os.PathLike, force: bool) -> None:
+    """A tool's `--out`: an existing non-empty file or folder is refused unless `--force` (replacing a folder
+    deletes everything in it)."""
+    path = Path(out)
+    full = path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size > 0
+    check(force or not full, f"--out: {out} exists and is not empty; pass --force to replace it")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

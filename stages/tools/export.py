@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check
-from stages.lib.io import atomic_dir, atomic_file, read_shards
+from stages.lib.io import atomic_dir, atomic_file, read_shards, refuse_nonempty_out
 from stages.lib.params import run_main
 from stages.lib.progress import log
 from stages.lib.formats import Malformed
@@ -51,13 +51,7 @@ class ExportArgs:
         check(self.source in SOURCES, f"--from: expected one of {sorted(SOURCES)}, got {self.source!r}")
         check(bool(self.out), "--out: required")
         self.in_dir = self.in_dir or SOURCES[self.source][0]
-        check(self.force or not is_nonempty(Path(self.out)),
-              f"--out: {self.out} exists and is not empty; pass --force to replace it")
-
-
-def is_nonempty(path: Path) -> bool:
-    """An existing file with content, or a folder with anything in it."""
-    return path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size > 0
+        refuse_nonempty_out(self.out, self.force)
 
 
 # ---------------------------------------------------------------- pure conversions
