@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stages.lib import paths
-from stages.lib.errors import StageError, check
+from stages.lib.errors import StageError, check, check_plain_path
 from stages.lib.io import atomic_dir
 from stages.lib.params import load_params, run_main, set_threads
 from stages.lib.progress import log
@@ -122,6 +122,7 @@ class TrainParams:
         check(self.max_memory_gb >= 0 or self.max_memory_gb == -1, "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
+        check_plain_path(self.accelerate_config, "accelerate_config")  # dvc.yaml pastes it into a shell cmd
 
 
 def lr_at(step: int, total: int, p: TrainParams) -> float:

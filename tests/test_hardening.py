@@ -116,3 +116,31 @@ def test_chat_refuses_an_existing_non_empty_out_before_loading_a_model(tmp_path)
     with pytest.raises(SystemExit, match="exists and is not empty; pass --force"):
         main(["--model", str(tmp_path / "no-such-model"), "--file", str(tmp_path / "p.txt"), "--out", str(out)])
     assert out.read_text() == '{"prompt": "mine"}\n'
+
+
+@pytest.mark.parametrize("value", ["single.yaml; echo PWNED > x #", "a b.yaml", "$(id).yaml", "'q'.yaml",
+                                   "-x.yaml", "/etc/accelerate.yaml", "a|b", "a&b", "`id`", "a\nb"])
+def test_accelerate_config_must_be_a_plain_relative_path(tmp_path, value):
+    from stages.lib.params import params_from_dict
+    from stages.tools.recipe import load_recipe
+    from stages.train import TrainParams
+    with pytest.raises(StageError, match="train: accelerate_config: expected a plain relative path"):
+        params_from_dict(TrainParams, {"accelerate_config": value}, where="train")
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(yaml_dump({"train": {"accelerate_config": value}}))
+    with pytest.raises(StageError, match=f"{recipe}: train.accelerate_config: expected a plain relative path"):
+        load_recipe(str(recipe))
+
+
+def test_the_shipped_accelerate_configs_are_plain_paths():
+    from stages.lib.params import params_from_dict
+    from stages.tools.recipe import load_recipe
+    from stages.train import TrainParams
+    for name in ("single", "ddp", "fsdp", "multinode"):
+        assert params_from_dict(TrainParams, {"accelerate_config": f"configs/accelerate/{name}.yaml"}, "train")
+    assert load_recipe("alpaca-7b")["train"]["accelerate_config"] == "configs/accelerate/fsdp.yaml"
+
+
+def yaml_dump(obj) -> str:
+    import yaml
+    return yaml.safe_dump(obj)
