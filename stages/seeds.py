@@ -22,7 +22,7 @@ from stages.lib.io import atomic_dir, write_json, write_shards
 from stages.lib.params import load_params, run_main
 from stages.lib.progress import log
 from stages.lib.stats import Stats
-from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
+from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, load_json, too_long
 
 MAX_ERRORS = 20
 
@@ -92,7 +92,7 @@ def parse_seed_file(path: Path, data: bytes, seen_ids: dict[str, str], counts: S
             continue
         text = decode(raw)
         try:
-            parsed = json.loads(text)
+            parsed = load_json(text)
         except json.JSONDecodeError as e:
             errors.append(f"{path}:{lineno}: line: invalid JSON ({e.msg} at column {e.colno})")
             continue

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from stages.lib import paths
-from stages.lib.errors import StageError, check
+from stages.lib.errors import StageError, check, check_plain_path
 from stages.lib.params import load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.student import load_student
@@ -129,6 +129,7 @@ class TrainParams:
               "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
+        check_plain_path(self.accelerate_config, "accelerate_config")  # dvc.yaml pastes it into a shell cmd
 
 
 AUTOCAST = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}

@@ -65,9 +65,24 @@ def test_hf_round_trip(tmp_path):
     assert ds.column_names == ["id", "instruction", "input", "output"]
     assert ds.to_list() == [{"id": r["id"], "instruction": r["instruction"], "input": r["input"] or "",
                              "output": r["output"]} for r in KEPT]
-    export(ExportArgs("hf", str(out), source="conversations"), CONVS)  # replaces the folder whole
+    export(ExportArgs("hf", str(out), source="conversations", force=True), CONVS)  # replaces the folder whole
     ds = datasets.load_from_disk(str(out))
     assert ds.to_list() == CONVS
+
+
+def test_an_existing_non_empty_out_is_refused_without_force(tmp_path):
+    other = tmp_path / "datasets"
+    (other / "my-other-project").mkdir(parents=True)
+    (other / "my-other-project" / "data.jsonl").write_text("{}\n")
+    with pytest.raises(StageError, match="exists and is not empty; pass --force"):
+        main(["--format", "hf", "--in", str(tmp_path / "filtered"), "--out", str(other)])
+    assert (other / "my-other-project" / "data.jsonl").read_text() == "{}\n"
+    (tmp_path / "a.json").write_text("[]\n")
+    with pytest.raises(ValueError, match="pass --force"):
+        ExportArgs("alpaca", str(tmp_path / "a.json"))
+    (tmp_path / "empty").mkdir()
+    ExportArgs("hf", str(tmp_path / "empty"))  # an empty folder holds nothing to lose
+    assert ExportArgs("alpaca", str(tmp_path / "a.json"), force=True).force
 
 
 def test_alpaca_refuses_multi_turn_conversations_naming_them(tmp_path):

@@ -10,8 +10,9 @@ import pytest
 
 from stages.lib.report import data as rd
 from stages.lib.errors import StageError
-from stages.report import SERIES, ReportParams, build_tables, read_series, reader, write_series
+from stages.report import SERIES, ReportParams, read_series, reader, write_series
 from stages.lib.report.page import render, render_compare
+from tests.support.report_inputs import report_inputs as _inputs
 
 
 @pytest.fixture(scope="module")
@@ -138,33 +139,6 @@ def test_sample_rows_are_seeded_and_in_order():
     assert a == b and len(set(ids)) == 20 and ids == sorted(ids) and set(a[0]) == {"id"}
     assert ids != [r["id"] for r in rd.sample_rows(rows, 20, 1, ["id"])]
     assert len(rd.sample_rows(rows[:5], 20, 0, ["id"])) == 5
-
-
-class _Tok:
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [t.split() for t in texts]}
-
-
-def _inputs(nlp, judge=None):
-    texts = ["Write a poem about cats.", "Write a poem about dogs.", "Give me a recipe.", "What is love?"]
-    kept = [{"id": f"k{i}", "instruction": t, "input": "some input" if i % 2 else "", "output": "an answer here",
-             "rouge_max": [0.3, 0.55, 0.6, 0.69][i]} for i, t in enumerate(texts)]
-    rejected = [{"id": "r0", "instruction": "Write a poem about cats!", "input": "", "output": "x", "rouge_max": 0.9,
-                 "reason": "too_similar", "detail": "ROUGE-L 0.900 with k0"},
-                {"id": "r1", "instruction": "Draw a map", "input": "", "output": "y", "rouge_max": None,
-                 "reason": "blacklist", "detail": None}]
-    convs = [{"messages": [{"role": "user", "content": "Write a poem about cats, please, with rhymes."},
-                           {"role": "assistant", "content": "Cats are soft and they like to sleep all day long."}]}]
-    metrics = {"filter": {"generated": 6, "unparsed": 0, "parsed": 6, "kept": 4, "rejected": 2, "rouge_threshold": 0.7,
-                          "dropped_by_reason": {"blacklist": 1, "too_similar": 1}},
-               "ingest": {"mixture": "distill", "sources": {"generated": {"read": 4, "clean": 3, "in_mixture": 3}}},
-               "tokenize": {"tokens_dropped": 7, "split_conversations": 1},
-               "generate": {"requests": 5, "cache_hits": 2, "teacher_calls": 3, "prompt_tokens_called": 100},
-               "eval": {"val_loss": 1.5, **({"judge": judge} if judge else {})}}
-    train = {"loss": [(0, 2.0), (1, 1.5)], "padding_efficiency": [(0, 0.5), (1, 0.6)]}
-    tables, summary = build_tables(ReportParams(), ["Write a poem about the sea."], kept, rejected, convs,
-                                   [{"reason": "language", "detail": "de"}], metrics, train, nlp, _Tok())
-    return tables, summary, kept, rejected
 
 
 def test_tables_round_trip_through_series_files(nlp, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stages.lib.errors import StageError
 from stages.lib.progress import log
-from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, too_long
+from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, load_json, too_long
 from stages.lib.tokens.templates import user_message
 
 PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
@@ -53,7 +53,7 @@ def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = No
             stats["repaired"] += 1
             log(f"{path}: invalid UTF-8 bytes replaced by U+FFFD")
         try:
-            recs = json.loads(text)
+            recs = load_json(text)
         except json.JSONDecodeError as e:
             raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(recs, list):
@@ -63,7 +63,7 @@ def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = No
     for n, raw in enumerate(data.split(b"\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
         if raw.strip():
             try:
-                rec = json.loads(decode(raw))
+                rec = load_json(decode(raw))
             except json.JSONDecodeError as e:
                 yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
                 continue

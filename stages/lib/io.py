@@ -1,6 +1,8 @@
 """Atomic outputs and parquet shards: `atomic_dir` / `atomic_file` / `write_json` write to a temporary
-path and rename it, so a crash leaves the old output or the new one, never half of one; `write_shards`
-gives byte-identical shards for the same rows, so an unchanged dataset keeps its DVC hash."""
+path and rename it, so a crash leaves the old output or the new one, never half of one (leftovers of a
+killed run are removed, or restored, on the next entry); outputs get the umask's modes, not mkstemp's
+0600/0700; `write_shards` gives byte-identical shards for the same rows, so an unchanged dataset keeps
+its DVC hash; `read_shards` names the shard it cannot read."""
 
 from __future__ import annotations
 
@@ -15,19 +17,50 @@ from typing import Any, Iterator
 import polars as pl
 import pyarrow.parquet as pq
 
-from stages.lib.errors import StageError
+from stages.lib.errors import StageError, check
 
+
+def umask() -> int:
+    """The process umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path, is_dir: bool) -> None:
+    """Give a mkstemp / mkdtemp path (0600 / 0700) the modes a plain open / mkdir would have."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def recover_leftovers(path: Path) -> None:
+    """Undo what a killed `atomic_dir` / `atomic_file` left next to `path`.
+
+    A kill between moving the old output aside and renaming the new one in leaves only
+    `.<name>.old-PID`: it is put back as `path`. Every other `.<name>.tmp-*` / `.<name>.old-*` is removed.
+    """
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists():
+        os.replace(olds.pop(), path)
+    for p in olds + list(path.parent.glob(f".{path.name}.tmp-*")):
+        _remove(p)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `path`; on success it replaces `path`.
 
-    On an exception the temporary directory is removed and `path` is left as it was.
+    On an exception the temporary directory is removed and `path` is left as it was. Leftovers of a
+    killed earlier run are cleaned up (or the old output restored) first: `recover_leftovers`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    honour_umask(tmp, is_dir=True)
     try:
         yield tmp
     except BaseException:
@@ -48,6 +81,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        honour_umask(Path(tmp), is_dir=False)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -57,6 +91,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def refuse_nonempty_out(out: str | os.PathLike, force: bool) -> None:
+    """A tool's `--out`: an existing non-empty file or folder is refused unless `--force` (replacing a folder
+    deletes everything in it)."""
+    path = Path(out)
+    full = path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size > 0
+    check(force or not full, f"--out: {out} exists and is not empty; pass --force to replace it")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -89,4 +131,13 @@ def read_shards(in_dir: str | os.PathLike, prefix: str = "part") -> pl.DataFrame
     files = sorted(Path(in_dir).glob(f"{prefix}-*.parquet"))
     if not files:
         raise StageError(f"{in_dir}: no {prefix}-*.parquet shards (did the upstream stage run?)")
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    return pl.concat([read_parquet(f) for f in files], how="vertical")
+
+
+def read_parquet(file: Path) -> pl.DataFrame:
+    """One shard; an unreadable one (truncated, not parquet) is one line naming it."""
+    try:
+        return pl.read_parquet(file)
+    except (pl.exceptions.ComputeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(f"{file}: unreadable parquet shard ({first}); rerun the stage that writes it") from None

@@ -35,10 +35,7 @@ def load_params(cls: type[T], section: str, path: str | os.PathLike = PARAMS_FIL
     checks the rest), e.g. generate reading filter's rule params.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found (run from the project root)") from None
+    data = read_params_file(path)
     if section not in data:
         raise StageError(f"{path}: no '{section}' section")
     values = data[section] or {}
@@ -48,6 +45,43 @@ def load_params(cls: type[T], section: str, path: str | os.PathLike = PARAMS_FIL
         return params_from_dict(cls, values, where=section)
     except StageError as e:
         raise StageError(f"{path}: {e}") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a mapping key given twice (plain YAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_file(path: Path) -> dict:
+    """The top-level mapping of a params file; every problem (missing, not UTF-8, bad YAML, a duplicated key,
+    not a mapping) is one line naming the file (and line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found (run from the project root)") from None
+    except UnicodeDecodeError as e:
+        raise StageError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise StageError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise StageError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise StageError(f"{path}: expected a mapping of sections, got {type(data).__name__} {str(data)[:40]!r}")
+    return data
 
 
 def params_from_dict(cls: type[T], values: Any, where: str = "params") -> T:
@@ -293,6 +327,10 @@ def run_main(fn, params: type | None = None, section: str | None = None) -> None
         fn()
     except StageError as e:
         log(f"ERROR: {e}")
+        sys.exit(1)
+    except OSError as e:  # e.g. ENOSPC: one line naming the folder, not a traceback from deep inside pyarrow
+        where = Path(e.filename).parent if e.filename else "a file"
+        log(f"ERROR: {where}: {e.strerror or e} (errno {e.errno})")
         sys.exit(1)
 
 

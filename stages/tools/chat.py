@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from stages.lib import paths
+from stages.lib.io import refuse_nonempty_out
 from stages.lib.training.batches import pad_id
 
 
@@ -71,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--system", default=None, help="a system message for every conversation")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="answer length budget (default: 256)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding (default)")
+    ap.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     args = ap.parse_args(argv)
+    if args.out:
+        try:
+            refuse_nonempty_out(args.out, args.force)
+        except ValueError as e:
+            raise SystemExit(f"ERROR: {e}") from None
     model, tok = load(args.model)
     head = [{"role": "system", "content": args.system}] if args.system else []
     if args.file:

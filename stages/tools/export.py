@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check
-from stages.lib.io import atomic_dir, atomic_file, read_shards
+from stages.lib.io import atomic_dir, atomic_file, read_shards, refuse_nonempty_out
 from stages.lib.params import run_main
 from stages.lib.progress import log
 from stages.lib.formats import Malformed
@@ -43,12 +43,15 @@ class ExportArgs:
     """filtered: the kept tasks of `data/filtered` | conversations: the ingested `data/conversations`."""
     in_dir: str | None = None
     """The source's shard folder (default: data/filtered or data/conversations)."""
+    force: bool = False
+    """Replace an existing non-empty `out` (without it, export refuses: `hf` would delete the folder)."""
 
     def __post_init__(self):
         check(self.format in FORMATS, f"--format: expected one of {FORMATS}, got {self.format!r}")
         check(self.source in SOURCES, f"--from: expected one of {sorted(SOURCES)}, got {self.source!r}")
         check(bool(self.out), "--out: required")
         self.in_dir = self.in_dir or SOURCES[self.source][0]
+        refuse_nonempty_out(self.out, self.force)
 
 
 # ---------------------------------------------------------------- pure conversions
@@ -160,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="filtered: the kept tasks of data/filtered (default) | conversations: data/conversations")
     ap.add_argument("--in", dest="in_dir",
                     help="the source's shard folder (default: data/filtered or data/conversations)")
+    ap.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     a = ap.parse_args(argv)
     try:
-        args = ExportArgs(a.format, a.out, a.source, a.in_dir)
+        args = ExportArgs(a.format, a.out, a.source, a.in_dir, a.force)
     except ValueError as e:
         raise StageError(str(e)) from None
     rows = read_shards(args.in_dir, SOURCES[args.source][1]).to_dicts()

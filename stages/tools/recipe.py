@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.lib.errors import StageError
+from stages.lib.errors import StageError, check_plain_path
 from stages.lib.params import run_main
 from stages.lib.progress import log
 
@@ -38,6 +38,11 @@ def load_recipe(name: str, folder: Path = RECIPES) -> dict:
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise StageError(f"{path}: expected sections of params (section: {{key: value}})")
+    if "accelerate_config" in data.get("train", {}):
+        try:
+            check_plain_path(data["train"]["accelerate_config"], "train.accelerate_config")
+        except ValueError as e:
+            raise StageError(f"{path}: {e}") from None
     return data
 
 

@@ -29,18 +29,29 @@ LENGTH_FIELDS = ("instruction", "input", "output")
 # ---------------------------------------------------------------- verb-noun structure
 
 
+PLAIN_LABEL = re.compile(r"[\w'-]{1,40}")
+"""What a label written from teacher or corpus text may hold: DVC's plot page embeds the CSV values
+inside `<script>` without escaping `</`, so anything else (markup, `$`, spaces) becomes `other`."""
+
+
+def plain_label(text: str) -> str:
+    """`text` when it is a plain word (`PLAIN_LABEL`), else "other"."""
+    return text if PLAIN_LABEL.fullmatch(text) else "other"
+
+
 def verb_noun(doc) -> tuple[str, str] | None:
     """(root verb, its direct-object noun), lowercased lemmas, from a parsed spaCy `doc`.
 
     As self-instruct's Figure 2: the first sentence whose root is a verb decides; the pair
-    is its first direct object that is a noun. None when there is no such structure.
+    is its first direct object that is a noun. None when there is no such structure. A lemma
+    that is not a plain word is "other" (`plain_label`): these become plot labels.
     """
     for sent in doc.sents:
         root = sent.root
         if root.pos_ != "VERB":
             continue
         obj = next((t for t in root.children if t.dep_ == "dobj" and t.pos_ in ("NOUN", "PROPN")), None)
-        return (root.lemma_.lower(), obj.lemma_.lower()) if obj is not None else None
+        return (plain_label(root.lemma_.lower()), plain_label(obj.lemma_.lower())) if obj is not None else None
     return None
 
 

@@ -21,6 +21,7 @@ plt.rcParams.update({
     "font.size": 11, "axes.titlesize": 13, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
     "legend.fontsize": 10, "figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False,
     "svg.fonttype": "path", "axes.grid": True, "grid.alpha": 0.3,
+    "text.parse_math": False,  # a `$` in a label is a dollar: "Fix the a$^$c." must not crash mathtext
 })
 KEPT, REJECTED, OTHER = "#2b7bba", "#d95f02", "#7570b3"
 

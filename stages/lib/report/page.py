@@ -66,8 +66,8 @@ text-align:left}th{background:#f4f4f4}td{max-width:420px;overflow-wrap:break-wor
 
 def _figure_html(name: str, uri: str | None, caption: str, title: str) -> str:
     if uri is None:
-        return f'<p class="note" id="note-{name}">{html.escape(caption)}</p>'
-    return (f'<figure class="figure" id="fig-{name}"><img src="{uri}" alt="{html.escape(title)}">'
+        return f'<p class="note" id="note-{html.escape(name)}">{html.escape(caption)}</p>'
+    return (f'<figure class="figure" id="fig-{html.escape(name)}"><img src="{uri}" alt="{html.escape(title)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 

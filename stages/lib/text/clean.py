@@ -10,14 +10,19 @@ the response cache) passes it through these functions, so one bad character neve
 * a lone surrogate becomes U+FFFD; a surrogate pair left in a `str` is joined into its character;
 * NUL characters are removed.
 
+`load_json` is `json.loads` for outside text: a document nested deeper than `MAX_JSON_DEPTH` (a
+line of 100,000 `[` raises RecursionError in `json.loads`) is a `JSONDecodeError` like any other bad line.
+
 Oversized records are not cut here: each reader drops them with a reason (`too_long`) that its
 stage counts, using `too_long` below.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 MAX_TEXT_CHARS = 200_000
@@ -33,6 +38,33 @@ def clean_text(text: str) -> str:
     if "\x00" in text:
         text = text.replace("\x00", "")
     return text
+
+
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of arrays and objects a reader takes; deeper is invalid JSON (the recursive cleaners and
+checkers that follow would hit Python's recursion limit)."""
+
+
+def load_json(text: str) -> Any:
+    """`json.loads(text)`; nesting deeper than `MAX_JSON_DEPTH` raises `json.JSONDecodeError` (never RecursionError)."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", text, 0) from None
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", text, 0)
+    return obj
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, `[]` is 1), without recursion."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            stack += [(v, depth + 1) for v in (node.values() if isinstance(node, dict) else node)]
+    return deepest
 
 
 def decode(data: bytes) -> str:
