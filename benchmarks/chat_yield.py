@@ -54,9 +54,17 @@ def run_one(name: str, generate: dict, base_url: str, seeds: list[dict], cache_d
 def baseline(cache: dict) -> dict:
     """The completion-form parsers on the same replies: items parsed, and clean."""
     from stages.lib.generation.alpaca import ALPACA_SYSTEM, parse_chat_response, parse_response
-    from stages.lib.generation.self_instruct import (BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM,
-                                                     parse_classification, parse_classification_chat, parse_instances,
-                                                     parse_instances_chat, parse_instructions, parse_instructions_chat)
+    from stages.lib.generation.self_instruct import (
+        BOOTSTRAP_SYSTEM,
+        CLASSIFY_SYSTEM,
+        INSTANCES_SYSTEM,
+        parse_classification,
+        parse_classification_chat,
+        parse_instances,
+        parse_instances_chat,
+        parse_instructions,
+        parse_instructions_chat,
+    )
 
     out: dict = {}
 

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from stages.lib import paths
-from stages.lib.io import read_shards
-from stages.lib.params import set_threads
 from stages.generate import GenerateParams
+from stages.lib import paths
 from stages.lib.generation.alpaca import build_prompts
+from stages.lib.io import read_shards
 from stages.lib.llm.local import load_model
+from stages.lib.params import set_threads
 
 
 def main() -> None:

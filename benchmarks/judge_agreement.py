@@ -24,11 +24,11 @@ import tempfile
 def main() -> None:
     from stages.evaluate import judge_all
     from stages.lib.judging.judge import summarize
+    from stages.lib.judging.winrate import student_score
     from stages.lib.llm.cache import ResponseCache
     from stages.lib.llm.client import open_client
     from stages.lib.llm.endpoint import EndpointParams
     from stages.lib.llm.types import Sampling
-    from stages.lib.judging.winrate import student_score
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--annotations", required=True)

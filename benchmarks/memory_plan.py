@@ -40,10 +40,11 @@ def make_tiny(folder: Path, hidden: int, layers: int, tok) -> Path:
 
 
 def arm(a) -> dict:
+    from transformers import AutoTokenizer
+
     from benchmarks.gpu_train import synthetic_tokens
     from stages.lib.training.memory import pin_mmap_threshold
     from stages.train import TrainParams, train
-    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_tokens(Path(tmp) / "tokens", AutoTokenizer.from_pretrained(a.model), 64, a.seq_len)

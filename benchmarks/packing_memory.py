@@ -25,7 +25,6 @@ import numpy as np
 
 from benchmarks.memory_util import rss_mb, run_arm, tiny_llama
 
-
 ARMS = {"dense": "dense 4-D float mask (fallback), SDPA",
         "position_ids": "position ids, transformers' SDPA (mask built from them)",
         "sdpa_packed": "position ids, sdpa_packed (SDPA per example, no mask)"}

@@ -26,11 +26,11 @@ import polars as pl
 from stages.lib import paths
 from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, write_json, write_shards
-from stages.lib.params import convert_fields, load_params, run_main, set_threads
-from stages.lib.progress import log
 from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.types import TeacherStop
+from stages.lib.params import convert_fields, load_params, run_main, set_threads
+from stages.lib.progress import log
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import TokenSplit
 from stages.lib.training.batches import pad_id, validation_loss

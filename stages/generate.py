@@ -23,8 +23,6 @@ import polars as pl
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check
-from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
-from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.generation import alpaca, evol_instruct, magpie, responses, self_instruct
 from stages.lib.generation.alpaca import AlpacaParams
 from stages.lib.generation.evol_instruct import EvolParams
@@ -32,10 +30,12 @@ from stages.lib.generation.magpie import MagpieParams
 from stages.lib.generation.method import Generated, Inputs
 from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
+from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
 from stages.lib.llm.client import ModelClient, open_client
 from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
 from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.types import Sampling, TeacherStop
+from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.stats import DROPPED, Stats
 from stages.lib.text.rules import RuleParams

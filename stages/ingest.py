@@ -35,10 +35,10 @@ import polars as pl
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check
+from stages.lib.formats import Malformed, records, to_messages
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
 from stages.lib.params import convert_fields, load_params, run_main
 from stages.lib.progress import log
-from stages.lib.formats import Malformed, records, to_messages
 from stages.lib.stats import DROPPED, Stats, drop_row
 from stages.lib.text.clean import MAX_TEXT_CHARS
 from stages.lib.text.dedup import NearDuplicates, word_shingles
@@ -53,7 +53,8 @@ class SourceParams:
     """One source of conversations (`ingest.sources.<name>`)."""
 
     format: Literal["sharegpt", "alpaca", "hc3", "messages", "generated"]
-    """sharegpt (JSON/JSONL) | alpaca (JSON/JSONL) | hc3 (JSONL) | messages (OpenAI JSONL) | generated (data/filtered)."""
+    """sharegpt (JSON/JSONL) | alpaca (JSON/JSONL) | hc3 (JSONL) | messages (OpenAI JSONL) | generated
+    (data/filtered)."""
     path: str | None = None
     """The file (required for every format but `generated`)."""
     licence: str = "unknown"
@@ -93,7 +94,8 @@ class IngestParams:
     minhash_seed: int = 1
     """Seed of the MinHash permutations."""
     decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval/eval_prompts.jsonl"])
-    """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must not share."""
+    """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must
+    not share."""
     decontam_ngram: int = 8
     """Word n-gram length for decontamination (a shorter eval prompt must not appear whole)."""
     seed: int = 0
@@ -111,7 +113,8 @@ class IngestParams:
             for s, w in weights.items():
                 check(s in self.sources, f"mixtures.{mix}: unknown source {s!r}")
                 check(w >= 0, f"mixtures.{mix}.{s}: weight must be >= 0")
-        check(0 <= self.minhash_threshold <= 1 and self.decontam_ngram >= 1, "minhash_threshold in [0, 1], decontam_ngram >= 1")
+        check(0 <= self.minhash_threshold <= 1 and self.decontam_ngram >= 1,
+              "minhash_threshold in [0, 1], decontam_ngram >= 1")
 
 
 # ---------------------------------------------------------------- 1. read
@@ -319,7 +322,8 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
             if pair in seen_pairs:
                 why, detail = "duplicate", seen_pairs[pair]
         if why is None and decon is not None:
-            hit = next((h for m in msgs if m["role"] in ("user", "system") for h in [decon.check(m["content"])] if h), None)
+            asked = (m["content"] for m in msgs if m["role"] in ("user", "system"))
+            hit = next((h for h in map(decon.check, asked) if h), None)
             why, detail = ("contaminated", hit) if hit else (None, None)
         if why is None and dedup is not None:
             twin = dedup.twin(c["id"], word_shingles(" ".join(m["content"] for m in msgs), p.minhash_ngram))
@@ -327,7 +331,8 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
                 why, detail = "near_duplicate", twin
         if why is not None:
             seen_ids.add(c["id"])
-            dropped.append(drop_row("clean", why.split(":")[0], detail or (why.split(":", 1)[1] if ":" in why else None),
+            dropped.append(drop_row("clean", why.split(":")[0],
+                                    detail or (why.split(":", 1)[1] if ":" in why else None),
                                     id=c["id"], source=c["source"], origin=c["origin"]))
             continue
         seen_pairs[first_pair(msgs)] = c["id"]
@@ -365,7 +370,8 @@ def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, li
                 rows.append({**c, "copy": k})
                 n += 1
         per_source[name] = {"read": sum(x["source"] == name for x in convs), "clean": len(mine), "in_mixture": n,
-                            "weight": w, "malformed": sum(b["source"] == name and b["kind"] == "malformed" for b in malformed)}
+                            "weight": w,
+                            "malformed": sum(b["source"] == name and b["kind"] == "malformed" for b in malformed)}
     for b in malformed:
         dropped.append(drop_row("read", b["kind"], b["reason"], id=None, source=b["source"], origin=b["origin"]))
     metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs),

@@ -34,11 +34,11 @@ from typing import Callable
 import numpy as np
 
 from stages.lib import paths
-from stages.lib.report import data as rd
 from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, atomic_file, read_shards
 from stages.lib.params import load_params, run_main
 from stages.lib.progress import log
+from stages.lib.report import data as rd
 from stages.lib.report.page import render, render_compare
 from stages.lib.student import load_student
 

@@ -27,9 +27,9 @@ import polars as pl
 from stages.lib import paths
 from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
+from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
-from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
 from stages.lib.selection.policy import Policy, apply, combined
 from stages.lib.stats import DROPPED, Stats
 from stages.lib.student import load_student

@@ -30,8 +30,16 @@ from stages.lib.params import load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.student import load_student
 from stages.lib.tokens.arrays import TokenSplit, tokenizer_id
-from stages.lib.training.batches import IGNORE_INDEX, collate, collate_packed, masked_loss_sum, pack, pad_id
-from stages.lib.training.batches import targets_of, validation_loss
+from stages.lib.training.batches import (
+    IGNORE_INDEX,
+    collate,
+    collate_packed,
+    masked_loss_sum,
+    pack,
+    pad_id,
+    targets_of,
+    validation_loss,
+)
 from stages.lib.training.checkpoint import load_checkpoint, remove_checkpoint, run_fingerprint, save_checkpoint
 from stages.lib.training.export import export_model, save_student
 from stages.lib.training.memory import peak_memory_mb, plan_memory

@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.tiny import make_tiny_model, make_tokenizer
 
+
 @pytest.fixture(autouse=True)
 def teacher_store(tmp_path_factory, monkeypatch) -> Path:
     """Every test gets its own teacher store (stages/lib/llm/store.py), never the user's ~/.cache:

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 
-from stages.lib.errors import StageError
-from stages.lib.params import params_from_dict
 from stages.evaluate import EvalSetParams, EvaluateParams, evaluate_sets, judge_all, make_sessions, read_eval_set
+from stages.lib.errors import StageError
 from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
 from stages.lib.llm.cache import ResponseCache
 from stages.lib.llm.types import Sampling
+from stages.lib.params import params_from_dict
 from tests.support.tiny import shared
 
 
@@ -189,12 +189,12 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     HTTP endpoint; metrics and judgments written; a rerun is served from the cache."""
     import polars as pl
     import yaml
+    from transformers import AutoTokenizer
 
     from stages.evaluate import main
     from stages.lib.llm.types import TeacherStop
-    from tests.support.fake_openai import FakeOpenAI, _last_user_text
     from tests.support.builders import make_data
-    from transformers import AutoTokenizer
+    from tests.support.fake_openai import FakeOpenAI, _last_user_text
 
     def reply(body):  # the teacher writes short references; the judge always prefers the student
         text = _last_user_text(body)

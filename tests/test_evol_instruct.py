@@ -7,10 +7,20 @@ import re
 import pytest
 
 from stages.lib.errors import StageError
-from stages.lib.params import params_from_dict
-from stages.lib.generation.evol_instruct import (EQUAL_PROMPT, OPERATIONS, EvolParams, answer_prompt, answer_reason,
-                                                 draw_operation, evolve_prompt, instruction_reason, parse_equal, evolve)
+from stages.lib.generation.evol_instruct import (
+    EQUAL_PROMPT,
+    OPERATIONS,
+    EvolParams,
+    answer_prompt,
+    answer_reason,
+    draw_operation,
+    evolve,
+    evolve_prompt,
+    instruction_reason,
+    parse_equal,
+)
 from stages.lib.llm.types import Sampling
+from stages.lib.params import params_from_dict
 
 
 def rec(prompt: str, text: str, finish: str = "stop") -> dict:
@@ -147,8 +157,8 @@ def test_generate_stage_writes_provenance_columns(in_tmp):
 
     from stages import generate
     from stages.lib.io import write_shards
-    from tests.support.tiny import ROOT, write_params
     from tests.support.fake_openai import FakeOpenAI, _last_user_text
+    from tests.support.tiny import ROOT, write_params
 
     def reply(body):
         text = _last_user_text(body)

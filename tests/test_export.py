@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 
 from stages.lib.errors import StageError
+from stages.lib.formats import to_messages
 from stages.lib.io import write_shards
 from stages.tools.export import ExportArgs, export, main
-from stages.lib.formats import to_messages
 
 KEPT = [
     {"id": "t0", "instruction": "Name a fruit.", "input": "", "output": "Apple.", "rouge_max": 0.1},

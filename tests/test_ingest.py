@@ -6,9 +6,19 @@ import json
 
 import pytest
 
+from stages.ingest import (
+    Decontaminator,
+    IngestParams,
+    SourceParams,
+    build,
+    clean_text,
+    fix_roles,
+    keep_share,
+    language_reason,
+    names_teacher,
+    read_source,
+)
 from stages.lib.errors import StageError
-from stages.ingest import (Decontaminator, SourceParams, IngestParams, build, clean_text, fix_roles, keep_share, language_reason,
-                           names_teacher, read_source)
 from tests.support.tiny import shared
 
 U, A, S = "user", "assistant", "system"
@@ -42,8 +52,9 @@ def write_jsonl(path, recs, extra=""):
 
 
 def test_real_sharegpt_conversations():
-    convs, bad = read_source("sharegpt", SourceParams(**{"format": "sharegpt", "path": str(shared("sharegpt", "dialogstudio_original_example.json")),
-                                          "licence": "sharegpt-terms"}))
+    path = str(shared("sharegpt", "dialogstudio_original_example.json"))
+    convs, bad = read_source("sharegpt", SourceParams(**{"format": "sharegpt", "path": path,
+                                                         "licence": "sharegpt-terms"}))
     assert len(convs) == 5 and not bad
     assert convs[0]["id"] == "sharegpt:QWJhYvA_0" and convs[0]["licence"] == "sharegpt-terms"
     assert convs[0]["origin"].endswith("dialogstudio_original_example.json[0]")
@@ -51,7 +62,8 @@ def test_real_sharegpt_conversations():
 
 
 def test_real_alpaca_slice():
-    convs, bad = read_source("alpaca", SourceParams(**{"format": "alpaca", "path": str(shared("alpaca", "alpaca_data_first1727_flashmodels.json"))}))
+    path = str(shared("alpaca", "alpaca_data_first1727_flashmodels.json"))
+    convs, bad = read_source("alpaca", SourceParams(**{"format": "alpaca", "path": path}))
     assert len(convs) == 1727 and not bad
     with_input = next(c for c in convs if "\n\n" in c["messages"][0]["content"])
     assert with_input["messages"][1]["role"] == A
@@ -81,14 +93,16 @@ def test_malformed_records_are_reported_and_the_rest_kept(tmp_path):
         ("4", "messages[0].content: expected a string")]
     path = tmp_path / "s.json"
     path.write_text(json.dumps([{"id": "a", "conversations": [{"from": "alien", "value": "x"}]},
-                                {"id": "b", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}]))
+                                {"id": "b",
+                                 "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}]))
     convs, bad = read_source("sg", SourceParams(**{"format": "sharegpt", "path": str(path)}))
     assert [c["id"] for c in convs] == ["sg:b"] and bad[0]["origin"].endswith("s.json[0]")
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"instruction": "Add.", "input": "", "output": "3"}, {"instruction": 5, "output": "x"},
                                 {"instruction": "Go.", "input": ["x"], "output": "ok"}, "text"]))
     convs, bad = read_source("alp", SourceParams(**{"format": "alpaca", "path": str(path)}))
-    assert len(convs) == 1 and [b["reason"] for b in bad] == ["instruction: expected a string", "input: expected a string",
+    assert len(convs) == 1 and [b["reason"] for b in bad] == ["instruction: expected a string",
+                                                              "input: expected a string",
                                                             "expected an object"]
     with pytest.raises(StageError, match="not found"):
         read_source("x", SourceParams(**{"format": "alpaca", "path": str(tmp_path / "missing.json")}))
@@ -98,7 +112,8 @@ def test_malformed_records_are_reported_and_the_rest_kept(tmp_path):
 
 
 def test_clean_text_html_and_artefacts():
-    assert clean_text("<p>Use <strong>this</strong>:</p><ol><li>one</li><li>two</li></ol>") == "Use **this**:\n\n1. one\n2. two"
+    html = "<p>Use <strong>this</strong>:</p><ol><li>one</li><li>two</li></ol>"
+    assert clean_text(html) == "Use **this**:\n\n1. one\n2. two"
     assert clean_text("2 / 2\nSure, here it is.") == "Sure, here it is."
     assert clean_text("```pythonCopy code\nprint(1)\n```") == "```python\nprint(1)\n```"
     assert clean_text("Text Copy12 chars / 3 words\n\n\n\nmore") == "Text \n\nmore"
@@ -133,8 +148,10 @@ def test_language_id_per_message():
 
 def test_decontamination_against_real_eval_sets():
     koala = [json.loads(x)["prompt"] for x in shared("koala", "koala_test_set.jsonl").read_text().splitlines()]
-    vicuna = [json.loads(x)["text"] for x in shared("fastchat", "vicuna_eval_2023-03", "question.jsonl").read_text().splitlines()]
-    selfi = [json.loads(x)["instruction"] for x in shared("self-instruct", "user_oriented_instructions.jsonl").read_text().splitlines()]
+    vicuna_lines = shared("fastchat", "vicuna_eval_2023-03", "question.jsonl").read_text().splitlines()
+    selfi_lines = shared("self-instruct", "user_oriented_instructions.jsonl").read_text().splitlines()
+    vicuna = [json.loads(x)["text"] for x in vicuna_lines]
+    selfi = [json.loads(x)["instruction"] for x in selfi_lines]
     d = Decontaminator({"koala": koala, "vicuna": vicuna, "self-instruct-252": selfi}, 8)
     assert d.check("Please answer: " + vicuna[3] + " Thanks.") == "vicuna"
     assert d.check(koala[10]) == "koala" and d.check(selfi[0]) == "self-instruct-252"
@@ -166,7 +183,8 @@ def test_build_mixtures_with_counts(tmp_path):
         {"id": "c", "conversations": [{"from": "human", "value": "Who made you?"},
                                       {"from": "gpt", "value": "I was trained by OpenAI."}]},
         {"id": "d", "conversations": [{"from": "human", "value": "Tell me a joke about cats."},
-                                      {"from": "gpt", "value": "Why did the cat sit on the computer? To keep an eye on the mouse."}]},
+                                      {"from": "gpt",
+                                       "value": "Why did the cat sit on the computer? To keep an eye on the mouse."}]},
         {"id": "a", "conversations": [{"from": "human", "value": "Another question entirely, about the weather?"},
                                       {"from": "gpt", "value": long_en}]},  # repeated id
         {"id": "e", "conversations": [{"from": "human", "value": "What is the capital of Peru, please?"},
@@ -211,7 +229,8 @@ def test_ingest_and_filter_share_one_minhash_dedup_with_the_seed_a_param(monkeyp
     assert word_shingles("Too short", 3) == [b"too short"] and word_shingles("", 3) == [b""]
     d = NearDuplicates(0.5, 64, seed=1)
     text = "one two three four five six seven eight nine ten"
-    assert d.twin("b", word_shingles(text, 2)) is None and d.twin("a", word_shingles("eleven twelve thirteen", 2)) is None
+    assert d.twin("b", word_shingles(text, 2)) is None
+    assert d.twin("a", word_shingles("eleven twelve thirteen", 2)) is None
     assert d.twin("c", word_shingles(text + " eleven", 2)) == "b"
     assert IngestParams().minhash_seed == 1 == FilterParams().minhash_seed
     seeds = []

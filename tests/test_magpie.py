@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from stages.lib.errors import StageError
-from stages.lib.generation.magpie import (MagpieParams, answer_template, check_endpoint, pre_query_template,
-                                          query_reason, raw_prompt, converse)
+from stages.lib.generation.magpie import (
+    MagpieParams,
+    answer_template,
+    check_endpoint,
+    converse,
+    pre_query_template,
+    query_reason,
+    raw_prompt,
+)
 from stages.lib.llm.backend import make_backend
 from stages.lib.llm.cache import ResponseCache
 from stages.lib.llm.client import ModelClient

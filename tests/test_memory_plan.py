@@ -12,6 +12,7 @@ import pytest
 from stages.lib.training.memory import GIB, Shape, check, estimate
 from tests.support.builders import LLAMA_8B
 
+
 def test_parameter_count_matches_the_real_models(tiny_model):
     assert Shape.of(LLAMA_8B).params() == pytest.approx(8.03e9, rel=0.002)  # 8,030,261,248
     from transformers import AutoConfig, AutoModelForCausalLM

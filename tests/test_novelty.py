@@ -15,8 +15,8 @@ from rouge_score import rouge_scorer, tokenize
 from rouge_score.rouge_scorer import _score_lcs
 
 from stages.lib.text.novelty import novelty, novelty_decisions, rouge_tokens, unicode_tokens
-from tests.support.tiny import ROOT, shared
 from tests.support.helpers import f1_from_lcs, rouge_l_f1
+from tests.support.tiny import ROOT, shared
 
 
 def brute_force(seeds, candidates, threshold=0.7, score=None):

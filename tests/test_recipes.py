@@ -18,9 +18,8 @@ from stages.lib import paths
 from stages.lib.errors import StageError
 from stages.lib.params import params_from_dict
 from stages.tools.recipe import RECIPES, apply, load_recipe, write_recipe
+from tests.support.builders import LLAMA_8B, ROWS8, make_data
 from tests.support.tiny import ROOT
-from tests.support.builders import LLAMA_8B
-from tests.support.builders import ROWS8, make_data
 
 NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 TARGET_GPU_GB = {"alpaca-7b": 80, "lora-24gb": 24}
@@ -59,9 +58,8 @@ def test_recipe_numbers_are_numbers_in_the_raw_yaml(name):
 def test_recipe_values_pass_the_stage_checks_and_the_plan_fits(name):
     from stages.evaluate import EvaluateParams
     from stages.lib.student import StudentParams
-    from stages.lib.training.memory import CUDA_OVERHEAD, check
+    from stages.lib.training.memory import CUDA_OVERHEAD, check, plan_for
     from stages.tokenize import TokenizeParams
-    from stages.lib.training.memory import plan_for
     from stages.train import TrainParams
 
     p = apply(params(), load_recipe(name))

@@ -8,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from stages.lib.report import data as rd
 from stages.lib.errors import StageError
-from stages.report import SERIES, ReportParams, read_series, reader, write_series
+from stages.lib.report import data as rd
 from stages.lib.report.page import render, render_compare
+from stages.report import SERIES, ReportParams, read_series, reader, write_series
 from tests.support.report_inputs import report_inputs as _inputs
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from stages.lib.errors import StageError
 from stages.lib.formats import read_prompts
-from stages.lib.generation.responses import ResponsesParams, chat_prompt, pick_best_prompt, parse_judge, answer
+from stages.lib.generation.responses import ResponsesParams, answer, chat_prompt, parse_judge, pick_best_prompt
 from stages.lib.llm.types import Sampling
 from tests.support.tiny import shared
 

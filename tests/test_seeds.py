@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from stages.lib.errors import StageError
-from stages.lib.text.novelty import rouge_tokens
 from stages.lib.stats import Stats
+from stages.lib.text.novelty import rouge_tokens
 from stages.seeds import load_seeds
-from tests.support.tiny import ROOT, shared
 from tests.support.helpers import rouge_l_f1
+from tests.support.tiny import ROOT, shared
 
 GOOD = {"id": "t1", "name": "n1", "instruction": "Say hi to the user.", "instances": [{"input": "", "output": "Hi!"}],
         "is_classification": False}

@@ -5,11 +5,24 @@ from __future__ import annotations
 import json
 import random
 
-from stages.lib.generation.self_instruct import (BOOTSTRAP_HEADER, CLASSIFY_HEADER, INPUT_FIRST_HEADER,
-                                                 OUTPUT_FIRST_HEADER, SelfInstructParams, bootstrap, bootstrap_prompt,
-                                                 classify_examples, classify_prompt, filter_instances, instance_prompt,
-                                                 parse_classification, parse_instances, parse_instructions, run_steps,
-                                                 sample_in_context)
+from stages.lib.generation.self_instruct import (
+    BOOTSTRAP_HEADER,
+    CLASSIFY_HEADER,
+    INPUT_FIRST_HEADER,
+    OUTPUT_FIRST_HEADER,
+    SelfInstructParams,
+    bootstrap,
+    bootstrap_prompt,
+    classify_examples,
+    classify_prompt,
+    filter_instances,
+    instance_prompt,
+    parse_classification,
+    parse_instances,
+    parse_instructions,
+    run_steps,
+    sample_in_context,
+)
 from stages.lib.llm.types import Sampling
 
 SEEDS = [
@@ -211,10 +224,17 @@ def test_filter_blacklist_reaches_the_bootstrap(in_tmp, monkeypatch):
 
 # ------------------------------------------------------- chat form: prompts for chat models, replies as they write them
 
-from stages.lib.generation.self_instruct import (BOOTSTRAP_SYSTEM, CLASSIFY_SYSTEM, INSTANCES_SYSTEM,  # noqa: E402
-                                                 bootstrap_chat_prompt, classify_chat_prompt, instance_chat_prompt,
-                                                 parse_classification_chat, parse_instances_chat,
-                                                 parse_instructions_chat)
+from stages.lib.generation.self_instruct import (  # noqa: E402
+    BOOTSTRAP_SYSTEM,
+    CLASSIFY_SYSTEM,
+    INSTANCES_SYSTEM,
+    bootstrap_chat_prompt,
+    classify_chat_prompt,
+    instance_chat_prompt,
+    parse_classification_chat,
+    parse_instances_chat,
+    parse_instructions_chat,
+)
 
 
 def test_chat_prompts_keep_the_examples_and_ask_explicitly():

@@ -21,9 +21,9 @@ from stages.lib.llm.endpoint import ApiParams, Price
 from stages.lib.llm.openai_online import TokenBucket
 from stages.lib.llm.openai_wire import parse_duration, wait_from_headers
 from stages.lib.llm.types import Sampling
+from tests.support.fake_openai import FakeOpenAI
 from tests.support.params import set_keys
 from tests.support.tiny import ROOT
-from tests.support.fake_openai import FakeOpenAI
 
 S = Sampling(32, 0.7, 1.0, seed=3)
 FAST = dict(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=1.0)

@@ -6,11 +6,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, render_prompt, user_message
 from stages.lib.tokens.arrays import TokenSplit, tokenizer_id, write_split
+from stages.lib.tokens.templates import ALPACA_NO_INPUT, encode_conversation, render_prompt, user_message
 from stages.lib.training.batches import IGNORE_INDEX, collate
-from stages.tokenize import (TokenizeParams, assign_splits, example_texts, first_user_message, pieces, split_of,
-                             tokenize_conversations)
+from stages.tokenize import (
+    TokenizeParams,
+    assign_splits,
+    example_texts,
+    first_user_message,
+    pieces,
+    split_of,
+    tokenize_conversations,
+)
 from tests.support.helpers import encode_example
 
 

@@ -17,6 +17,7 @@ from stages.lib.training.schedule import batches, lr_at
 from stages.train import TrainParams, train
 from tests.support.builders import ROWS8, make_data
 
+
 def test_lr_schedule():
     p = TrainParams(warmup_ratio=0.1, learning_rate=1.0)
     lrs = [lr_at(s, 20, p) for s in range(20)]
@@ -235,8 +236,8 @@ def test_sdpa_packed_reads_the_spans_once_per_forward_not_per_layer(tmp_path, ti
     so is the same tensor changed in place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.training.batches import collate_packed, masked_loss_sum
     from stages.lib.training import attention
+    from stages.lib.training.batches import collate_packed, masked_loss_sum
 
     calls = []
     real = attention.segments

@@ -249,7 +249,6 @@ def field_docs(cls) -> dict[str, str]:
 def params_help(cls, prefix: str, default: Any = None) -> list[str]:
     """One entry per param (nested sections flattened to dotted keys): `key: type = default` and its doc."""
     import textwrap
-
     import typing
 
     lines = []

@@ -29,7 +29,8 @@ def load(model_dir: str):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
-        raise SystemExit(f"{model_dir}: the tokenizer has no chat template (train a student first, or pick a chat model)")
+        raise SystemExit(f"{model_dir}: the tokenizer has no chat template "
+                         "(train a student first, or pick a chat model)")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check
+from stages.lib.formats import Malformed
 from stages.lib.io import atomic_dir, atomic_file, read_shards, refuse_nonempty_out
 from stages.lib.params import run_main
 from stages.lib.progress import log
-from stages.lib.formats import Malformed
 
 FORMATS = ("alpaca", "sharegpt", "hf")
 SOURCES = {"filtered": (paths.FILTERED, "kept"), "conversations": (paths.CONVERSATIONS, "conversations")}

@@ -18,9 +18,8 @@ import torch
 import yaml
 
 from stages.lib import paths
+from tests.support.builders import ROWS8, free_port, make_data
 from tests.support.tiny import ROOT
-from tests.support.builders import ROWS8, make_data
-from tests.support.builders import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -20,10 +20,10 @@ import polars as pl
 import pytest
 
 from tests.support.chat_style import chat_style_reply
-from tests.support.tiny import make_tiny_model
-from tests.support.fake_openai import FakeOpenAI
 from tests.support.e2e import ran, set_params, sh
+from tests.support.fake_openai import FakeOpenAI
 from tests.support.method_teacher import WORDS, make_repo, reply
+from tests.support.tiny import make_tiny_model
 
 pytestmark = pytest.mark.e2e
 

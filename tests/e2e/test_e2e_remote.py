@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.tiny import ROOT
 from tests.support.e2e import copy_project, ran, sh
+from tests.support.tiny import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from stages.lib.selection.rating import SYSTEM
-from tests.support.fake_openai import FakeOpenAI, _last_user_text
 from tests.support.e2e import ran, sh
+from tests.support.fake_openai import FakeOpenAI, _last_user_text
 from tests.support.method_teacher import make_repo, reply
 
 pytestmark = pytest.mark.e2e

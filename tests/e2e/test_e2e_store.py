@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.tiny import ROOT
-from tests.support.fake_openai import FakeOpenAI, _last_user_text
 from stages.generate import GenerateParams
 from tests.support.e2e import sh
+from tests.support.fake_openai import FakeOpenAI, _last_user_text
 from tests.support.params import set_keys
+from tests.support.tiny import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
 from stages.generate import GenerateParams
+from stages.lib.generation.self_instruct import BOOTSTRAP_HEADER, CLASSIFY_HEADER, OUTPUT_FIRST_HEADER
 from tests.support.e2e import sh
-from tests.support.params import set_keys
 from tests.support.fake_openai import FakeOpenAI, _last_user_text
+from tests.support.params import set_keys
 from tests.support.tiny import ROOT
 
 WORDS = ("river mountain poem recipe budget letter story garden planet museum violin bicycle harbor lantern "

@@ -353,8 +353,8 @@ def bootstrap(ask, seeds: list[dict], num_requests: int, sampling: Sampling, si:
     generate reads them from the `filter` section, so the pool takes only tasks that `filter` would keep).
     Returns (tasks [{id, instruction, in_context_ids, request_index, item_index, provenance}],
     drops [{request_index, item_index, provenance, step, reason, detail}], metrics)."""
-    from stages.lib.text.rules import RuleParams, blacklist_regex, rule_reason
     from stages.lib.text.novelty import novelty
+    from stages.lib.text.rules import RuleParams, blacklist_regex, rule_reason
 
     rules = rules if rules is not None else RuleParams()
     bl = blacklist_regex(rules.blacklist)

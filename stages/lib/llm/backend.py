@@ -57,7 +57,6 @@ def make_backend(backend: str, model: str, prompt_form: str, base_url: str | Non
         return LocalBackend(model, prompt_form, dtype, batch_size)
     if backend == "openai":
         from stages.lib.llm.openai_online import OnlineBackend
-
         from stages.lib.llm.openai_wire import api_key_from_env
 
         # a server of one's own (base_url set) may need no key; OpenAI's always does

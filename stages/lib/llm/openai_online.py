@@ -29,10 +29,25 @@ from dataclasses import replace
 
 from stages.lib.llm.backend import OnDone, RunReport
 from stages.lib.llm.endpoint import ApiParams, Price
-from stages.lib.llm.openai_wire import (DEFAULT_BASE_URL, FATAL_STATUS, MESSAGE_CHARS, RETRYABLE_STATUS,
-                                        HttpStatusError, MalformedResponse, RequestOptions, classify_status,
-                                        completion_from_body, endpoint_of, error_code, error_message,
-                                        online_teacher_id, public_url, redact, request_body, wait_from_headers)
+from stages.lib.llm.openai_wire import (
+    DEFAULT_BASE_URL,
+    FATAL_STATUS,
+    MESSAGE_CHARS,
+    RETRYABLE_STATUS,
+    HttpStatusError,
+    MalformedResponse,
+    RequestOptions,
+    classify_status,
+    completion_from_body,
+    endpoint_of,
+    error_code,
+    error_message,
+    online_teacher_id,
+    public_url,
+    redact,
+    request_body,
+    wait_from_headers,
+)
 from stages.lib.llm.types import Completion, Request, Sampling, TeacherStop, prompt_text
 from stages.lib.progress import log
 

@@ -10,6 +10,7 @@ import html
 
 from stages.lib.report import data as rd
 
+
 def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str]]:
     """(name, section title, SVG data URI or None, caption or note) per figure, from tables alone."""
     from stages.lib.report import figures as rf

@@ -21,6 +21,7 @@ from stages.lib.training.card import lineage, model_card
 from stages.lib.training.model import build_model
 from stages.lib.training.precision import torch_dtype
 
+
 def save_adapter(model, folder) -> None:
     """The LoRA adapter as peft saves it, with `target_modules` sorted: peft writes them from a Python
     set, whose order changes with the interpreter's hash seed, so the same run gave another
