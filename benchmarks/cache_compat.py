@@ -2,7 +2,7 @@
 record's request (teacher identity, form, prompt, sampling, draw, extra fields) through the current
 client, over a backend that counts calls, and reports records served, calls made and keys that differ.
 
-    python benchmarks/cache_compat.py --store /work/old-store
+    python benchmarks/cache_compat.py --store "$STILLHOUSE_TEACHER_STORE"   # default ~/.cache/stillhouse/teacher
     python benchmarks/cache_compat.py --cache data/teacher_cache data/eval_cache
 
 The store is copied first (a reused answer would be written into it). Records are grouped by
