@@ -212,11 +212,6 @@ def metrics_of(rows: list[dict], p: SelectParams, cut: float | None) -> dict:
             DROPPED: Stats.of_drops(r["reason"] for r in rows if r["reason"]).dropped_by_reason(), "scores": scores}
 
 
-def m_score(p: SelectParams) -> str:
-    """The score the policy decided on, named in a dropped row's `detail`."""
-    return "none" if p.method == "none" else p.pol.score
-
-
 def main() -> None:
     p = load_params(SelectParams, "select")
     set_threads()
@@ -242,8 +237,8 @@ def main() -> None:
     out = pl.DataFrame(rows, schema={**df.schema, **SCORE_COLUMNS})
     kept = out.filter(pl.col("reason").is_null())
     rejected = out.filter(pl.col("reason").is_not_null()).with_columns(
-        step=pl.lit("select"),
-        detail=pl.concat_str(pl.lit(f"{m_score(p)} = "), pl.col("select_score").cast(pl.String).fill_null("unknown")))
+        step=pl.lit("select"),  # only a policy rejects (method none keeps all): its score is the detail
+        detail=pl.concat_str(pl.lit(f"{p.pol.score} = "), pl.col("select_score").cast(pl.String).fill_null("unknown")))
     with atomic_dir(paths.SELECTED) as tmp:
         write_shards(kept, tmp, "kept", p.rows_per_shard)
         write_shards(rejected, tmp, "rejected", p.rows_per_shard)
