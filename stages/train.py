@@ -22,10 +22,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check, check_plain_path
+from stages.lib.io import replace_dir, staging_dir
 from stages.lib.params import load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.student import load_student
@@ -169,6 +171,9 @@ class Run:
     live: Any
     out_dir: str
     checkpoint_dir: str
+    log_dir: str
+    live_dir: Path | None
+    """Where dvclive writes during the run (main process); it replaces `log_dir` at the end."""
     start: float = 0.0
     last_loss: float = float("nan")
     seen: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0, "supervised": 0})
@@ -209,11 +214,14 @@ def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_
     done, history = load_checkpoint(acc, checkpoint_dir, fingerprint) if p.checkpoint_every else (0, [])
     for _ in range(done * p.grad_accum * acc.num_processes):  # the data position: replay the seeded stream
         next(stream)
-    live = Live(dir=log_dir, dvcyaml=False, save_dvc_exp=False, report=None) if acc.is_main_process else None
+    # dvclive logs into a staging folder that replaces `log_dir` only when the student is saved: a killed run
+    # leaves the old curves next to the old student, never partial ones (the next run removes the leftovers)
+    live_dir = staging_dir(log_dir) if acc.is_main_process else None
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) if live_dir else None
     for row in history if live else []:  # the steps before the interruption, as they were logged
         _log_row(live, row)
     return Run(p, acc, student, dtype, data, val, tok, plan, model, opt, params, make, total, stream, fingerprint,
-               done, history, live, out_dir, checkpoint_dir, start=time.monotonic(),
+               done, history, live, out_dir, checkpoint_dir, log_dir, live_dir, start=time.monotonic(),
                last_loss=history[-1]["loss"] if history else float("nan"))
 
 
@@ -343,6 +351,7 @@ def finish(run: Run) -> dict:
     if acc.is_main_process:
         save_student(run.out_dir, model, run.p, run.student, run.dtype, run.tok, run.data)
         run.live.end()
+        replace_dir(run.live_dir, Path(run.log_dir))
         remove_checkpoint(run.checkpoint_dir)
     summary["losses"] = [h["loss"] for h in run.history]
     summary["resumed_from_step"] = run.done

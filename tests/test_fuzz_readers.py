@@ -133,3 +133,61 @@ def test_the_known_crashers_are_one_line(data):
         test_corpus_formats.hypothesis.inner_test(data, suffix, "sharegpt")
         test_prompt_files.hypothesis.inner_test(data, suffix)
     test_seed_files.hypothesis.inner_test(data)
+
+
+# ---------------------------------------------------------------- Batch API output lines
+
+KEYS_OF_JOB = ["k0", "k1", "k2"]
+BODY = st.fixed_dictionaries({}, optional={
+    "choices": st.one_of(JSON, st.lists(st.fixed_dictionaries({}, optional={
+        "message": st.one_of(JSON, st.fixed_dictionaries({}, optional={"content": JSON, "role": JSON})),
+        "text": JSON, "finish_reason": JSON}), max_size=2)),
+    "usage": st.one_of(JSON, st.fixed_dictionaries({}, optional={
+        "prompt_tokens": JSON, "completion_tokens": JSON, "completion_tokens_details": JSON})),
+    "id": JSON, "model": JSON, "error": JSON})
+RESULT = st.fixed_dictionaries({}, optional={
+    "custom_id": st.sampled_from(KEYS_OF_JOB) | JSON,
+    "response": st.one_of(JSON, st.fixed_dictionaries({}, optional={"status_code": JSON | st.sampled_from([200, 429]),
+                                                                    "body": BODY | JSON})),
+    "error": st.one_of(JSON, st.fixed_dictionaries({}, optional={"code": JSON, "message": JSON}))})
+BATCH_LINE = st.one_of(RESULT.map(json.dumps), JSON.map(json.dumps), st.text(max_size=30),
+                       st.sampled_from(['{"custom_id": "k0", "response": {"status_code": 200, "body": '
+                                        '{"choices": [{"message": {"content": "a\u2028b"}}]}}}', "[" * 3000]))
+BATCH_FILE = st.lists(BATCH_LINE, max_size=6).map("\n".join)
+
+
+@FUZZ
+@given(BATCH_FILE, BATCH_FILE, st.sampled_from(["chat", "completion"]))
+def test_batch_output_lines(output, errors, form):
+    """A finished job's output and error files, whatever their lines hold: each of the job's requests ends
+    answered (a Completion with text) or failed with a reason, and the job is marked collected; never an
+    exception (the real files are JSONL of `{custom_id, response: {status_code, body}, error}`:
+    https://platform.openai.com/docs/guides/batch)."""
+    from types import SimpleNamespace
+
+    from stages.lib.llm.backend import RunReport
+    from stages.lib.llm.openai_batch import BatchBackend
+    from stages.lib.llm.types import Completion, Request
+
+    files = {"out": output, "err": errors}
+    client = SimpleNamespace(
+        batches=SimpleNamespace(retrieve=lambda bid: SimpleNamespace(
+            id=bid, status="completed", output_file_id="out", error_file_id="err", request_counts=None)),
+        files=SimpleNamespace(content=lambda fid: SimpleNamespace(text=files[fid])))
+    collected = []
+    backend = BatchBackend.__new__(BatchBackend)
+    backend.prompt_form, backend.ledger = form, SimpleNamespace(collected=collected.append)
+    reqs = {k: Request(key=k, prompt="p") for k in KEYS_OF_JOB}
+    outcomes = {}
+
+    def on_done(req, comp, error):
+        assert req.key not in outcomes, f"{req.key} answered twice"
+        outcomes[req.key] = (comp, error)
+
+    ok = backend._collect(client, "batch_1", set(reqs), reqs, on_done, RunReport())
+    assert collected == ["batch_1"] and set(outcomes) == set(reqs)
+    for key, (comp, error) in outcomes.items():
+        if key in ok:
+            assert isinstance(comp, Completion) and isinstance(comp.text, str) and error is None
+        else:
+            assert comp is None and isinstance(error, str) and error.startswith("batch:") and "\n" not in error

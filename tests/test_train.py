@@ -315,6 +315,9 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     where = [str(tmp_path / "tokens"), str(tmp_path / "run"), str(tmp_path / "log-run"), str(tmp_path / "ck")]
     code = ("import json, sys; from stages.train import TrainParams, train; "
             "train(TrainParams(**json.loads(sys.argv[1])), *sys.argv[3:], student=sys.argv[2])")
+    old_log = tmp_path / "log-run" / "metrics.json"  # the curves of an earlier complete run, next to its student
+    old_log.parent.mkdir()
+    old_log.write_text('{"step": 59, "loss": 0.5}')
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(p)), str(tiny_model), *where], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "ck" / "progress.json"
@@ -326,6 +329,10 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     proc.wait()
     stopped_at = json.loads(progress.read_text())["step"]
     assert 6 <= stopped_at < 60
+    # the killed run's partial curves are in a staging folder; the earlier run's are untouched
+    assert sorted(x.name for x in old_log.parent.iterdir()) == ["metrics.json"]
+    assert old_log.read_text() == '{"step": 59, "loss": 0.5}'
+    assert list(tmp_path.glob(".log-run.tmp-*/plots/metrics/loss.tsv"))
     resumed = train(p, *where, student=str(tiny_model))
     assert resumed["resumed_from_step"] == stopped_at and ref["resumed_from_step"] == 0
     assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
@@ -333,6 +340,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_model):
     loss_tsv = (tmp_path / "log-run" / "plots/metrics/loss.tsv").read_text()
     logged = [float(x.split("\t")[1]) for x in loss_tsv.splitlines()[1:]]
     assert logged == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
+    assert not list(tmp_path.glob(".log-run.*"))  # the leftovers removed, the staging folder moved in
 
 
 def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):

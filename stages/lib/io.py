@@ -57,21 +57,35 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     killed earlier run are cleaned up (or the old output restored) first: `recover_leftovers`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    honour_umask(tmp, is_dir=True)
+    tmp = staging_dir(path)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` (next to `path`) in place of `path`: the old one is moved aside to
+    `.<name>.old-PID`, `tmp` renamed in, the old one removed. A kill in between is undone by `recover_leftovers`."""
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def staging_dir(path: str | os.PathLike) -> Path:
+    """A fresh folder next to `path` that a long run fills as it goes (`replace_dir` puts it in place at the end),
+    so a killed run leaves `path` as it was; leftovers of an earlier killed run are recovered first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    honour_umask(tmp, is_dir=True)
+    return tmp
 
 
 @contextlib.contextmanager

@@ -22,26 +22,36 @@ from stages.lib.llm.openai_online import OnlineBackend
 from stages.lib.llm.openai_wire import completion_from_body, error_message, redact, request_body
 from stages.lib.llm.types import Request, Sampling, TeacherStop
 from stages.lib.progress import log
+from stages.lib.text.clean import load_json
 
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
 def _line(line: str, batch_id: str, lineno: int, report: RunReport) -> dict:
     """One output or error line of a job as a dict; {} for a blank line, and for a malformed one, which is
-    logged and counted (`failed:batch:malformed_line`): its request is failed with the job's other unanswered ones."""
+    logged and counted (`failed:batch:malformed_line`): its request is failed with the job's other unanswered ones.
+    A line is `{custom_id: str, response: {status_code, body: {...}} | null, error: {code, message} | null}`
+    (https://platform.openai.com/docs/guides/batch); any other shape, or JSON nested too deep, is malformed."""
     if not line.strip():
         return {}
     try:
-        rec = json.loads(line)
+        rec = load_json(line)
     except ValueError:
         rec = None
     resp = rec.get("response") if isinstance(rec, dict) else None
-    if (not isinstance(rec, dict) or not isinstance(resp or {}, dict) or not isinstance(rec.get("error") or {}, dict)
-            or not isinstance((resp or {}).get("body") or {}, dict)):
+    if (not isinstance(rec, dict) or not isinstance(rec.get("custom_id"), str) or not isinstance(resp or {}, dict)
+            or not isinstance(rec.get("error") or {}, dict) or not isinstance((resp or {}).get("body") or {}, dict)):
         log(f"teacher batch {batch_id}: line {lineno} of its output is not a Batch API result object; skipped")
         report.counts.add("failed:batch:malformed_line")
         return {}
     return rec
+
+
+def _reason(rec: dict) -> str:
+    """The failure reason of an error line: `batch:<error code>`, else `batch:http_<status>`."""
+    code = (rec.get("error") or {}).get("code")
+    status = (rec.get("response") or {}).get("status_code")
+    return "batch:" + (code if isinstance(code, str) and code else f"http_{status if isinstance(status, int) else '?'}")
 
 
 class BatchBackend:
@@ -105,8 +115,7 @@ class BatchBackend:
                     report.counts.add("collected")
                 else:
                     err = rec.get("error") or (resp.get("body") or {}).get("error") or {}
-                    reason = "batch:" + ((rec.get("error") or {}).get("code") or f"http_{resp.get('status_code')}")
-                    self._fail(by_key[key], reason, error_message({"error": err}) if err else "", on_done, report)
+                    self._fail(by_key[key], _reason(rec), error_message({"error": err}) if err else "", on_done, report)
         for key in [k for k in by_key if k in keys and k not in answered]:  # in neither the output nor the errors
             self._fail(by_key[key], f"batch:{b.status}", "", on_done, report)
         self.ledger.collected(b.id)

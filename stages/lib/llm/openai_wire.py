@@ -102,17 +102,28 @@ def request_body(model: str, prompt_form: str, prompt, max_tokens: int, temperat
 
 
 def completion_from_body(body: dict, prompt_form: str) -> Completion:
-    """A Chat Completions / Completions response body as a Completion (KeyError etc. when malformed)."""
-    choice = body["choices"][0]
-    text = (choice["message"]["content"] if prompt_form == "chat" else choice["text"]) or ""
-    usage = body.get("usage") or {}
-    reasoning = int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    """A Chat Completions / Completions response body as a Completion. A body of another shape (a missing
+    or non-list `choices`, a non-string `content`, non-integer token counts) raises ValueError, KeyError,
+    IndexError or TypeError, never another exception."""
+    try:
+        choice = body["choices"][0]
+        text = (choice["message"]["content"] if prompt_form == "chat" else choice["text"]) or ""
+        usage = body.get("usage") or {}
+        details = usage.get("completion_tokens_details") or {}
+        reasoning = int(details.get("reasoning_tokens") or 0)
+        finish = choice.get("finish_reason") or "stop"
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+    except AttributeError as e:  # a list or a string where an object belongs
+        raise TypeError(str(e)) from None
+    if not isinstance(text, str) or not isinstance(finish, str):
+        raise TypeError("content and finish_reason must be strings")
     # OpenAI counts reasoning tokens inside completion_tokens (and bills them as output); never count fewer.
     # `model` is the exact snapshot served, e.g. gpt-4o-mini-2024-07-18
-    return Completion(text, choice.get("finish_reason") or "stop", int(usage.get("prompt_tokens") or 0),
-                      max(int(usage.get("completion_tokens") or 0), reasoning), reasoning_tokens=reasoning,
-                      response_id=body.get("id"), served_model=body.get("model"),
-                      system_fingerprint=body.get("system_fingerprint"))
+    served, fingerprint, rid = (v if isinstance(v, str) else None
+                                for v in (body.get("model"), body.get("system_fingerprint"), body.get("id")))
+    return Completion(text, finish, prompt_tokens, max(completion_tokens, reasoning), reasoning_tokens=reasoning,
+                      response_id=rid, served_model=served, system_fingerprint=fingerprint)
 
 
 # ---------------------------------------------------------------- errors
