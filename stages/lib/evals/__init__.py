@@ -1,0 +1,1 @@
+"""Judge-free evaluations: benchmarks scored by programs, not by a model (IFEval in `ifeval`)."""
