@@ -24,6 +24,7 @@ from stages.lib.training.kd import KDSpec, masked_kd_sum
 from stages.lib.training.loss import IGNORE_INDEX
 from tests.support.builders import ROWS8, make_data
 from tests.support.fake_vllm import FakeVllm
+from tests.support.sources import Counting, Interrupted
 from tests.support.tiny import make_tiny_model, make_tokenizer
 
 STEP = -LOGPROB_FLOOR / 65535  # the uint16 codec's step
@@ -113,26 +114,6 @@ def test_the_captured_rows_line_up_with_the_kd_losss_trained_positions(world, tm
     assert wrong > 1.05 * want  # the examples in another order do not line up (near-uniform tiny models: 8%)
 
 
-class Interrupted(Exception):
-    pass
-
-
-class Counting:
-    """A source that counts the examples it is asked for, and can fail on its n-th call."""
-
-    def __init__(self, inner, fail_on_call: int | None = None):
-        self.inner, self.fail_on_call, self.calls, self.asked = inner, fail_on_call, 0, 0
-        for name in ("name", "teacher_id", "tokenizer_id", "vocab_size"):
-            setattr(self, name, getattr(inner, name))
-
-    def topk(self, examples, k, on_done=None):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise Interrupted
-        self.asked += len(examples)
-        return self.inner.topk(examples, k, on_done)
-
-
 def test_an_interrupted_capture_resumes_computing_only_the_missing_shards(world, tmp_path):
     teacher, _, tokens, _ = world
     local = LocalTeacher(str(teacher), batch_size=2)
@@ -168,6 +149,8 @@ def test_another_k_or_another_teacher_is_a_new_capture_and_changed_examples_are_
     edited = tmp_path / "tokens2"
     make_data(edited, world[3], ROWS8[:5] + [{**ROWS8[5], "output": "other words"}] + ROWS8[6:])
     assert TokenSplit(edited, "train")[5][0].tolist() != split[5][0].tolist()
+    with pytest.raises(StageError, match="examples 4-8 are not the ones captured"):
+        CapturedSplit(out, TokenSplit(edited, "train")).example(5)  # read against the edited tokens: refused
     capture(out, edited, "train", LocalTeacher(str(student)), k=5, shard_examples=4)
     src = Counting(LocalTeacher(str(student)))
     report = capture(out, tokens, "train", src, k=5, shard_examples=4)

@@ -17,7 +17,8 @@ Copied from vLLM (the client's docstring, stages/lib/logprobs/vllm.py, cites the
   carry the HTTP status as an int `code`);
 - `max_tokens` below 1 is HTTP 400 "max_tokens must be at least 1, got 0." (vllm/sampling_params.py; issue
   vllm-project/vllm#9336 asks for 0 and is open);
-- a token id outside the vocabulary is HTTP 400 "Token id 500 is out of vocabulary" (vLLM's input processor);
+- a token id outside the vocabulary is HTTP 400 "Token id 500 is out of vocabulary"
+  (vllm/v1/engine/input_processor.py);
 - another model name is HTTP 404 "The model `x` does not exist." (type NotFoundError, param model);
 - with `api_key`, any other bearer token is HTTP 401 `{"error": "Unauthorized"}` (vLLM's --api-key middleware).
 `faults`: {request number: "400" | "429" | "500" | "drop"} (requests to /v1/completions counted from 0), or a
@@ -140,8 +141,8 @@ class FakeVllm:
         prompt = body.get("prompt")
         if not (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
             return error(400, "this fake serves prompts of token ids only", "BadRequestError", "prompt")
-        if max(prompt) >= self.vocab or min(prompt) < 0:
-            return error(400, f"Token id {max(prompt)} is out of vocabulary", "BadRequestError")
+        for bad in (t for t in (min(prompt), max(prompt)) if not 0 <= t < self.vocab):
+            return error(400, f"Token id {bad} is out of vocabulary", "BadRequestError")
         return None
 
     def complete(self, body: dict) -> tuple[int, dict]:

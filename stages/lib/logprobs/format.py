@@ -57,6 +57,13 @@ class TeacherTopK:
         return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.log_rest.to(device))
 
 
+def stack_rows(rows: list) -> TeacherTopK:
+    """Per-example (ids, logprobs, log_rest) rows, concatenated in order, as torch tensors."""
+    import torch
+
+    return TeacherTopK(*(torch.from_numpy(np.concatenate([np.asarray(r[j]) for r in rows])) for j in range(3)))
+
+
 def encode(logp: np.ndarray, codec: str) -> np.ndarray:
     """Log-probabilities (<= 0, -inf allowed) in the codec's 2-byte form."""
     x = np.asarray(logp, dtype=np.float32)
@@ -105,14 +112,11 @@ def ranges(n: int, per_shard: int) -> list[tuple[int, int]]:
 
 def write_shard(path: Path, rows: list, codec: str, vocab_size: int, identity_key: str, content: str) -> int:
     """Write one shard of `rows` ((ids [p, k], logprobs [p, k], log_rest [p]) per example) atomically; its bytes."""
-    counts = [len(r[0]) for r in rows]
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(counts)
-    k = rows[0][0].shape[1] if rows and counts[0] else 0
-    cat = lambda i, shape: np.concatenate([r[i] for r in rows]) if sum(counts) else np.zeros(shape)  # noqa: E731
-    ids = cat(0, (0, k))
+    offsets[1:] = np.cumsum([len(r[0]) for r in rows])
+    ids, lp, rest = (np.concatenate([np.asarray(r[i]) for r in rows]) for i in range(3))
     arrays = {"offsets": offsets, "ids": ids.astype(id_dtype(max(vocab_size, int(ids.max(initial=0)) + 1))),
-              "logprobs": encode(cat(1, (0, k)), codec), "log_rest": encode(cat(2, (0,)), codec),
+              "logprobs": encode(lp, codec), "log_rest": encode(rest, codec),
               "identity": np.array(identity_key), "content": np.array(content)}
     with atomic_file(path, "wb") as f:
         np.savez(f, **arrays)
@@ -138,7 +142,7 @@ class CapturedSplit:
     """A captured folder read back against the split of token arrays it was captured from: `example(i)` is
     example i's (ids int64 [p, k], logprobs float32 [p, k], log_rest float32 [p]); `teacher(indices)` the rows of
     several examples, concatenated in that order, as a `TeacherTopK`. The folder must match the
-    tokens (tokenizer, example count, and each example's trained positions), else StageError."""
+    tokens (tokenizer, example count, each shard's token ids and masks), else StageError."""
 
     def __init__(self, folder: str | Path, tokens):
         self.folder = Path(folder)
@@ -164,6 +168,9 @@ class CapturedSplit:
             if z is None or str(z["identity"]) != self.meta["identity_key"]:
                 raise StageError(f"{self.folder}: shard of examples {start}-{end} missing or not this capture's: "
                                  "capture again (it resumes)")
+            if str(z["content"]) != content_key([self.tokens[i] for i in range(start, end)]):
+                raise StageError(f"{self.folder}: examples {start}-{end} are not the ones captured (the tokens "
+                                 "changed since): capture again (it rescores only what changed)")
             self._shards[s] = z
         return self._shards[s]
 
@@ -179,7 +186,4 @@ class CapturedSplit:
 
     def teacher(self, indices):
         """The rows of examples `indices`, in that order (a batch's examples in row-major order)."""
-        import torch
-
-        parts = [self.example(i) for i in indices]
-        return TeacherTopK(*(torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in range(3)))
+        return stack_rows([self.example(i) for i in indices])

@@ -140,7 +140,10 @@ class VllmTeacher:
                               f"({type(e).__name__}); check base_url", "connection") from None
         if status != 200:
             raise self._fatal(status, content)
-        served = [m.get("id") for m in json.loads(content).get("data", []) if isinstance(m, dict)]
+        try:
+            served = [m.get("id") for m in json.loads(content).get("data", []) if isinstance(m, dict)]
+        except (ValueError, AttributeError):
+            served = []
         if self.model not in served:
             raise TeacherStop(f"teacher {self.model!r} at {self.shown}: not served there (it serves {served})",
                               "http_404")
