@@ -1,5 +1,5 @@
 """The tiny things tests build on the fly: the repository root, the public reference data folder, a
-small BPE tokenizer with a chat template, a 2-layer random Llama, and a params.yaml writer."""
+small BPE tokenizer with a chat template, a small random Llama (2 layers unless asked), and a params.yaml writer."""
 
 from __future__ import annotations
 
@@ -51,14 +51,14 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     return tok
 
 
-def make_tiny_model(path: Path, tok=None, seed: int = 0) -> Path:
-    """Save a randomly initialised 2-layer Llama with `tok` (default: make_tokenizer()) to `path`."""
+def make_tiny_model(path: Path, tok=None, seed: int = 0, layers: int = 2) -> Path:
+    """Save a randomly initialised Llama of `layers` layers with `tok` (default: make_tokenizer()) to `path`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tok or make_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                       tie_word_embeddings=True)

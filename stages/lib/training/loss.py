@@ -7,6 +7,9 @@ receives the final hidden states, keeps the supervised positions only, and compu
 cross-entropy `chunk` tokens at a time under activation checkpointing, so one chunk's logits
 exist at a time, in forward and (recomputed) in backward. Same sum, same gradients as the plain
 loss, to float rounding.
+
+The pieces are shared with the distillation losses (stages/lib/training/kd.py): `supervised` picks the
+trained positions, `chunked_sum` runs a loss chunk by chunk, `head_computes` swaps the head's forward.
 """
 
 from __future__ import annotations
@@ -29,36 +32,63 @@ def output_head(model):
     raise ValueError(f"{type(model).__name__}: no output embeddings found for the chunked loss")
 
 
+def supervised(hidden, targets):
+    """(hidden states [n, H], targets [n]) at the positions with a target, in row-major order: the rows a
+    chunked loss runs over, and the order captured teacher log-probabilities are stored in."""
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = targets.reshape(-1)
+    keep = (t != IGNORE_INDEX).nonzero().squeeze(-1)
+    return h.index_select(0, keep), t.index_select(0, keep)
+
+
+def head_logits(head, hidden):
+    """The output head's logits of `hidden`, through the head's class forward (`head.forward` may be patched
+    by `head_computes`)."""
+    return type(head).forward(head, hidden)
+
+
+def chunked_sum(piece, n: int, chunk: int, *rows):
+    """sum over chunks of `piece(*row slices)`, each chunk under activation checkpointing, so only one chunk's
+    logits exist at a time, in forward and (recomputed) in backward; `rows`: tensors of n rows, sliced alike.
+    `piece` returns a tensor of one fixed shape (a scalar, or several sums side by side). None when n is 0."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = None
+    for i in range(0, n, chunk):
+        part = checkpoint(piece, *(r[i : i + chunk] for r in rows), use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
 def chunked_cross_entropy_sum(hidden, head, targets, chunk: int):
     """sum of cross-entropy(head(hidden[i]), targets[i]) over positions with a target; `hidden`
     [..., H] and `targets` [...] aligned, float32 loss, `chunk` positions' logits at a time."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
-    h = hidden.reshape(-1, hidden.size(-1))
-    t = targets.reshape(-1)
-    keep = (t != IGNORE_INDEX).nonzero().squeeze(-1)
-    h, t = h.index_select(0, keep), t.index_select(0, keep)
-    project = type(head).forward  # the class's forward: `head.forward` may be patched by loss_from_head
+    h, t = supervised(hidden, targets)
 
     def piece(hc, tc):
-        return F.cross_entropy(project(head, hc).float(), tc, reduction="sum")
+        return F.cross_entropy(head_logits(head, hc).float(), tc, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, t.numel(), chunk):
-        total = total + checkpoint(piece, h[i : i + chunk], t[i : i + chunk], use_reentrant=False)
-    return total
+    total = chunked_sum(piece, t.numel(), chunk, h, t)
+    return hidden.new_zeros((), dtype=torch.float32) if total is None else total
 
 
 @contextlib.contextmanager
-def loss_from_head(model, targets, chunk: int):
-    """Within the block, `model(...).logits` is the summed next-token cross-entropy against `targets`
-    ([batch, seq-1], `IGNORE_INDEX` ignored): the output head's forward is swapped for the chunked loss. It
-    still runs inside the model's forward, so FSDP and DDP hooks see the head's weights as usual."""
+def head_computes(model, fn):
+    """Within the block, `model(...).logits` is `fn(hidden[:, :-1], head)`: the output head's forward is swapped
+    for `fn` (a loss over the final hidden states). It still runs inside the model's forward, so FSDP and DDP
+    hooks see the head's weights as usual."""
     head = output_head(model)
-    head.forward = lambda hidden: chunked_cross_entropy_sum(hidden[:, :-1], head, targets, chunk)
+    head.forward = lambda hidden: fn(hidden[:, :-1], head)
     try:
         yield
     finally:
         del head.forward
+
+
+def loss_from_head(model, targets, chunk: int):
+    """Within the block, `model(...).logits` is the summed next-token cross-entropy against `targets`
+    ([batch, seq-1], `IGNORE_INDEX` ignored), chunked (`head_computes`)."""
+    return head_computes(model, lambda hidden, head: chunked_cross_entropy_sum(hidden, head, targets, chunk))
