@@ -385,6 +385,7 @@ def help_targets() -> list[tuple[str, list[str]]]:
     out.append(("stages.tools.chat", ["--model", "--file", "--out", "--system", "--max-new-tokens", "--temperature"]))
     out.append(("stages.tools.export", ["--format", "--out", "--from", "--in"]))
     out.append(("stages.tools.recipe", ["--list", "--dry-run", "--run", "--params"]))
+    out.append(("stages.tools.ifeval", ["--out", "--metrics", "--prompts", "--subset", "--write-prompts", "--partial"]))
     return out
 
 
