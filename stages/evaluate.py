@@ -100,11 +100,13 @@ class EvaluateParams:
 # ---------------------------------------------------------------- validation loss
 
 
-def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", device: str = "auto") -> dict:
+def score(path: str, data: TokenSplit, batch_size: int, dtype: str = "float32", device: str = "auto",
+          who: str = "student") -> dict:
+    """Validation NLL of the model at `path` (`who` labels the progress line: student or base)."""
     from stages.lib.llm.local import load_model
 
     model, tok = load_model(path, dtype, device)
-    loss, n = validation_loss(model, data, batch_size, pad_id(tok), desc="val loss")
+    loss, n = validation_loss(model, data, batch_size, pad_id(tok), desc=f"val loss ({who}: {path})")
     if loss is None:
         log(f"evaluate: the validation split is empty, no loss for {path}")
         return {"val_loss": None, "val_perplexity": None, "val_tokens": 0}
@@ -182,7 +184,7 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     decoding = Sampling(p.max_new_tokens, p.temperature, 1.0, (), p.seed)
     answers = sessions("student")([r["question"] for r in rows], decoding)
     need_ref = [r for r in rows if r["reference"] is None]
-    refs = sessions("teacher")([r["question"] for r in need_ref], decoding)
+    refs = sessions("reference")([r["question"] for r in need_ref], decoding)
     for r, a in zip(rows, answers):
         if a is None:
             raise StageError(f"evaluate: no student answer for {r['set']}/{r['id']}")
@@ -210,7 +212,7 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
     cache for all, one client (so one loaded model) per distinct endpoint. Returns (that, the clients)."""
     from stages.lib.llm.client import ModelClient, open_client
 
-    endpoints = {"student": EndpointParams("local", p.model), "teacher": p.teacher, "judge": p.judge}
+    endpoints = {"student": EndpointParams("local", p.model), "reference": p.teacher, "judge": p.judge}
     dtypes = {"student": dtype}  # `evaluate.dtype` is the student's; local teachers and judges load in float32
     made: dict[tuple, ModelClient] = {}
 
@@ -222,7 +224,7 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
         if key not in made:
             made[key] = open_client(e, cache, batch_size=p.batch_size, dtype=d or "float32")
         client = made[key]  # shared by roles on one endpoint: each role asks with its own system prompt
-        return lambda prompts, sampling: client.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form)
+        return lambda prompts, sampling: client.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form, role)
 
     return session, made
 
@@ -237,7 +239,7 @@ def main() -> None:
     dtype = resolve_dtype(p.dtype, p.device)
     metrics = score(p.model, data, p.batch_size, dtype, p.device)
     if p.score_base:
-        base = score(load_student().model, data, p.batch_size, dtype, p.device)
+        base = score(load_student().model, data, p.batch_size, dtype, p.device, who="base")
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     cache = ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store)))
     sessions, made = make_sessions(p, cache, dtype)

@@ -141,7 +141,8 @@ def judge_client(p: SelectParams):
     from stages.lib.llm.client import open_client
 
     return open_client(p.judge, paths.SELECT_CACHE, store=p.teacher_store, api=p.api,
-                       price=price_for(p.prices, p.judge.model), batch_size=p.batch_size, dtype=p.dtype)
+                       price=price_for(p.prices, p.judge.model), batch_size=p.batch_size, dtype=p.dtype,
+                       role="judge")
 
 
 def add_ifd(rows: list[dict], p: SelectParams, model_name: str, template: str) -> None:

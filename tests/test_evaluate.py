@@ -123,7 +123,7 @@ def test_evaluate_sets_end_to_end_on_doubles(tmp_path):
     assert mine["standard_error"] == pytest.approx(100 * sd / 6 ** 0.5, abs=1e-4)
     assert mine["position_flip_rate"] == 0.0 and mine["longer_wins_rate"] == 1.0 and mine["judge_unparsed"] == 0
     assert len(fake.asked["judge"]) == 2 * 5 + 2 * 2  # both orders, the identical pair not asked
-    assert len(fake.asked["teacher"]) == 6  # the other set brings its own references
+    assert len(fake.asked["reference"]) == 6  # the other set brings its own references
     theirs = m["theirs"]
     assert theirs["wins"] == 1 and theirs["stop_rate"] == 0.5
     assert df.filter(df["set"] == "theirs")["reference_source"].to_list() == ["response", "response"]

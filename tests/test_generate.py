@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from stages.generate import GenerateParams
 from stages.lib.generation.alpaca import build_prompts, encode_prompt, parse_response, rows_from_records
 from stages.lib.llm.cache import ResponseCache, assign_keys, request_key
@@ -134,6 +136,18 @@ def test_cache_makes_reruns_free_and_survives_restart(tmp_path):
     assert backend.calls == 7 and stats2.cache_hits == 5 and stats2.teacher_calls == 2
     assert [r["text"] for r in recs2[:5]] == [r["text"] for r in recs]
     assert all("OPENAI" not in json.dumps(r) for r in recs2)
+
+
+@pytest.mark.parametrize("role", ["judge", "student", "reference"])
+def test_progress_lines_name_the_role_asked(tmp_path, capsys, role):
+    """evaluate's student answers, references and judge calls, and select's judge, are labelled as what they
+    are, not all as `teacher:`."""
+    from stages.lib.llm.client import ModelClient
+
+    client = ModelClient(lambda form: CountingBackend(), ResponseCache(tmp_path / "c"), role="judge")
+    client.ask(["a", "b"], S, "completion", role)
+    err = capsys.readouterr().err
+    assert f"{role}: 2 requests, 0 cached" in err and "teacher:" not in err
 
 
 def test_cache_keeps_what_was_bought_before_a_crash(tmp_path):

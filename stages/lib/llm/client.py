@@ -101,7 +101,8 @@ def record_of(req: Request, comp: Completion, backend: Backend, sampling: dict) 
 
 def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache, sampling: Sampling,
                  price: Price | None = None, batch_api: bool = False, check: bool = False,
-                 stats: CallStats | None = None, declared: bool = False) -> tuple[list[dict | None], CallStats]:
+                 stats: CallStats | None = None, declared: bool = False,
+                 role: str = "teacher") -> tuple[list[dict | None], CallStats]:
     """Return the cached record of every request (None where it failed or still waits) and the call stats
     (`stats`, filled as calls finish, so a caller that passes it keeps the counts of a stopped run).
 
@@ -112,7 +113,8 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
     counted by kind (`http_500`); the server's message goes into the failure record and
     `stats.failure_messages`. A fatal error (400/401/403/404) raises `TeacherStop` after what was answered
     is on disk. An online backend is served only answers its own endpoint produced, unless `declared`
-    (the keys hold a `teacher_id` the user declared the same for several endpoints).
+    (the keys hold a `teacher_id` the user declared the same for several endpoints). `role` labels the
+    progress lines (teacher, student, reference, judge).
     """
     st = stats if stats is not None else CallStats()
     n = st.counts
@@ -122,7 +124,7 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
     n.add("requests", len(requests))
     n.add("cache_hits", len(requests) - len(misses))
     refused = {k: v - refused.get(k, 0) for k, v in cache.refused.items() if v - refused.get(k, 0)}
-    log(f"teacher: {len(requests)} requests, {len(requests) - len(misses)} cached "
+    log(f"{role}: {len(requests)} requests, {len(requests) - len(misses)} cached "
         f"({cache.from_store - stored} from the teacher store), {len(misses)} to call"
         + (f"; cached records not served: {refused}" if refused else ""))
 
@@ -130,7 +132,7 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
         cost = price.cost(n["prompt_tokens"], n["completion_tokens"]) if price else 0.0  # reasoning included
         return {"hits": n["cache_hits"], "failed": n["failed"], "cost": f"${cost:.4f}"}
 
-    bar = Progress(len(misses), "teacher", extra=extra)
+    bar = Progress(len(misses), role, extra=extra)
     sampling_dict = asdict(sampling)
 
     def on_done(req: Request, comp: Completion | None, failure: str | None) -> None:
@@ -183,14 +185,17 @@ class ModelClient:
     """
 
     def __init__(self, backend_for: Callable[[str], Backend], cache: ResponseCache, price: Price | None = None,
-                 batch_api: bool = False, teacher_id: str | None = None, endpoint: EndpointParams | None = None):
+                 batch_api: bool = False, teacher_id: str | None = None, endpoint: EndpointParams | None = None,
+                 role: str = "teacher"):
         self.backend_for, self.cache, self.price, self.batch_api = backend_for, cache, price, batch_api
-        self.teacher_id, self.endpoint = teacher_id, endpoint
+        self.teacher_id, self.endpoint, self.role = teacher_id, endpoint, role
         self.backends: dict[str, Backend] = {}
         self.stats = CallStats()
         self.waiting = 0  # requests still in running Batch API jobs
 
-    def ask(self, prompts: list, sampling: Sampling, form: str) -> list[dict | None]:
+    def ask(self, prompts: list, sampling: Sampling, form: str, role: str | None = None) -> list[dict | None]:
+        """The record of each prompt's answer (None: failed or still in a Batch job); `role` labels the progress
+        lines (default: the client's)."""
         if not prompts:
             return []
         if form not in self.backends:
@@ -201,7 +206,7 @@ class ModelClient:
         st = CallStats()
         try:
             records, _ = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api, check=True,
-                                      stats=st, declared=bool(self.teacher_id))
+                                      stats=st, declared=bool(self.teacher_id), role=role or self.role)
         finally:
             self.stats.merge(st)
         self.waiting += sum(r is None for r in records) - st.failed
@@ -231,13 +236,14 @@ class ModelClient:
 
 def open_client(endpoint: EndpointParams, cache: ResponseCache | str | os.PathLike, *, store: str | None = None,
                 api: ApiParams | None = None, price: Price | None = None, batch_api: bool = False,
-                teacher_id: str | None = None, batch_size: int = 8, dtype: str = "float32") -> ModelClient:
+                teacher_id: str | None = None, batch_size: int = 8, dtype: str = "float32",
+                role: str = "teacher") -> ModelClient:
     """The client of one endpoint on `cache` (a folder: a `ResponseCache` there, with the teacher store
     `store_dir(store)`). `api`, `price`: the online client's limits and price; `batch_size`, `dtype`: the
-    local model's."""
+    local model's; `role`: the label of its progress lines (teacher, judge, ...)."""
     if not isinstance(cache, ResponseCache):
         cache = ResponseCache(cache, store=TeacherStore(store_dir(store)))
     e = endpoint
     return ModelClient(lambda form: make_backend(e.backend, e.model, form, e.base_url, batch_size, dtype, api, price,
                                                  e.options()),
-                       cache, price, batch_api, teacher_id, endpoint)
+                       cache, price, batch_api, teacher_id, endpoint, role)
