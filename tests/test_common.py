@@ -386,6 +386,8 @@ def help_targets() -> list[tuple[str, list[str]]]:
     out.append(("stages.tools.export", ["--format", "--out", "--from", "--in"]))
     out.append(("stages.tools.recipe", ["--list", "--dry-run", "--run", "--params"]))
     out.append(("stages.tools.ifeval", ["--out", "--metrics", "--prompts", "--subset", "--write-prompts", "--partial"]))
+    out.append(("stages.tools.mtbench", ["--judge-model", "--base-url", "--backend", "--cache", "--out", "--metrics",
+                                         "--questions", "--references", "--judge-prompts", "--dry-run"]))
     return out
 
 
