@@ -388,6 +388,7 @@ def help_targets() -> list[tuple[str, list[str]]]:
     out.append(("stages.tools.ifeval", ["--out", "--metrics", "--prompts", "--subset", "--write-prompts", "--partial"]))
     out.append(("stages.tools.mtbench", ["--judge-model", "--base-url", "--backend", "--cache", "--out", "--metrics",
                                          "--questions", "--references", "--judge-prompts", "--dry-run"]))
+    out.append(("stages.tools.lcwinrate", ["--metrics", "--difficulty", "--force"]))
     return out
 
 

@@ -162,3 +162,32 @@ def test_draws_missing_verdicts_and_no_length_difference():
         lc.length_controlled([3, 1], ["a", "b"], ["c", "d"])
     with pytest.raises(ValueError, match="at least 2 judged"):
         lc.length_controlled([None, 1], ["a", "b"], ["c", "d"])
+
+
+def test_the_tool_on_alpaca_eval_annotations_and_on_evaluate_judgments(tmp_path, capsys):
+    import polars as pl
+
+    from stages.lib.errors import StageError
+    from stages.lib.io import write_shards
+    from stages.tools.lcwinrate import main
+
+    main([str(shared(*ANNOTATIONS)), "--metrics", str(tmp_path / "lc.json")])
+    assert "alpaca-7b: win rate 26.46 ± 1.54, length-controlled 25.77" in capsys.readouterr().out
+    m = json.loads((tmp_path / "lc.json").read_text())["alpaca-7b"]
+    assert m["n"] == 805 and set(m["weights"]) == {"tanh_std_delta_len", "model"}
+    with pytest.raises(StageError, match="exists; pass --force"):
+        main([str(shared(*ANNOTATIONS)), "--metrics", str(tmp_path / "lc.json")])
+    # evaluate's judgments: reference is output 1, the student output 2; one fit per set
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in ("a", "b"):
+        for i in range(60):
+            n_ref, n_ans = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+            rows.append({"set": s, "id": f"{s}{i}", "reference": "r" * n_ref, "answer": "s" * n_ans,
+                         "preference": float(2 if n_ans > n_ref else 1) if i % 10 else 1.5})
+    write_shards(pl.DataFrame(rows), tmp_path / "eval", "judgments")
+    main([str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    # a judge that only looks at length: L1 sets the model's term to 0, so LC is exactly a coin flip in both sets
+    assert out.startswith("a: win rate 56.67 ± 6.11, length-controlled 50.00 (n=60")
+    assert "\nb: win rate 43.33 ± 6.11, length-controlled 50.00 (n=60" in out
