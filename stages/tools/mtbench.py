@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from stages.lib import paths
 from stages.lib.errors import StageError
 from stages.lib.evals import mtbench
 from stages.lib.params import run_main
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--judge-model", help="the judge's model name (endpoint) or model dir / hub id (local)")
     ap.add_argument("--base-url", help="the judge's OpenAI-compatible endpoint (default: api.openai.com)")
     ap.add_argument("--backend", choices=("openai", "local"), default="openai", help="the judge's backend")
-    ap.add_argument("--cache", default="data/mtbench_cache", help="the judge calls' cache folder")
+    ap.add_argument("--cache", default=paths.MTBENCH_CACHE, help="the judge calls' cache folder")
     ap.add_argument("--out", help="write the judgments here (JSONL, FastChat's fields)")
     ap.add_argument("--metrics", help="write the scores here (JSON)")
     ap.add_argument("--model-name", default="model", help="the graded model's name in the judgments")
