@@ -36,7 +36,7 @@ import polars as pl
 from stages.lib import paths
 from stages.lib.errors import StageError, check
 from stages.lib.formats import Malformed, records, to_messages
-from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
+from stages.lib.io import ShardWriter, atomic_dir, read_shards, write_json
 from stages.lib.params import convert_fields, load_params, run_main
 from stages.lib.progress import log
 from stages.lib.stats import DROPPED, Stats, drop_row
@@ -120,31 +120,41 @@ class IngestParams:
 # ---------------------------------------------------------------- 1. read
 
 
-def read_source(name: str, src: SourceParams, generated: list[dict] | None = None, max_chars: int = MAX_TEXT_CHARS,
-                stats: dict | None = None) -> tuple[list[dict], list[dict]]:
-    """(conversations, malformed reports) of one source, in file order. Text is repaired and records with a
-    message over `max_chars` are reported as `too_long` (`stages.lib.formats.records`); `stats` counts both."""
+def iter_source(name: str, src: SourceParams, generated: list[dict] | None = None, max_chars: int = MAX_TEXT_CHARS,
+                stats: dict | None = None):
+    """(conversation, None) or (None, malformed report) of one source, in file order, streamed from the file
+    (`stages.lib.formats.records`): text is repaired and records with a message over `max_chars` are reported as
+    `too_long`; `stats` counts both."""
     fmt, licence = src.format, src.licence
     if fmt == "generated":
-        items, where = [(f"[{i}]", r) for i, r in enumerate(generated or [])], paths.SELECTED
+        items, where = ((f"[{i}]", r) for i, r in enumerate(generated or [])), paths.SELECTED
         # a multi-turn generated row (magpie turns > 1) carries its whole conversation
-        items = [(pos, {**r, "messages": json.loads(r["messages_json"])} if r.get("messages_json") else r)
-                 for pos, r in items]
+        items = ((pos, {**r, "messages": json.loads(r["messages_json"])} if r.get("messages_json") else r)
+                 for pos, r in items)
     else:
         path = Path(src.path)
         if not path.is_file():
             raise StageError(f"sources.{name}.path: {path} not found")
         items, where = records(path, max_chars, stats), str(path)
-    convs, bad = [], []
     for pos, rec in items:
         try:
             kind = "messages" if fmt == "generated" and isinstance(rec, dict) and "messages" in rec else fmt
-            for k, (oid, msgs) in enumerate(to_messages(rec, kind, src.answers)):
-                oid = str(oid) if oid is not None else f"{pos}-{k}"
-                convs.append({"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
-                              "origin": f"{where}{pos}", "messages": msgs})
+            convs = to_messages(rec, kind, src.answers)
         except Malformed as e:
-            bad.append({"source": name, "origin": f"{where}{pos}", "reason": str(e), "kind": e.reason})
+            yield None, {"source": name, "origin": f"{where}{pos}", "reason": str(e), "kind": e.reason}
+            continue
+        for k, (oid, msgs) in enumerate(convs):
+            oid = str(oid) if oid is not None else f"{pos}-{k}"
+            yield {"id": f"{name}:{oid}", "source": name, "original_id": oid, "licence": licence,
+                   "origin": f"{where}{pos}", "messages": msgs}, None
+
+
+def read_source(name: str, src: SourceParams, generated: list[dict] | None = None, max_chars: int = MAX_TEXT_CHARS,
+                stats: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """`iter_source` collected: (conversations, malformed reports)."""
+    convs, bad = [], []
+    for conv, report in iter_source(name, src, generated, max_chars, stats):
+        (convs.append(conv) if conv is not None else bad.append(report))
     return convs, bad
 
 
@@ -292,14 +302,21 @@ def keep_share(conv_id: str, weight: float, seed: int) -> int:
 # ---------------------------------------------------------------- the pipeline
 
 
-def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> tuple[list[dict], list[dict], dict]:
-    """Steps 2-7 over conversations in order: (kept, dropped with reasons, counters)."""
-    kept, dropped = [], []
-    counts = Stats(html_or_artefacts_cleaned=0, roles_repaired=0)
-    seen_pairs: dict[tuple[str, str], str] = {}
-    seen_ids: set[str] = set()
-    dedup = NearDuplicates(p.minhash_threshold, p.minhash_num_perm, p.minhash_seed) if p.minhash_threshold > 0 else None
-    for c in convs:
+class Cleaner:
+    """Steps 2-7 for one conversation at a time (`step`), in order. What it remembers of the conversations seen
+    is small per conversation (ids, a 16-byte digest of the first exchange, MinHash bands), not their text."""
+
+    def __init__(self, p: IngestParams, decon: Decontaminator | None):
+        self.p, self.decon = p, decon
+        self.counts = Stats(html_or_artefacts_cleaned=0, roles_repaired=0)
+        self.seen_pairs: dict[bytes, str] = {}
+        self.seen_ids: set[str] = set()
+        self.dedup = (NearDuplicates(p.minhash_threshold, p.minhash_num_perm, p.minhash_seed)
+                      if p.minhash_threshold > 0 else None)
+
+    def step(self, c: dict) -> tuple[dict | None, dict | None]:
+        """(the cleaned conversation, None) if kept, else (None, its drop row)."""
+        p, counts = self.p, self.counts
         msgs = []
         for m in c["messages"]:
             text = clean_text(m["content"])
@@ -308,7 +325,7 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
         msgs, why, repaired = fix_roles(msgs)
         counts.add("roles_repaired", repaired)
         detail = None
-        if why is None and c["id"] in seen_ids:
+        if why is None and c["id"] in self.seen_ids:
             why, detail = "duplicate_id", c["origin"]
         if why is None and any(m["role"] == "assistant" and m["content"].startswith(BLOCKED) for m in msgs):
             why = "blocked"  # ChatGPT's rate-limit reply saved as an answer
@@ -317,28 +334,36 @@ def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> t
             why, detail = ("names_teacher", name) if name else (None, None)
         if why is None:
             why = language_reason(msgs, p.languages, p.min_language_chars)
-        if why is None:
-            pair = first_pair(msgs)
-            if pair in seen_pairs:
-                why, detail = "duplicate", seen_pairs[pair]
-        if why is None and decon is not None:
+        pair = _digest(first_pair(msgs)) if why is None else None
+        if why is None and pair in self.seen_pairs:
+            why, detail = "duplicate", self.seen_pairs[pair]
+        if why is None and self.decon is not None:
             asked = (m["content"] for m in msgs if m["role"] in ("user", "system"))
-            hit = next((h for h in map(decon.check, asked) if h), None)
+            hit = next((h for h in map(self.decon.check, asked) if h), None)
             why, detail = ("contaminated", hit) if hit else (None, None)
-        if why is None and dedup is not None:
-            twin = dedup.twin(c["id"], word_shingles(" ".join(m["content"] for m in msgs), p.minhash_ngram))
+        if why is None and self.dedup is not None:
+            twin = self.dedup.twin(c["id"], word_shingles(" ".join(m["content"] for m in msgs), p.minhash_ngram))
             if twin is not None:
                 why, detail = "near_duplicate", twin
+        self.seen_ids.add(c["id"])
         if why is not None:
-            seen_ids.add(c["id"])
-            dropped.append(drop_row("clean", why.split(":")[0],
-                                    detail or (why.split(":", 1)[1] if ":" in why else None),
-                                    id=c["id"], source=c["source"], origin=c["origin"]))
-            continue
-        seen_pairs[first_pair(msgs)] = c["id"]
-        seen_ids.add(c["id"])
-        kept.append({**c, "messages": msgs})
-    return kept, dropped, counts.counts()
+            return None, drop_row("clean", why.split(":")[0], detail or (why.split(":", 1)[1] if ":" in why else None),
+                                  id=c["id"], source=c["source"], origin=c["origin"])
+        self.seen_pairs[pair] = c["id"]
+        return {**c, "messages": msgs}, None
+
+
+def _digest(pair: tuple[str, str]) -> bytes:
+    return hashlib.blake2b("\x00".join(pair).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def clean(convs: list[dict], p: IngestParams, decon: Decontaminator | None) -> tuple[list[dict], list[dict], dict]:
+    """Steps 2-7 over conversations in order: (kept, dropped with reasons, counters)."""
+    cleaner, kept, dropped = Cleaner(p, decon), [], []
+    for c in convs:
+        conv, drop = cleaner.step(c)
+        (kept.append(conv) if conv is not None else dropped.append(drop))
+    return kept, dropped, cleaner.counts.counts()
 
 
 SCHEMA = {"id": pl.String, "source": pl.String, "original_id": pl.String, "licence": pl.String, "origin": pl.String,
@@ -347,38 +372,53 @@ DROPPED_SCHEMA = {"id": pl.String, "source": pl.String, "origin": pl.String, "st
                   "detail": pl.String}
 
 
-def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, list[str]]):
-    """The whole stage without file writes: (rows, dropped, metrics)."""
+def build(p: IngestParams, generated: list[dict] | None, eval_sets: dict[str, list[str]], rows=None, dropped=None):
+    """The whole stage without file writes, streamed: each source is read record by record and every row goes
+    out as soon as it is decided, into `rows` and `dropped` (lists by default, `ShardWriter`s in `main`), so
+    memory does not grow with the corpus' text. Returns (rows, dropped, metrics)."""
+    rows = [] if rows is None else rows
+    dropped = [] if dropped is None else dropped
     weights = p.mixtures[p.mixture]
-    convs, malformed, read_stats = [], [], {}
-    for name in weights:  # only the mixture's sources are read
-        got, bad = read_source(name, p.sources[name], generated, p.max_message_chars, read_stats)
-        convs += got
-        malformed += bad
-    decon = Decontaminator(eval_sets, p.decontam_ngram) if eval_sets else None
-    kept, dropped, counts = clean(convs, p, decon)
-    rows, per_source = [], {}
-    for name, w in weights.items():
-        cap = p.sources[name].cap
-        mine = [c for c in kept if c["source"] == name]
-        for c in mine[cap:] if cap else []:
-            dropped.append(drop_row("cap", "over_cap", str(cap), id=c["id"], source=name, origin=c["origin"]))
-        mine = mine[:cap] if cap else mine
-        n = 0
-        for c in mine:
-            for k in range(keep_share(c["id"], w, p.seed)):
-                rows.append({**c, "copy": k})
-                n += 1
-        per_source[name] = {"read": sum(x["source"] == name for x in convs), "clean": len(mine), "in_mixture": n,
-                            "weight": w,
-                            "malformed": sum(b["source"] == name and b["kind"] == "malformed" for b in malformed)}
-    for b in malformed:
-        dropped.append(drop_row("read", b["kind"], b["reason"], id=None, source=b["source"], origin=b["origin"]))
-    metrics = {"mixture": p.mixture, "conversations": len(rows), "read": len(convs),
-               "malformed": sum(b["kind"] == "malformed" for b in malformed),
+    read_stats: dict = {}
+    cleaner = Cleaner(p, Decontaminator(eval_sets, p.decontam_ngram) if eval_sets else None)
+    per_source, total_rows, total_read, malformed, drops = {}, 0, 0, 0, Stats()
+
+    def drop(row: dict) -> None:
+        dropped.append(row)
+        drops.drop(row["reason"])
+
+    for name, w in weights.items():  # only the mixture's sources are read, in the mixture's order
+        src = p.sources[name]
+        got = {"read": 0, "clean": 0, "in_mixture": 0, "weight": w, "malformed": 0}
+        records_seen = 0
+        for conv, bad in iter_source(name, src, generated, p.max_message_chars, read_stats):
+            records_seen += 1
+            if bad is not None:
+                got["malformed"] += bad["kind"] == "malformed"
+                log(f"ingest: {bad['origin']}: {bad['kind']} record ({name}): {bad['reason']}")
+                drop(drop_row("read", bad["kind"], bad["reason"], id=None, source=name, origin=bad["origin"]))
+                continue
+            got["read"] += 1
+            kept, why = cleaner.step(conv)
+            if kept is None:
+                drop(why)
+            elif src.cap and got["clean"] >= src.cap:
+                drop(drop_row("cap", "over_cap", str(src.cap), id=kept["id"], source=name, origin=kept["origin"]))
+            else:
+                got["clean"] += 1
+                for k in range(keep_share(kept["id"], w, p.seed)):
+                    rows.append({**kept, "copy": k})
+                    got["in_mixture"] += 1
+        if not records_seen:
+            where = src.path or paths.SELECTED
+            log(f"ingest: warning: source {name!r} ({where}) holds no records; check sources.{name}.path")
+        per_source[name] = got
+        total_rows += got["in_mixture"]
+        total_read += got["read"]
+        malformed += got["malformed"]
+    metrics = {"mixture": p.mixture, "conversations": total_rows, "read": total_read, "malformed": malformed,
                "text_repaired": read_stats.get("repaired", 0),
-               DROPPED: Stats.of_drops(d["reason"] for d in dropped).dropped_by_reason(), **counts,
-               "sources": per_source}
+               DROPPED: drops.dropped_by_reason(), **cleaner.counts.counts(), "sources": per_source}
     return rows, dropped, metrics
 
 
@@ -390,14 +430,14 @@ def main() -> None:
     if any(p.sources[s].format == "generated" for s in p.mixtures[p.mixture]):
         generated = read_shards(paths.SELECTED, "kept").to_dicts()
     eval_sets = {path: [x["instruction"] for x in read_prompts(path)] for path in p.decontaminate}
-    rows, dropped, metrics = build(p, generated, eval_sets)
-    for b in (d for d in dropped if d["step"] == "read"):
-        log(f"ingest: {b['origin']}: {b['reason']} record ({b['source']}): {b['detail']}")
-    with atomic_dir(paths.CONVERSATIONS) as tmp:
-        write_shards(pl.DataFrame(rows, schema=SCHEMA), tmp, "conversations", p.rows_per_shard)
-        write_shards(pl.DataFrame(dropped, schema=DROPPED_SCHEMA), tmp, "dropped", p.rows_per_shard)
+    with atomic_dir(paths.CONVERSATIONS) as tmp:  # shards are written as they fill
+        rows = ShardWriter(tmp, "conversations", SCHEMA, p.rows_per_shard)
+        dropped = ShardWriter(tmp, "dropped", DROPPED_SCHEMA, p.rows_per_shard)
+        _, _, metrics = build(p, generated, eval_sets, rows, dropped)
+        rows.close()
+        dropped.close()
     write_json(paths.metrics("ingest"), metrics)
-    log(f"ingest ({p.mixture}): {len(rows)} conversations; dropped {metrics['dropped_by_reason']}")
+    log(f"ingest ({p.mixture}): {metrics['conversations']} conversations; dropped {metrics['dropped_by_reason']}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ Used by `generate` (response distillation), `ingest` (decontamination) and `eval
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
 from stages.lib.errors import StageError
 from stages.lib.progress import log
-from stages.lib.text.clean import MAX_TEXT_CHARS, clean_json, decode, load_json, too_long
+from stages.lib.text.clean import MAX_JSON_DEPTH, MAX_TEXT_CHARS, clean_json, decode, json_depth, load_json, too_long
 from stages.lib.tokens.templates import user_message
 
 PROMPT_FIELDS = ("instruction", "prompt", "question", "text")
@@ -28,15 +29,16 @@ class Malformed(Exception):
 
 
 def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = None):
-    """(position, record or Malformed) of a JSON array (`[i]`) or a JSONL file (`:line`).
+    """(position, record or Malformed) of a JSON array (`[i]`) or a JSONL file (`:line`), streamed: memory
+    holds one record (and one 1 MiB chunk of a JSON array), never the whole file.
 
     Text from the wild is repaired (`stages.lib.text.clean`: invalid UTF-8, lone surrogates, NULs)
     and counted in `stats["repaired"]`; a record holding a string over `max_chars` (0: no cap) comes
-    as Malformed with reason `too_long`, counted in `stats["too_long"]`."""
+    as Malformed with reason `too_long`, counted in `stats["too_long"]`. A JSON array that is not valid
+    JSON stops with `file:line`, at the first bad record (the records before it have been yielded)."""
     stats = {} if stats is None else stats
     stats.setdefault("repaired", 0)
     stats.setdefault("too_long", 0)
-    data = path.read_bytes()
 
     def checked(rec, bytes_repaired: bool = False):
         fixed = clean_json(rec)
@@ -47,27 +49,135 @@ def records(path: Path, max_chars: int = MAX_TEXT_CHARS, stats: dict | None = No
             return Malformed(why, "too_long")
         return fixed
 
-    if path.suffix == ".json":
-        text = decode(data)
-        if not _is_utf8(data):  # counted once for the file: its bytes cannot be told apart by record
-            stats["repaired"] += 1
-            log(f"{path}: invalid UTF-8 bytes replaced by U+FFFD")
+    with path.open("rb") as f:
+        if path.suffix == ".json":
+            chunks = _TextChunks(f)
+            for i, rec in enumerate(_array_items(chunks, path)):
+                if isinstance(rec, Malformed):
+                    yield f"[{i}]", rec
+                else:
+                    yield f"[{i}]", checked(rec)
+            if chunks.repaired:  # counted once for the file: its bytes cannot be told apart by record
+                stats["repaired"] += 1
+                log(f"{path}: invalid UTF-8 bytes replaced by U+FFFD")
+            return
+        for n, raw in enumerate(f, 1):  # binary lines end at b"\n" only: U+2028 may sit inside a JSON string
+            if raw.strip():
+                try:
+                    rec = load_json(decode(raw))
+                except json.JSONDecodeError as e:
+                    yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
+                    continue
+                yield f":{n}", checked(rec, not _is_utf8(raw))
+
+
+CHUNK_BYTES = 1 << 20
+"""A JSON array is read in chunks of this many bytes."""
+
+
+class _TextChunks:
+    """A binary file as cleaned text chunks: UTF-8 (a leading BOM dropped), invalid bytes as U+FFFD (then
+    `repaired` is True), NULs removed; multi-byte characters split between chunks are joined."""
+
+    def __init__(self, f):
+        self.f, self.repaired = f, False
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")("strict")
+
+    def read(self) -> str | None:
+        """The next chunk of text ("" possible), or None at the end of the file."""
+        data = self.f.read(CHUNK_BYTES)
+        final = not data
         try:
-            recs = load_json(text)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(recs, list):
-            raise StageError(f"{path}: expected a JSON array of records")
-        yield from ((f"[{i}]", checked(r)) for i, r in enumerate(recs))
-        return
-    for n, raw in enumerate(data.split(b"\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
-        if raw.strip():
-            try:
-                rec = load_json(decode(raw))
-            except json.JSONDecodeError as e:
-                yield f":{n}", Malformed(f"invalid JSON: {e.msg}")
-                continue
-            yield f":{n}", checked(rec, not _is_utf8(raw))
+            text = self.decoder.decode(data, final)
+        except UnicodeDecodeError:  # from here on, replace: the pending bytes are decoded again with the chunk
+            pending = self.decoder.getstate()[0]
+            self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            self.repaired = True
+            text = self.decoder.decode(pending + data, final)
+        if final and not text:
+            return None
+        return text.replace("\x00", "")
+
+
+_WS = " \t\n\r"
+_NUMBER_TAIL = "0123456789.eE+-"
+_DECODER = json.JSONDecoder()
+
+
+def _array_items(chunks: _TextChunks, path: Path):
+    """The items of a top-level JSON array, parsed one at a time from `chunks`. A syntax error raises StageError
+    with its line; an item nested deeper than MAX_JSON_DEPTH comes as Malformed (its extent is known)."""
+    buf, pos, line, eof = "", 0, 1, False
+
+    def more(grow: bool = False) -> bool:
+        """Drop the consumed text and read one chunk, or with `grow` until the unparsed text has doubled (an item
+        k chunks long is then parsed O(log k) times, not k). False at the end of the file."""
+        nonlocal buf, pos, line, eof
+        line += buf.count("\n", 0, pos)
+        buf, pos = buf[pos:], 0
+        target, read = 2 * len(buf) if grow else len(buf) + 1, False
+        while not eof and len(buf) < target:
+            text = chunks.read()
+            if text is None:
+                eof = True
+            else:
+                buf, read = buf + text, True
+        return read
+
+    def fail(at: int, msg: str):
+        raise StageError(f"{path}:{line + buf.count(chr(10), 0, at)}: invalid JSON: {msg}")
+
+    def next_char() -> str:
+        """The next character that is not whitespace ("" at the end of the file), at `buf[pos]`."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in _WS:
+                pos += 1
+            if pos < len(buf):
+                return buf[pos]
+            if not more():
+                return ""
+
+    first = next_char()
+    if first != "[":
+        if not first:
+            fail(pos, "Expecting value")
+        raise StageError(f"{path}: expected a JSON array of records")
+    pos += 1
+    if next_char() == "]":
+        pos += 1
+    else:
+        while True:
+            next_char()
+            while True:
+                try:
+                    item, end = _DECODER.raw_decode(buf, pos)
+                except RecursionError:
+                    fail(pos, f"nested deeper than {MAX_JSON_DEPTH} levels")
+                except json.JSONDecodeError as e:
+                    # an item cut by the chunk's end fails near that end, or as an open string: read on
+                    cut = e.pos >= len(buf) - 16 or e.msg.startswith("Unterminated string")
+                    at = e.pos - pos  # `more` drops the text before `pos`
+                    if cut and more(grow=True):
+                        continue
+                    fail(pos + at, e.msg)
+                else:
+                    number = isinstance(item, (int, float)) and not isinstance(item, bool)
+                    if number and not buf[end:].strip(_NUMBER_TAIL) and more(grow=True):
+                        continue  # "1" of "1.5" or "12": a number may go on in the next chunk
+                    break
+            pos = end
+            too_deep = json_depth(item) >= MAX_JSON_DEPTH  # the array itself is one level
+            yield Malformed(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels") if too_deep else item
+            sep = next_char()
+            if sep == "]":
+                pos += 1
+                break
+            if sep != ",":
+                fail(pos, "Expecting ',' delimiter")
+            pos += 1
+    if next_char():
+        fail(pos, "Extra data")
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -130,15 +130,45 @@ def write_shards(df: pl.DataFrame, out_dir: Path, prefix: str = "part", rows_per
     that carries the schema.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
     n = max(1, -(-df.height // rows_per_shard))
-    for i in range(n):
-        part = df.slice(i * rows_per_shard, rows_per_shard)
-        p = out_dir / f"{prefix}-{i:05d}.parquet"
-        with atomic_file(p, "wb") as f:
-            pq.write_table(part.to_arrow(), f, compression="zstd", row_group_size=rows_per_shard)
-        paths.append(p)
-    return paths
+    return [_write_shard(df.slice(i * rows_per_shard, rows_per_shard), out_dir / f"{prefix}-{i:05d}.parquet",
+                         rows_per_shard) for i in range(n)]
+
+
+def _write_shard(part: pl.DataFrame, path: Path, rows_per_shard: int) -> Path:
+    with atomic_file(path, "wb") as f:
+        pq.write_table(part.to_arrow(), f, compression="zstd", row_group_size=rows_per_shard)
+    return path
+
+
+class ShardWriter:
+    """`write_shards` for rows that arrive one at a time (`append(row)`, then `close()`): each shard is written
+    as soon as it fills, so memory holds one shard's rows, and the files are the ones `write_shards` writes for
+    the same rows and schema."""
+
+    def __init__(self, out_dir: Path, prefix: str, schema: dict, rows_per_shard: int = 50_000):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.prefix, self.schema, self.rows_per_shard = out_dir, prefix, schema, rows_per_shard
+        self.rows: list[dict] = []
+        self.paths: list[Path] = []
+        self.height = 0
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self.height += 1
+        if len(self.rows) == self.rows_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"{self.prefix}-{len(self.paths):05d}.parquet"
+        self.paths.append(_write_shard(pl.DataFrame(self.rows, schema=self.schema), path, self.rows_per_shard))
+        self.rows = []
+
+    def close(self) -> list[Path]:
+        """Write the last, partial shard (or the one empty shard that carries the schema); the shards' paths."""
+        if self.rows or not self.paths:
+            self._flush()
+        return self.paths
 
 
 def read_shards(in_dir: str | os.PathLike, prefix: str = "part") -> pl.DataFrame:
