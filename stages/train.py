@@ -3,7 +3,9 @@
 One optimizer step takes `grad_accum` micro-batches; the loss of the step is the summed
 cross-entropy over every supervised token of those micro-batches divided by their count
 (summed over processes), so gradient accumulation and multi-GPU runs optimise the same
-objective. Loss, learning rate and tokens/s go to dvclive (`metrics/train`). The result
+objective. With `objective: kd` or `mix` the loss is (or adds) a divergence from the teacher's captured
+top-k log-probabilities (stage `capture`, `stages/lib/training/kd.py`), chunked like the cross-entropy;
+`ce` and `kd` are then logged apart. Loss, learning rate and tokens/s go to dvclive (`metrics/train`). The result
 is saved as a plain Hugging Face model dir (safetensors + tokenizer); a LoRA run saves
 the merged weights, and its adapter in `adapter/`.
 
@@ -44,6 +46,7 @@ from stages.lib.training.batches import (
 )
 from stages.lib.training.checkpoint import load_checkpoint, remove_checkpoint, run_fingerprint, save_checkpoint
 from stages.lib.training.export import export_model, save_student
+from stages.lib.training.kd import KDSpec, masked_kd_sum
 from stages.lib.training.memory import peak_memory_mb, plan_memory
 from stages.lib.training.model import ATTENTION, build_model, dense_packing
 from stages.lib.training.precision import DTYPES, resolve_dtype
@@ -117,6 +120,17 @@ class TrainParams:
     eval_every: int = 8
     """Validation loss on the held-out split every this many steps and after the last (0: never);
     logged as `val_loss` next to the training loss."""
+    objective: str = "ce"
+    """`ce`: cross-entropy on the teacher's text (Alpaca's way); `kd`: the divergence from the teacher's captured
+    top-k log-probabilities (stage `capture`, which then runs); `mix`: (1 - kd_weight) CE + kd_weight KD."""
+    kd_weight: float = 0.5
+    """`mix`: the KD share of the loss."""
+    divergence: str = "forward_kl"
+    """`forward_kl` KL(teacher||student), `reverse_kl` KL(student||teacher), or `jsd` (generalized JSD, `kd_beta`)."""
+    kd_beta: float = 0.5
+    """`jsd`: its beta, TRL's convention (0: forward KL, 1: reverse KL)."""
+    kd_temperature: float = 1.0
+    """Both distributions tempered by it (KD terms scaled by its square)."""
     checkpoint_every: int = 8
     """Save a resumable checkpoint (model, optimizer, RNG states, step) to `models/checkpoint` every this
     many steps (0: never); an interrupted run resumes from it when params and data are unchanged, and
@@ -135,11 +149,16 @@ class TrainParams:
         check(self.attn_implementation != "sdpa_packed" or self.packing,
               "attn_implementation: sdpa_packed is for packed rows (packing: true)")
         check(self.loss_chunk_tokens >= 0, "loss_chunk_tokens: must be >= 0")
+        self.kd_spec()  # checks objective, divergence, kd_weight, kd_beta, kd_temperature
         check(self.max_memory_gb >= 0 or self.max_memory_gb == -1,
               "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         check(self.eval_every >= 0, "eval_every: must be >= 0")
         check_plain_path(self.accelerate_config, "accelerate_config")  # dvc.yaml pastes it into a shell cmd
+
+    def kd_spec(self) -> KDSpec:
+        """The distillation objective these params set (stages/lib/training/kd.py)."""
+        return KDSpec(self.objective, self.kd_weight, self.divergence, self.kd_beta, self.kd_temperature)
 
 
 AUTOCAST = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -163,6 +182,10 @@ class Run:
     params: list
     make: Callable[[list[int]], dict]
     """A micro-batch from a list of unit indices (examples, or packed rows)."""
+    order: Callable[[list[int]], list[int]]
+    """The examples of a micro-batch's unit indices, in its row-major order (the captured teacher rows' order)."""
+    captured: Any
+    """`kd`/`mix`: the captured teacher (`CapturedSplit` of the train split), else None."""
     total: int
     stream: Iterator[list[int]]
     fingerprint: str
@@ -182,7 +205,8 @@ class Run:
 # ---------------------------------------------------------------- setup
 
 
-def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_dir: str, student: str) -> Run:
+def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_dir: str, student: str,
+          logprobs_dir: str = paths.LOGPROBS) -> Run:
     """Data, model, optimizer and batches, resumed from a matching checkpoint when there is one."""
     import torch
     from accelerate import Accelerator
@@ -194,6 +218,7 @@ def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_
     acc = Accelerator(mixed_precision=AUTOCAST[dtype])
     torch.manual_seed(p.seed)
     data, val, tok = _setup_data(data_dir, student)
+    captured = _setup_teacher(p, data, logprobs_dir)  # checked before any weights are loaded
     longest = int(data.index[:, 1].max())
     seq_len = int(data.meta.get("max_seq_len") or longest) if p.packing else longest
     plan = plan_memory(p, student, dtype, acc, seq_len)
@@ -202,7 +227,7 @@ def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_
     params, opt = _setup_optimizer(p, model)
     model, opt = acc.prepare(model, opt)
     model.train()
-    units, make = _setup_batches(p, data, pad_id(tok), dense)
+    units, make, order = _setup_batches(p, data, pad_id(tok), dense)
     per_step = p.batch_size * p.grad_accum * acc.num_processes
     total = p.max_steps or math.ceil(p.epochs * len(units) / per_step)
     layout = f" in {len(units)} packed rows ({'dense mask' if dense else 'position ids'})" if p.packing else ""
@@ -220,7 +245,8 @@ def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_
     live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) if live_dir else None
     for row in history if live else []:  # the steps before the interruption, as they were logged
         _log_row(live, row)
-    return Run(p, acc, student, dtype, data, val, tok, plan, model, opt, params, make, total, stream, fingerprint,
+    return Run(p, acc, student, dtype, data, val, tok, plan, model, opt, params, make, order, captured, total,
+               stream, fingerprint,
                done, history, live, out_dir, checkpoint_dir, log_dir, live_dir, start=time.monotonic(),
                last_loss=history[-1]["loss"] if history else float("nan"))
 
@@ -238,6 +264,23 @@ def _setup_data(data_dir: str, student: str):
         raise StageError(f"student.model {student!r} has a different tokenizer than the one {data_dir} was tokenized "
                          f"with ({data.meta['tokenizer']!r}): rerun tokenize (`dvc repro` does)")
     return data, val, tok
+
+
+def _setup_teacher(p: TrainParams, data: TokenSplit, logprobs_dir: str):
+    """`kd`/`mix`: the captured teacher rows of the train split, checked against the tokens (tokenizer, examples,
+    each shard's content); None for `ce`."""
+    if p.objective == "ce":
+        return None
+    from stages.lib.logprobs.format import CapturedSplit
+
+    folder = Path(logprobs_dir) / "train"
+    if not (folder / "meta.json").is_file():
+        raise StageError(f"train.objective={p.objective} needs the teacher's captured log-probabilities in {folder}: "
+                         "run the capture stage (`dvc repro` does)")
+    captured = CapturedSplit(folder, data)
+    log(f"train: objective {p.objective} ({p.divergence}, T={p.kd_temperature}) against {captured.meta['teacher_name']}"
+        f"'s top-{captured.meta['identity']['k']}")
+    return captured
 
 
 def _setup_model(p: TrainParams, student: str, dtype: str, acc):
@@ -259,10 +302,11 @@ def _setup_optimizer(p: TrainParams, model):
 def _setup_batches(p: TrainParams, data: TokenSplit, pad: int, dense: bool):
     """(the units a batch draws from, a micro-batch from unit indices): packed rows of examples, or examples."""
     if not p.packing:
-        return list(range(len(data))), lambda idx: collate([data[i] for i in idx], pad)
+        return list(range(len(data))), lambda idx: collate([data[i] for i in idx], pad), list
     width = int(data.meta.get("max_seq_len") or data.index[:, 1].max())
     units = pack(data.index[:, 1], width)
-    return units, lambda idx: collate_packed([[data[i] for i in units[u]] for u in idx], width, pad, dense_mask=dense)
+    return (units, lambda idx: collate_packed([[data[i] for i in units[u]] for u in idx], width, pad, dense_mask=dense),
+            lambda idx: [i for u in idx for i in units[u]])
 
 
 # ---------------------------------------------------------------- step
@@ -275,15 +319,19 @@ def step(run: Run, i: int) -> dict:
     p, acc = run.p, run.acc
     # each process takes its own micro-batches from the same seeded stream
     micro = [next(run.stream) for _ in range(p.grad_accum * acc.num_processes)]
-    group = [run.make(idx) for idx in micro[acc.process_index :: acc.num_processes]]
+    mine = micro[acc.process_index :: acc.num_processes]
+    group = [run.make(idx) for idx in mine]
     n_local = sum(int((targets_of(b) != IGNORE_INDEX).sum()) for b in group)
     n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item())
     for g in run.opt.param_groups:
         g["lr"] = p.learning_rate * lr_at(i, run.total, p)
     t0 = time.monotonic()
-    step_loss = 0.0
-    for j, b in enumerate(group):
-        step_loss += _loss_step(run, b, j == len(group) - 1, n_global)
+    step_loss, parts = 0.0, {"ce": 0.0, "kd": 0.0}
+    for j, (idx, b) in enumerate(zip(mine, group)):
+        loss, got = _loss_step(run, b, run.order(idx), j == len(group) - 1, n_global)
+        step_loss += loss
+        for k in parts:
+            parts[k] += got[k]
     if p.max_grad_norm > 0:
         acc.clip_grad_norm_(run.params, p.max_grad_norm)
     run.opt.step()
@@ -297,6 +345,9 @@ def step(run: Run, i: int) -> dict:
     row = {"loss": run.last_loss, "learning_rate": run.opt.param_groups[0]["lr"],
            "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
            "padding_efficiency": tokens / max(1, slots)}
+    if run.captured is not None:  # the two terms apart, per supervised token
+        for k, v in parts.items():
+            row[k] = float(acc.reduce(torch.tensor(v, device=acc.device), "sum").item()) / max(1, n_global)
     if len(run.val) and p.eval_every and ((i + 1) % p.eval_every == 0 or i + 1 == run.total):
         # every process computes it (under FSDP each forward needs them all)
         row["val_loss"] = validation_loss(run.model, run.val, p.batch_size, pad_id(run.tok), acc.device,
@@ -312,17 +363,23 @@ def step(run: Run, i: int) -> dict:
     return row
 
 
-def _loss_step(run: Run, batch: dict, last: bool, n_global: int) -> float:
-    """Forward and backward of one micro-batch; its summed loss. Gradients are synchronised across
-    processes only on the step's last micro-batch (`last`)."""
+def _loss_step(run: Run, batch: dict, examples: list[int], last: bool, n_global: int) -> tuple[float, dict]:
+    """Forward and backward of one micro-batch (`examples`: its examples in row-major order); its summed loss and,
+    for `kd`/`mix`, its summed CE and KD terms. Gradients are synchronised across processes only on the step's
+    last micro-batch (`last`)."""
     acc = run.acc
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     sync = contextlib.nullcontext() if last else acc.no_sync(run.model)
     with sync, acc.autocast():
-        loss_sum, _ = masked_loss_sum(run.model, batch, run.p.loss_chunk_tokens)
+        if run.captured is None:
+            loss_sum, _ = masked_loss_sum(run.model, batch, run.p.loss_chunk_tokens)
+            parts = {"ce": 0.0, "kd": 0.0}
+        else:
+            loss_sum, _, parts = masked_kd_sum(run.model, batch, run.captured.teacher(examples), run.p.kd_spec(),
+                                               run.p.loss_chunk_tokens)
         # DDP averages gradients over processes; scale so the result is sum / n_global.
         acc.backward(loss_sum * acc.num_processes / max(1, n_global))
-    return loss_sum.item()
+    return loss_sum.item(), parts
 
 
 def _log_row(live, row: dict) -> None:
@@ -359,11 +416,11 @@ def finish(run: Run) -> dict:
 
 
 def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STUDENT, log_dir: str = paths.TRAIN_LOG,
-          checkpoint_dir: str = paths.CHECKPOINT, *, student: str) -> dict:
+          checkpoint_dir: str = paths.CHECKPOINT, *, student: str, logprobs_dir: str = paths.LOGPROBS) -> dict:
     """Fine-tune `student` (a model dir or hub id: params.yaml `student.model`) on the token arrays in
     `data_dir` and save it to `out_dir` (dvclive logs in `log_dir`); the paths are paths.py's unless a
     test gives others. Returns the run's summary."""
-    run = setup(p, data_dir, out_dir, log_dir, checkpoint_dir, student)
+    run = setup(p, data_dir, out_dir, log_dir, checkpoint_dir, student, logprobs_dir)
     for i in range(run.done, run.total):
         step(run, i)
     return finish(run)

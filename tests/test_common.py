@@ -79,7 +79,9 @@ SHARED_PARAMS = {"generate": ("filter.min_words", "filter.max_words", "filter.bl
                  # the one student setting (stages/lib/student.py)
                  "tokenize": ("student",), "train": ("student",), "evaluate": ("student",), "report": ("student",),
                  # IFD scores with the student's base model and its training prompt template
-                 "select": ("student", "tokenize.template")}
+                 "select": ("student", "tokenize.template"),
+                 # capture runs only for the objectives that use it
+                 "capture": ("train.objective",)}
 """Keys (or whole sections) of params.yaml that a stage reads besides its own section, in the order dvc.yaml
 lists them after the stage's own section. Each must be one the stage really reads (tests below)."""
 
@@ -224,7 +226,7 @@ def test_stages_and_tools_name_no_path_between_stages_but_through_paths_py():
     import re
 
     # defaults of model params (`student.model`, `select.judge.model`, `model`)
-    allowed = {paths.TEACHER, paths.STUDENT}
+    allowed = {paths.TEACHER, paths.PRUNED, paths.STUDENT}
     literal = re.compile(r'^[^#]*?[^`\w/]"((?:data|models|metrics)/[\w./-]+)"')
     for f in sorted((ROOT / "stages").rglob("*.py")):
         if f.name == "paths.py":

@@ -14,7 +14,7 @@ from stages.lib.errors import StageError
 from stages.lib.tokens.arrays import TokenSplit
 from stages.lib.training.prune import block_influence, calibration_batches, lowest, prune
 from tests.support.builders import ROWS8, make_data
-from tests.support.tiny import make_tiny_model
+from tests.support.tiny import ROOT, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,37 @@ def test_layers_dropped_in_memory_are_renumbered_so_the_kv_cache_works(teacher4)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
+def test_the_prune_stage_writes_the_smaller_student_calibrated_on_the_seed_tasks(teacher4, in_tmp, monkeypatch):
+    """`python -m stages.prune`: the layer of lowest Block Influence on the seed tasks (layer 1, nearly an identity)
+    goes; models/pruned is a 3-layer model the default student setting points at, and the metrics say what went."""
+    import shutil
+
+    from stages import prune as stage
+    from stages.lib import paths
+    from stages.lib.student import StudentParams
+
+    path, _, _ = teacher4
+    shutil.copy(ROOT / "seeds" / "seed_tasks.jsonl", in_tmp / "seeds.jsonl")
+    (in_tmp / "params.yaml").write_text(json.dumps({"prune": {
+        "teacher": str(path), "drop_layers": 1, "calibration": "seeds.jsonl", "calibration_examples": 6}}))
+    stage.main()
+    assert StudentParams().model == paths.PRUNED
+    assert load(in_tmp / paths.PRUNED).config.num_hidden_layers == 3
+    m = json.loads((in_tmp / paths.metrics("prune")).read_text())
+    assert m["layers_kept"] == 3 and m["layers_dropped"] == [1] and len(m["block_influence"]) == 4
+    assert m["parameters"] < m["teacher_parameters"]
+
+
+def test_bad_calibration_seeds_name_the_file_and_line(tmp_path):
+    from stages.prune import calibration_tasks
+
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"instruction": "a", "instances": [{"input": "", "output": "b"}]}\n{"instruction": "c"}\n')
+    with pytest.raises(StageError, match=f"{f}:2: expected a seed task"):
+        calibration_tasks(str(f), 5)
+    assert calibration_tasks(str(f), 1) == [("a", "", "b")]
+    f.write_text("\n")
+    with pytest.raises(StageError, match="no seed tasks"):
+        calibration_tasks(str(f), 5)

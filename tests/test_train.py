@@ -366,6 +366,7 @@ def test_lineage_is_every_stage_upstream_of_train_in_dvc_yaml(tmp_path):
     """The lineage follows the real stage graph: a dvc.lock with every dvc.yaml stage gives the data and
     model outputs of exactly the stages train depends on, directly or not (select included), without
     metrics or append-only caches."""
+    from stages.lib import paths
     from stages.lib.training.card import APPEND_ONLY, lineage, upstream
     from tests.support.tiny import ROOT
 
@@ -387,9 +388,12 @@ def test_lineage_is_every_stage_upstream_of_train_in_dvc_yaml(tmp_path):
     assert {s for s, _, _ in rows} == want
     persist = {next(iter(o)) for st in dvc.values() for o in st.get("outs", [])
                if isinstance(o, dict) and (next(iter(o.values())) or {}).get("persist")}
-    assert set(APPEND_ONLY) == persist
+    # every persist output is an append-only cache but the captured teacher log-probabilities (persist so that an
+    # interrupted capture resumes), which train learns from: they are in the lineage
+    assert set(APPEND_ONLY) == persist - {paths.LOGPROBS}
     assert [o for _, o, _ in rows] == [o for s in upstream("train") for o in outs[s]
-                                       if not o.startswith("metrics/") and o not in persist]
+                                       if not o.startswith("metrics/") and o not in APPEND_ONLY]
+    assert ("capture", paths.LOGPROBS, f"capture:{paths.LOGPROBS}") in rows
     assert lineage(str(tmp_path / "missing.lock")) == []
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 SEEDS = "data/seeds"
 """Validated seed tasks (`part-*.parquet`, `stats.json`)."""
 TEACHER = "models/teacher"
-"""The embedded teacher (a Hugging Face model dir); also the default student base."""
+"""The embedded teacher (a Hugging Face model dir)."""
+PRUNED = "models/pruned"
+"""`prune`'s output: the teacher without its least important layers, the default student's base."""
 GENERATED = "data/generated"
 """Teacher-written tasks (`tasks-*.parquet`) and unparsed items (`unparsed-*.parquet`)."""
 TEACHER_CACHE = "data/teacher_cache"
@@ -26,6 +28,9 @@ CONVERSATIONS = "data/conversations"
 """The mixture's conversations (`conversations-*.parquet`) and the drops (`dropped-*.parquet`)."""
 TOKENS = "data/tokens"
 """Token arrays per split and `meta.json`."""
+LOGPROBS = "data/teacher_logprobs"
+"""`capture`'s teacher top-k log-probabilities per split (`train/`, stages/lib/logprobs/format.py) and `status.json`
+(persist output: an interrupted capture resumes)."""
 STUDENT = "models/student"
 """The trained student (a Hugging Face model dir)."""
 CHECKPOINT = "models/checkpoint"
@@ -52,11 +57,13 @@ def metrics(stage: str) -> str:
 OUTPUTS: dict[str, list[str]] = {
     "seeds": [SEEDS],
     "teacher_model": [TEACHER],
+    "prune": [PRUNED, metrics("prune")],
     "generate": [GENERATED, TEACHER_CACHE, metrics("generate")],
     "filter": [FILTERED, metrics("filter")],
     "select": [SELECTED, SELECT_CACHE, metrics("select")],
     "ingest": [CONVERSATIONS, metrics("ingest")],
     "tokenize": [TOKENS, metrics("tokenize")],
+    "capture": [LOGPROBS, metrics("capture")],
     "train": [STUDENT, TRAIN_LOG],
     "evaluate": [EVAL, EVAL_CACHE, metrics("evaluate")],
     "report": [REPORT, REPORT_SERIES],
@@ -66,14 +73,16 @@ OUTPUTS: dict[str, list[str]] = {
 INPUTS: dict[str, list[str]] = {
     "seeds": [],
     "teacher_model": [],
+    "prune": [TEACHER],
     "generate": [SEEDS, TEACHER],
     "filter": [SEEDS, GENERATED],
-    "select": [FILTERED, TEACHER],
+    "select": [FILTERED, PRUNED, TEACHER],
     "ingest": [SELECTED],
-    "tokenize": [CONVERSATIONS, TEACHER],
-    "train": [TOKENS, TEACHER],
-    "evaluate": [TOKENS, STUDENT, TEACHER],
-    "report": [SEEDS, FILTERED, SELECTED, CONVERSATIONS, TEACHER, metrics("generate"), metrics("filter"),
+    "tokenize": [CONVERSATIONS, PRUNED, TEACHER],
+    "capture": [TOKENS, TEACHER],
+    "train": [TOKENS, LOGPROBS, PRUNED, TEACHER],
+    "evaluate": [TOKENS, PRUNED, STUDENT, TEACHER],
+    "report": [SEEDS, FILTERED, SELECTED, CONVERSATIONS, PRUNED, TEACHER, metrics("generate"), metrics("filter"),
                metrics("select"), metrics("ingest"),
                metrics("tokenize"), TRAIN_LOG, metrics("evaluate")],
 }

@@ -73,6 +73,8 @@ def make_e2e_repo(repo: Path) -> Path:
         repo,
         generate={"num_requests": 8, "batch_size": 8},
         student={"model": "tiny_student"},
+        # prune runs in every full repro: on the tiny student, not the 135M teacher, to stay quick
+        prune={"teacher": "tiny_student", "drop_layers": 1, "calibration_examples": 4},
         train={"max_steps": 4, "batch_size": 2},
         evaluate={"max_new_tokens": 8,
                   "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}}},
