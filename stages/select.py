@@ -27,7 +27,7 @@ import polars as pl
 from stages.lib import paths
 from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
-from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
+from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, default_prices, price_for
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.selection.policy import Policy, apply, combined
@@ -83,8 +83,8 @@ class SelectParams:
     api: ApiParams = field(default_factory=ApiParams)
     """API judge: concurrency, rate limits, retries, timeout and max_cost_usd (the hard budget of this run's calls,
     checked before each request), as `generate.api`."""
-    prices: dict[str, Price] = field(default_factory=dict)
-    """API judge: USD per million tokens by judge model, as generate.prices ({} : cost reported as 0)."""
+    prices: dict[str, Price] = field(default_factory=default_prices)
+    """API judge: USD per million tokens by judge model, as generate.prices (a model not listed: cost reported as 0)."""
     max_seq_len: int = 512
     """IFD: tokens per example (prompt + response); longer responses are cut."""
     batch_size: int = 8
