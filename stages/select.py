@@ -233,7 +233,8 @@ def main() -> None:
                              f"{s.failed_by_reason['budget']} "
                              "ratings not asked (raise the budget; paid verdicts are cached)")
     if p.method in ("ifd", "both"):
-        add_ifd(rows, p, load_student().model, load_params(TemplateParam, "tokenize", only_own_keys=True).template)
+        add_ifd(rows, p, paths.local_model(load_student().model, "student.model"),
+                load_params(TemplateParam, "tokenize", only_own_keys=True).template)
     cut = choose(rows, p)
     out = pl.DataFrame(rows, schema={**df.schema, **SCORE_COLUMNS})
     kept = out.filter(pl.col("reason").is_null())

@@ -27,6 +27,12 @@ def load(model_dir: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stages.lib.errors import StageError
+
+    try:
+        paths.local_model(model_dir, "--model")
+    except StageError as e:
+        raise SystemExit(f"ERROR: {e}") from None
     tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
         raise SystemExit(f"{model_dir}: the tokenizer has no chat template "
