@@ -109,10 +109,11 @@ class SelectParams:
             self.pol = Policy.from_dict({k: v for k, v in asdict(self.policy).items() if v is not None})
         except ValueError as e:
             hint = " (set the others to null, e.g. -S select.policy.threshold=null)" if "exactly one" in str(e) else ""
-            raise StageError(f"{e}{hint}") from None
+            raise StageError(f"select.{e}{hint}") from None  # `select.policy: ...`, the key as -S names it
         need = {"rating": {"rating", "both"}, "ifd": {"ifd", "both"}, "combined": {"both"}}[self.pol.score]
-        check(self.method == "none" or self.method in need,
-              f"policy.score {self.pol.score}: needs method {' or '.join(sorted(need))}, got {self.method!r}")
+        if self.method != "none" and self.method not in need:
+            raise StageError(f"select.policy.score {self.pol.score}: needs select.method "
+                             f"{' or '.join(sorted(need))}, got {self.method!r}")
         check(self.judge_max_new_tokens >= 1 and self.batch_size >= 1 and self.max_seq_len >= 8, "sizes: must be >= 1")
         check(self.ifd_max >= 0, "ifd_max: must be >= 0")
         check(self.histogram_bins >= 2, "histogram_bins: must be >= 2")
