@@ -305,3 +305,42 @@ def test_every_documented_override_runs_as_written(tmp_path, where, overrides):
                 load_student(params)
             else:
                 load_params(cls, section, params)
+
+
+def test_the_documented_comparison_of_two_experiments_prints_no_float_noise(tmp_path):
+    """The README's two-experiment comparison, run on two experiments of a tiny DVC project whose param and metric
+    go 0.7 -> 0.6: no `0.09999999999999998` (what `dvc exp diff` prints in its params' Change column)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if re.match(r"dvc \w+ diff strict lr1e-4", x))
+    commands = [c.split() for c in line.split("#")[0].split("&&")]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*cmd):
+        if cmd[0] == "dvc":
+            cmd = (sys.executable, "-m", "dvc", *cmd[1:])
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    (tmp_path / "params.yaml").write_text("filter:\n  rouge_threshold: 0.7\n")
+    (tmp_path / "s.py").write_text("import json, yaml\njson.dump({'kept': yaml.safe_load(open('params.yaml'))"
+                                   "['filter']['rouge_threshold']}, open('m.json', 'w'))\n")
+    (tmp_path / "dvc.yaml").write_text(f"stages:\n  s:\n    cmd: {sys.executable} s.py\n    deps: [s.py]\n"
+                                       "    params: [filter]\n    metrics: [m.json: {cache: false}]\n")
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "init")
+    run("dvc", "exp", "run", "-q", "-n", "strict", "-S", "filter.rouge_threshold=0.6")
+    run("dvc", "exp", "run", "-q", "-n", "lr1e-4", "-S", "filter.rouge_threshold=0.7")
+    out = "".join(run(*c) for c in commands)
+    assert "0.6" in out and "0.7" in out and not re.search(r"\d\.\d*(9999|0000)\d", out), out
