@@ -169,7 +169,6 @@ def test_run_says_what_the_recipe_needs_and_does_not_start_without_it(tmp_path, 
 
     f = tmp_path / "params.yaml"
     f.write_text((ROOT / "params.yaml").read_text())
-    monkeypatch.chdir(ROOT)  # the recipe's accelerate config is read from the project
     run = ["alpaca-7b", "--params", str(f), "--run", "--", "-S", "student.model=meta-llama/Llama-3.1-8B"]
     with pytest.raises(StageError, match=r"^recipe alpaca-7b: not run, 3 of its needs not met here .* unchanged"):
         main(run)

@@ -228,7 +228,7 @@ def in_hf_cache(model: str) -> bool:
     return isinstance(try_to_load_from_cache(model, "config.json"), str)
 
 
-def needs(params: dict, root: Path = Path(".")) -> list[Need]:
+def needs(params: dict, root: Path = RECIPES.parents[1]) -> list[Need]:
     """What a run of `params` needs here: OPENAI_API_KEY for an endpoint on api.openai.com, the GPUs its
     accelerate config launches on, and access to a gated Hub model. Asks no server."""
     out = []
@@ -286,19 +286,19 @@ def set_params(extra: list[str]) -> list[str]:
 
 
 def with_overrides(params_text: str, overrides: list[str]) -> dict:
-    """The params after `dvc exp run -S ...` (DVC's own parser, on a copy)."""
+    """The params after `dvc exp run -S ...` (DVC's own parser, on a copy; a sweep's first point)."""
     import tempfile
 
     if not overrides:
         return yaml.safe_load(params_text)
     from dvc.exceptions import InvalidArgumentError
-    from dvc.utils.hydra import apply_overrides
+    from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "params.yaml"
         copy.write_text(params_text, encoding="utf-8")
         try:
-            apply_overrides(copy, overrides)
+            apply_overrides(copy, get_hydra_sweeps({str(copy): overrides})[0][str(copy)])
         except InvalidArgumentError as e:
             raise StageError(f"dvc exp run -S {' '.join(overrides)}: {e.__cause__ or e}".splitlines()[0]) from None
         return yaml.safe_load(copy.read_text(encoding="utf-8"))
