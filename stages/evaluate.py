@@ -237,9 +237,10 @@ def main() -> None:
     set_threads()
     data = TokenSplit(paths.TOKENS, "val")
     dtype = resolve_dtype(p.dtype, p.device)
-    metrics = score(p.model, data, p.batch_size, dtype, p.device)
+    metrics = score(paths.local_model(p.model, "evaluate.model"), data, p.batch_size, dtype, p.device)
     if p.score_base:
-        base = score(load_student().model, data, p.batch_size, dtype, p.device, who="base")
+        base_model = paths.local_model(load_student().model, "student.model")
+        base = score(base_model, data, p.batch_size, dtype, p.device, who="base")
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     cache = ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store)))
     sessions, made = make_sessions(p, cache, dtype)

@@ -17,7 +17,7 @@ message, an explicit ask) and reads replies as they write them (`stages/lib/gene
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -32,7 +32,7 @@ from stages.lib.generation.responses import ResponsesParams
 from stages.lib.generation.self_instruct import SelfInstructParams
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
 from stages.lib.llm.client import ModelClient, open_client
-from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
+from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, default_prices, price_for
 from stages.lib.llm.openai_wire import redact
 from stages.lib.llm.types import Sampling, TeacherStop
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
@@ -45,11 +45,6 @@ METHODS = {"alpaca": alpaca, "self_instruct": self_instruct, "responses": respon
 """Each method's module: `run(client, inputs, params) -> Generated` (`stages.lib.generation.method`)."""
 
 
-PRICES = {
-    "gpt-4o-mini": Price(0.15, 0.6),
-    "gpt-4.1-mini": Price(0.4, 1.6),
-    "gpt-4o": Price(2.5, 10.0),
-}
 _TEACHER_KEYS = ("backend", "model", "base_url", "prompt_form", "system_prompt", "extra_body", "model_family",
                  "reasoning_budget")
 _API_KEYS = ("concurrency", "requests_per_minute", "tokens_per_minute", "max_attempts", "timeout_s", "max_cost_usd")
@@ -81,7 +76,7 @@ class GenerateParams:
     batch_api: bool = False
     """API backend: send uncached requests through the OpenAI Batch API (half price, results within 24 h);
     `dvc repro` submits the jobs and stops, a later `dvc repro` collects them."""
-    prices: dict[str, Price] = field(default_factory=lambda: {m: Price(**asdict(v)) for m, v in PRICES.items()})
+    prices: dict[str, Price] = field(default_factory=default_prices)
     """USD per million tokens by teacher model: {model: {input_per_million: x, output_per_million: y}}."""
     max_new_tokens: int = 192
     """Completion budget per request (Alpaca: 3072 with a strong teacher)."""

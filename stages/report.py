@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     convs = read_shards(paths.CONVERSATIONS, "conversations").to_dicts()
     dropped = read_shards(paths.CONVERSATIONS, "dropped").to_dicts()
     seeds = read_shards(paths.SEEDS)["instruction"].to_list()
+    student_tok = AutoTokenizer.from_pretrained(paths.local_model(load_student().model, "student.model"))
     tables, summary = build_tables(p, seeds, kept, rejected, convs, dropped, metrics,
                                    rd.dvclive_series(f"{paths.TRAIN_LOG}/plots/metrics"), rd.load_parser(p.parser),
-                                   AutoTokenizer.from_pretrained(load_student().model))
+                                   student_tok)
     with atomic_dir(paths.REPORT_SERIES) as tmp:
         write_series(tmp, tables, summary)
     tables, summary = read_series(reader("workspace", paths.REPORT_SERIES))  # the page shows what DVC's plots show

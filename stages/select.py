@@ -27,7 +27,7 @@ import polars as pl
 from stages.lib import paths
 from stages.lib.errors import StageError, check
 from stages.lib.io import atomic_dir, read_shards, write_json, write_shards
-from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, price_for
+from stages.lib.llm.endpoint import ApiParams, EndpointParams, Price, default_prices, price_for
 from stages.lib.params import convert_fields, load_params, run_main, set_threads
 from stages.lib.progress import log
 from stages.lib.selection.policy import Policy, apply, combined
@@ -83,8 +83,8 @@ class SelectParams:
     api: ApiParams = field(default_factory=ApiParams)
     """API judge: concurrency, rate limits, retries, timeout and max_cost_usd (the hard budget of this run's calls,
     checked before each request), as `generate.api`."""
-    prices: dict[str, Price] = field(default_factory=dict)
-    """API judge: USD per million tokens by judge model, as generate.prices ({} : cost reported as 0)."""
+    prices: dict[str, Price] = field(default_factory=default_prices)
+    """API judge: USD per million tokens by judge model, as generate.prices (a model not listed: cost reported as 0)."""
     max_seq_len: int = 512
     """IFD: tokens per example (prompt + response); longer responses are cut."""
     batch_size: int = 8
@@ -109,10 +109,11 @@ class SelectParams:
             self.pol = Policy.from_dict({k: v for k, v in asdict(self.policy).items() if v is not None})
         except ValueError as e:
             hint = " (set the others to null, e.g. -S select.policy.threshold=null)" if "exactly one" in str(e) else ""
-            raise StageError(f"{e}{hint}") from None
+            raise StageError(f"select.{e}{hint}") from None  # `select.policy: ...`, the key as -S names it
         need = {"rating": {"rating", "both"}, "ifd": {"ifd", "both"}, "combined": {"both"}}[self.pol.score]
-        check(self.method == "none" or self.method in need,
-              f"policy.score {self.pol.score}: needs method {' or '.join(sorted(need))}, got {self.method!r}")
+        if self.method != "none" and self.method not in need:
+            raise StageError(f"select.policy.score {self.pol.score}: needs select.method "
+                             f"{' or '.join(sorted(need))}, got {self.method!r}")
         check(self.judge_max_new_tokens >= 1 and self.batch_size >= 1 and self.max_seq_len >= 8, "sizes: must be >= 1")
         check(self.ifd_max >= 0, "ifd_max: must be >= 0")
         check(self.histogram_bins >= 2, "histogram_bins: must be >= 2")
@@ -233,7 +234,8 @@ def main() -> None:
                              f"{s.failed_by_reason['budget']} "
                              "ratings not asked (raise the budget; paid verdicts are cached)")
     if p.method in ("ifd", "both"):
-        add_ifd(rows, p, load_student().model, load_params(TemplateParam, "tokenize", only_own_keys=True).template)
+        add_ifd(rows, p, paths.local_model(load_student().model, "student.model"),
+                load_params(TemplateParam, "tokenize", only_own_keys=True).template)
     cut = choose(rows, p)
     out = pl.DataFrame(rows, schema={**df.schema, **SCORE_COLUMNS})
     kept = out.filter(pl.col("reason").is_null())

@@ -145,7 +145,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     p = load_params(TokenizeParams, "tokenize")
-    student = load_student().model
+    student = paths.local_model(load_student().model, "student.model")
     tok = AutoTokenizer.from_pretrained(student)
     if tok.eos_token_id is None:
         raise StageError(f"{student} (student.model): tokenizer has no EOS token")

@@ -9,9 +9,11 @@ top-k log-probabilities (stage `capture`, `stages/lib/training/kd.py`), chunked 
 is saved as a plain Hugging Face model dir (safetensors + tokenizer); a LoRA run saves
 the merged weights, and its adapter in `adapter/`.
 
-`dvc repro` runs `accelerate launch --config_file ${train.accelerate_config} -m stages.train`:
-one process by default; DDP, FSDP and multi-node configs are in `configs/accelerate/`. Under
-FSDP, resume checkpoints are sharded and the final weights are gathered to rank 0.
+`dvc repro` runs `python -m stages.train --config_file ${train.accelerate_config}`, which checks the
+params and runs `accelerate launch --config_file ${train.accelerate_config} -m stages.train`, so a failed
+run ends with its one-line error and no launcher traceback. One process by default; DDP, FSDP and
+multi-node configs are in `configs/accelerate/`. Under FSDP, resume checkpoints are sharded and the final
+weights are gathered to rank 0.
 
 The recipe reads top to bottom (torchtune's shape): `setup` (data, model, optimizer, resume),
 `step` (one optimizer step over its micro-batches), `finish` (summary, export). The model,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +118,9 @@ class TrainParams:
     seed: int = 0
     """Seeds the data order, LoRA init and dropout."""
     accelerate_config: str = "configs/accelerate/single.yaml"
-    """How dvc.yaml launches this stage (`accelerate launch --config_file ...`): `single.yaml` (CPU or
-    one GPU), `ddp.yaml`, `fsdp.yaml` or `multinode.yaml` in configs/accelerate."""
+    """How dvc.yaml launches this stage (`python -m stages.train --config_file ...`, which runs `accelerate
+    launch --config_file ... -m stages.train`): `single.yaml` (CPU or one GPU), `ddp.yaml`, `fsdp.yaml` or
+    `multinode.yaml` in configs/accelerate."""
     eval_every: int = 8
     """Validation loss on the held-out split every this many steps and after the last (0: never);
     logged as `val_loss` next to the training loss."""
@@ -426,10 +430,24 @@ def train(p: TrainParams, data_dir: str = paths.TOKENS, out_dir: str = paths.STU
     return finish(run)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """`python -m stages.train --config_file X` (dvc.yaml) checks the params, then launches this module under
+    `accelerate launch --config_file X` (stages/lib/training/launch.py); `accelerate launch ... -m stages.train`
+    runs the training itself."""
+    argv = sys.argv[1:] if argv is None else argv
     p = load_params(TrainParams, "train")
+    student = paths.local_model(load_student().model, "student.model")
+    if argv:
+        if len(argv) != 2 or argv[0] != "--config_file":
+            raise StageError(f"train: expected no arguments or --config_file FILE, got {' '.join(argv)}")
+        from stages.lib.training.launch import launch
+
+        code = launch(argv[1], "stages.train")
+        if code:
+            sys.exit(code)
+        return
     set_threads()
-    summary = train(p, student=load_student().model)
+    summary = train(p, student=student)
     log(f"train: done { {k: v for k, v in summary.items() if k != 'losses'} }")
 
 

@@ -82,3 +82,34 @@ def test_chat_command_from_a_file_and_from_stdin(tmp_path, tiny_model):
                        cwd=ROOT, input="write the list\n/reset\nname a fruit\n/quit\nnever read\n",
                        capture_output=True, text=True, check=True)
     assert "type a message" in r.stdout
+
+
+def test_interactive_commands_answer_and_are_never_sent_to_the_model():
+    """A `> ` marker before each line; /help and /reset print a line and, like any `/` line, reach no model;
+    /reset starts the conversation again from the system message."""
+    from stages.tools.chat import HELP, PROMPT, converse
+
+    lines = iter(["/help", "write the list", "/reset", "/nope", "name a fruit", "/quit", "never read"])
+    asked, shown, prompts = [], [], []
+
+    def read(prompt):
+        prompts.append(prompt)
+        return next(lines)
+
+    converse(lambda history: asked.append(history) or "ok", [{"role": "system", "content": "s"}], read, shown.append)
+    assert prompts == [PROMPT] * 6 and PROMPT == "> "
+    assert shown == [HELP, "(conversation cleared)", f"unknown command /nope ({HELP})"]
+    assert [[m["content"] for m in h] for h in asked] == [["s", "write the list"], ["s", "name a fruit"]]
+
+
+def test_chat_without_the_model_folder_is_one_line_saying_how_to_make_it(tmp_path):
+    """A fresh clone before `dvc pull models/student`: one line, no traceback, no Hub query."""
+    import os
+
+    (tmp_path / "models").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "stages.tools.chat"], cwd=tmp_path, env=env, input="hi\n",
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        "ERROR: --model: models/student: model folder not found; make it with `dvc pull models/student` "
+        "(from the remote) or `dvc repro train`"]), r.stderr

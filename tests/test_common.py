@@ -445,3 +445,27 @@ def test_no_test_module_imports_another_and_support_imports_no_test():
                 last = name.split(".")[-1]
                 assert not (name.startswith("tests") and (last.startswith("test_") or last == "conftest")), \
                     f"{path.relative_to(ROOT)} imports {name}: move what it needs to tests/support/"
+
+
+def test_a_missing_model_folder_is_one_line_naming_it_and_how_to_make_it(tmp_path, monkeypatch):
+    """A model name that reads as a local folder but is not there is refused before transformers would take it for a
+    hub id (a 70-line traceback offline, a Hub query online); a hub id and a folder that exists pass as given."""
+    from stages.lib.paths import local_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    (tmp_path / "models" / "teacher" / "config.json").write_text("{}")
+    with pytest.raises(StageError, match=r"^student\.model: models/student: model folder not found; make it with "
+                                         r"`dvc pull models/student` \(from the remote\) or `dvc repro train`$"):
+        local_model("models/student", "student.model")
+    with pytest.raises(StageError, match=r"^student\.model: models/studnet: model folder not found; a local model "
+                                         r"folder must exist \(a hub id is org/name\); models/ has: teacher$"):
+        local_model("models/studnet", "student.model")
+    (tmp_path / "models" / "student").mkdir()  # what DVC leaves after removing a failed stage's output
+    with pytest.raises(StageError, match=r"^--model: models/student: model folder is empty; make it with"):
+        local_model("models/student", "--model")
+    for name in ("models/teacher", "meta-llama/Llama-3.1-8B", "gpt2", str(tmp_path / "models" / "teacher")):
+        assert local_model(name) == name
+    for name in ("./x", "/no/such/model", "~/no-such-model", "a/b/c"):
+        with pytest.raises(StageError, match="model folder not found"):
+            local_model(name)

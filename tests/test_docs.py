@@ -217,3 +217,130 @@ def test_every_relative_link_and_anchor_resolves():
             if anchor not in anchors:
                 bad.append(f"{where}:{n}: {target} (no heading with that anchor)")
     assert not bad, "links that go nowhere:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------- every documented `-S` runs as written
+
+SET = re.compile(r"(?:^|\s)(?:-S|--set-param)\s+('[^']*'|\"[^\"]*\"|[^\s`'\"]+)")
+PLACEHOLDER = re.compile(r"\b(?:section\.key|[a-z_]+\.key)=value\b|KEY=VALUE")
+SHELL_VARS = {"$t": "4"}  # docs/selection.md's threshold loop
+AFTER_AN_EDIT = {"ingest.mixture=all"}  # docs/generation.md: after the params.yaml block it shows (a mixture `all`)
+
+
+def documented_overrides(texts=DOCS):
+    """(file:line, [overrides]) for every command the README and docs/ show: a code line (with its `\\`
+    continuations) or an inline code span, so one command's `-S` are applied together, as DVC does."""
+    for path in texts:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        n = 0
+        while n < len(lines):
+            start, line = n + 1, lines[n]
+            while line.endswith("\\") and n + 1 < len(lines):
+                n += 1
+                line = line[:-1] + " " + lines[n]
+            n += 1
+            spans = re.findall(r"`([^`]*)`", line) if "`" in line and "```" not in line else [line]
+            for span in spans:
+                found = []
+                for m in SET.finditer(span):
+                    value = m.group(1)
+                    if value[0] in "'\"":
+                        value = value[1:-1]
+                    for var, sub in SHELL_VARS.items():
+                        value = value.replace(var, sub)
+                    found.append(value)
+                if found and not any(PLACEHOLDER.search(v) for v in found):
+                    yield f"{rel(path)}:{start}", found
+
+
+def apply_as_dvc_does(params_file: Path, overrides: list[str]) -> list[dict]:
+    """What `dvc exp run -S ...` writes into params.yaml, one result per point of a sweep (`a=1,2`)."""
+    from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
+
+    original = params_file.read_text(encoding="utf-8")
+    results = []
+    for point in get_hydra_sweeps({str(params_file): overrides}):
+        params_file.write_text(original, encoding="utf-8")
+        apply_overrides(params_file, point[str(params_file)])
+        results.append(yaml.safe_load(params_file.read_text(encoding="utf-8")))
+    return results
+
+
+def test_documented_overrides_are_found():
+    found = dict(documented_overrides())
+    assert len(found) >= 25, found
+    every = [o for overrides in found.values() for o in overrides]
+    for expected in ("select.prices={gpt-4o-mini: {input_per_million: 0.15, output_per_million: 0.6}}",
+                     "select.policy.threshold=4", "train.lora_r=8,16,32", "evaluate.sets.stillhouse.limit=4",
+                     "+generate.teacher.extra_body.reasoning_effort=low",
+                     "generate.teacher.base_url=http://localhost:8000/v1"):
+        assert expected in every, expected
+
+
+@pytest.mark.parametrize("where, overrides", list(documented_overrides()),
+                         ids=lambda x: x if isinstance(x, str) else None)
+def test_every_documented_override_runs_as_written(tmp_path, where, overrides):
+    """DVC's own parser (`dvc.utils.hydra`, what `dvc exp run -S` calls) accepts each documented command's
+    overrides against params.yaml (struct mode: a key params.yaml lacks fails there unless written `+key`),
+    and every section of the result still loads through the stages' typed params."""
+    import shutil
+
+    from dvc.exceptions import InvalidArgumentError
+
+    from stages.lib.params import load_params
+    from stages.lib.student import load_student
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    try:
+        results = apply_as_dvc_does(params, overrides)
+    except InvalidArgumentError as e:
+        pytest.fail(f"{where}: dvc exp run -S {overrides}: {e}: {e.__cause__}")
+    if set(overrides) <= AFTER_AN_EDIT:
+        return  # DVC takes it; the stages need the page's own params.yaml
+    for data in results:
+        params.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        for section, cls in params_classes().items():
+            if section == "student":
+                load_student(params)
+            else:
+                load_params(cls, section, params)
+
+
+def test_the_documented_comparison_of_two_experiments_prints_no_float_noise(tmp_path):
+    """The README's two-experiment comparison, run on two experiments of a tiny DVC project whose param and metric
+    go 0.7 -> 0.6: no `0.09999999999999998` (what `dvc exp diff` prints in its params' Change column)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if re.match(r"dvc \w+ diff strict lr1e-4", x))
+    commands = [c.split() for c in line.split("#")[0].split("&&")]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*cmd):
+        if cmd[0] == "dvc":
+            cmd = (sys.executable, "-m", "dvc", *cmd[1:])
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    (tmp_path / "params.yaml").write_text("filter:\n  rouge_threshold: 0.7\n")
+    (tmp_path / "s.py").write_text("import json, yaml\njson.dump({'kept': yaml.safe_load(open('params.yaml'))"
+                                   "['filter']['rouge_threshold']}, open('m.json', 'w'))\n")
+    (tmp_path / "dvc.yaml").write_text(f"stages:\n  s:\n    cmd: {sys.executable} s.py\n    deps: [s.py]\n"
+                                       "    params: [filter]\n    metrics: [m.json: {cache: false}]\n")
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "init")
+    run("dvc", "exp", "run", "-q", "-n", "strict", "-S", "filter.rouge_threshold=0.6")
+    run("dvc", "exp", "run", "-q", "-n", "lr1e-4", "-S", "filter.rouge_threshold=0.7")
+    out = "".join(run(*c) for c in commands)
+    assert "0.6" in out and "0.7" in out and not re.search(r"\d\.\d*(9999|0000)\d", out), out

@@ -36,3 +36,16 @@ def test_no_credentials_are_committed():
     for section in (s for s in cfg.sections if s.startswith("remote ")):
         assert not SECRETS & set(cfg[section]), f".dvc/config [{section}]: credentials go in the environment or --local"
     assert "/config.local" in (ROOT / ".dvc" / ".gitignore").read_text().split()  # where --local writes
+
+
+def test_what_dvc_plots_writes_is_git_ignored():
+    """`dvc plots show` / `dvc plots diff` write dvc_plots/index.html: `git status` must not offer it."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    r = subprocess.run(["git", "check-ignore", "-q", "--no-index", "dvc_plots/index.html"], cwd=ROOT)
+    assert r.returncode == 0, "dvc_plots/ is not in .gitignore"

@@ -55,3 +55,25 @@ def test_cpu_smoke_run_reports_throughput(tmp_path, tiny_model):
     none = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--model", str(tiny_model)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert none.returncode == 0 and "no CUDA device" in none.stdout
+
+
+def test_gpu_check_without_a_gpu_fails_and_leaves_nothing(tmp_path):
+    """`benchmarks/gpu_check.sh` on a machine with no CUDA device checked nothing: exit 1, one line on stderr, and
+    no empty results folder that would look like a run."""
+    import os
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script would run")
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    env = {**os.environ, "OUT_DIR": str(tmp_path / "out"), "PATH": f"{os.path.dirname(sys.executable)}:"
+           f"{os.environ.get('PATH', '')}"}
+    env.pop("ALLOW_CPU", None)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stdout, r.stderr.splitlines()) == (
+        1, "", ["gpu_check: no CUDA device here, nothing checked (ALLOW_CPU=1 for a CPU smoke run)"]), r.stderr
+    assert not (tmp_path / "out").exists()

@@ -132,5 +132,7 @@ def test_train_pins_the_threshold_only_when_memory_is_tight(tiny_model, monkeypa
     plan = run(1.3)
     assert pins == [1] and plan.total < planned * 1.3
     assert "glibc's mmap threshold is pinned" in capsys.readouterr().err
+    pins.clear()
     with pytest.raises(StageError, match="exceeds the device's"):
         run(0.5)
+    assert pins == [] and "slower" not in capsys.readouterr().err  # a refused run: nothing on how it would run

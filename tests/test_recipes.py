@@ -113,3 +113,85 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path, tiny_model, nam
     saved = json.loads((tmp_path / paths.STUDENT / "stillhouse_train.json").read_text())
     assert saved["dtype"] == p["train"]["dtype"] and saved["params"]["method"] == p["train"]["method"]
     assert (tmp_path / paths.STUDENT / "model.safetensors").exists()
+
+
+def test_writing_a_recipe_rewrites_only_the_values_it_changes(tmp_path):
+    """Each changed value is rewritten where it stands (its line keeps its comment, in its column); every other
+    line of params.yaml is left byte for byte, and the file reads as params.yaml with the recipe applied."""
+    import difflib
+
+    f = tmp_path / "params.yaml"
+    before = (ROOT / "params.yaml").read_text()
+    f.write_text(before)
+    for name in NAMES:
+        f.write_text(before)
+        changes = write_recipe(f, load_recipe(name))
+        after = f.read_text()
+        old, new = before.splitlines(), after.splitlines()
+        changed = [a for a in difflib.ndiff(old, new) if a.startswith("- ")]
+        assert len(old) == len(new) and 0 < len(changed) <= len(changes), "\n".join(changed)
+        for was, now in ((a, b) for a, b in zip(old, new) if a != b and "#" in a):
+            at = now.index("#")  # the comment is kept, in its column unless the new value is longer
+            assert now[at:] == was[was.index("#"):], (was, now)
+            assert at == was.index("#") or now[at - 2] != " ", (was, now)  # moved only by a longer value
+        assert yaml.safe_load(after) == apply(yaml.safe_load(before), load_recipe(name))
+
+
+def test_list_shows_each_recipe_s_first_sentence_whole(capsys):
+    from stages.tools.recipe import main
+
+    main(["--list"])
+    out = capsys.readouterr().out
+    entries = re.split(r"\n(?=\S)", out.strip())
+    assert [e.split(":")[0] for e in entries] == NAMES
+    for e in entries:
+        text = " ".join(e.split())
+        assert text.endswith(".") and len(text) > 80, text
+        assert max(len(x) for x in e.splitlines()) <= 100
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """This machine as the preflight sees it: no key, no GPU, no Hugging Face token (set per test)."""
+    from stages.tools import recipe
+
+    state = {"gpus": 0, "token": False, "ran": []}
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(recipe, "gpu_count", lambda: state["gpus"])
+    monkeypatch.setattr(recipe, "hf_token", lambda: state["token"])
+    monkeypatch.setattr(recipe, "in_hf_cache", lambda model: False)
+    monkeypatch.setattr(recipe.subprocess, "call", lambda args: state["ran"].append(args) or 0)
+    return state
+
+
+def test_run_says_what_the_recipe_needs_and_does_not_start_without_it(tmp_path, machine, monkeypatch, capsys):
+    from stages.tools.recipe import main
+
+    f = tmp_path / "params.yaml"
+    f.write_text((ROOT / "params.yaml").read_text())
+    run = ["alpaca-7b", "--params", str(f), "--run", "--", "-S", "student.model=meta-llama/Llama-3.1-8B"]
+    with pytest.raises(StageError, match=r"^recipe alpaca-7b: not run, 3 of its needs not met here .* unchanged"):
+        main(run)
+    out = capsys.readouterr().out
+    assert "MISSING  OPENAI_API_KEY (api.openai.com for generate.teacher, evaluate.teacher, evaluate.judge)" in out
+    assert "MISSING  8 CUDA GPUs (configs/accelerate/fsdp.yaml: num_processes 8); this machine has 0" in out
+    assert "MISSING  access to the gated meta-llama/Llama-3.1-8B (student.model)" in out
+    assert f.read_text() == (ROOT / "params.yaml").read_text() and machine["ran"] == []
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    machine.update(gpus=8, token=True)
+    with pytest.raises(SystemExit) as done:
+        main(run)
+    assert done.value.code == 0
+    assert machine["ran"] == [["dvc", "exp", "run", "-S", "student.model=meta-llama/Llama-3.1-8B"]]
+    out = capsys.readouterr().out
+    assert "MISSING" not in out and out.count("  ok  ") == 3
+
+    # the `-S` after `--` counts: an ungated student needs no token; a local server no key
+    f.write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.delenv("OPENAI_API_KEY")
+    machine.update(gpus=1, token=False)
+    main(["lora-24gb", "--params", str(f), "--dry-run", "--", "-S", "student.model=Qwen/Qwen2.5-7B"])
+    out = capsys.readouterr().out
+    assert "ok       1 CUDA GPU (train.dtype bfloat16, train.method lora); this machine has 1" in out
+    assert "gated" not in out and "OPENAI_API_KEY" not in out

@@ -62,9 +62,9 @@ def test_bad_policies_are_named(bad, msg):
 
 
 def test_params_policy_must_match_the_computed_scores():
-    with pytest.raises(StageError, match="needs method"):
+    with pytest.raises(StageError, match="needs select.method"):
         params_from_dict(SelectParams, {"method": "rating", "policy": {"score": "ifd", "top_k": 3}})
-    with pytest.raises(StageError, match="needs method both"):
+    with pytest.raises(StageError, match="needs select.method both"):
         params_from_dict(SelectParams, {"method": "ifd", "policy": {"score": "combined", "top_k": 3}})
     assert params_from_dict(SelectParams,
                             {"method": "both", "policy": {"score": "combined", "top_k": 3}}).pol.kind == "top_k"
@@ -241,10 +241,27 @@ def test_policy_params_typed_with_a_hint_for_two_kinds():
     p = params_from_dict(SelectParams, {"method": "ifd", "policy": {"score": "ifd", "top_fraction": 0.1}})
     assert (p.pol.kind, p.pol.value) == ("top_fraction", 0.1)
     assert SelectParams().pol.describe() == "rating >= 4.5"
-    with pytest.raises(StageError, match=r"exactly one.*select.policy.threshold=null"):
+    with pytest.raises(StageError, match=r"^select\.policy: give exactly one.*select.policy.threshold=null"):
         params_from_dict(SelectParams,
                          {"method": "rating", "policy": {"score": "rating", "threshold": 4.5, "top_k": 3}})
     with pytest.raises(StageError, match=r"policy.top_k: expected int"):
         params_from_dict(SelectParams, {"policy": {"top_k": "many"}})
     with pytest.raises(StageError, match=r"model_family"):
         params_from_dict(SelectParams, {"judge": {"model": "o3-mini", "model_family": "clever"}})
+
+
+def test_policy_errors_name_select_policy(tmp_path):
+    """The key as `-S` and the docs name it (`select.policy`), not `params.yaml: policy:`."""
+    import re
+
+    import yaml
+
+    from stages.lib.params import load_params
+
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"select": {"method": "rating", "policy": {"score": "rating", "threshold": 4.5,
+                                                                           "top_k": 10}}}))
+    with pytest.raises(StageError, match=r"^" + re.escape(f"{f}: select.policy: give exactly one of threshold, top_k")):
+        load_params(SelectParams, "select", f)
+    with pytest.raises(StageError, match=r"^select\.policy\.score ifd: needs select\.method both or ifd, got 'ra"):
+        params_from_dict(SelectParams, {"method": "rating", "policy": {"score": "ifd", "top_k": 3}})

@@ -561,3 +561,42 @@ def test_a_learning_rate_written_2e_5_trains(tmp_path, tiny_model):
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     rows = (tmp_path / "log" / "plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]
     assert [float(r.split("\t")[1]) for r in rows] == [2e-05, 2e-05]
+
+
+def run_stage(tmp_path, params: dict, *args: str):
+    """`python -m stages.train ARGS` in `tmp_path` with these params (what dvc.yaml's cmd runs)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.tiny import ROOT
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_errors_are_one_line_with_no_launcher_traceback_under_them(tmp_path, tiny_model):
+    """dvc.yaml's `python -m stages.train --config_file X`: a wrong param or a missing model folder is one line
+    before anything is launched; the memory plan's refusal in the launched worker is the last line, with no
+    `accelerate launch` CalledProcessError traceback and no word about how fast the refused run would be."""
+    from transformers import AutoTokenizer
+
+    from tests.support.tiny import ROOT
+
+    config = ("--config_file", str(ROOT / "configs" / "accelerate" / "single.yaml"))
+    r = run_stage(tmp_path, {"student": {"model": str(tiny_model)}, "train": {"learning_rate": "fast"}}, *config)
+    assert (r.returncode, r.stderr.splitlines()) == (
+        1, ["ERROR: params.yaml: train.learning_rate: expected float, got 'fast'"]), r.stderr
+    r = run_stage(tmp_path, {"student": {"model": "models/student"}, "train": {}}, *config)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        "ERROR: student.model: models/student: model folder not found; make it with `dvc pull models/student` "
+        "(from the remote) or `dvc repro train`"]), r.stderr
+    make_data(tmp_path / "data" / "tokens", AutoTokenizer.from_pretrained(tiny_model), ROWS8)
+    r = run_stage(tmp_path, {"student": {"model": str(tiny_model)},
+                             "train": {"max_memory_gb": 0.001, "checkpoint_every": 0, "max_steps": 1}}, *config)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("ERROR: train: memory plan: "), r.stderr
+    assert "exceeds the device's 0.0 GiB" in lines[-1]
+    assert not [x for x in lines if "Traceback" in x or "CalledProcessError" in x or "slower" in x], r.stderr

@@ -25,9 +25,8 @@ from tests.support.tiny import make_tiny_model
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny teacher and student (one tokenizer), token arrays, and the teacher's full-vocabulary capture."""
-    from transformers import AutoTokenizer
-
     from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("train-kd")
     teacher = make_tiny_model(root / "teacher", seed=5)

@@ -87,3 +87,33 @@ INPUTS: dict[str, list[str]] = {
                metrics("tokenize"), TRAIN_LOG, metrics("evaluate")],
 }
 """Which other stages' outputs each DVC stage reads (its data deps in dvc.yaml, besides `seeds/` files)."""
+
+
+def local_model(name: str, key: str = "model") -> str:
+    """`name` as given, when it is a model folder that exists here or reads as a Hugging Face hub id.
+
+    A name that reads as a local path (a stage's output such as `models/student`, absolute, `./` or `~`, a
+    first folder that exists here, as in `models/studnet`, or more than one `/`, which no hub id has) but
+    is not a folder with files in it
+    is one StageError naming the folder and how to make it, before transformers would take it for a
+    hub id (a traceback offline; a Hub query online). `key` is the param or option that named it.
+    """
+    import os
+
+    from stages.lib.errors import StageError
+
+    path = os.path.expanduser(name)
+    made_by = {p: stage for stage, outs in OUTPUTS.items() for p in outs}.get(name.rstrip("/"))
+    reads_as_path = (made_by or os.path.isabs(path) or name.startswith(("./", "../", "~")) or name.count("/") > 1
+                     or name.endswith("/") or ("/" in name and os.path.isdir(name.split("/")[0])))
+    if not reads_as_path or (os.path.isdir(path) and any(os.scandir(path))):
+        return name
+    if made_by:
+        how = f"make it with `dvc pull {name.rstrip('/')}` (from the remote) or `dvc repro {made_by}`"
+    else:
+        parent = os.path.dirname(path.rstrip("/")) or "."
+        there = sorted(e.name for e in os.scandir(parent) if e.is_dir()) if os.path.isdir(parent) else []
+        how = "a local model folder must exist (a hub id is org/name)" + (
+            f"; {parent}/ has: {', '.join(there[:8])}" if there else "")
+    state = "is empty" if os.path.isdir(path) else "not found"
+    raise StageError(f"{key}: {name}: model folder {state}; {how}")

@@ -6,7 +6,8 @@
 
 The prompt is rendered with the checkpoint's chat template: `train` embeds the template it
 trained with (Alpaca's or the model's own), so the student sees exactly its training format.
-Interactive mode keeps the conversation (`/reset` clears it, `/quit` or EOF ends). A file
+Interactive mode keeps the conversation (`/reset` clears it, `/help` lists the commands, `/quit` or EOF
+ends; a line starting with `/` is never sent to the model). A file
 holds one prompt per line (.txt) or JSONL with an instruction/prompt/question/text field; each
 prompt starts a fresh conversation.
 """
@@ -27,6 +28,12 @@ def load(model_dir: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stages.lib.errors import StageError
+
+    try:
+        paths.local_model(model_dir, "--model")
+    except StageError as e:
+        raise SystemExit(f"ERROR: {e}") from None
     tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
         raise SystemExit(f"{model_dir}: the tokenizer has no chat template "
@@ -94,20 +101,37 @@ def main(argv: list[str] | None = None) -> None:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             tmp.replace(args.out)
         return
+    print(f"{args.model}: type a message ({HELP})", flush=True)
+    converse(lambda history: reply(model, tok, history, args.max_new_tokens, args.temperature, stream=sys.stdout),
+             head)
+
+
+HELP = "/reset clears the conversation, /help shows this, /quit ends"
+PROMPT = "> "
+
+
+def converse(answer, head: list[dict], read=input, write=print) -> None:
+    """The interactive loop: `read(PROMPT)` each line (EOF ends); a line starting with `/` is a command, never
+    sent to the model; any other line goes to `answer(history)`, which returns the reply (streamed as it comes)."""
     history = list(head)
-    print(f"{args.model}: type a message (/reset clears the conversation, /quit ends)", flush=True)
-    for line in sys.stdin:
-        line = line.strip()
+    while True:
+        try:
+            line = read(PROMPT).strip()
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return
         if line in ("/quit", "/exit"):
-            break
+            return
         if line == "/reset":
             history = list(head)
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        answer = reply(model, tok, history, args.max_new_tokens, args.temperature, stream=sys.stdout)
-        history.append({"role": "assistant", "content": answer})
+            write("(conversation cleared)")
+        elif line in ("/help", "/?"):
+            write(HELP)
+        elif line.startswith("/"):
+            write(f"unknown command {line.split()[0]} ({HELP})")
+        elif line:
+            history.append({"role": "user", "content": line})
+            history.append({"role": "assistant", "content": answer(list(history))})
 
 
 if __name__ == "__main__":

@@ -94,6 +94,19 @@ class Price:
         return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
 
 
+PRICES = {
+    "gpt-4o-mini": Price(0.15, 0.6),
+    "gpt-4.1-mini": Price(0.4, 1.6),
+    "gpt-4o": Price(2.5, 10.0),
+}
+"""The default `generate.prices` and `select.prices` (params.yaml lists them, so `-S` can change one)."""
+
+
+def default_prices() -> dict[str, Price]:
+    """A fresh copy of `PRICES`, a dataclass field's default."""
+    return {m: Price(p.input_per_million, p.output_per_million) for m, p in PRICES.items()}
+
+
 def price_for(prices: dict[str, Price], model: str, batch_api: bool = False) -> Price | None:
     """The price of `model` (None: not listed); the Batch API bills half the synchronous price."""
     price = prices.get(model)

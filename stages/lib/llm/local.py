@@ -27,7 +27,9 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    from stages.lib.paths import local_model
+
+    tok = AutoTokenizer.from_pretrained(local_model(name_or_path))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

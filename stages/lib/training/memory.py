@@ -281,11 +281,11 @@ def plan_memory(p, student: str, dtype: str, acc, seq_len: int):
     limit = p.max_memory_gb * GIB if p.max_memory_gb > 0 else device_memory(acc)
     if acc.is_main_process:
         log(f"train: memory plan per process: {plan.table()} (limit {limit / GIB:.1f} GiB)")
-    if not on_gpu and plan.total * GLIBC_RETENTION > limit and pin_mmap_threshold():
-        log("train: memory is tight on this CPU: glibc's mmap threshold is pinned, so freed tensors leave the "
-            "process (resident memory then follows the plan; steps are ~30% slower)")
     problem = check(plan, limit, p.method, fsdp, acc.num_processes, p.batch_size, p.gradient_checkpointing,
                     p.loss_chunk_tokens)
     if problem and p.max_memory_gb != -1:
-        raise StageError(f"train: {problem}")
+        raise StageError(f"train: {problem}")  # refused: nothing about how the run would have gone
+    if not on_gpu and plan.total * GLIBC_RETENTION > limit and pin_mmap_threshold():
+        log("train: memory is tight on this CPU: glibc's mmap threshold is pinned, so freed tensors leave the "
+            "process (resident memory then follows the plan; steps are ~30% slower)")
     return plan
