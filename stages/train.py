@@ -52,6 +52,7 @@ from stages.lib.training.export import export_model, save_student
 from stages.lib.training.kd import KDSpec, masked_kd_sum
 from stages.lib.training.memory import peak_memory_mb, plan_memory
 from stages.lib.training.model import ATTENTION, build_model, dense_packing
+from stages.lib.training.on_policy import on_policy_now
 from stages.lib.training.precision import DTYPES, resolve_dtype
 from stages.lib.training.schedule import batches, lr_at
 
@@ -135,6 +136,19 @@ class TrainParams:
     """`jsd`: its beta, TRL's convention (0: forward KL, 1: reverse KL)."""
     kd_temperature: float = 1.0
     """Both distributions tempered by it (KD terms scaled by its square)."""
+    on_policy_ratio: float = 0.0
+    """On-policy distillation (GKD's lambda): the share of steps, drawn per step with `seed`, on which the student
+    samples completions of the batch's prompts and the loss is the per-token reverse KL to `on_policy_teacher`
+    on those samples (stages/lib/training/on_policy.py); the other steps use `objective`. 0: off."""
+    on_policy_teacher: str = "models/teacher"
+    """On-policy: the teacher scoring the samples, a local model dir or hub id sharing the student's tokenizer
+    (resident during training: the memory plan counts it)."""
+    on_policy_max_new_tokens: int = 64
+    """On-policy: the longest sampled completion."""
+    on_policy_temperature: float = 1.0
+    """On-policy: the student's sampling temperature."""
+    on_policy_k: int = 32
+    """On-policy: the teacher's top-k kept per sampled token (plus the rest bucket)."""
     checkpoint_every: int = 8
     """Save a resumable checkpoint (model, optimizer, RNG states, step) to `models/checkpoint` every this
     many steps (0: never); an interrupted run resumes from it when params and data are unchanged, and
@@ -154,6 +168,10 @@ class TrainParams:
               "attn_implementation: sdpa_packed is for packed rows (packing: true)")
         check(self.loss_chunk_tokens >= 0, "loss_chunk_tokens: must be >= 0")
         self.kd_spec()  # checks objective, divergence, kd_weight, kd_beta, kd_temperature
+        check(0 <= self.on_policy_ratio <= 1, "on_policy_ratio: must be in [0, 1]")
+        check(self.on_policy_max_new_tokens >= 1 and self.on_policy_k >= 1,
+              "on_policy_max_new_tokens and on_policy_k: must be >= 1")
+        check(self.on_policy_temperature > 0, "on_policy_temperature: must be > 0")
         check(self.max_memory_gb >= 0 or self.max_memory_gb == -1,
               "max_memory_gb: 0 (the device's), > 0, or -1 (no check)")
         check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
@@ -190,6 +208,8 @@ class Run:
     """The examples of a micro-batch's unit indices, in its row-major order (the captured teacher rows' order)."""
     captured: Any
     """`kd`/`mix`: the captured teacher (`CapturedSplit` of the train split), else None."""
+    on_policy: Any
+    """`on_policy_ratio` > 0: (the resident `LocalTeacher`, its `ScoreCache`), else None."""
     total: int
     stream: Iterator[list[int]]
     fingerprint: str
@@ -223,6 +243,7 @@ def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_
     torch.manual_seed(p.seed)
     data, val, tok = _setup_data(data_dir, student)
     captured = _setup_teacher(p, data, logprobs_dir)  # checked before any weights are loaded
+    on_policy = _setup_on_policy(p, data)
     longest = int(data.index[:, 1].max())
     seq_len = int(data.meta.get("max_seq_len") or longest) if p.packing else longest
     plan = plan_memory(p, student, dtype, acc, seq_len)
@@ -249,8 +270,8 @@ def setup(p: TrainParams, data_dir: str, out_dir: str, log_dir: str, checkpoint_
     live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) if live_dir else None
     for row in history if live else []:  # the steps before the interruption, as they were logged
         _log_row(live, row)
-    return Run(p, acc, student, dtype, data, val, tok, plan, model, opt, params, make, order, captured, total,
-               stream, fingerprint,
+    return Run(p, acc, student, dtype, data, val, tok, plan, model, opt, params, make, order, captured, on_policy,
+               total, stream, fingerprint,
                done, history, live, out_dir, checkpoint_dir, log_dir, live_dir, start=time.monotonic(),
                last_loss=history[-1]["loss"] if history else float("nan"))
 
@@ -285,6 +306,20 @@ def _setup_teacher(p: TrainParams, data: TokenSplit, logprobs_dir: str):
     log(f"train: objective {p.objective} ({p.divergence}, T={p.kd_temperature}) against {captured.meta['teacher_name']}"
         f"'s top-{captured.meta['identity']['k']}")
     return captured
+
+
+def _setup_on_policy(p: TrainParams, data: TokenSplit):
+    """`on_policy_ratio` > 0: the teacher scoring the student's samples (its tokenizer checked against the tokens'
+    now; its weights load on the first on-policy step) and the content-addressed cache of its scores."""
+    if p.on_policy_ratio == 0:
+        return None
+    from stages.lib.logprobs.cache import ScoreCache
+    from stages.lib.logprobs.capture import same_tokenizer
+    from stages.lib.logprobs.local import LocalTeacher
+
+    teacher = LocalTeacher(p.on_policy_teacher, p.batch_size)
+    same_tokenizer(teacher, data.meta)
+    return teacher, ScoreCache()
 
 
 def _setup_model(p: TrainParams, student: str, dtype: str, acc):
@@ -331,8 +366,13 @@ def step(run: Run, i: int) -> dict:
         g["lr"] = p.learning_rate * lr_at(i, run.total, p)
     t0 = time.monotonic()
     step_loss, parts = 0.0, {"ce": 0.0, "kd": 0.0}
+    sampled = run.on_policy is not None and on_policy_now(i, p.on_policy_ratio, p.seed)
     for j, (idx, b) in enumerate(zip(mine, group)):
-        loss, got = _loss_step(run, b, run.order(idx), j == len(group) - 1, n_global)
+        last = j == len(group) - 1
+        if sampled:
+            loss, got = _on_policy_step(run, run.order(idx), last, i * len(group) + j)
+        else:
+            loss, got = _loss_step(run, b, run.order(idx), last, n_global)
         step_loss += loss
         for k in parts:
             parts[k] += got[k]
@@ -349,7 +389,14 @@ def step(run: Run, i: int) -> dict:
     row = {"loss": run.last_loss, "learning_rate": run.opt.param_groups[0]["lr"],
            "tokens_per_s": tokens * acc.num_processes / dt, "supervised_tokens_per_s": n_global / dt,
            "padding_efficiency": tokens / max(1, slots)}
-    if run.captured is not None:  # the two terms apart, per supervised token
+    if sampled:  # each micro-batch's reverse KL is a mean over its own sampled tokens
+        row["on_policy"] = 1.0
+        run.last_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum").item()) / (
+            len(group) * acc.num_processes)
+        row["loss"] = run.last_loss
+    elif run.on_policy is not None:
+        row["on_policy"] = 0.0
+    if run.captured is not None and not sampled:  # the two terms apart, per supervised token
         for k, v in parts.items():
             row[k] = float(acc.reduce(torch.tensor(v, device=acc.device), "sum").item()) / max(1, n_global)
     if len(run.val) and p.eval_every and ((i + 1) % p.eval_every == 0 or i + 1 == run.total):
@@ -384,6 +431,26 @@ def _loss_step(run: Run, batch: dict, examples: list[int], last: bool, n_global:
         # DDP averages gradients over processes; scale so the result is sum / n_global.
         acc.backward(loss_sum * acc.num_processes / max(1, n_global))
     return loss_sum.item(), parts
+
+
+def _on_policy_step(run: Run, examples: list[int], last: bool, seed: int) -> tuple[float, dict]:
+    """Forward and backward of one on-policy micro-batch: the student samples completions of `examples`' prompts,
+    the teacher scores them (cached by content), the loss is the reverse KL averaged over the sampled tokens (and
+    over the step's micro-batches and processes). Its mean loss; the KD term is that loss, CE is not computed."""
+    from stages.lib.training.on_policy import on_policy_loss, prompt_of
+
+    acc, p = run.acc, run.p
+    teacher, cache = run.on_policy
+    prompts = [prompt_of(*run.data[e]) for e in examples]
+    sync = contextlib.nullcontext() if last else acc.no_sync(run.model)
+    with sync, acc.autocast():
+        loss_sum, n, _ = on_policy_loss(run.model, teacher, prompts, p.on_policy_k, pad_id(run.tok),
+                                        run.tok.eos_token_id, p.on_policy_max_new_tokens, p.on_policy_temperature,
+                                        p.seed + seed, cache, run.data.meta.get("template"), p.loss_chunk_tokens,
+                                        sampler=acc.unwrap_model(run.model))
+        mean = loss_sum / max(1, n)
+        acc.backward(mean / p.grad_accum)  # DDP averages over processes: the mean over every micro-batch
+    return float(mean.detach()), {"ce": 0.0, "kd": float(mean.detach())}
 
 
 def _log_row(live, row: dict) -> None:

@@ -135,3 +135,39 @@ def test_the_capture_stage_skips_for_ce_and_captures_for_kd(world, in_tmp):
     assert cap.example(0)[0].shape[1] == 4
     stage.main()  # a rerun scores nothing
     assert json.loads((in_tmp / paths.metrics("capture")).read_text())["computed"] == 0
+
+
+def test_an_on_policy_step_is_the_reverse_kl_on_the_students_own_samples(tmp_path, world):
+    """on_policy_ratio 1: the first step's loss is `on_policy_loss` of the untrained student on the first batch's
+    prompts with the step's sampling seed (computed here apart), and every step is logged as on-policy."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib.logprobs.local import LocalTeacher
+    from stages.lib.training.on_policy import on_policy_loss, prompt_of
+    from stages.lib.training.schedule import batches
+
+    teacher, student, tokens, _, tok = world
+    split = TokenSplit(tokens, "train")
+    first = next(batches(len(split), 4, 0))
+    model = AutoModelForCausalLM.from_pretrained(student)
+    model.train()
+    loss, n, _ = on_policy_loss(model, LocalTeacher(str(teacher)), [prompt_of(*split[i]) for i in first], 8,
+                                tok.pad_token_id, tok.eos_token_id, 6, 1.0, 0)
+    summary, _ = run(tmp_path, world, "op", max_steps=2, batch_size=4, on_policy_ratio=1.0, on_policy_k=8,
+                     on_policy_max_new_tokens=6, on_policy_teacher=str(teacher), learning_rate=1e-6)
+    assert n > 0 and summary["losses"][0] == pytest.approx(float(loss) / n, rel=1e-4)
+    logged = json.loads((tmp_path / "log-op" / "metrics.json").read_text())
+    assert logged["on_policy"] == 1.0
+
+
+def test_the_memory_plan_counts_the_resident_teacher_and_the_sampling_caches(world):
+    from transformers import AutoConfig
+
+    from stages.lib.training.memory import on_policy_bytes
+
+    teacher, student, _, _, _ = world
+    cfg = AutoConfig.from_pretrained(teacher)
+    params = sum(t.numel() for t in __import__("transformers").AutoModelForCausalLM.from_config(cfg).parameters())
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    # float32: 4 bytes per weight; two KV caches (student, teacher: the same shape here) of 3 x 100 tokens
+    assert on_policy_bytes(cfg, AutoConfig.from_pretrained(student), "float32", 3, 100) == 4 * params + 2 * kv * 300

@@ -119,6 +119,9 @@ class Plan:
     """The optimizer step's own tensors."""
     held_gradients: bool = False
     """The gradients live through the forward and backward (accumulated over micro-batches)."""
+    teacher: float = 0
+    """On-policy distillation: the resident teacher's weights, and the KV caches of sampling (student) and
+    scoring (teacher) a micro-batch of prompts plus the completions."""
 
     @property
     def backward_phase(self) -> float:
@@ -130,7 +133,8 @@ class Plan:
 
     @property
     def total(self) -> float:
-        return self.weights + self.optimizer + self.buckets + self.overhead + max(self.backward_phase, self.step_phase)
+        return (self.weights + self.optimizer + self.buckets + self.overhead + self.teacher
+                + max(self.backward_phase, self.step_phase))
 
     def table(self) -> str:
         skip = ("params", "trainable", "held_gradients")
@@ -269,6 +273,20 @@ def plan_for(p, cfg, dtype: str, seq_len: int, processes: int, fsdp: bool, overh
                     grad_accum=p.grad_accum)
 
 
+def on_policy_bytes(teacher_cfg, student_cfg, dtype: str, micro_batch: int, seq_len: int) -> float:
+    """The resident teacher (its weights in `dtype`) plus the student's and the teacher's KV caches for a micro-batch
+    of `seq_len` tokens (prompt and completion), 2 (K, V) x layers x KV width per token."""
+    b = DTYPE_BYTES[dtype]
+
+    def kv(cfg) -> float:
+        s = Shape.of(cfg)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        width = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return 2 * s.layers * width * b * micro_batch * seq_len
+
+    return b * Shape.of(teacher_cfg).params() + kv(teacher_cfg) + kv(student_cfg)
+
+
 def plan_memory(p, student: str, dtype: str, acc, seq_len: int):
     """The memory plan of this run (per process), logged; a StageError when it exceeds the limit."""
     from accelerate.utils import DistributedType
@@ -277,7 +295,11 @@ def plan_memory(p, student: str, dtype: str, acc, seq_len: int):
     on_gpu = acc.device.type == "cuda"
     baseline = CUDA_OVERHEAD if on_gpu else resident_bytes()
     fsdp = acc.distributed_type == DistributedType.FSDP
-    plan = plan_for(p, AutoConfig.from_pretrained(student), dtype, seq_len, acc.num_processes, fsdp, baseline)
+    cfg = AutoConfig.from_pretrained(student)
+    plan = plan_for(p, cfg, dtype, seq_len, acc.num_processes, fsdp, baseline)
+    if getattr(p, "on_policy_ratio", 0) > 0:
+        plan.teacher = on_policy_bytes(AutoConfig.from_pretrained(p.on_policy_teacher), cfg, dtype, p.batch_size,
+                                       seq_len + p.on_policy_max_new_tokens)
     limit = p.max_memory_gb * GIB if p.max_memory_gb > 0 else device_memory(acc)
     if acc.is_main_process:
         log(f"train: memory plan per process: {plan.table()} (limit {limit / GIB:.1f} GiB)")

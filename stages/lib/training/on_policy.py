@@ -75,10 +75,12 @@ def sample(student, prompts: list[np.ndarray], max_new_tokens: int, temperature:
 
 def on_policy_loss(student, teacher, prompts: list[np.ndarray], k: int, pad: int, eos: int, max_new_tokens: int,
                    temperature: float = 1.0, seed: int = 0, cache=None, template: str | None = None,
-                   loss_chunk: int = 0):
+                   loss_chunk: int = 0, sampler=None):
     """(reverse KL summed over the sampled tokens, their number, {"samples", "kd", "ce"}) of one on-policy step:
-    `teacher` is a log-probability source (`logprobs.capture`'s), `cache` a `logprobs.cache.ScoreCache`."""
-    samples = sample(student, prompts, max_new_tokens, temperature, pad, eos, seed)
+    `teacher` is a log-probability source (`logprobs.capture`'s), `cache` a `logprobs.cache.ScoreCache`.
+    `sampler`: the model that samples, when `student` is a wrapper without `generate` (DDP: the loss must run
+    through the wrapper so gradients are synchronised); default `student`."""
+    samples = sample(sampler or student, prompts, max_new_tokens, temperature, pad, eos, seed)
     rows = cached_topk(teacher, cache, samples, k, template) if cache is not None else teacher.topk(samples, k)
     batch = collate(samples, pad)
     device = next(student.parameters()).device
