@@ -20,6 +20,12 @@ counted with its reason (datatrove style: pure steps, stats and drop reasons):
 6. exact dedupe on (first user message, first assistant message), then MinHash-LSH;
 7. decontamination: word n-gram overlap of user messages with declared eval prompt sets;
 8. caps per source, then the named mixture's weights.
+
+The stage streams: a JSON Lines source is read line by line and a JSON array item by item
+(`stages.lib.formats.records`), each conversation goes through the steps as it is read, and rows
+and drops go to parquet shards as each fills (`ShardWriter`). Memory holds one shard of rows and,
+per conversation seen, its id, a 16-byte digest of its first exchange and its MinHash bands, not
+the corpus (`benchmarks/ingest_memory.py`). A source that holds no records is warned about.
 """
 
 from __future__ import annotations

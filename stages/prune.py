@@ -8,8 +8,8 @@ its `drop_layers` layers of lowest Block Influence are removed (`stages/lib/trai
 score, the kept and the dropped layers), which the default `student.model` points at, so the default build
 distils into a student smaller than its teacher.
 
-A pretrained student instead: `dvc exp run -S student.model=<dir or hub id>` (this stage still runs, on the
-teacher; `-S prune.drop_layers=0` makes it a plain copy).
+A pretrained student instead: `dvc exp run -S student.model=HuggingFaceTB/SmolLM2-135M-Instruct` (any dir
+or hub id; this stage still runs, on the teacher; `-S prune.drop_layers=0` makes it a plain copy).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from tests.support.tiny import ROOT
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CODE = sorted(p for d in ("stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 TEXTS = DOCS + CODE
-SECTIONS = ("seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize", "train", "evaluate",
-            "report", "student")
+SECTIONS = ("seeds", "teacher_model", "prune", "generate", "filter", "select", "ingest", "tokenize", "capture", "train",
+            "evaluate", "report", "student")
 
 PATH = re.compile(r"(?<![\w./-])((?:stages|tests|benchmarks|configs|seeds|docs)/[\w./-]*[\w/])")
 MODULE = re.compile(r"(?<![\w./-])(stages(?:\.\w+)+)")
