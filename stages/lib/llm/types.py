@@ -54,7 +54,10 @@ class Completion:
     """What an API said it served, e.g. gpt-4o-mini-2024-07-18 for gpt-4o-mini."""
     system_fingerprint: str | None = None
     reasoning: str | None = None
-    """A reasoning trace, where a server returns one (not recorded yet)."""
+    """The reasoning trace, where the reply carried one (`reasoning.split_reasoning`); `text` is then the answer
+    after it. Recorded in the cache record as `reasoning`."""
+    reasoning_source: str = "none"
+    """Where the trace came from: reasoning_content | reasoning | think_tags | prefilled_think | none."""
     logprobs: Any | None = None
     """Token log-probabilities, where asked for (not recorded yet)."""
 
