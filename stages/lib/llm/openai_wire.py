@@ -104,9 +104,9 @@ def request_body(model: str, prompt_form: str, prompt, max_tokens: int, temperat
 
 def completion_from_body(body: dict, prompt_form: str) -> Completion:
     """A Chat Completions / Completions response body as a Completion, its reasoning trace (a `reasoning` or
-    `reasoning_content` field, `<think>` tags) split from the answer by `reasoning.split_reasoning`. A body of another shape (a missing
-    or non-list `choices`, a non-string `content`, non-integer token counts) raises ValueError, KeyError,
-    IndexError or TypeError, never another exception."""
+    `reasoning_content` field, `<think>` tags) split from the answer by `reasoning.split_reasoning`. A body of
+    another shape (a missing or non-list `choices`, a non-string `content` or reasoning field, non-integer token
+    counts) raises ValueError, KeyError, IndexError or TypeError, never another exception."""
     try:
         choice = body["choices"][0]
         message = choice["message"] if prompt_form == "chat" else None
@@ -126,9 +126,9 @@ def completion_from_body(body: dict, prompt_form: str) -> Completion:
     # `model` is the exact snapshot served, e.g. gpt-4o-mini-2024-07-18
     served, fingerprint, rid = (v if isinstance(v, str) else None
                                 for v in (body.get("model"), body.get("system_fingerprint"), body.get("id")))
-    return Completion(trace.answer, finish, prompt_tokens, max(completion_tokens, reasoning), reasoning_tokens=reasoning,
-                      response_id=rid, served_model=served, system_fingerprint=fingerprint, reasoning=trace.reasoning,
-                      reasoning_source=trace.source)
+    return Completion(trace.answer, finish, prompt_tokens, max(completion_tokens, reasoning),
+                      reasoning_tokens=reasoning, response_id=rid, served_model=served, system_fingerprint=fingerprint,
+                      reasoning=trace.reasoning, reasoning_source=trace.source)
 
 
 # ---------------------------------------------------------------- errors

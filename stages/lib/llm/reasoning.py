@@ -2,16 +2,15 @@
 
 `split_reasoning(text, message)` is called wherever an answer is read (`openai_wire.completion_from_body`
 for the online client and the Batch API, `local.generate` for a model on this machine), so a trace is
-never read in a second way. The forms, and where they come from (../shared/reference/anchors-distillation-2026.md
-§1.2):
+never read in a second way. The forms, and where they come from
+(../shared/reference/anchors-distillation-2026.md §1.2):
 
-| source | the reply | who sends it |
-|---|---|---|
-| `reasoning_content` | `message.reasoning_content` beside `message.content` | DeepSeek's API (deepseek-reasoner) |
-| `reasoning` | `message.reasoning` beside `message.content` | vLLM with `--reasoning-parser` since the rename (PR #27752) and the old name's removal (PR #33402, Jan 2026); OpenRouter |
-| `think_tags` | `<think>trace</think>answer` inline in the content | servers without a reasoning parser (Fireworks) |
-| `prefilled_think` | `trace</think>answer`: no opening tag | R1 chat templates that prefill `<think>` in the prompt (vllm #13125) |
-| `none` | no trace found | any other model, or a trace that was lost |
+- `reasoning_content`: `message.reasoning_content` beside `message.content`: DeepSeek's API (deepseek-reasoner);
+- `reasoning`: `message.reasoning` beside `message.content`: vLLM with `--reasoning-parser` since the rename
+  (PR #27752) and the old name's removal (PR #33402, Jan 2026), and OpenRouter;
+- `think_tags`: `<think>trace</think>answer` inline in the content: servers without a reasoning parser (Fireworks);
+- `prefilled_think`: `trace</think>answer`, no opening tag: R1 chat templates that prefill `<think>` (vllm #13125);
+- `none`: no trace found: any other model, or a trace that was lost.
 
 An opening `<think>` that is never closed (the answer budget ran out inside the trace) is `think_tags` with the
 whole rest as reasoning and an empty answer. A field that is present but empty or null counts as absent, so
