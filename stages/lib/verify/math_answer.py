@@ -1,5 +1,5 @@
 """Math answers with Hugging Face's Math-Verify (`math-verify`, pinned in pyproject.toml): the gold answer and
-the reply are each parsed to SymPy (LaTeX or plain expressions; the reply's last `\\boxed{}` first) and
+the reply are each parsed to SymPy (LaTeX or plain expressions; the reply's last `\\boxed{}` or `#### n` first) and
 compared by value, so `\\frac{1}{2}`, `0.5` and `1/2` are one answer, as are `\\left( 3, \\frac{\\pi}{2}
 \\right)` and `(3, \\pi/2)`.
 
@@ -21,7 +21,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from stages.lib.verify import Verdict
-from stages.lib.verify.extract import gold_answer, last_boxed
+from stages.lib.verify.extract import GSM8K_MARK, gold_answer, last_boxed
 
 TIMEOUT_S = 5
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
@@ -88,8 +88,11 @@ def parse_gold(gold: str):
 
 
 def answer_text(answer: str) -> str | None:
-    """The reply's last boxed answer (None when it has none)."""
-    return last_boxed(answer or "")
+    """The reply's last boxed answer, else what follows its last `####` (GSM8K's format); None: neither."""
+    boxed = last_boxed(answer or "")
+    if boxed is None and GSM8K_MARK in (answer or ""):
+        return answer.rsplit(GSM8K_MARK, 1)[1].strip()
+    return boxed
 
 
 def verify_math(answer: str, gold: str, float_rounding: int = 6, shortcuts: bool = True) -> Verdict:

@@ -4,7 +4,7 @@ Where the answer is: after the reply's last `####` (GSM8K's own format), else it
 after its last "answer is" / "Answer:", else the whole reply. Exact match normalises as SQuAD's
 `normalize_answer` does (lower case, no punctuation, no articles, single spaces). Numeric match reads one
 number from each side (thousands separators, a currency sign, a percent sign and a trailing period are
-dropped; `a/b` is a fraction) and compares them to `rel_tol`; on the reply's side the last number of the
+dropped; `a/b` is a fraction) and compares them, whole numbers exactly and others to `rel_tol`; on the reply's side the last number of the
 extracted answer counts, so "She makes $18 a day." matches 18. `mode: auto` is numeric when the gold is a
 number, exact otherwise."""
 
@@ -80,7 +80,9 @@ def verify_short(answer: str, gold: str, mode: str = "auto", rel_tol: float = 1e
         got = last_number(part)
         if got is None:
             return Verdict(False, "no_answer", part, gold_text, detail={"mode": "numeric"})
-        ok = math.isclose(got, gold_num, rel_tol=rel_tol, abs_tol=1e-9)
+        # whole numbers exactly (1,450,001 is not 1,450,000), others to rel_tol
+        both_whole = got.is_integer() and gold_num.is_integer()
+        ok = got == gold_num if both_whole else math.isclose(got, gold_num, rel_tol=rel_tol, abs_tol=1e-9)
         return Verdict(ok, "match" if ok else "mismatch", part, gold_text, detail={"mode": "numeric"})
     if not part:
         return Verdict(False, "no_answer", part, gold_text, detail={"mode": "exact"})
