@@ -96,7 +96,8 @@ def test_math500_gold_answers_verify_against_their_solutions():
     assert [r["unique_id"] for r in sample if not verify_math(r["solution"], r["answer"], shortcuts=False).ok] == []
     # and each gold against a different problem's gold is rejected unless the two are the same value
     wrong = [(a["answer"], b["answer"]) for a, b in zip(rows, rows[1:])
-             if notation(a["answer"]) != notation(b["answer"]) and verify_math(f"\\boxed{{{b['answer']}}}", a["answer"]).ok]
+             if notation(a["answer"]) != notation(b["answer"])
+             and verify_math(f"\\boxed{{{b['answer']}}}", a["answer"]).ok]
     assert wrong == [("5", "x=5")]  # the one neighbour of equal value: Math-Verify reads `x=5` as 5
 
 

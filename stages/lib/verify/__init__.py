@@ -35,7 +35,8 @@ class Verdict:
     gold: str | None = None
     """The gold answer as compared (GSM8K's number after `####`)."""
     by: str = "rule"
-    """Who accepted or rejected it: `rule`, or after a judge (`judge.combine`) `both`, `rule_only`, `judge_only`, `none`."""
+    """Who accepted or rejected it: `rule`, or after a judge (`judge.combine`) `both`, `rule_only`, `judge_only`,
+    `none`."""
     detail: dict = field(default_factory=dict)
     """Kind-specific facts: tests passed / run, seconds, the sandbox's isolation."""
 

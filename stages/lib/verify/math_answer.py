@@ -1,6 +1,6 @@
 """Math answers with Hugging Face's Math-Verify (`math-verify`, pinned in pyproject.toml): the gold answer and
-the reply are each parsed to SymPy (LaTeX or plain expressions; the reply's last `\\boxed{}` or `#### n` first) and
-compared by value, so `\\frac{1}{2}`, `0.5` and `1/2` are one answer, as are `\\left( 3, \\frac{\\pi}{2}
+the reply are each parsed to SymPy (LaTeX or plain expressions; the reply's last `\\boxed{}` or `#### n`
+first) and compared by value, so `\\frac{1}{2}`, `0.5` and `1/2` are one answer, as are `\\left( 3, \\frac{\\pi}{2}
 \\right)` and `(3, \\pi/2)`.
 
 Math-Verify's LaTeX parser (ANTLR's Python runtime) takes 15-60 ms an answer, so two exact shortcuts come
@@ -26,7 +26,8 @@ from stages.lib.verify.extract import GSM8K_MARK, gold_answer, last_boxed
 TIMEOUT_S = 5
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 _NOTATION = [(re.compile(p), r) for p, r in (
-    (r"\\(?:left|right)(?![a-zA-Z])\s*", ""), (r"\\[dt]frac", r"\\frac"), (r"\\[!,;:> ]|~", ""), (r"\^\s*\{?\\circ\}?", ""),
+    (r"\\(?:left|right)(?![a-zA-Z])\s*", ""), (r"\\[dt]frac", r"\\frac"), (r"\\[!,;:> ]|~", ""),
+    (r"\^\s*\{?\\circ\}?", ""),
     (r"\\displaystyle", ""), (r"^\$+|\$+$", ""), (r"\.\s*$", ""),
 )]
 _COMMAND_END = re.compile(r"\\[a-zA-Z]+$")

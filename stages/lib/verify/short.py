@@ -4,9 +4,9 @@ Where the answer is: after the reply's last `####` (GSM8K's own format), else it
 after its last "answer is" / "Answer:", else the whole reply. Exact match normalises as SQuAD's
 `normalize_answer` does (lower case, no punctuation, no articles, single spaces). Numeric match reads one
 number from each side (thousands separators, a currency sign, a percent sign and a trailing period are
-dropped; `a/b` is a fraction) and compares them, whole numbers exactly and others to `rel_tol`; on the reply's side the last number of the
-extracted answer counts, so "She makes $18 a day." matches 18. `mode: auto` is numeric when the gold is a
-number, exact otherwise."""
+dropped; `a/b` is a fraction) and compares them, whole numbers exactly and others to `rel_tol`; on the
+reply's side the last number of the extracted answer counts, so "She makes $18 a day." matches 18.
+`mode: auto` is numeric when the gold is a number, exact otherwise."""
 
 from __future__ import annotations
 
