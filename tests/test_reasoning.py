@@ -10,8 +10,7 @@ from stages.lib.llm.cache import ResponseCache
 from stages.lib.llm.client import ModelClient
 from stages.lib.llm.endpoint import ApiParams, Price
 from stages.lib.llm.openai_wire import RequestOptions, completion_from_body
-from stages.lib.llm.reasoning import SOURCES, split_reasoning
-from stages.lib.llm.types import Sampling, TeacherStop
+from stages.lib.llm.types import REASONING_SOURCES, Sampling, TeacherStop, split_reasoning
 from tests.support.fake_openai import FakeOpenAI, default_trace
 
 KEY = "sk-stillhouse-test-" + "r" * 24
@@ -42,7 +41,7 @@ def api_key(monkeypatch):
 def test_every_form_splits_into_reasoning_answer_and_source(text, message, expected):
     t = split_reasoning(text, message)
     assert (t.reasoning, t.answer, t.source) == expected
-    assert t.source in SOURCES
+    assert t.source in REASONING_SOURCES
 
 
 def test_both_field_names_the_new_one_wins_and_a_bad_field_is_malformed():

@@ -101,7 +101,7 @@ def record_of(req: Request, comp: Completion, backend: Backend, sampling: dict) 
         rec["system_fingerprint"] = comp.system_fingerprint
     if comp.reasoning_tokens is not None:
         rec["reasoning_tokens"] = comp.reasoning_tokens
-    if comp.reasoning is not None:  # the trace, beside the answer in `text` (reasoning.split_reasoning)
+    if comp.reasoning is not None:  # the trace, beside the answer in `text` (types.split_reasoning)
         rec["reasoning"] = comp.reasoning
         rec["reasoning_source"] = comp.reasoning_source
     return rec

@@ -11,8 +11,7 @@ import os
 from pathlib import Path
 
 from stages.lib.llm.backend import OnDone, RunReport
-from stages.lib.llm.reasoning import split_reasoning
-from stages.lib.llm.types import Completion, Request, Sampling, chat_messages, prompt_text
+from stages.lib.llm.types import Completion, Request, Sampling, chat_messages, prompt_text, split_reasoning
 
 
 def pick_device(device: str = "auto") -> str:

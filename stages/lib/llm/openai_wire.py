@@ -18,8 +18,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from stages.lib.errors import StageError, check
-from stages.lib.llm.reasoning import split_reasoning
-from stages.lib.llm.types import Completion, chat_messages, prompt_text
+from stages.lib.llm.types import Completion, chat_messages, prompt_text, split_reasoning
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 # the request itself is wrong (parameter, key, permission, URL or model): the next request will fail the same way
@@ -104,7 +103,7 @@ def request_body(model: str, prompt_form: str, prompt, max_tokens: int, temperat
 
 def completion_from_body(body: dict, prompt_form: str) -> Completion:
     """A Chat Completions / Completions response body as a Completion, its reasoning trace (a `reasoning` or
-    `reasoning_content` field, `<think>` tags) split from the answer by `reasoning.split_reasoning`. A body of
+    `reasoning_content` field, `<think>` tags) split from the answer by `types.split_reasoning`. A body of
     another shape (a missing or non-list `choices`, a non-string `content` or reasoning field, non-integer token
     counts) raises ValueError, KeyError, IndexError or TypeError, never another exception."""
     try:
