@@ -188,7 +188,7 @@ def test_the_child_has_no_network():
         srv.listen()
         port = srv.getsockname()[1]
         code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')"
-        assert run_python(code.replace("socket.create_connection", "print('up') or socket.socket"), "", QUICK).stdout
+        exec(code.replace("print('connected')", ""))  # from this process the server is there
         v = run_tests(code, [{"input": "", "output": "connected"}], QUICK)
     assert not v.ok and v.reason == "runtime_error" and "unreachable" in v.detail["stderr"]
     assert v.detail["network"] == "namespace"
