@@ -165,3 +165,36 @@ def test_the_batch_api_reads_traces_the_same_way(tmp_path):
         assert not [r for r in srv.requests if r["path"].endswith("completions")]  # only the Batch API was used
     assert [r["reasoning_source"] for r in records] == ["prefilled_think"] * 2
     assert client.stats.by_trace == {"prefilled_think": 2}
+
+
+def test_the_deepseek_fake_is_as_strict_as_deepseek():
+    """DeepSeek's reasoning-model guide: logprobs/top_logprobs are errors, a reasoning_content sent back is a 400,
+    the sampling knobs are accepted and ignored."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(srv, body):
+        req = urllib.request.Request(srv.base_url + "/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    user = [{"role": "user", "content": "hi"}]
+    with FakeOpenAI.deepseek(api_key=KEY) as srv:
+        status, body = post(srv, {"model": "deepseek-reasoner", "messages": user, "temperature": 1.3,
+                                  "presence_penalty": 0.5})
+        assert status == 200 and body["choices"][0]["message"]["reasoning_content"]
+        assert "reasoning" not in body["choices"][0]["message"]
+        for extra in ({"logprobs": True}, {"top_logprobs": 5}):
+            status, body = post(srv, {"model": "deepseek-reasoner", "messages": user, **extra})
+            assert status == 400 and body["error"]["type"] == "invalid_request_error", extra
+        back = [*user, {"role": "assistant", "content": "x", "reasoning_content": "t"}, *user]
+        assert post(srv, {"model": "deepseek-reasoner", "messages": back})[0] == 400
+    with FakeOpenAI.vllm_reasoning() as srv:
+        status, body = post(srv, {"model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "messages": user})
+        assert status == 200 and "reasoning_content" not in body["choices"][0]["message"]
+        assert body["choices"][0]["message"]["reasoning"]
