@@ -17,6 +17,9 @@ The sandbox, per process (`Limits`):
   refuses (user namespaces disabled, some containers), `isolation()` says `network: open` and every verdict
   carries it in `detail`; `Limits(require_no_network=True)` then refuses to run instead.
 
+The number of processes is not limited (RLIMIT_NPROC counts all of the user's processes, not the child's):
+children the program forks share its process group and die with it at the timeout, unless they leave it.
+
 This is a sandbox against mistakes and runaway programs (an infinite loop, a memory bomb, a stray write,
 a call home), not against an attacker: the child can still read what the user can read. Run untrusted code
 in a container or VM as well (open-r1 uses E2B, Morph or Piston; curator `bespokelabs-sandbox`).
