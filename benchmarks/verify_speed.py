@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -72,20 +73,20 @@ def math_arm(path: str, shortcuts: bool) -> None:
     verify_math.__globals__["parse_gold"].cache_clear()
     golds = [json.loads(line)["answer"] for line in Path(path).read_text().splitlines() if line.strip()]
     pairs = [(form, reply, g) for g in golds for form, reply in rewrites(g).items()]
-    rejected, paths, by_form = [], {}, {}
+    rejected, paths, by_form = [], Counter(), Counter()
     t = time.perf_counter()
     for form, reply, g in pairs:
         v = verify_math(reply, g, shortcuts=shortcuts)
-        paths[v.detail["path"]] = paths.get(v.detail["path"], 0) + 1
-        by_form[form] = by_form.get(form, 0) + 1
+        paths[v.detail["path"]] += 1
+        by_form[form] += 1
         if not v.ok:
             rejected.append({"form": form, "gold": g, "reply": reply, "reason": v.reason})
     seconds = time.perf_counter() - t
     print(json.dumps({"arm": "shortcuts+math_verify" if shortcuts else "math_verify_only", "golds": len(golds),
                       "answers": len(pairs), "seconds": round(seconds, 2),
                       "answers_per_s": round(len(pairs) / seconds, 1), "first_call_s": round(first, 2),
-                      "false_rejections": len(rejected), "rejected": rejected[:20], "paths": paths,
-                      "forms": by_form}))
+                      "false_rejections": len(rejected), "rejected": rejected[:20], "paths": dict(paths),
+                      "forms": dict(by_form)}))
 
 
 def code_arm(runs: int) -> dict:

@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> None:
             f.write("".join(line + "\n" for line in lines))
     else:
         sys.stdout.write("".join(line + "\n" for line in lines))
-    reasons: dict[str, int] = {}
-    for v in verdicts:
-        reasons[v["reason"]] = reasons.get(v["reason"], 0) + 1
+    from stages.lib.stats import Stats
+
+    reasons = Stats.tally(v["reason"] for v in verdicts)
     ok = sum(v["ok"] for v in verdicts)
     print(f"verify ({a.kind}): {ok} of {len(verdicts)} accepted"
           + (f" ({100 * ok / len(verdicts):.1f}%)" if verdicts else "")
-          + f"; by reason {dict(sorted(reasons.items()))}" + (f"; verdicts in {a.out}" if a.out else ""),
+          + f"; by reason {reasons}" + (f"; verdicts in {a.out}" if a.out else ""),
           file=sys.stderr)
 
 
