@@ -391,6 +391,8 @@ def help_targets() -> list[tuple[str, list[str]]]:
     out.append(("stages.tools.mtbench", ["--judge-model", "--base-url", "--backend", "--cache", "--out", "--metrics",
                                          "--questions", "--references", "--judge-prompts", "--dry-run"]))
     out.append(("stages.tools.lcwinrate", ["--metrics", "--difficulty", "--force"]))
+    out.append(("stages.tools.verify", ["--kind", "--out", "--force", "--mode", "--jobs", "--cpu-s", "--wall-s",
+                                        "--memory-mb"]))
     return out
 
 

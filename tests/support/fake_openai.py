@@ -29,9 +29,26 @@ as reported in ../shared/reference/real-endpoint-behaviour.md (the messages are 
 - `served_suffix` / `system_fingerprint`: the response's `model` names the snapshot served
   (gpt-4o-mini -> gpt-4o-mini-2024-07-18) and `system_fingerprint` the backend configuration.
 
+Reasoning traces (`reasoning_form`, one per provider form; `trace(body)` is the thinking text, `reply(body)`
+the answer; ../shared/reference/anchors-distillation-2026.md §1.2). The trace's tokens (one per word) are
+added to `completion_tokens`, as every one of these servers bills them as output:
+- `reasoning_content`: DeepSeek's API (`FakeOpenAI.deepseek()`): `message.reasoning_content` beside
+  `message.content`, usage with `completion_tokens_details.reasoning_tokens`. As DeepSeek's reasoning-model
+  guide says: `temperature`, `top_p`, `presence_penalty` and `frequency_penalty` are accepted and have no
+  effect; `logprobs` / `top_logprobs` get HTTP 400, and so does a `reasoning_content` field in the input
+  messages (the error body is DeepSeek's shape, as reported in lollipopkit/flutter_gpt_box#213: "deepseek-reasoner
+  does not support the parameter `presence_penalty`", type and code `invalid_request_error`, param null);
+- `reasoning`: vLLM with `--reasoning-parser` since PR #27752 renamed the field and PR #33402 (Jan 2026)
+  removed `reasoning_content` (`FakeOpenAI.vllm_reasoning()`): `message.reasoning`, no `reasoning_content`
+  key at all; OpenRouter sends the same field;
+- `think_tags`: `<think>trace</think>answer` inline in the content (a server with no reasoning parser, Fireworks);
+- `prefilled_think`: `trace</think>answer`, as from an R1 chat template that prefilled `<think>` (vllm #13125).
+On /v1/completions no server parses the trace: the text is `<think>trace</think>answer` for every form.
+Fault "no_trace" answers without the trace (a lost trace: the parser off, the field renamed).
+
 Fault kinds (per completion request n, counting from 0 over all /chat/completions and /completions requests):
 "429", "500", "503", "timeout", "invalid_json", "truncated_json", "drop", "missing_choices",
-"empty_content", "length". Batch lines are answered with `reply` and never get faults (use `batch_fail`).
+"empty_content", "length", "no_trace". Batch lines are answered with `reply` and never get faults (use `batch_fail`).
 """
 
 from __future__ import annotations
@@ -46,7 +63,10 @@ from typing import Any, Callable
 __all__ = ["FakeOpenAI", "FAULT_KINDS"]
 
 FAULT_KINDS = ("429", "500", "503", "timeout", "invalid_json", "truncated_json", "drop", "missing_choices",
-               "empty_content", "length")
+               "empty_content", "length", "no_trace")
+REASONING_FORMS = ("reasoning_content", "reasoning", "think_tags", "prefilled_think")
+DEEPSEEK_NO_EFFECT = ("temperature", "top_p", "presence_penalty", "frequency_penalty")  # accepted, ignored
+DEEPSEEK_REFUSED = ("logprobs", "top_logprobs")  # HTTP 400
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 429: "Too Many Requests",
@@ -92,6 +112,10 @@ def _last_user_text(body: dict) -> str:
 
 def default_reply(body: dict) -> str:
     return "answer to: " + _last_user_text(body)[:40]
+
+
+def default_trace(body: dict) -> str:
+    return "Okay, let me think. The question is: " + _last_user_text(body)[:40] + "\nWait, check it again. Yes."
 
 
 def _parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
@@ -148,7 +172,14 @@ class FakeOpenAI:
                  batch_fail: Callable[[str], bool] | None = None, batch_expire: bool = False,
                  chat_only: bool = False, models: list[str] | None = None, api_key: str | None = None,
                  served_suffix: str = "", system_fingerprint: str | None = None, reasoning_tokens: int = 64,
-                 model_info: bool = True, batch_output: Callable[[bytes], bytes] | None = None):
+                 model_info: bool = True, batch_output: Callable[[bytes], bytes] | None = None,
+                 reasoning_form: str | None = None, trace: Callable[[dict], str] | None = None,
+                 deepseek_params: bool = False):
+        if reasoning_form is not None and reasoning_form not in REASONING_FORMS:
+            raise ValueError(f"reasoning_form: one of {REASONING_FORMS}, got {reasoning_form!r}")
+        self.reasoning_form = reasoning_form
+        self.trace = trace or default_trace
+        self.deepseek_params = deepseek_params  # DeepSeek's reasoner rules: logprobs refused, sampling ignored
         self.chat_only = chat_only
         self.model_info = model_info  # with models=None: GET /v1/models/{id} answers for any name
         self.models = list(models) if models is not None else None
@@ -189,6 +220,19 @@ class FakeOpenAI:
         kw = {"chat_only": True, "served_suffix": "-2024-07-18", "system_fingerprint": "fp_fake0001",
               "model_info": False, **kw}
         return cls(models=models, api_key=api_key, **kw)
+
+    @classmethod
+    def deepseek(cls, api_key: str | None = None, **kw) -> "FakeOpenAI":
+        """As DeepSeek's API serves deepseek-reasoner: `reasoning_content`, logprobs refused; see the module doc."""
+        kw = {"reasoning_form": "reasoning_content", "deepseek_params": True, "chat_only": True,
+              "model_info": False, "system_fingerprint": "fp_deepseek0", **kw}
+        return cls(models=kw.pop("models", ["deepseek-chat", "deepseek-reasoner"]), api_key=api_key, **kw)
+
+    @classmethod
+    def vllm_reasoning(cls, models: list[str] | None = None, **kw) -> "FakeOpenAI":
+        """As vLLM serves an R1-style model with `--reasoning-parser` since January 2026: the `reasoning` field only."""
+        return cls(models=models or ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"], model_info=False,
+                   **{"reasoning_form": "reasoning", **kw})
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -423,6 +467,16 @@ class FakeOpenAI:
             return 404, _JSON, _error_body(CHAT_MODEL_ON_COMPLETIONS, "invalid_request_error", None, "model"), ()
         if self.chat_only and chat and legacy:
             return 404, _JSON, _error_body(NOT_A_CHAT_MODEL, "invalid_request_error", None, "model"), ()
+        if self.deepseek_params:
+            for name in DEEPSEEK_REFUSED:
+                if body.get(name) not in (None, False, 0):
+                    return 400, _JSON, _error_body(f"{model} does not support the parameter `{name}`",
+                                                   "invalid_request_error", "invalid_request_error"), ()
+            for m in body.get("messages") or ():
+                if isinstance(m, dict) and "reasoning_content" in m and m.get("role") == "assistant":
+                    return 400, _JSON, _error_body("The reasoning_content of an assistant message must not be sent "
+                                                   "back in the input messages.", "invalid_request_error",
+                                                   "invalid_request_error"), ()
         if is_reasoning_model(model):
             if "max_tokens" in body:
                 return 400, _JSON, _error_body("Unsupported parameter: 'max_tokens' is not supported with this model. "
@@ -443,9 +497,27 @@ class FakeOpenAI:
             return faults(n, body)
         return faults.get(n)
 
-    def _completion_json(self, chat: bool, body: dict, rid: str, text: str, finish: str = "stop") -> dict:
+    def _completion_json(self, chat: bool, body: dict, rid: str, text: str, finish: str = "stop",
+                         with_trace: bool = True) -> dict:
         u0, u1 = self.usage
+        form = self.reasoning_form if with_trace else None
+        fields: dict = {}
+        if form is not None:
+            trace = self.trace(body)
+            u1 += len(trace.split())  # the trace is generated output: billed as completion tokens
+            if not chat or form == "think_tags":
+                text = f"<think>\n{trace}\n</think>\n\n{text}"
+            elif form == "prefilled_think":
+                text = f"{trace}\n</think>\n\n{text}"
+            else:
+                fields = {form: trace}
+        if chat and self.reasoning_form == "reasoning" and not fields:
+            fields = {"reasoning": None}  # vLLM always sends the field; reasoning_content is gone
+        if chat and self.reasoning_form == "reasoning_content" and not fields:
+            fields = {"reasoning_content": None}
         usage = {"prompt_tokens": u0, "completion_tokens": u1, "total_tokens": u0 + u1}
+        if self.deepseek_params and form is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": u1 - self.usage[1]}
         model = body.get("model")
         if is_reasoning_model(str(model)):  # hidden reasoning: billed inside completion_tokens
             r = self.reasoning_tokens
@@ -456,7 +528,7 @@ class FakeOpenAI:
         if chat:
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": 0, "model": served,
                     "choices": [{"index": 0, "finish_reason": finish,
-                                 "message": {"role": "assistant", "content": text}}],
+                                 "message": {"role": "assistant", "content": text, **fields}}],
                     "usage": usage, **extra}
         return {"id": f"cmpl-{rid}", "object": "text_completion", "created": 0, "model": served,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
@@ -496,6 +568,9 @@ class FakeOpenAI:
             return 200, _JSON, _dumps(self._completion_json(chat, body, str(n), "")).encode(), rid
         if fault == "length":
             out = self._completion_json(chat, body, str(n), self.reply(body), finish="length")
+            return 200, _JSON, _dumps(out).encode(), rid
+        if fault == "no_trace":
+            out = self._completion_json(chat, body, str(n), self.reply(body), with_trace=False)
             return 200, _JSON, _dumps(out).encode(), rid
         raise ValueError(f"unknown fault kind {fault!r}")
 

@@ -61,6 +61,11 @@ class CallStats:
     reasoning_tokens = property(lambda self: self.counts["reasoning_tokens"])
     seconds = property(lambda self: self.counts["seconds"])
     by_finish = property(lambda self: self._group("finish:"))
+    by_trace = property(lambda self: self._group("trace:"))
+    """Answers returned with a reasoning trace, by where it came from (reasoning_content, reasoning, think_tags,
+    prefilled_think); cached ones included, as `by_finish`."""
+    reasoning_missing = property(lambda self: self.counts["reasoning_missing"])
+    """Answers returned without a trace where one was expected (`expect_reasoning`): counted, never dropped."""
     failed_by_reason = property(lambda self: self._group("failed:"))
 
     @property
@@ -96,13 +101,21 @@ def record_of(req: Request, comp: Completion, backend: Backend, sampling: dict) 
         rec["system_fingerprint"] = comp.system_fingerprint
     if comp.reasoning_tokens is not None:
         rec["reasoning_tokens"] = comp.reasoning_tokens
+    if comp.reasoning is not None:  # the trace, beside the answer in `text` (types.split_reasoning)
+        rec["reasoning"] = comp.reasoning
+        rec["reasoning_source"] = comp.reasoning_source
     return rec
+
+
+def reasoning_source(rec: dict) -> str:
+    """Where a cached record's trace came from (`none`: it has none; records of earlier versions have none)."""
+    return rec.get("reasoning_source") or "none"
 
 
 def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache, sampling: Sampling,
                  price: Price | None = None, batch_api: bool = False, check: bool = False,
                  stats: CallStats | None = None, declared: bool = False,
-                 role: str = "teacher") -> tuple[list[dict | None], CallStats]:
+                 role: str = "teacher", expect_reasoning: bool = False) -> tuple[list[dict | None], CallStats]:
     """Return the cached record of every request (None where it failed or still waits) and the call stats
     (`stats`, filled as calls finish, so a caller that passes it keeps the counts of a stopped run).
 
@@ -114,7 +127,9 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
     `stats.failure_messages`. A fatal error (400/401/403/404) raises `TeacherStop` after what was answered
     is on disk. An online backend is served only answers its own endpoint produced, unless `declared`
     (the keys hold a `teacher_id` the user declared the same for several endpoints). `role` labels the
-    progress lines (teacher, student, reference, judge).
+    progress lines (teacher, student, reference, judge). Every answer returned is counted by where its
+    reasoning trace came from (`trace:<source>`); with `expect_reasoning`, an answer without one is counted
+    as `reasoning_missing` (and logged), and kept: the caller decides what to do with it.
     """
     st = stats if stats is not None else CallStats()
     n = st.counts
@@ -169,9 +184,19 @@ def run_requests(requests: list[Request], backend: Backend, cache: ResponseCache
     cache.check_written()  # a full disk: every answer is in the store (and this round's records); say where
     n.add("seconds", time.monotonic() - start)
     records = [cache.get(r.key) for r in requests]
+    missing = 0
     for rec in records:
         if rec is not None:
             n.add(f"finish:{rec['finish_reason']}")
+            source = reasoning_source(rec)
+            if source != "none":
+                n.add(f"trace:{source}")
+            elif expect_reasoning:
+                missing += 1
+    if missing:
+        n.add("reasoning_missing", missing)
+        log(f"{role}: {missing} of {sum(r is not None for r in records)} answers came without the reasoning trace "
+            "that was expected (counted as reasoning_missing; check the server's reasoning parser or field)")
     return records, st
 
 
@@ -186,9 +211,10 @@ class ModelClient:
 
     def __init__(self, backend_for: Callable[[str], Backend], cache: ResponseCache, price: Price | None = None,
                  batch_api: bool = False, teacher_id: str | None = None, endpoint: EndpointParams | None = None,
-                 role: str = "teacher"):
+                 role: str = "teacher", expect_reasoning: bool = False):
         self.backend_for, self.cache, self.price, self.batch_api = backend_for, cache, price, batch_api
         self.teacher_id, self.endpoint, self.role = teacher_id, endpoint, role
+        self.expect_reasoning = expect_reasoning  # a trace is expected with every answer: count the ones without
         self.backends: dict[str, Backend] = {}
         self.stats = CallStats()
         self.waiting = 0  # requests still in running Batch API jobs
@@ -206,7 +232,8 @@ class ModelClient:
         st = CallStats()
         try:
             records, _ = run_requests(requests, backend, self.cache, sampling, self.price, self.batch_api, check=True,
-                                      stats=st, declared=bool(self.teacher_id), role=role or self.role)
+                                      stats=st, declared=bool(self.teacher_id), role=role or self.role,
+                                      expect_reasoning=self.expect_reasoning)
         finally:
             self.stats.merge(st)
         self.waiting += sum(r is None for r in records) - st.failed
@@ -231,19 +258,23 @@ class ModelClient:
             "cost_usd_called": round(price.cost(s.prompt_tokens, s.completion_tokens), 6) if price else 0.0,
             "api_requests_sent": api["sent"], "api_retries": api["retries"], "api_errors": api["errors"],
             "api_error_messages": api["messages"], "api_not_sent": api["not_sent"],
+            # only where traces were expected or seen, so the metrics of other runs keep their keys
+            **({"reasoning_sources": s.by_trace, "reasoning_missing": s.reasoning_missing}
+               if self.expect_reasoning or s.by_trace else {}),
         }
 
 
 def open_client(endpoint: EndpointParams, cache: ResponseCache | str | os.PathLike, *, store: str | None = None,
                 api: ApiParams | None = None, price: Price | None = None, batch_api: bool = False,
                 teacher_id: str | None = None, batch_size: int = 8, dtype: str = "float32",
-                role: str = "teacher") -> ModelClient:
+                role: str = "teacher", expect_reasoning: bool = False) -> ModelClient:
     """The client of one endpoint on `cache` (a folder: a `ResponseCache` there, with the teacher store
     `store_dir(store)`). `api`, `price`: the online client's limits and price; `batch_size`, `dtype`: the
-    local model's; `role`: the label of its progress lines (teacher, judge, ...)."""
+    local model's; `role`: the label of its progress lines (teacher, judge, ...); `expect_reasoning`: count
+    answers that come without a reasoning trace (`reasoning_missing`)."""
     if not isinstance(cache, ResponseCache):
         cache = ResponseCache(cache, store=TeacherStore(store_dir(store)))
     e = endpoint
     return ModelClient(lambda form: make_backend(e.backend, e.model, form, e.base_url, batch_size, dtype, api, price,
                                                  e.options()),
-                       cache, price, batch_api, teacher_id, endpoint, role)
+                       cache, price, batch_api, teacher_id, endpoint, role, expect_reasoning)

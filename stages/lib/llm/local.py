@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from stages.lib.llm.backend import OnDone, RunReport
-from stages.lib.llm.types import Completion, Request, Sampling, chat_messages, prompt_text
+from stages.lib.llm.types import Completion, Request, Sampling, chat_messages, prompt_text, split_reasoning
 
 
 def pick_device(device: str = "auto") -> str:
@@ -96,7 +96,9 @@ def generate(
         for s in stop or []:
             if s in text:
                 text, reason = text[: text.index(s)], "stop"
-        results.append(Completion(text, reason, n_prompt, len(ids) + int(hit_eos)))
+        trace = split_reasoning(text)  # a model with an R1-style template: `<think>` tags or a prefilled one
+        results.append(Completion(trace.answer, reason, n_prompt, len(ids) + int(hit_eos), reasoning=trace.reasoning,
+                                  reasoning_source=trace.source))
     return results
 
 

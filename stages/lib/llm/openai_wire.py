@@ -18,7 +18,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from stages.lib.errors import StageError, check
-from stages.lib.llm.types import Completion, chat_messages, prompt_text
+from stages.lib.llm.types import Completion, chat_messages, prompt_text, split_reasoning
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 # the request itself is wrong (parameter, key, permission, URL or model): the next request will fail the same way
@@ -102,12 +102,14 @@ def request_body(model: str, prompt_form: str, prompt, max_tokens: int, temperat
 
 
 def completion_from_body(body: dict, prompt_form: str) -> Completion:
-    """A Chat Completions / Completions response body as a Completion. A body of another shape (a missing
-    or non-list `choices`, a non-string `content`, non-integer token counts) raises ValueError, KeyError,
-    IndexError or TypeError, never another exception."""
+    """A Chat Completions / Completions response body as a Completion, its reasoning trace (a `reasoning` or
+    `reasoning_content` field, `<think>` tags) split from the answer by `types.split_reasoning`. A body of
+    another shape (a missing or non-list `choices`, a non-string `content` or reasoning field, non-integer token
+    counts) raises ValueError, KeyError, IndexError or TypeError, never another exception."""
     try:
         choice = body["choices"][0]
-        text = (choice["message"]["content"] if prompt_form == "chat" else choice["text"]) or ""
+        message = choice["message"] if prompt_form == "chat" else None
+        text = (message["content"] if message is not None else choice["text"]) or ""
         usage = body.get("usage") or {}
         details = usage.get("completion_tokens_details") or {}
         reasoning = int(details.get("reasoning_tokens") or 0)
@@ -118,12 +120,14 @@ def completion_from_body(body: dict, prompt_form: str) -> Completion:
         raise TypeError(str(e)) from None
     if not isinstance(text, str) or not isinstance(finish, str):
         raise TypeError("content and finish_reason must be strings")
+    trace = split_reasoning(text, message)  # the one place a trace is read: every provider form
     # OpenAI counts reasoning tokens inside completion_tokens (and bills them as output); never count fewer.
     # `model` is the exact snapshot served, e.g. gpt-4o-mini-2024-07-18
     served, fingerprint, rid = (v if isinstance(v, str) else None
                                 for v in (body.get("model"), body.get("system_fingerprint"), body.get("id")))
-    return Completion(text, finish, prompt_tokens, max(completion_tokens, reasoning), reasoning_tokens=reasoning,
-                      response_id=rid, served_model=served, system_fingerprint=fingerprint)
+    return Completion(trace.answer, finish, prompt_tokens, max(completion_tokens, reasoning),
+                      reasoning_tokens=reasoning, response_id=rid, served_model=served, system_fingerprint=fingerprint,
+                      reasoning=trace.reasoning, reasoning_source=trace.source)
 
 
 # ---------------------------------------------------------------- errors
