@@ -33,7 +33,9 @@ CHECKPOINT = "models/checkpoint"
 TRAIN_LOG = "metrics/train"
 """train's dvclive folder (`metrics.json`, `plots/`)."""
 EVAL = "data/eval"
-"""evaluate's judgments (`judgments-*.parquet`)."""
+"""evaluate's judgments (`judgments-*.parquet`) and IFEval answers with their verdicts (`ifeval-*.parquet`)."""
+HEADLINE = "metrics/headline.json"
+"""evaluate's headline: the few numbers that decide between students (`dvc exp show --keep '^headline\\.'`)."""
 EVAL_CACHE = "data/eval_cache"
 """Content-addressed student, teacher and judge responses (append-only, persist output)."""
 REPORT = "data/report"
@@ -56,7 +58,7 @@ OUTPUTS: dict[str, list[str]] = {
     "ingest": [CONVERSATIONS, metrics("ingest")],
     "tokenize": [TOKENS, metrics("tokenize")],
     "train": [STUDENT, TRAIN_LOG],
-    "evaluate": [EVAL, EVAL_CACHE, metrics("evaluate")],
+    "evaluate": [EVAL, EVAL_CACHE, metrics("evaluate"), HEADLINE],
     "report": [REPORT, REPORT_SERIES],
 }
 """What each DVC stage writes (outs and metrics in dvc.yaml)."""
