@@ -64,7 +64,8 @@ class EvaluateParams:
     model: str = "models/student"
     """Checkpoint to evaluate."""
     score_base: bool = True
-    """Also score the validation loss of the student's base model (`student.model`) for comparison."""
+    """Also score the student's base model (`student.model`) for comparison: its validation loss and its NLL on
+    the teacher's answers (the teacher gap)."""
     dtype: str = "auto"
     """Weights dtype of the student and base model: `auto` (bfloat16 on a GPU that has it, else
     float32), `float32`, `bfloat16` or `float16`."""
@@ -202,14 +203,17 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
         if ref is None:
             raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} "
                              "(see the cache's failures)")
-        r.update(reference=ref["text"].strip(), reference_source="teacher", reference_finish_reason=ref["finish_reason"])
-    for r in rows:
+        r.update(reference=ref["text"].strip(), reference_source="teacher", reference_raw=ref["text"],
+                 reference_finish_reason=ref["finish_reason"])
+    for r in rows:  # the teacher's text as written (the teacher gap scores it) and how it ended
         r.setdefault("reference_source", p.sets[r["set"]].reference)
+        r.setdefault("reference_raw", None)
         r.setdefault("reference_finish_reason", None)
     verdict = Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)
     judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
-    cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "reference_finish_reason",
+    cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "reference_raw",
+            "reference_finish_reason",
             "finish_reason",
             "answer_tokens", "order", "verdict_ref_first", "verdict_student_first", "preference"]
     schema = {c: pl.String for c in cols} | {"answer_tokens": pl.Int64, "verdict_ref_first": pl.Int8,
@@ -274,7 +278,7 @@ def main() -> None:
     smoke = suite.judge_is_smoke_test(p.judge)
     for m in per_set.values():
         m["smoke_test_only"] = smoke
-    gap = suite.teacher_gap(df.to_dicts(), p.model, base_model, template, p.teacher, dtype, p.device, p.batch_size)
+    gap = suite.teacher_gap(df.to_dicts(), p.model, base_model if p.score_base else None, template, p.teacher, dtype, p.device, p.batch_size)
     with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")
         write_shards(ife_df, out, "ifeval")

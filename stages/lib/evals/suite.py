@@ -92,7 +92,7 @@ def teacher_gap(rows: list[dict], student: str, base: str | None, template: str,
                 dtype: str = "float32", device: str = "auto", batch_size: int = 8) -> dict:
     """NLL per token of student, base and (a local teacher with the student's tokenizer) teacher on the
     teacher's reference answers in `rows` (evaluate's judgment rows with reference_source `teacher`; the
-    answer as judged, stripped of surrounding whitespace), the KL estimates and the
+    answer as the teacher wrote it, `reference_raw`, not stripped), the KL estimates and the
     gap closed. The student asks through its own chat template (its training format), the base through the
     student's training format `template` (so the two differ in weights only), the teacher through its own."""
     from transformers import AutoTokenizer
@@ -107,7 +107,7 @@ def teacher_gap(rows: list[dict], student: str, base: str | None, template: str,
                  "teacher_scored": False, "base_template": template}
     if not rows:
         return {**out, **gap(None, None, None)}
-    answers = [(r["reference"], r["reference_finish_reason"] == "stop") for r in rows]
+    answers = [(r["reference_raw"], r["reference_finish_reason"] == "stop") for r in rows]
     questions = [user_message(r["instruction"], r["input"]) for r in rows]
 
     def nll(who: str, path: str, dt: str, prompts: list, tmpl: str | None = None):
