@@ -260,7 +260,7 @@ def main() -> None:
     set_threads()
     data = TokenSplit(paths.TOKENS, "val")
     template = data.meta.get("template", "chat")  # the student's training format (older token folders: chat)
-    base_model = load_student().model
+    base_model = load_student().model if p.score_base or "base" in p.ifeval.models else None
     dtype = resolve_dtype(p.dtype, p.device)
     metrics = score(p.model, data, p.batch_size, dtype, p.device)
     if p.score_base:
@@ -278,7 +278,8 @@ def main() -> None:
     smoke = suite.judge_is_smoke_test(p.judge)
     for m in per_set.values():
         m["smoke_test_only"] = smoke
-    gap = suite.teacher_gap(df.to_dicts(), p.model, base_model if p.score_base else None, template, p.teacher, dtype, p.device, p.batch_size)
+    gap = suite.teacher_gap(df.to_dicts(), p.model, base_model if p.score_base else None, template, p.teacher,
+                            dtype, p.device, p.batch_size)
     with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")
         write_shards(ife_df, out, "ifeval")

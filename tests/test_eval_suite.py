@@ -10,9 +10,8 @@ import math
 import pytest
 
 from stages.lib.errors import StageError
-from stages.lib.evals import ifeval
-from stages.lib.evals.suite import (IfevalParams, headline, judge_is_smoke_test, run_ifeval, teacher_gap,
-                                    templated_backend)
+from stages.lib.evals import ifeval, suite
+from stages.lib.evals.suite import IfevalParams, headline, judge_is_smoke_test, run_ifeval, teacher_gap
 from stages.lib.evals.teacher_gap import answer_nll, answer_stats, gap, pooled, repetition_rate
 from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.params import params_from_dict
@@ -156,9 +155,9 @@ def test_the_base_asked_in_the_training_format_has_its_own_cache_identity(tmp_pa
     from stages.lib.llm.local import LocalBackend
 
     own = LocalBackend(str(tiny_model), "chat")
-    alpaca = templated_backend(str(tiny_model), "alpaca", "float32", 2)
+    alpaca = suite.templated_backend(str(tiny_model), "alpaca", "float32", 2)
     assert alpaca.teacher_id == own.teacher_id + "+template:alpaca"
-    assert templated_backend(str(tiny_model), "chat", "float32", 2).teacher_id == own.teacher_id
+    assert suite.templated_backend(str(tiny_model), "chat", "float32", 2).teacher_id == own.teacher_id
     shown = alpaca.render("name a fruit")
     assert "### Instruction:\nname a fruit" in shown and "<|im_start|>" not in shown
     assert "<|im_start|>user\nname a fruit" in own.render("name a fruit")

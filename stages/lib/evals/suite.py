@@ -98,9 +98,7 @@ def teacher_gap(rows: list[dict], student: str, base: str | None, template: str,
     from transformers import AutoTokenizer
 
     from stages.lib.llm.local import load_model
-    from stages.lib.tokens.templates import export_tokenizer
-
-    from stages.lib.tokens.templates import user_message
+    from stages.lib.tokens.templates import export_tokenizer, user_message
 
     rows = [r for r in rows if r["reference_source"] == "teacher"]
     out: dict = {"prompts": len(rows), "tokens": 0, "nll_student": None, "nll_base": None, "nll_teacher": None,
