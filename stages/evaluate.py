@@ -213,9 +213,8 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
     cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "reference_raw",
-            "reference_finish_reason",
-            "finish_reason",
-            "answer_tokens", "order", "verdict_ref_first", "verdict_student_first", "preference"]
+            "reference_finish_reason", "finish_reason", "answer_tokens", "order", "verdict_ref_first",
+            "verdict_student_first", "preference"]
     schema = {c: pl.String for c in cols} | {"answer_tokens": pl.Int64, "verdict_ref_first": pl.Int8,
                                                "verdict_student_first": pl.Int8, "preference": pl.Float64}
     df = pl.DataFrame([{c: r[c] for c in cols} for r in rows], schema=schema).sort("set", "id")

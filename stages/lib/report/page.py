@@ -51,8 +51,8 @@ def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str
     if t["judge"]:
         smoke = (" SMOKE TEST ONLY: the judge is the embedded model, whose verdicts follow the position shown; "
                  "these win rates only show that the machinery runs." if s.get("judge_smoke_test_only") else "")
-        out.append(("judge", "Win rate", rf.fig_judge(t["judge"]),
-                    "Pairwise judge (metrics/eval.json): win rate +- 1.96 standard errors; dotted: 50%, a tie." + smoke))
+        caption = "Pairwise judge (metrics/eval.json): win rate +- 1.96 standard errors; dotted: 50%, a tie."
+        out.append(("judge", "Win rate", rf.fig_judge(t["judge"]), caption + smoke))
     else:
         out.append(("judge", "Win rate", None, "No judge evaluation in this run."))
     return [(name, title, rf.svg_uri(fig, name) if fig is not None else None, caption)
