@@ -221,12 +221,9 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
     return df, metrics
 
 
-def make_sessions(p: EvaluateParams, cache, dtype: str = "float32", base: str | None = None,
-                  base_template: str = "chat"):
-    """role -> ask(prompts, sampling): the student (and `base`, in the student's training format
-    `base_template`) locally, teacher and judge as configured; one cache for all, one client (so one loaded
-    model) per distinct endpoint. Returns (that, the clients)."""
-    from stages.lib.evals.suite import templated_backend
+def make_sessions(p: EvaluateParams, cache, dtype: str = "float32", base: str | None = None):
+    """role -> ask(prompts, sampling): the student (and its `base`) locally, teacher and judge as configured;
+    one cache for all, one client (so one loaded model) per distinct endpoint. Returns (that, the clients)."""
     from stages.lib.llm.client import ModelClient, open_client
 
     endpoints = {"student": EndpointParams("local", p.model), "reference": p.teacher, "teacher": p.teacher,
@@ -237,12 +234,10 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32", base: str | 
     def session(role: str):
         e = endpoints[role]
         d = dtypes.get(role, "float32") if e.backend == "local" else None
-        tmpl = base_template if role == "base" and base_template != "chat" else None
         key = (e.backend, e.model, e.base_url, e.prompt_form, json.dumps(e.extra_body, sort_keys=True), e.model_family,
-               e.reasoning_budget, d, tmpl)
+               e.reasoning_budget, d)
         if key not in made:
-            made[key] = (ModelClient(lambda form: templated_backend(e.model, tmpl, d, p.batch_size), cache, role=role)
-                         if tmpl else open_client(e, cache, batch_size=p.batch_size, dtype=d or "float32"))
+            made[key] = open_client(e, cache, batch_size=p.batch_size, dtype=d or "float32")
         client = made[key]  # shared by roles on one endpoint: each role asks with its own system prompt
         return lambda prompts, sampling: client.ask([e.prompt(x) for x in prompts], sampling, e.prompt_form, role)
 
@@ -266,7 +261,7 @@ def main() -> None:
         base = score(base_model, data, p.batch_size, dtype, p.device, who="base")
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     cache = ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store)))
-    sessions, made = make_sessions(p, cache, dtype, base_model, template)
+    sessions, made = make_sessions(p, cache, dtype, base_model)
     try:
         df, per_set = evaluate_sets(p, sessions)
         ife_df, ife = suite.run_ifeval(p.ifeval, lambda who: sessions("reference" if who == "teacher" else who),

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from stages.lib.errors import StageError
-from stages.lib.evals import ifeval, suite
+from stages.lib.evals import ifeval
 from stages.lib.evals.suite import IfevalParams, headline, judge_is_smoke_test, run_ifeval, teacher_gap
 from stages.lib.evals.teacher_gap import answer_nll, answer_stats, gap, pooled, repetition_rate
 from stages.lib.llm.endpoint import EndpointParams
@@ -149,18 +149,6 @@ def test_teacher_gap_on_tiny_models(tmp_path, tiny_model):
     other = make_tiny_model(tmp_path / "other", seed=2)  # its own tokenizer, trained again: not the student's
     assert teacher_gap(rows, str(student), None, "chat", EndpointParams("local", str(other)))["teacher_scored"] \
         == (AutoTokenizer.from_pretrained(other).get_vocab() == AutoTokenizer.from_pretrained(student).get_vocab())
-
-
-def test_the_base_asked_in_the_training_format_has_its_own_cache_identity(tmp_path, tiny_model):
-    from stages.lib.llm.local import LocalBackend
-
-    own = LocalBackend(str(tiny_model), "chat")
-    alpaca = suite.templated_backend(str(tiny_model), "alpaca", "float32", 2)
-    assert alpaca.teacher_id == own.teacher_id + "+template:alpaca"
-    assert suite.templated_backend(str(tiny_model), "chat", "float32", 2).teacher_id == own.teacher_id
-    shown = alpaca.render("name a fruit")
-    assert "### Instruction:\nname a fruit" in shown and "<|im_start|>" not in shown
-    assert "<|im_start|>user\nname a fruit" in own.render("name a fruit")
 
 
 # ---------------------------------------------------------------- IFEval in the stage, on doubles

@@ -31,10 +31,10 @@ class IfevalParams:
     """Prompts in IFEval's input_data.jsonl format: the pinned 24-prompt subset (seeds/eval/README.md) or the
     full set, `../shared/data/ifeval/input_data.jsonl` (541 prompts; not a DVC dependency, its sha256 is in
     the metrics)."""
-    max_new_tokens: int = 192
+    max_new_tokens: int = 64
     """Answer length budget of every model on IFEval."""
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    """Who answers: `student`, `base` (the student's base weights in the student's prompt format), `teacher`
+    """Who answers, each through its own chat template: `student`, `base` (`student.model`), `teacher`
     (`evaluate.teacher`); [] turns IFEval off."""
 
     def __post_init__(self):
@@ -148,22 +148,3 @@ def headline(m: dict) -> dict:
         "judge_smoke_test_only": bool(m.get("judge_smoke_test_only")),
     }}
 
-
-def templated_backend(model: str, template: str, dtype: str, batch_size: int):
-    """The local backend of `model` asked in the training format `template` (the student's base in the
-    student's prompt format): `chat` is its own chat template; `alpaca` replaces it, and the cache keys say
-    so (`+template:alpaca`), so these answers are never served for the model's own template."""
-    from stages.lib.llm.local import LocalBackend
-    from stages.lib.tokens.templates import export_tokenizer
-
-    class Templated(LocalBackend):
-        def _load(self):
-            if self._loaded is None:
-                super()._load()
-                export_tokenizer(self._loaded[1], template)
-            return self._loaded
-
-    backend = Templated(model, "chat", dtype, batch_size)
-    if template != "chat":
-        backend.teacher_id += f"+template:{template}"
-    return backend
