@@ -91,15 +91,14 @@ def answer_nll(model, tok, prompts: Sequence, answers: Sequence[tuple[str, bool]
             ids[j, : len(p) + len(a)] = torch.tensor(p + a)
             attn[j, : len(p) + len(a)] = 1
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        for j, (p, a) in enumerate(batch):
-            if not a:
-                out.append((0.0, 0))
-                continue
-            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logp.device)
-            target = torch.tensor(a, device=logp.device)
-            out.append((float(-logp[j, pos, target].sum()), len(a)))
+            logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits
+            for j, (p, a) in enumerate(batch):  # log-softmax over the answer positions only
+                if not a:
+                    out.append((0.0, 0))
+                    continue
+                logp = torch.log_softmax(logits[j, len(p) - 1 : len(p) + len(a) - 1].float(), dim=-1)
+                target = torch.tensor(a, device=logp.device)
+                out.append((float(-logp.gather(1, target[:, None]).sum()), len(a)))
         bar.update(len(batch))
     bar.close()
     return out
