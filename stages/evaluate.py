@@ -7,6 +7,11 @@
    the teacher's answer, and a judge (the teacher or any OpenAI-compatible model) compares the
    two (`stages/lib/judging/judge.py`): win rate ± standard error as AlpacaEval computes it, stop rate,
    position-flip and longer-answer-wins rates.
+3. Judge-free (`stages/lib/evals/`): IFEval (`evaluate.ifeval`, a pinned subset by default) answered by
+   student, base and teacher; the teacher gap (student's and base's NLL on the teacher's references, the
+   KL estimates, the gap closed); the student's stop rate, answer length and repetition rate. The judge's
+   metrics say `smoke_test_only` when it is the embedded model; `metrics/headline.json` holds the few
+   numbers that decide between students.
 
 Every model call goes through the teacher client and one content-addressed cache
 (`data/eval_cache`, a persist output): a student answer is keyed by the checkpoint's
@@ -25,6 +30,7 @@ import polars as pl
 
 from stages.lib import paths
 from stages.lib.errors import StageError, check
+from stages.lib.evals.suite import IfevalParams
 from stages.lib.io import atomic_dir, write_json, write_shards
 from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.llm.openai_wire import redact
@@ -58,7 +64,8 @@ class EvaluateParams:
     model: str = "models/student"
     """Checkpoint to evaluate."""
     score_base: bool = True
-    """Also score the validation loss of the student's base model (`student.model`) for comparison."""
+    """Also score the student's base model (`student.model`) for comparison: its validation loss and its NLL on
+    the teacher's answers (the teacher gap)."""
     dtype: str = "auto"
     """Weights dtype of the student and base model: `auto` (bfloat16 on a GPU that has it, else
     float32), `float32`, `bfloat16` or `float16`."""
@@ -87,6 +94,9 @@ class EvaluateParams:
     """Length budget of a verdict."""
     teacher_store: str | None = None
     """The store outside the repository that also keeps every response (as `generate.teacher_store`)."""
+    ifeval: IfevalParams = field(default_factory=IfevalParams)
+    """IFEval, no judge: {path (the pinned subset; the full set: ../shared/data/ifeval/input_data.jsonl),
+    max_new_tokens, models (of student, base, teacher; []: off)}."""
 
     def __post_init__(self):
         convert_fields(self, "evaluate")
@@ -193,27 +203,32 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
         if ref is None:
             raise StageError(f"evaluate: the teacher gave no reference for {r['set']}/{r['id']} "
                              "(see the cache's failures)")
-        r.update(reference=ref["text"].strip(), reference_source="teacher")
-    for r in rows:
+        r.update(reference=ref["text"].strip(), reference_source="teacher", reference_raw=ref["text"],
+                 reference_finish_reason=ref["finish_reason"])
+    for r in rows:  # the teacher's text as written (the teacher gap scores it) and how it ended
         r.setdefault("reference_source", p.sets[r["set"]].reference)
+        r.setdefault("reference_raw", None)
+        r.setdefault("reference_finish_reason", None)
     verdict = Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)
     judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
-    cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "finish_reason",
-            "answer_tokens", "order", "verdict_ref_first", "verdict_student_first", "preference"]
+    cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "reference_raw",
+            "reference_finish_reason", "finish_reason", "answer_tokens", "order", "verdict_ref_first",
+            "verdict_student_first", "preference"]
     schema = {c: pl.String for c in cols} | {"answer_tokens": pl.Int64, "verdict_ref_first": pl.Int8,
                                                "verdict_student_first": pl.Int8, "preference": pl.Float64}
     df = pl.DataFrame([{c: r[c] for c in cols} for r in rows], schema=schema).sort("set", "id")
     return df, metrics
 
 
-def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
-    """role -> ask(prompts, sampling): the student locally, teacher and judge as configured; one
-    cache for all, one client (so one loaded model) per distinct endpoint. Returns (that, the clients)."""
+def make_sessions(p: EvaluateParams, cache, dtype: str = "float32", base: str | None = None):
+    """role -> ask(prompts, sampling): the student (and its `base`) locally, teacher and judge as configured;
+    one cache for all, one client (so one loaded model) per distinct endpoint. Returns (that, the clients)."""
     from stages.lib.llm.client import ModelClient, open_client
 
-    endpoints = {"student": EndpointParams("local", p.model), "reference": p.teacher, "judge": p.judge}
-    dtypes = {"student": dtype}  # `evaluate.dtype` is the student's; local teachers and judges load in float32
+    endpoints = {"student": EndpointParams("local", p.model), "reference": p.teacher, "teacher": p.teacher,
+                 "judge": p.judge, "base": EndpointParams("local", base or p.model)}
+    dtypes = {"student": dtype, "base": dtype}  # `evaluate.dtype`: student and base; local teachers, judges float32
     made: dict[tuple, ModelClient] = {}
 
     def session(role: str):
@@ -230,36 +245,57 @@ def make_sessions(p: EvaluateParams, cache, dtype: str = "float32"):
 
 
 def main() -> None:
+    from stages.lib.evals import suite
+    from stages.lib.evals.teacher_gap import answer_stats
     from stages.lib.llm.cache import ResponseCache
     from stages.lib.llm.store import TeacherStore, store_dir
 
     p = load_params(EvaluateParams, "evaluate")
     set_threads()
     data = TokenSplit(paths.TOKENS, "val")
+    template = data.meta.get("template", "chat")  # the student's training format (older token folders: chat)
+    base_model = (paths.local_model(load_student().model, "student.model")
+                  if p.score_base or "base" in p.ifeval.models else None)
     dtype = resolve_dtype(p.dtype, p.device)
     metrics = score(paths.local_model(p.model, "evaluate.model"), data, p.batch_size, dtype, p.device)
     if p.score_base:
-        base_model = paths.local_model(load_student().model, "student.model")
         base = score(base_model, data, p.batch_size, dtype, p.device, who="base")
         metrics.update({f"base_{k}": v for k, v in base.items() if k != "val_tokens"})
     cache = ResponseCache(paths.EVAL_CACHE, store=TeacherStore(store_dir(p.teacher_store)))
-    sessions, made = make_sessions(p, cache, dtype)
+    sessions, made = make_sessions(p, cache, dtype, base_model)
     try:
         df, per_set = evaluate_sets(p, sessions)
+        ife_df, ife = suite.run_ifeval(p.ifeval, lambda who: sessions("reference" if who == "teacher" else who),
+                                       p.temperature, p.seed)
     except TeacherStop as stop:  # a wrong URL, key, model or parameter: the server's words in the metrics too
         write_json(paths.metrics("evaluate"), {**metrics, "error": redact(str(stop))})
         raise
+    smoke = suite.judge_is_smoke_test(p.judge)
+    for m in per_set.values():
+        m["smoke_test_only"] = smoke
+    gap = suite.teacher_gap(df.to_dicts(), p.model, base_model if p.score_base else None, template, p.teacher,
+                            dtype, p.device, p.batch_size)
     with atomic_dir(paths.EVAL) as out:
         write_shards(df, out, "judgments")
+        write_shards(ife_df, out, "ifeval")
     calls = {"requests": sum(s.stats.requests for s in made.values()),
              "cache_hits": sum(s.stats.cache_hits for s in made.values()),
              "model_calls": sum(s.stats.teacher_calls for s in made.values())}
-    metrics.update({"stop_rate": round(float((df["finish_reason"] == "stop").mean()), 4) if df.height else None,
-                    "judge": per_set, "calls": calls})
+    answers = answer_stats([{"text": a, "finish_reason": f, "tokens": t}
+                            for a, f, t in df.select("answer", "finish_reason", "answer_tokens").iter_rows()])
+    metrics.update({"stop_rate": answers["stop_rate"], "answers": answers, "teacher_gap": gap, "ifeval": ife,
+                    "judge": per_set, "judge_smoke_test_only": smoke, "calls": calls})
     write_json(paths.metrics("evaluate"), metrics)
+    write_json(paths.HEADLINE, suite.headline(metrics))
     for name, m in per_set.items():
         log(f"evaluate: {name}: student win rate {m['win_rate']} ± {m['standard_error']} over {m['n']} prompts "
-            f"(stop rate {m['stop_rate']}, position flips {m['position_flip_rate']})")
+            f"(stop rate {m['stop_rate']}, position flips {m['position_flip_rate']})"
+            + (" -- SMOKE TEST ONLY: the judge is the embedded model" if smoke else ""))
+    for who in p.ifeval.models:
+        log(f"evaluate: ifeval {who}: prompt-level strict {ife[who]['prompt_level_strict']['accuracy']} "
+            f"± {ife[who]['prompt_level_strict']['standard_error']} over {ife['prompts']} prompts")
+    log(f"evaluate: teacher gap: nll student {gap['nll_student']}, base {gap['nll_base']}, teacher "
+        f"{gap['nll_teacher']}; gap closed {gap['gap_closed']}; repetition {answers['repetition_rate']}")
     log(f"evaluate: val loss {metrics['val_loss']} (base {metrics.get('base_val_loss')}), calls {calls}")
 
 

@@ -99,7 +99,8 @@ class IngestParams:
     """Word n-gram shingles."""
     minhash_seed: int = 1
     """Seed of the MinHash permutations."""
-    decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval/eval_prompts.jsonl"])
+    decontaminate: list[str] = field(default_factory=lambda: ["seeds/eval/eval_prompts.jsonl",
+                                                              "seeds/eval/ifeval_subset.jsonl"])
     """Eval prompt files (JSON/JSONL with instruction/prompt/question/text) whose n-grams training prompts must
     not share."""
     decontam_ngram: int = 8

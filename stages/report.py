@@ -119,6 +119,7 @@ def build_tables(p: ReportParams, seeds: list[str], kept: list[dict], rejected: 
         "select_score": metrics.get("select", {}).get("score"), "select_cut": metrics.get("select", {}).get("cut"),
         "select_policy": metrics.get("select", {}).get("policy"), "select_kept": metrics.get("select", {}).get("kept"),
         "val_loss": em.get("val_loss"), "base_val_loss": em.get("base_val_loss"),
+        "judge_smoke_test_only": bool(em.get("judge_smoke_test_only")),
     }
     return tables, summary
 

@@ -209,7 +209,8 @@ def test_main_with_an_openai_compatible_teacher_and_judge(in_tmp, tiny_model, mo
     with FakeOpenAI(reply=reply, models=["judge-model"]) as srv:
         endpoint = {"backend": "openai", "model": "judge-model", "base_url": srv.base_url}
         params = {"evaluate": {"model": str(tiny_model), "score_base": False, "max_new_tokens": 4,
-                               "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint}}
+                               "sets": {"s": {"path": "set.jsonl"}}, "teacher": endpoint, "judge": endpoint,
+                               "ifeval": {"models": []}}}
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         main()
         calls = len(srv.requests)

@@ -169,6 +169,15 @@ def test_page_has_every_figure_and_says_when_there_is_no_judge(nlp):
     assert "Draw a map" in text and "too_similar" in text
 
 
+def test_the_page_says_when_the_judge_is_only_a_smoke_test(nlp):
+    judge = {"alpaca": {"win_rate": 40.0, "standard_error": 5.0, "n": 8}}
+    for smoke in (True, False):
+        tables, summary, kept, rejected = _inputs(nlp, judge=judge, smoke=smoke)
+        assert summary["judge_smoke_test_only"] is smoke
+        text = render(tables, summary, kept, rejected)
+        assert 'id="fig-judge"' in text and ("SMOKE TEST ONLY: the judge is the embedded model" in text) is smoke
+
+
 def test_compare_reads_two_git_revisions(nlp, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 

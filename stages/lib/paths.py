@@ -38,7 +38,9 @@ CHECKPOINT = "models/checkpoint"
 TRAIN_LOG = "metrics/train"
 """train's dvclive folder (`metrics.json`, `plots/`)."""
 EVAL = "data/eval"
-"""evaluate's judgments (`judgments-*.parquet`)."""
+"""evaluate's judgments (`judgments-*.parquet`) and IFEval answers with their verdicts (`ifeval-*.parquet`)."""
+HEADLINE = "metrics/headline.json"
+"""evaluate's headline: the few numbers that decide between students (`dvc exp show --keep '^headline\\.'`)."""
 EVAL_CACHE = "data/eval_cache"
 """Content-addressed student, teacher and judge responses (append-only, persist output)."""
 MTBENCH_CACHE = "data/mtbench_cache"
@@ -65,7 +67,7 @@ OUTPUTS: dict[str, list[str]] = {
     "tokenize": [TOKENS, metrics("tokenize")],
     "capture": [LOGPROBS, metrics("capture")],
     "train": [STUDENT, TRAIN_LOG],
-    "evaluate": [EVAL, EVAL_CACHE, metrics("evaluate")],
+    "evaluate": [EVAL, EVAL_CACHE, metrics("evaluate"), HEADLINE],
     "report": [REPORT, REPORT_SERIES],
 }
 """What each DVC stage writes (outs and metrics in dvc.yaml)."""

@@ -4,6 +4,7 @@
     python -m stages.tools.ifeval answers.jsonl --out verdicts.jsonl --metrics ifeval.json
     python -m stages.tools.ifeval --write-prompts prompts.jsonl --subset 100   # what to answer (a fixed subset)
     python -m stages.tools.ifeval answers.jsonl --subset 100             # score that subset
+    python -m stages.tools.ifeval --write-subset seeds/eval/ifeval_subset.jsonl --subset 24   # evaluate's pinned set
 
 `answers.jsonl` holds one JSON object a line with the fields `prompt` (IFEval's prompt, exactly as in its
 input_data.jsonl) and `response` (the model's answer, as it should be scored: strip a reasoning model's
@@ -81,19 +82,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--partial", action="store_true", help="score the answered prompts even if some are missing")
     ap.add_argument("--write-prompts", metavar="FILE",
                     help="write the prompts to answer ({key, prompt} JSONL, the subset if --subset) and stop")
-    ap.add_argument("--force", action="store_true", help="replace existing --out, --metrics or --write-prompts files")
+    ap.add_argument("--write-subset", metavar="FILE",
+                    help="write the --subset prompts as IFEval's own lines (key, prompt, instruction_id_list, kwargs; "
+                         "what evaluate's ifeval.path reads) and stop")
+    ap.add_argument("--force", action="store_true",
+                    help="replace existing --out, --metrics, --write-prompts or --write-subset files")
     a = ap.parse_args(argv)
     if a.subset is not None and a.subset < 1:
         raise StageError(f"--subset: expected at least 1, got {a.subset}")
-    if not a.answers and not a.write_prompts:
+    if not a.answers and not a.write_prompts and not a.write_subset:
         raise StageError("give an answers file to score, or --write-prompts FILE (see --help)")
-    for path, flag in ((a.out, "--out"), (a.metrics, "--metrics"), (a.write_prompts, "--write-prompts")):
+    if a.write_subset and a.subset is None:
+        raise StageError("--write-subset: give --subset N")
+    for path, flag in ((a.out, "--out"), (a.metrics, "--metrics"), (a.write_prompts, "--write-prompts"),
+                       (a.write_subset, "--write-subset")):
         _refuse_existing(path, a.force, flag)
 
     prompts_path = Path(a.prompts) if a.prompts else ifeval.default_prompts_path()
     if not prompts_path.is_file():
         raise StageError(f"IFEval prompts not found: {prompts_path} (pass --prompts, or fetch the reference data: "
                          "docs/reference-data.md)")
+    if a.write_subset:
+        text = ifeval.subset_lines(prompts_path, a.subset, a.seed)
+        Path(a.write_subset).write_text(text, encoding="utf-8")
+        print(f"{text.count(chr(10))} IFEval prompts (subset {a.subset}, seed {a.seed}) written to {a.write_subset}")
+        return
     prompts = ifeval.subset(ifeval.load_prompts(prompts_path), a.subset, a.seed)
     if a.write_prompts:
         _write_jsonl(a.write_prompts, ({"key": p.key, "prompt": p.prompt} for p in prompts))

@@ -10,7 +10,7 @@ class _Tok:
         return {"input_ids": [t.split() for t in texts]}
 
 
-def report_inputs(nlp, judge=None):
+def report_inputs(nlp, judge=None, smoke=False):
     """(tables, summary, kept, rejected) of a small run: 4 kept, 2 rejected, one conversation, metrics."""
     texts = ["Write a poem about cats.", "Write a poem about dogs.", "Give me a recipe.", "What is love?"]
     kept = [{"id": f"k{i}", "instruction": t, "input": "some input" if i % 2 else "", "output": "an answer here",
@@ -26,7 +26,8 @@ def report_inputs(nlp, judge=None):
                "ingest": {"mixture": "distill", "sources": {"generated": {"read": 4, "clean": 3, "in_mixture": 3}}},
                "tokenize": {"tokens_dropped": 7, "split_conversations": 1},
                "generate": {"requests": 5, "cache_hits": 2, "teacher_calls": 3, "prompt_tokens_called": 100},
-               "eval": {"val_loss": 1.5, **({"judge": judge} if judge else {})}}
+               "eval": {"val_loss": 1.5, **({"judge": judge} if judge else {}),
+                        **({"judge_smoke_test_only": True} if smoke else {})}}
     train = {"loss": [(0, 2.0), (1, 1.5)], "padding_efficiency": [(0, 0.5), (1, 0.6)]}
     tables, summary = build_tables(ReportParams(), ["Write a poem about the sea."], kept, rejected, convs,
                                    [{"reason": "language", "detail": "de"}], metrics, train, nlp, _Tok())

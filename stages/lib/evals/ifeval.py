@@ -327,3 +327,13 @@ def subset(prompts: Sequence[Prompt], n: int | None, seed: int = 0) -> list[Prom
             if nxt is not None:
                 picked[nxt.key] = nxt
     return sorted(picked.values(), key=lambda p: p.key)
+
+
+def subset_lines(path: str | os.PathLike, n: int | None, seed: int = 0) -> str:
+    """The lines of IFEval's `input_data.jsonl` at `path` that `subset(prompts, n, seed)` picks, verbatim and in
+    key order (each ending in a newline): a pinned subset that `load_prompts` reads like the full file."""
+    path = Path(path)
+    keys = {p.key for p in subset(load_prompts(path), n, seed)}
+    by_key = {row["key"]: line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()
+              if line.strip() and (row := json.loads(line))["key"] in keys}
+    return "".join(by_key[k] + "\n" for k in sorted(by_key))

@@ -49,8 +49,10 @@ def figures(tables: dict, summary: dict) -> list[tuple[str, str, str | None, str
     else:
         out.append(("training", "Training and evaluation", None, "No training metrics in this run."))
     if t["judge"]:
-        out.append(("judge", "Win rate", rf.fig_judge(t["judge"]),
-                    "Pairwise judge (metrics/eval.json): win rate +- 1.96 standard errors; dotted: 50%, a tie."))
+        smoke = (" SMOKE TEST ONLY: the judge is the embedded model, whose verdicts follow the position shown; "
+                 "these win rates only show that the machinery runs." if s.get("judge_smoke_test_only") else "")
+        caption = "Pairwise judge (metrics/eval.json): win rate +- 1.96 standard errors; dotted: 50%, a tie."
+        out.append(("judge", "Win rate", rf.fig_judge(t["judge"]), caption + smoke))
     else:
         out.append(("judge", "Win rate", None, "No judge evaluation in this run."))
     return [(name, title, rf.svg_uri(fig, name) if fig is not None else None, caption)
