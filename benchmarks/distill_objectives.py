@@ -25,7 +25,7 @@ from pathlib import Path
 
 METHODS = {
     "ce (teacher text)": {"objective": "ce"},
-    "kd (forward KL, top-32)": {"objective": "kd"},
+    "kd (forward KL top-32)": {"objective": "kd"},
     "mix (0.5 CE + 0.5 KD)": {"objective": "mix", "kd_weight": 0.5},
     "on-policy (reverse KL)": {"objective": "ce", "on_policy_ratio": 1.0},
 }
@@ -56,7 +56,7 @@ def score(student: str, teacher_model, val) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=32, help="optimizer steps per method (default: 32)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated names from the table")
+    ap.add_argument("--methods", default=";".join(METHODS), help="semicolon-separated names from the table")
     a = ap.parse_args()
 
     import torch
@@ -87,7 +87,7 @@ def main() -> None:
         capture_s = time.perf_counter() - t0
         print(f"capture: {report.positions} positions in {capture_s:.0f} s, {report.bytes_per_token:.1f} B/token",
               flush=True)
-        for name in a.methods.split(","):
+        for name in a.methods.split(";"):
             p = replace(base, **METHODS[name])
             out = tmp / name.split()[0]
             t0 = time.perf_counter()

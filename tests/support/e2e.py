@@ -76,7 +76,7 @@ def make_e2e_repo(repo: Path) -> Path:
         # prune runs in every full repro: on the tiny student, not the 135M teacher, to stay quick
         prune={"teacher": "tiny_student", "drop_layers": 1, "calibration_examples": 4},
         train={"max_steps": 4, "batch_size": 2},
-        evaluate={"max_new_tokens": 8,
+        evaluate={"max_new_tokens": 8, "ifeval": {"max_new_tokens": 8},
                   "sets": {"stillhouse": {"path": "seeds/eval/eval_prompts.jsonl", "limit": 3}}},
     )
     sh(repo, "git", "add", "-A")
