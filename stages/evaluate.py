@@ -150,8 +150,26 @@ def read_eval_set(name: str, spec: EvalSetParams) -> list[dict]:
     return rows
 
 
-def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
-    """Fill preference, verdicts and order in each row (reference and answer already set)."""
+def judge_preview(prompts: list[str], judge: EndpointParams, max_new_tokens: int) -> str:
+    """The line `evaluate` prints before any judge call: how many it will send and what they cost at most (prompt
+    tokens estimated as characters / 4, every verdict at `max_new_tokens`; cached verdicts are then free)."""
+    from stages.lib.llm.endpoint import default_prices, price_for
+
+    n, tokens_in = len(prompts), sum(len(x) for x in prompts) // 4
+    tokens_out = n * max_new_tokens
+    if judge.backend == "local":
+        cost = "no charge (a local model)"
+    else:
+        price = price_for(default_prices(), judge.model)
+        cost = (f"at most ${price.cost(tokens_in, tokens_out):.4f} at {judge.model}'s list price" if price else
+                f"price of {judge.model!r} unknown")
+    return (f"evaluate: judge {judge.model}: {n} calls (about {tokens_in:,} prompt tokens, at most {tokens_out:,} "
+            f"verdict tokens), {cost}, less what the cache already holds")
+
+
+def judge_all(rows: list[dict], ask_judge, order: str, seed: int, announce=None) -> None:
+    """Fill preference, verdicts and order in each row (reference and answer already set). `announce(prompts)`
+    is called once before the judge is asked (the preview)."""
     from stages.lib.judging.judge import combine, pairwise_judge_prompt, parse_verdict, preference, student_first
 
     todo, prompts = [], []
@@ -169,6 +187,8 @@ def judge_all(rows: list[dict], ask_judge, order: str, seed: int) -> None:
             pair = (r["reference"], r["answer"]) if o == "ref_first" else (r["answer"], r["reference"])
             todo.append((r, o))
             prompts.append(pairwise_judge_prompt(q, *pair))
+    if announce is not None:
+        announce(prompts)
     for (r, o), rec in zip(todo, ask_judge(prompts) if prompts else []):
         r[f"verdict_{o}"] = parse_verdict(rec["text"] if rec else None)
     for r in rows:
@@ -210,7 +230,8 @@ def evaluate_sets(p: EvaluateParams, sessions) -> tuple[pl.DataFrame, dict]:
         r.setdefault("reference_raw", None)
         r.setdefault("reference_finish_reason", None)
     verdict = Sampling(p.judge_max_new_tokens, 0.0, 1.0, (), p.seed)
-    judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed)
+    judge_all(rows, lambda prompts: sessions("judge")(prompts, verdict), p.judge_order, p.seed,
+              lambda prompts: log(judge_preview(prompts, p.judge, p.judge_max_new_tokens)))
     metrics = {name: summarize([r for r in rows if r["set"] == name], p.judge_order) for name in sorted(p.sets)}
     cols = ["set", "id", "instruction", "input", "answer", "reference", "reference_source", "reference_raw",
             "reference_finish_reason", "finish_reason", "answer_tokens", "order", "verdict_ref_first",

@@ -12,6 +12,7 @@ from stages.evaluate import EvalSetParams, EvaluateParams, evaluate_sets, judge_
 from stages.lib.errors import StageError
 from stages.lib.judging.judge import combine, parse_verdict, preference, student_first, summarize
 from stages.lib.llm.cache import ResponseCache
+from stages.lib.llm.endpoint import EndpointParams
 from stages.lib.llm.types import Sampling
 from stages.lib.params import params_from_dict
 from tests.support.tiny import shared
@@ -283,3 +284,28 @@ def test_the_student_is_evaluated_on_the_prompt_it_was_trained_on(tmp_path, tiny
     assert backend.tok(shown, add_special_tokens=False)["input_ids"] == trained
     assert shown == tok.decode(trained)
     assert "Sort the numbers in ascending order.\n\n3, 1, 2" in shown and "  Sort" not in shown
+
+
+def test_the_judge_calls_and_their_cost_are_printed_before_the_first_call(tmp_path, capsys):
+    """The preview line comes before the judge is asked, counts every call it will send (both orders, the
+    identical pair left out) and prices them at the model's list price; a local judge costs nothing."""
+    from stages.evaluate import judge_preview
+    from stages.lib.llm.endpoint import PRICES
+
+    rows = [{"id": f"q{i}", "instruction": f"question {i}"} for i in range(3)]
+    p = EvaluateParams(sets={"s": {"path": write_set(tmp_path / "a.jsonl", rows)}})
+    fake = FakeModels({f"question {i}": "student" if i else "same" for i in range(3)},
+                      {f"question {i}": "ref" if i else "same" for i in range(3)})
+    judge = fake("judge")
+
+    def judged(prompts, sampling):
+        assert "evaluate: judge models/teacher: 4 calls" in capsys.readouterr().err  # printed first
+        return judge(prompts, sampling)
+
+    evaluate_sets(p, lambda role: judged if role == "judge" else fake(role))
+    prompts = ["x" * 4000, "y" * 400]
+    api = EndpointParams(backend="openai", model="gpt-4o", base_url=None)
+    want = PRICES["gpt-4o"].cost(1100, 2 * 16)
+    assert f"at most ${want:.4f}" in judge_preview(prompts, api, 16) and "2 calls" in judge_preview(prompts, api, 16)
+    assert "no charge" in judge_preview(prompts, p.judge, 16)
+    assert "unknown" in judge_preview(prompts, EndpointParams(backend="openai", model="my-model"), 16)
