@@ -31,13 +31,16 @@ def repo(e2e_build) -> Path:
 
 def test_first_repro_builds_every_output(e2e_build):
     repo = e2e_build.repo
-    assert ran(e2e_build.first_repro) == ["seeds", "generate", "filter", "select", "ingest", "tokenize", "train",
-                                          "evaluate",
-                                          "report"]
+    first = ran(e2e_build.first_repro)  # teacher_model ran before, to make the tiny student's tokenizer
+    assert sorted(first) == sorted(["seeds", "prune", "generate", "filter", "select", "ingest", "tokenize", "capture",
+                                    "train", "evaluate", "report"])
+    order = ["seeds", "generate", "filter", "select", "ingest", "tokenize", "capture", "train", "evaluate", "report"]
+    assert [s for s in first if s in order] == order and first.index("prune") < first.index("select")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"seeds", "teacher_model", "generate", "filter", "select", "ingest", "tokenize",
-                                   "train",
-                                   "evaluate", "report"}
+    assert set(lock["stages"]) == {"seeds", "teacher_model", "prune", "generate", "filter", "select", "ingest",
+                                   "tokenize", "capture", "train", "evaluate", "report"}
+    assert json.loads((repo / "metrics/capture.json").read_text()) == {"captured": False}  # objective ce
+    assert json.loads((repo / "metrics/prune.json").read_text())["layers_kept"] == 1
 
     seeds = pl.read_parquet(repo / "data/seeds/part-00000.parquet")
     assert seeds.height >= 175

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -169,7 +170,9 @@ def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
     """The whole chain after the teacher: alpaca over chat, then filter, ingest, tokenize, train a tiny
     student, and evaluate with the chat-only endpoint writing references and judging."""
     repo = make_repo(tmp_path, chat_teacher, {**CHAT, "num_requests": 6})
-    make_tiny_model(repo / "models/teacher")  # the student's tokenizer and base (the teacher is the API)
+    make_tiny_model(repo / "models/teacher")  # the tokenizer (the teacher is the API)
+    shutil.rmtree(repo / "models/pruned")
+    make_tiny_model(repo / "models/pruned")  # the student's base: `prune`'s output, as the default student.model
     endpoint = {"backend": "openai", "model": "gpt-4o-mini", "base_url": chat_teacher.base_url}
     set_params(repo, train={"max_steps": 2, "batch_size": 2},
                evaluate={"score_base": False, "max_new_tokens": 8,
@@ -181,7 +184,8 @@ def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
     tasks, gm, fm = build(repo)
     assert gm["failed"] == 0 and gm["steps"]["alpaca"]["items_unparsed"] == 0 and tasks.height >= 2 * 6
     clean_instructions(tasks)
-    for stage in ["select", "ingest", "tokenize", "train", "evaluate"]:  # one by one: not teacher_model (the API)
+    # one by one: not teacher_model or prune (the teacher is the API); capture skips for objective ce
+    for stage in ["select", "ingest", "tokenize", "capture", "train", "evaluate"]:
         assert ran(sh(repo, "dvc", "repro", "-s", stage)) == [stage]
     only_chat(chat_teacher.requests[before:])
     em = json.loads((repo / "metrics/eval.json").read_text())

@@ -48,8 +48,9 @@ def make_repo(root: Path, teacher: FakeOpenAI, generate: dict) -> Path:
         shutil.copy(ROOT / name, repo / name)
     for name in ["stages", "seeds", "configs"]:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "models/teacher").mkdir(parents=True)
-    (repo / "models/teacher/unused").write_text("the fake teacher is an API")
+    for stub in ("models/teacher", "models/pruned"):  # dvc.yaml deps of select; a test needing a model makes one
+        (repo / stub).mkdir(parents=True)
+        (repo / stub / "unused").write_text("the fake teacher is an API")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     set_keys(params["generate"], GenerateParams, **{"backend": "openai", "base_url": teacher.base_url, "model": "fake",
                                                     **generate})
