@@ -195,4 +195,5 @@ def test_alpaca_and_evaluate_over_a_chat_only_endpoint(tmp_path, chat_teacher):
     assert judged["reference"].str.starts_with("**Answer:**").all()
     refs = [q for q in chat_teacher.requests[before:] if q["path"] == "/v1/chat/completions"
             and q["body"]["messages"][0] == {"role": "system", "content": "Answer briefly."}]
-    assert len(refs) == 3
+    ifeval = (repo / "seeds/eval/ifeval_subset.jsonl").read_text().count("\n")  # the teacher answers IFEval too
+    assert len(refs) == 3 + ifeval and em["ifeval"]["prompts"] == ifeval and "teacher" in em["ifeval"]
