@@ -171,10 +171,10 @@ def test_limits_stop_runaway_programs(code, reason):
 
 
 def test_the_child_sees_a_scrubbed_environment_and_a_scratch_folder(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leak-0123456789")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-value-must-not-leak")
     run = run_python("import os, sys\nprint(sorted(os.environ))\nprint(os.getcwd())\nprint(sys.path)", "", QUICK)
     env, cwd, path = run.stdout.splitlines()
-    assert "OPENAI_API_KEY" not in env and "sk-must-not-leak" not in run.stdout
+    assert "OPENAI_API_KEY" not in env and "test-value-must-not-leak" not in run.stdout
     assert set(eval(env)) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED"}
     assert "stillhouse-sandbox-" in cwd and not os.path.exists(cwd)  # removed afterwards
     assert cwd not in path and "site-packages" not in path  # isolated mode, no site packages
